@@ -1,0 +1,12 @@
+//! Adapters for respawn's ports. One module per backend:
+//!
+//! - [`memory`]: in-memory ledger, queue and compute, for tests and simulations.
+//! - [`local`] (feature `local`, default): the durable ledger and queue of the
+//!   embedded default, in SQLite files under a data folder.
+//! - [`objstore`]: a ledger on any `object_store` (S3, Azure Blob, GCS, in-memory),
+//!   compare-and-swap by conditional put.
+
+#[cfg(feature = "local")]
+pub mod local;
+pub mod memory;
+pub mod objstore;

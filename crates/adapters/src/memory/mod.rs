@@ -1,0 +1,16 @@
+//! In-memory adapters: complete implementations of the contracts, kept in process
+//! memory. Everything is lost with the process; use them for tests and simulations.
+
+mod compute;
+mod ledger;
+mod queue;
+
+pub use compute::MemoryCompute;
+pub use ledger::MemoryLedger;
+pub use queue::MemoryQueue;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

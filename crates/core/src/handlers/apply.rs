@@ -1,0 +1,159 @@
+//! Applying events to the ledger and carrying out the outbox.
+
+use tracing::{debug, info};
+
+use super::Error;
+use crate::job::{JobId, JobRecord};
+use crate::lifecycle::{self, Command, Event};
+use crate::messages::Message;
+use crate::ports::compute::{self, AllocateRequest, AllocationKey};
+use crate::ports::queue::Outgoing;
+use crate::ports::{Ports, ledger};
+use crate::time::Timestamp;
+
+/// Compare-and-swap retries before giving up on a hot record.
+const CAS_RETRIES: usize = 32;
+/// Rounds of command → follow-up event → command in one flush (a chain is ≤ 3 long).
+const FLUSH_ROUNDS: usize = 8;
+
+/// Applies `event` (which happened at `at`) to job `id`, stores the result, and
+/// carries out the commands it decided. Delivering the same event again is harmless.
+pub async fn job_event(ports: &Ports, id: &JobId, event: &Event, at: Timestamp) -> Result<JobRecord, Error> {
+    let rec = update_with(ports, id, |r| {
+        let t = lifecycle::apply(r, event, at, &ports.timeouts);
+        if t.changed {
+            log_transition(r, &t.record, event);
+        }
+        *r = t.record;
+    })
+    .await?;
+    flush_outbox(ports, rec).await
+}
+
+fn log_transition(before: &JobRecord, after: &JobRecord, event: &Event) {
+    if before.state != after.state {
+        info!(
+            job_id = %after.id,
+            attempt = after.attempt,
+            from = %before.state,
+            to = %after.state,
+            event = event.kind(),
+            reason = after.reason.as_deref().unwrap_or(""),
+            "job state changed"
+        );
+    } else {
+        debug!(job_id = %after.id, attempt = after.attempt, event = event.kind(), "job updated");
+    }
+}
+
+/// Reads job `id`, lets `f` change it, and stores it by compare-and-swap, reading
+/// again on conflict. Returns the stored record (unchanged if `f` changed nothing).
+pub(crate) async fn update_with(
+    ports: &Ports,
+    id: &JobId,
+    mut f: impl FnMut(&mut JobRecord),
+) -> Result<JobRecord, Error> {
+    for _ in 0..CAS_RETRIES {
+        let current = ports.ledger.get(id).await?;
+        let mut next = current.clone();
+        f(&mut next);
+        if next == current {
+            return Ok(current);
+        }
+        match ports.ledger.update(next).await {
+            Ok(stored) => return Ok(stored),
+            Err(ledger::Error::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Contended(id.to_string()))
+}
+
+/// Carries out the record's outbox and removes what was done, feeding follow-up
+/// events (a VM allocated, or not) back through the lifecycle.
+pub async fn flush_outbox(ports: &Ports, mut rec: JobRecord) -> Result<JobRecord, Error> {
+    for _ in 0..FLUSH_ROUNDS {
+        if rec.outbox.is_empty() {
+            return Ok(rec);
+        }
+        let done = rec.outbox.clone();
+        let mut follow_ups = Vec::new();
+        for cmd in &done {
+            if let Some(ev) = execute(ports, &rec, cmd).await? {
+                follow_ups.push(ev);
+            }
+        }
+        let at = ports.clock.now();
+        rec = update_with(ports, &rec.id, |r| {
+            lifecycle::clear_outbox(r, &done);
+            for ev in &follow_ups {
+                let t = lifecycle::apply(r, ev, at, &ports.timeouts);
+                if t.changed {
+                    log_transition(r, &t.record, ev);
+                }
+                *r = t.record;
+            }
+        })
+        .await?;
+    }
+    Ok(rec)
+}
+
+async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option<Event>, Error> {
+    match cmd {
+        Command::Dispatch {
+            attempt,
+            priority,
+            delay_ms,
+        } => {
+            let msg = Message::Dispatch {
+                job: rec.id.clone(),
+                attempt: *attempt,
+            };
+            let out = Outgoing::new(msg.to_bytes())
+                .priority(*priority)
+                .delay(std::time::Duration::from_millis(*delay_ms));
+            ports.queue.send(&ports.queues.dispatch, out).await?;
+            debug!(job_id = %rec.id, attempt, "attempt queued for dispatch");
+            Ok(None)
+        }
+        Command::Allocate { attempt } => allocate(ports, rec, *attempt).await,
+        Command::Release { attempt } => {
+            let key = AllocationKey {
+                job: rec.id.clone(),
+                attempt: *attempt,
+            };
+            ports.compute.release(&key).await?;
+            debug!(job_id = %rec.id, attempt, "vm released");
+            Ok(None)
+        }
+    }
+}
+
+async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option<Event>, Error> {
+    let req = AllocateRequest {
+        key: AllocationKey {
+            job: rec.id.clone(),
+            attempt,
+        },
+        resources: rec.spec.resources.clone(),
+        placement: rec.spec.placement.clone(),
+        image: rec.spec.image.clone(),
+    };
+    match ports.compute.allocate(&req).await {
+        Ok(vm) => {
+            info!(job_id = %rec.id, attempt, vm = %vm.id, spot = vm.spot, "vm allocated");
+            Ok(Some(Event::VmAllocated { attempt, vm: vm.id }))
+        }
+        Err(compute::Error::Capacity(reason)) => {
+            info!(job_id = %rec.id, attempt, %reason, "no capacity");
+            Ok(Some(Event::AllocationFailed { attempt, reason }))
+        }
+        Err(compute::Error::Invalid(reason)) => Ok(Some(Event::Unschedulable { attempt, reason })),
+        Err(compute::Error::NotSupported(what)) => Ok(Some(Event::Unschedulable {
+            attempt,
+            reason: format!("{what} is not supported in this build"),
+        })),
+        Err(e @ compute::Error::Unavailable(_)) => Err(e.into()),
+    }
+}

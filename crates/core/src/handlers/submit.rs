@@ -1,0 +1,62 @@
+//! Job submitted: create the record and queue the first attempt.
+
+use tracing::info;
+
+use super::Error;
+use super::apply::flush_outbox;
+use crate::job::{JobId, JobRecord};
+use crate::lifecycle::Command;
+use crate::ports::{Ports, ledger};
+use crate::spec::JobSpec;
+
+/// A validated spec on its way in.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub spec: JobSpec,
+    pub project: String,
+}
+
+/// The job a submission made, or found.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub job: JobRecord,
+    /// `false` when an idempotency key (or a retried create) matched an existing job.
+    pub created: bool,
+}
+
+/// Creates the job (unless its idempotency key already made one) and puts attempt 1
+/// on the dispatch queue. Safe to call again with the same submission.
+pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> {
+    let now = ports.clock.now();
+    if let Some(key) = &sub.spec.idempotency_key {
+        if let Some(id) = ports.ledger.find_by_idempotency_key(&sub.project, key).await? {
+            return existing(ports, &id).await;
+        }
+    }
+    let id = JobId::generate(now);
+    let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
+    rec.dispatched_at = Some(now);
+    // The first dispatch rides in the outbox of the create itself: if this process
+    // dies before sending it, the next flush (or reconcile) sends it.
+    rec.outbox.push(Command::Dispatch {
+        attempt: 1,
+        priority: rec.spec.priority.level(),
+        delay_ms: 0,
+    });
+    match ports.ledger.create(rec).await {
+        Ok(stored) => {
+            info!(job_id = %stored.id, attempt = 1, name = %stored.spec.name, project = %stored.project, "job submitted");
+            let job = flush_outbox(ports, stored).await?;
+            Ok(Submitted { job, created: true })
+        }
+        Err(ledger::Error::AlreadyExists { id }) => existing(ports, &id).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn existing(ports: &Ports, id: &JobId) -> Result<Submitted, Error> {
+    let rec = ports.ledger.get(id).await?;
+    info!(job_id = %rec.id, attempt = rec.attempt, "submission matched an existing job");
+    let job = flush_outbox(ports, rec).await?;
+    Ok(Submitted { job, created: false })
+}

@@ -1,0 +1,282 @@
+//! The job record the ledger stores: the redacted spec, the lifecycle state, the
+//! attempt history and the outbox of side effects still to be carried out.
+
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::Command;
+use crate::spec::JobSpec;
+use crate::time::Timestamp;
+
+/// A job's id: a ULID, stable across attempts, sortable by submission time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// A new id whose time part is `now`.
+    pub fn generate(now: Timestamp) -> JobId {
+        let t = now.to_system_time();
+        JobId(ulid::Ulid::from_datetime(t).to_string().to_lowercase())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a string is not a job id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a job id: {0:?} (expected 26 letters and digits, as `respawn jobs` prints)")]
+pub struct BadJobId(String);
+
+impl FromStr for JobId {
+    type Err = BadJobId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Ids end up in object keys and file names: admit only what a ULID can hold.
+        if s.len() == 26 && s.chars().all(|c| c.is_ascii_alphanumeric()) {
+            Ok(JobId(s.to_ascii_lowercase()))
+        } else {
+            Err(BadJobId(s.to_owned()))
+        }
+    }
+}
+
+/// Where a job is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for capacity; the next attempt has not been dispatched yet.
+    Pending,
+    /// The attempt was dispatched and a VM requested.
+    Allocating,
+    /// The VM exists; the agent is restoring the checkpoint and starting the workload.
+    Starting,
+    Running,
+    /// A preemption notice arrived; the workload is draining (writing a last checkpoint).
+    Preempted,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 8] = [
+        JobState::Pending,
+        JobState::Allocating,
+        JobState::Starting,
+        JobState::Running,
+        JobState::Preempted,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// States in which an attempt holds (or is getting) a VM.
+    pub fn has_live_attempt(self) -> bool {
+        matches!(
+            self,
+            JobState::Allocating | JobState::Starting | JobState::Running | JobState::Preempted
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Allocating => "allocating",
+            JobState::Starting => "starting",
+            JobState::Running => "running",
+            JobState::Preempted => "preempted",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown state {s:?}; expected one of pending, allocating, starting, running, preempted, succeeded, failed, cancelled")
+            })
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Succeeded,
+    /// The workload exited non-zero: counts against `retry.max_failures`.
+    Failed { exit_code: i32 },
+    /// Ran past `limits.max_runtime`: counts against `retry.max_failures`.
+    TimedOut,
+    /// Preempted after a notice: an infrastructure loss.
+    Preempted,
+    /// The VM vanished, stopped reporting, or the exit code is listed as infrastructure: an infrastructure loss.
+    Lost { reason: String },
+    /// No VM could be had: an infrastructure loss.
+    AllocationFailed { reason: String },
+    /// The job was cancelled or gave up while this attempt was live.
+    Stopped { reason: String },
+}
+
+impl AttemptOutcome {
+    /// Whether this outcome spends the infrastructure budget rather than the user's.
+    pub fn is_infra_loss(&self) -> bool {
+        matches!(
+            self,
+            AttemptOutcome::Preempted | AttemptOutcome::Lost { .. } | AttemptOutcome::AllocationFailed { .. }
+        )
+    }
+}
+
+/// One try at running the job, on one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Attempt {
+    /// 1, 2, …
+    pub number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    pub dispatched_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Timestamp>,
+    /// The checkpoint this attempt resumed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_checkpoint: Option<u64>,
+    /// The newest checkpoint this attempt committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<u64>,
+    /// When a preemption notice says the VM goes away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt_deadline: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<AttemptOutcome>,
+}
+
+impl Attempt {
+    pub fn is_live(&self) -> bool {
+        self.outcome.is_none()
+    }
+}
+
+/// Everything the ledger knows about one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobRecord {
+    pub id: JobId,
+    /// Bumped by the ledger on every successful update; the compare-and-swap token.
+    pub version: u64,
+    /// The project that owns the job.
+    pub project: String,
+    /// The spec as submitted, secrets redacted.
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// The current attempt's number, or the next one's while pending.
+    pub attempt: u32,
+    pub attempts: Vec<Attempt>,
+    /// User-code failures spent (exit codes, timeouts).
+    pub failures: u32,
+    /// Infrastructure losses absorbed (preemptions, lost VMs, no capacity).
+    pub infra_losses: u32,
+    /// The newest complete checkpoint, which the next attempt restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// When the job entered its current state.
+    pub state_since: Timestamp,
+    /// When the current attempt was last put on the dispatch queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<Timestamp>,
+    /// Why the job ended, for failed and cancelled jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Side effects decided by a transition and not yet confirmed done. Written in the
+    /// same compare-and-swap as the transition, so a crash never loses one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<Command>,
+}
+
+impl JobRecord {
+    /// A new pending job. `spec` should already be redacted.
+    pub fn new(id: JobId, project: impl Into<String>, spec: JobSpec, now: Timestamp) -> Self {
+        JobRecord {
+            id,
+            version: 0,
+            project: project.into(),
+            spec,
+            state: JobState::Pending,
+            attempt: 1,
+            attempts: Vec::new(),
+            failures: 0,
+            infra_losses: 0,
+            checkpoint: None,
+            created_at: now,
+            updated_at: now,
+            state_since: now,
+            dispatched_at: None,
+            reason: None,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The current attempt, if it has been dispatched.
+    pub fn current(&self) -> Option<&Attempt> {
+        self.attempts.last().filter(|a| a.number == self.attempt)
+    }
+
+    pub fn current_mut(&mut self) -> Option<&mut Attempt> {
+        let n = self.attempt;
+        self.attempts.last_mut().filter(|a| a.number == n)
+    }
+
+    /// Preemptions among the attempts so far.
+    pub fn preemptions(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| a.outcome == Some(AttemptOutcome::Preempted))
+            .count()
+    }
+
+    /// The `(project, key)` scope an idempotency key is unique in.
+    pub fn idempotency_scope(&self) -> Option<String> {
+        self.spec
+            .idempotency_key
+            .as_ref()
+            .map(|k| idempotency_scope(&self.project, k))
+    }
+}
+
+/// One string for a project-scoped idempotency key.
+pub fn idempotency_scope(project: &str, key: &str) -> String {
+    format!("{project}\u{1f}{key}")
+}

@@ -1,0 +1,20 @@
+//! respawn's core: job specs, the job lifecycle, the ports the functions are written
+//! against, the functions themselves, and the conformance suites adapters must pass.
+//!
+//! Nothing here does I/O of its own; hosts (the `respawn` CLI, Lambda functions)
+//! build [`ports::Ports`] from adapters and call [`handlers`].
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod handlers;
+pub mod job;
+pub mod lifecycle;
+pub mod messages;
+pub mod ports;
+pub mod schema;
+pub mod spec;
+pub mod time;
+pub mod units;
+
+pub use job::{JobId, JobRecord, JobState};
+pub use spec::JobSpec;

@@ -1,0 +1,91 @@
+//! Compute providers: VMs (or local slots) for attempts.
+//!
+//! # Contract
+//!
+//! - VMs are keyed by [`AllocationKey`] (job + attempt). [`Compute::allocate`] is
+//!   idempotent per key: asking again returns the VM already allocated for it, never
+//!   a second one.
+//! - `allocate` returns once the provider has accepted the request; the VM may still
+//!   be booting. No capacity is [`Error::Capacity`] (an infrastructure loss, retried
+//!   as a new attempt), a request the provider can never satisfy is
+//!   [`Error::Invalid`].
+//! - [`Compute::release`] terminates the key's VM; releasing an unknown or released
+//!   key is `Ok`. After release, `allocate` on the same key does not make a new VM:
+//!   a new attempt has a new key.
+//! - [`Compute::describe`] and [`Compute::list`] report VMs the provider knows,
+//!   including terminated ones it still remembers.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::Retryable;
+use crate::job::JobId;
+use crate::spec::{Placement, Resources};
+use crate::time::Timestamp;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AllocationKey {
+    pub job: JobId,
+    pub attempt: u32,
+}
+
+impl fmt::Display for AllocationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.job, self.attempt)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocateRequest {
+    pub key: AllocationKey,
+    pub resources: Resources,
+    pub placement: Placement,
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Accepted, booting.
+    Requested,
+    Running,
+    Terminated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: String,
+    pub key: AllocationKey,
+    pub state: VmState,
+    pub spot: bool,
+    pub nodes: u32,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no capacity: {0}")]
+    Capacity(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("compute provider unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0} is not supported in this build")]
+    NotSupported(String),
+}
+
+impl Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+}
+
+#[async_trait]
+pub trait Compute: Send + Sync + fmt::Debug {
+    async fn allocate(&self, request: &AllocateRequest) -> Result<Vm, Error>;
+    async fn release(&self, key: &AllocationKey) -> Result<(), Error>;
+    async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error>;
+    async fn list(&self) -> Result<Vec<Vm>, Error>;
+}

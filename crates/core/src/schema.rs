@@ -1,0 +1,17 @@
+//! JSON Schemas generated from the Rust types; the checked-in copies under
+//! `schemas/` are compared with these in tests.
+
+use crate::spec::JobSpec;
+
+/// The job spec schema, pretty-printed as checked in.
+pub fn job_spec() -> String {
+    let schema = schemars::schema_for!(JobSpec);
+    let mut s = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// Every generated schema with its file name under `schemas/`.
+pub fn all() -> Vec<(&'static str, String)> {
+    vec![("job-spec.schema.json", job_spec())]
+}

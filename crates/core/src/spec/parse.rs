@@ -1,0 +1,76 @@
+//! Reading specs from YAML or JSON, with the field path in every error.
+
+use std::path::Path;
+
+use super::JobSpec;
+use super::validate::{FieldError, SpecError};
+
+/// The text format of a spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Yaml,
+}
+
+impl Format {
+    /// From a file name; YAML unless it ends in `.json`.
+    pub fn from_path(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("json") => Format::Json,
+            _ => Format::Yaml,
+        }
+    }
+
+    /// From the text itself: JSON when it starts with `{`.
+    pub fn sniff(text: &str) -> Format {
+        if text.trim_start().starts_with('{') {
+            Format::Json
+        } else {
+            Format::Yaml
+        }
+    }
+}
+
+/// Parses and validates a spec. Every error names a field path.
+pub fn parse(text: &str, format: Format) -> Result<JobSpec, SpecError> {
+    let spec = match format {
+        Format::Json => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let spec = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+            de.end().map_err(|e| SpecError::one("", e.to_string()))?;
+            spec
+        }
+        Format::Yaml => {
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(path_error)?
+        }
+    };
+    super::validate::validate(&spec)?;
+    Ok(spec)
+}
+
+/// Parses a spec already decoded into JSON (e.g. from a queue message or request body).
+pub fn parse_json_value(value: serde_json::Value) -> Result<JobSpec, SpecError> {
+    let spec = serde_path_to_error::deserialize(value).map_err(path_error)?;
+    super::validate::validate(&spec)?;
+    Ok(spec)
+}
+
+/// Reads, parses and validates a spec file; the format follows the extension.
+pub fn parse_file(path: &Path) -> Result<JobSpec, SpecError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SpecError::one("", format!("cannot read {}: {e}", path.display())))?;
+    parse(&text, Format::from_path(path))
+}
+
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
+    let path = e.path().to_string();
+    // serde_path_to_error writes the document root as ".".
+    let path = if path == "." { String::new() } else { path };
+    SpecError {
+        errors: vec![FieldError {
+            path,
+            message: e.inner().to_string(),
+        }],
+    }
+}
