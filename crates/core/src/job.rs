@@ -12,7 +12,9 @@ use crate::spec::JobSpec;
 use crate::time::Timestamp;
 
 /// A job's id: a ULID, stable across attempts, sortable by submission time.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct JobId(String);
 
@@ -53,7 +55,9 @@ impl FromStr for JobId {
 }
 
 /// Where a job is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for capacity; the next attempt has not been dispatched yet.
@@ -83,7 +87,10 @@ impl JobState {
     ];
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// States in which an attempt holds (or is getting) a VM.
@@ -133,17 +140,25 @@ impl FromStr for JobState {
 pub enum AttemptOutcome {
     Succeeded,
     /// The workload exited non-zero: counts against `retry.max_failures`.
-    Failed { exit_code: i32 },
+    Failed {
+        exit_code: i32,
+    },
     /// Ran past `limits.max_runtime`: counts against `retry.max_failures`.
     TimedOut,
     /// Preempted after a notice: an infrastructure loss.
     Preempted,
     /// The VM vanished, stopped reporting, or the exit code is listed as infrastructure: an infrastructure loss.
-    Lost { reason: String },
+    Lost {
+        reason: String,
+    },
     /// No VM could be had: an infrastructure loss.
-    AllocationFailed { reason: String },
+    AllocationFailed {
+        reason: String,
+    },
     /// The job was cancelled or gave up while this attempt was live.
-    Stopped { reason: String },
+    Stopped {
+        reason: String,
+    },
 }
 
 impl AttemptOutcome {
@@ -151,7 +166,9 @@ impl AttemptOutcome {
     pub fn is_infra_loss(&self) -> bool {
         matches!(
             self,
-            AttemptOutcome::Preempted | AttemptOutcome::Lost { .. } | AttemptOutcome::AllocationFailed { .. }
+            AttemptOutcome::Preempted
+                | AttemptOutcome::Lost { .. }
+                | AttemptOutcome::AllocationFailed { .. }
         )
     }
 }

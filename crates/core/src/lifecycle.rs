@@ -25,15 +25,28 @@ use crate::time::Timestamp;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// The scheduler took the attempt off the dispatch queue: request a VM.
-    Dispatch { attempt: u32 },
+    Dispatch {
+        attempt: u32,
+    },
     /// The provider accepted the request for a VM.
-    VmAllocated { attempt: u32, vm: String },
+    VmAllocated {
+        attempt: u32,
+        vm: String,
+    },
     /// The provider has no capacity for this attempt right now.
-    AllocationFailed { attempt: u32, reason: String },
+    AllocationFailed {
+        attempt: u32,
+        reason: String,
+    },
     /// The provider can never run this job as specified (e.g. more GPUs than any VM has).
-    Unschedulable { attempt: u32, reason: String },
+    Unschedulable {
+        attempt: u32,
+        reason: String,
+    },
     /// The agent on the attempt's VM is alive.
-    Heartbeat { attempt: u32 },
+    Heartbeat {
+        attempt: u32,
+    },
     /// The agent restored the checkpoint (if any) and started the workload.
     WorkloadStarted {
         attempt: u32,
@@ -41,14 +54,28 @@ pub enum Event {
         restored_checkpoint: Option<u64>,
     },
     /// A checkpoint was fully uploaded and its manifest written.
-    CheckpointCommitted { attempt: u32, seq: u64 },
+    CheckpointCommitted {
+        attempt: u32,
+        seq: u64,
+    },
     /// The provider will reclaim the VM at `deadline`.
-    PreemptionNotice { attempt: u32, deadline: Timestamp },
+    PreemptionNotice {
+        attempt: u32,
+        deadline: Timestamp,
+    },
     /// The workload exited (after outputs were uploaded).
-    WorkloadExited { attempt: u32, exit_code: i32 },
+    WorkloadExited {
+        attempt: u32,
+        exit_code: i32,
+    },
     /// The VM is gone.
-    VmTerminated { attempt: u32, reason: String },
-    CancelRequested { reason: String },
+    VmTerminated {
+        attempt: u32,
+        reason: String,
+    },
+    CancelRequested {
+        reason: String,
+    },
     /// Periodic repair: deadlines, lost VMs, lost dispatches.
     ReconcileTick,
 }
@@ -96,7 +123,11 @@ impl Event {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     /// Put the attempt on the dispatch queue, after `delay_ms`.
-    Dispatch { attempt: u32, priority: u8, delay_ms: u64 },
+    Dispatch {
+        attempt: u32,
+        priority: u8,
+        delay_ms: u64,
+    },
     /// Ask the compute provider for the attempt's VM(s).
     Allocate { attempt: u32 },
     /// Give the attempt's VM(s) back.
@@ -198,7 +229,10 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
             }
         }
         Event::Heartbeat { .. } => {
-            if matches!(r.state, JobState::Starting | JobState::Running | JobState::Preempted) {
+            if matches!(
+                r.state,
+                JobState::Starting | JobState::Running | JobState::Preempted
+            ) {
                 if let Some(a) = r.current_mut() {
                     a.last_heartbeat = Some(a.last_heartbeat.map_or(at, |h| h.max(at)));
                 }
@@ -219,7 +253,10 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
         }
         Event::CheckpointCommitted { seq, .. } => on_checkpoint(r, *seq),
         Event::PreemptionNotice { deadline, .. } => {
-            if matches!(r.state, JobState::Allocating | JobState::Starting | JobState::Running) {
+            if matches!(
+                r.state,
+                JobState::Allocating | JobState::Starting | JobState::Running
+            ) {
                 if let Some(a) = r.current_mut() {
                     a.preempt_deadline = Some(*deadline);
                 }
@@ -318,7 +355,13 @@ fn on_exit(r: &mut JobRecord, code: i32, at: Timestamp, t: &Timeouts, cmds: &mut
 }
 
 /// Closes the current attempt and either schedules the next one or fails the job.
-fn end_attempt(r: &mut JobRecord, outcome: AttemptOutcome, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
+fn end_attempt(
+    r: &mut JobRecord,
+    outcome: AttemptOutcome,
+    at: Timestamp,
+    t: &Timeouts,
+    cmds: &mut Vec<Command>,
+) {
     let n = r.attempt;
     let infra = outcome.is_infra_loss();
     let give_up = if infra {
@@ -327,11 +370,23 @@ fn end_attempt(r: &mut JobRecord, outcome: AttemptOutcome, at: Timestamp, t: &Ti
             .retry
             .max_preemptions
             .filter(|max| r.infra_losses > *max)
-            .map(|max| format!("{outcome_desc} (infrastructure losses: {}, retry.max_preemptions: {max})", r.infra_losses, outcome_desc = describe(&outcome)))
+            .map(|max| {
+                format!(
+                    "{outcome_desc} (infrastructure losses: {}, retry.max_preemptions: {max})",
+                    r.infra_losses,
+                    outcome_desc = describe(&outcome)
+                )
+            })
     } else {
         r.failures += 1;
         let max = r.spec.retry.max_failures;
-        (r.failures > max).then(|| format!("{} (failures: {}, retry.max_failures: {max})", describe(&outcome), r.failures))
+        (r.failures > max).then(|| {
+            format!(
+                "{} (failures: {}, retry.max_failures: {max})",
+                describe(&outcome),
+                r.failures
+            )
+        })
     };
     let had_vm = r.current().is_some();
     if let Some(a) = r.current_mut() {
@@ -376,7 +431,13 @@ fn describe(o: &AttemptOutcome) -> String {
 }
 
 /// Ends the job for good, stopping a live attempt.
-fn finish(r: &mut JobRecord, state: JobState, reason: String, at: Timestamp, cmds: &mut Vec<Command>) {
+fn finish(
+    r: &mut JobRecord,
+    state: JobState,
+    reason: String,
+    at: Timestamp,
+    cmds: &mut Vec<Command>,
+) {
     if r.state.has_live_attempt() {
         if let Some(a) = r.current_mut() {
             a.outcome = Some(AttemptOutcome::Stopped {
@@ -393,7 +454,10 @@ fn finish(r: &mut JobRecord, state: JobState, reason: String, at: Timestamp, cmd
 fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
     let max_wait = r.spec.limits.max_wait.get();
     if at.since(r.created_at) >= max_wait {
-        let reason = format!("gave up after limits.max_wait ({})", humantime::format_duration(max_wait));
+        let reason = format!(
+            "gave up after limits.max_wait ({})",
+            humantime::format_duration(max_wait)
+        );
         finish(r, JobState::Failed, reason, at, cmds);
         return;
     }
@@ -417,12 +481,18 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
             end_attempt(r, AttemptOutcome::AllocationFailed { reason }, at, t, cmds);
         }
         JobState::Starting if in_state >= t.start => {
-            let reason = format!("workload not started after {}", humantime::format_duration(t.start));
+            let reason = format!(
+                "workload not started after {}",
+                humantime::format_duration(t.start)
+            );
             end_attempt(r, AttemptOutcome::Lost { reason }, at, t, cmds);
         }
         JobState::Running => reconcile_running(r, at, t, cmds),
         JobState::Preempted => {
-            let deadline = r.current().and_then(|a| a.preempt_deadline).unwrap_or(r.state_since);
+            let deadline = r
+                .current()
+                .and_then(|a| a.preempt_deadline)
+                .unwrap_or(r.state_since);
             if at >= deadline.add(t.preempt_slack) {
                 end_attempt(r, AttemptOutcome::Preempted, at, t, cmds);
             }
@@ -442,7 +512,10 @@ fn reconcile_running(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
     }
     let heard = a.last_heartbeat.unwrap_or(started);
     if at.since(heard) >= t.heartbeat {
-        let reason = format!("agent silent for {}", humantime::format_duration(at.since(heard)));
+        let reason = format!(
+            "agent silent for {}",
+            humantime::format_duration(at.since(heard))
+        );
         end_attempt(r, AttemptOutcome::Lost { reason }, at, t, cmds);
     }
 }

@@ -13,7 +13,11 @@ pub enum Message {
     /// An attempt waiting for capacity (dispatch queue).
     Dispatch { job: JobId, attempt: u32 },
     /// Something that happened to a job (events queue).
-    Event { job: JobId, at: Timestamp, event: Event },
+    Event {
+        job: JobId,
+        at: Timestamp,
+        event: Event,
+    },
 }
 
 impl Message {

@@ -170,7 +170,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
                     .map_err(|_| E::custom(format!("expected a duration such as 30m, got {v}")))
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<HumanDuration, E> {
-                Err(E::custom(format!("expected a duration such as 30m, got {v}")))
+                Err(E::custom(format!(
+                    "expected a duration such as 30m, got {v}"
+                )))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
                 v.parse().map_err(E::custom)

@@ -1,1 +1,102 @@
+//! The durable local ledger and queue of the embedded default: SQLite in WAL mode
+//! with `synchronous=FULL`, under one data folder.
+//!
+//! Writes go through one writer thread that commits whatever requests have queued
+//! up in one transaction (group commit) and answers each request only after that
+//! commit returned: an `Ok` means the change is on disk, and many concurrent
+//! callers share one fsync. Reads use their own connections and never wait for the
+//! writer.
 
+mod ledger;
+mod queue;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use ledger::LocalLedger;
+pub use queue::LocalQueue;
+use writer::{Readers, Writer};
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the local store at {path}: {source}")]
+pub struct OpenError {
+    pub path: PathBuf,
+    #[source]
+    pub source: rusqlite::Error,
+}
+
+/// The data folder's database, shared by the ledger and the queue.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    writer: Arc<Writer>,
+    readers: Arc<Readers>,
+}
+
+const DB_FILE: &str = "respawn.db";
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS jobs (
+    id       TEXT PRIMARY KEY,
+    version  INTEGER NOT NULL,
+    state    TEXT NOT NULL,
+    project  TEXT NOT NULL,
+    idem     TEXT UNIQUE,
+    record   BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, id);
+CREATE TABLE IF NOT EXISTS job_labels (
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    id    TEXT NOT NULL,
+    PRIMARY KEY (key, value, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue      TEXT NOT NULL,
+    priority   INTEGER NOT NULL,
+    visible_at INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL,
+    lease      INTEGER,
+    reason     TEXT,
+    body       BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, priority DESC, seq, visible_at);
+";
+
+impl LocalStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let dir = dir.as_ref();
+        let path = dir.join(DB_FILE);
+        let err = |source| OpenError {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let conn = writer::connect(&path).map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        let writer = Writer::start(conn).map_err(err)?;
+        Ok(LocalStore {
+            writer: Arc::new(writer),
+            readers: Arc::new(Readers::new(path)),
+        })
+    }
+
+    pub fn ledger(&self) -> LocalLedger {
+        LocalLedger::new(self.clone())
+    }
+
+    pub fn queue(&self, max_deliveries: u32) -> LocalQueue {
+        LocalQueue::new(self.clone(), max_deliveries)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -44,7 +44,10 @@ impl Compute for MemoryCompute {
         if let Some(vm) = vms.get(&req.key) {
             return Ok(vm.clone());
         }
-        let live = vms.values().filter(|v| v.state != VmState::Terminated).count();
+        let live = vms
+            .values()
+            .filter(|v| v.state != VmState::Terminated)
+            .count();
         if live >= self.slots {
             return Err(Error::Capacity(format!("all {} slots busy", self.slots)));
         }

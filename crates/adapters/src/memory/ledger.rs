@@ -101,7 +101,11 @@ impl Ledger for MemoryLedger {
         Ok(Page { jobs, next })
     }
 
-    async fn find_by_idempotency_key(&self, project: &str, key: &str) -> Result<Option<JobId>, Error> {
+    async fn find_by_idempotency_key(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<JobId>, Error> {
         let scope = respawn_core::job::idempotency_scope(project, key);
         Ok(self.lock().keys.get(&scope).cloned())
     }

@@ -90,7 +90,10 @@ impl MemoryQueue {
                 reason: m.reason.clone(),
             });
         }
-        let reason = format!("delivered {} times without being acknowledged", self.max_deliveries);
+        let reason = format!(
+            "delivered {} times without being acknowledged",
+            self.max_deliveries
+        );
         let mut moved = Vec::new();
         msgs.retain(|m| {
             if dead.contains(&m.seq) {
@@ -112,13 +115,20 @@ impl MemoryQueue {
     }
 
     /// Runs `f` on the leased message of `d`, if the lease still holds.
-    fn with_lease<T>(&self, d: &Delivery, f: impl FnOnce(&mut Vec<Msg>, usize) -> T) -> Result<T, Error> {
+    fn with_lease<T>(
+        &self,
+        d: &Delivery,
+        f: impl FnOnce(&mut Vec<Msg>, usize) -> T,
+    ) -> Result<T, Error> {
         let mut all = self.lock();
         let lost = || Error::LeaseLost { id: d.id.clone() };
         let msgs = all.get_mut(&d.queue).ok_or_else(lost)?;
         let idx = msgs
             .iter()
-            .position(|m| m.seq.to_string() == d.id && m.lease.map(|l| l.to_string()) == Some(d.receipt.clone()))
+            .position(|m| {
+                m.seq.to_string() == d.id
+                    && m.lease.map(|l| l.to_string()) == Some(d.receipt.clone())
+            })
             .ok_or_else(lost)?;
         Ok(f(msgs, idx))
     }
@@ -179,7 +189,10 @@ impl Queue for MemoryQueue {
         m.lease = None;
         m.visible_at = 0;
         m.reason = Some(reason.to_owned());
-        self.lock().entry(dead_letter_queue(&d.queue)).or_default().push(m);
+        self.lock()
+            .entry(dead_letter_queue(&d.queue))
+            .or_default()
+            .push(m);
         Ok(())
     }
 }

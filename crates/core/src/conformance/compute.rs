@@ -24,21 +24,38 @@ pub async fn run(c: &dyn Compute) {
     let again = c.allocate(&request(&job, 1)).await.expect("allocate again");
     assert_eq!(first.id, again.id, "allocate is idempotent per job+attempt");
     assert_eq!(first.key.attempt, 1);
-    let described = c.describe(&first.key).await.expect("describe").expect("allocated VM is known");
+    let described = c
+        .describe(&first.key)
+        .await
+        .expect("describe")
+        .expect("allocated VM is known");
     assert_eq!(described.id, first.id);
-    assert!(c.list().await.expect("list").iter().any(|v| v.id == first.id), "list shows the VM");
+    assert!(
+        c.list()
+            .await
+            .expect("list")
+            .iter()
+            .any(|v| v.id == first.id),
+        "list shows the VM"
+    );
 
     c.release(&first.key).await.expect("release");
     c.release(&first.key).await.expect("release is idempotent");
     let gone = c.describe(&first.key).await.expect("describe");
-    assert!(gone.is_none_or(|v| v.state == VmState::Terminated), "a released VM is terminated");
+    assert!(
+        gone.is_none_or(|v| v.state == VmState::Terminated),
+        "a released VM is terminated"
+    );
     let after = c.allocate(&request(&job, 1)).await;
     assert!(
         after.as_ref().map_or(true, |v| v.id == first.id),
         "allocate after release never makes a second VM for the same key: {after:?}"
     );
 
-    let second = c.allocate(&request(&job, 2)).await.expect("allocate attempt 2");
+    let second = c
+        .allocate(&request(&job, 2))
+        .await
+        .expect("allocate attempt 2");
     assert_ne!(second.id, first.id, "a new attempt gets a new VM");
     c.release(&second.key).await.expect("release 2");
 
@@ -46,6 +63,8 @@ pub async fn run(c: &dyn Compute) {
         job: JobId::generate(Timestamp(2_000)),
         attempt: 7,
     };
-    c.release(&unknown).await.expect("releasing an unknown key is ok");
+    c.release(&unknown)
+        .await
+        .expect("releasing an unknown key is ok");
     assert!(c.describe(&unknown).await.expect("describe").is_none());
 }

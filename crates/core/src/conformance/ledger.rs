@@ -35,7 +35,11 @@ async fn create_is_create_if_absent(l: &dyn Ledger) {
         Err(Error::AlreadyExists { id }) => assert_eq!(id, r.id),
         x => panic!("second create of the same id must be AlreadyExists, got {x:?}"),
     }
-    assert_eq!(l.get(&r.id).await.expect("get").spec.name, "twice", "a refused create stores nothing");
+    assert_eq!(
+        l.get(&r.id).await.expect("get").spec.name,
+        "twice",
+        "a refused create stores nothing"
+    );
 }
 
 async fn idempotency_keys_are_unique_per_project(l: &dyn Ledger) {
@@ -45,26 +49,46 @@ async fn idempotency_keys_are_unique_per_project(l: &dyn Ledger) {
     let mut b = sample_record("key-b", Timestamp(3_001));
     b.spec.idempotency_key = Some("build-42".into());
     match l.create(b.clone()).await {
-        Err(Error::AlreadyExists { id }) => assert_eq!(id, a.id, "AlreadyExists names the job holding the key"),
+        Err(Error::AlreadyExists { id }) => {
+            assert_eq!(id, a.id, "AlreadyExists names the job holding the key")
+        }
         x => panic!("same idempotency key in the same project must be AlreadyExists, got {x:?}"),
     }
-    assert!(matches!(l.get(&b.id).await, Err(Error::NotFound { .. })), "refused create stores nothing");
+    assert!(
+        matches!(l.get(&b.id).await, Err(Error::NotFound { .. })),
+        "refused create stores nothing"
+    );
     assert_eq!(
-        l.find_by_idempotency_key("default", "build-42").await.expect("find"),
+        l.find_by_idempotency_key("default", "build-42")
+            .await
+            .expect("find"),
         Some(a.id.clone())
     );
-    assert_eq!(l.find_by_idempotency_key("default", "build-43").await.expect("find"), None);
+    assert_eq!(
+        l.find_by_idempotency_key("default", "build-43")
+            .await
+            .expect("find"),
+        None
+    );
     let mut c = sample_record("key-c", Timestamp(3_002));
     c.project = "other".into();
     c.spec.idempotency_key = Some("build-42".into());
-    l.create(c).await.expect("the same key in another project is another job");
+    l.create(c)
+        .await
+        .expect("the same key in another project is another job");
 }
 
 async fn update_is_compare_and_swap(l: &dyn Ledger) {
-    let r = l.create(sample_record("cas", Timestamp(4_000))).await.expect("create");
+    let r = l
+        .create(sample_record("cas", Timestamp(4_000)))
+        .await
+        .expect("create");
     let mut v1 = r.clone();
     v1.state = JobState::Allocating;
-    let stored = l.update(v1.clone()).await.expect("update from the current version");
+    let stored = l
+        .update(v1.clone())
+        .await
+        .expect("update from the current version");
     assert_eq!(stored.version, 2, "update bumps the version");
     assert_eq!(stored.state, JobState::Allocating);
     let mut stale = r.clone();
@@ -77,24 +101,40 @@ async fn update_is_compare_and_swap(l: &dyn Ledger) {
         x => panic!("update from a stale version must be Conflict, got {x:?}"),
     }
     let got = l.get(&r.id).await.expect("get");
-    assert_eq!(got.state, JobState::Allocating, "a refused update stores nothing");
+    assert_eq!(
+        got.state,
+        JobState::Allocating,
+        "a refused update stores nothing"
+    );
     assert_eq!(got.version, 2);
 }
 
 async fn racing_updates_have_one_winner(l: &dyn Ledger) {
-    let r = l.create(sample_record("race", Timestamp(5_000))).await.expect("create");
+    let r = l
+        .create(sample_record("race", Timestamp(5_000)))
+        .await
+        .expect("create");
     let mut a = r.clone();
     a.state = JobState::Running;
     let mut b = r.clone();
     b.state = JobState::Cancelled;
     let (ra, rb) = futures_join(l.update(a), l.update(b)).await;
     let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count();
-    assert_eq!(wins, 1, "exactly one of two racing updates wins: {ra:?} / {rb:?}");
+    assert_eq!(
+        wins, 1,
+        "exactly one of two racing updates wins: {ra:?} / {rb:?}"
+    );
     let loser = if ra.is_ok() { rb } else { ra };
-    assert!(matches!(loser, Err(Error::Conflict { .. })), "the loser gets Conflict");
+    assert!(
+        matches!(loser, Err(Error::Conflict { .. })),
+        "the loser gets Conflict"
+    );
 }
 
-async fn futures_join<A: std::future::Future, B: std::future::Future>(a: A, b: B) -> (A::Output, B::Output) {
+async fn futures_join<A: std::future::Future, B: std::future::Future>(
+    a: A,
+    b: B,
+) -> (A::Output, B::Output) {
     tokio::join!(a, b)
 }
 
@@ -104,7 +144,10 @@ async fn missing_jobs_are_not_found(l: &dyn Ledger) {
     let mut ghost = sample_record("ghost", Timestamp(6_001));
     ghost.version = 1;
     assert!(
-        matches!(l.update(ghost).await, Err(Error::NotFound { .. } | Error::Conflict { .. })),
+        matches!(
+            l.update(ghost).await,
+            Err(Error::NotFound { .. } | Error::Conflict { .. })
+        ),
         "updating a job that does not exist fails"
     );
 }
@@ -148,7 +191,10 @@ async fn list_pages_by_state(l: &dyn Ledger) {
         }
         assert!(pages < 100, "paging must end");
     }
-    assert_eq!(seen, running, "pages cover every job in the state once, in id order");
+    assert_eq!(
+        seen, running,
+        "pages cover every job in the state once, in id order"
+    );
 }
 
 async fn list_filters_by_label_and_project(l: &dyn Ledger) {
@@ -169,13 +215,27 @@ async fn list_filters_by_label_and_project(l: &dyn Ledger) {
         limit: 100,
         ..Default::default()
     };
-    let ids: Vec<_> = l.list(&q).await.expect("list").jobs.into_iter().map(|j| j.id).collect();
+    let ids: Vec<_> = l
+        .list(&q)
+        .await
+        .expect("list")
+        .jobs
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(ids, vec![a.id.clone(), c.id.clone()], "label filter");
     let q = ListQuery {
         project: Some("proj-x".into()),
         limit: 100,
         ..Default::default()
     };
-    let ids: Vec<_> = l.list(&q).await.expect("list").jobs.into_iter().map(|j| j.id).collect();
+    let ids: Vec<_> = l
+        .list(&q)
+        .await
+        .expect("list")
+        .jobs
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(ids, vec![a.id, b.id], "project filter");
 }

@@ -20,5 +20,8 @@ pub fn sample_record(name: &str, now: Timestamp) -> JobRecord {
 
 /// A queue name no other run on the same server uses.
 pub fn unique_queue(prefix: &str) -> String {
-    format!("{prefix}-{}", ulid::Ulid::generate().to_string().to_lowercase())
+    format!(
+        "{prefix}-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    )
 }

@@ -34,44 +34,91 @@ async fn recv(q: &dyn Queue, name: &str, opts: Receive) -> Vec<Delivery> {
 
 async fn send_receive_ack(q: &dyn Queue) {
     let name = unique_queue("conf-basic");
-    assert!(recv(q, &name, lease(30_000)).await.is_empty(), "a new queue is empty");
+    assert!(
+        recv(q, &name, lease(30_000)).await.is_empty(),
+        "a new queue is empty"
+    );
     let id = q.send(&name, Outgoing::new("hello")).await.expect("send");
     let got = recv(q, &name, lease(30_000)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id, id, "the delivery carries the id send returned");
     assert_eq!(&got[0].body[..], b"hello");
     assert_eq!(got[0].deliveries, 1, "first delivery counts 1");
-    assert!(recv(q, &name, lease(30_000)).await.is_empty(), "a leased message is not handed out twice");
+    assert!(
+        recv(q, &name, lease(30_000)).await.is_empty(),
+        "a leased message is not handed out twice"
+    );
     q.ack(&got[0]).await.expect("ack");
-    assert!(recv(q, &name, lease(30_000)).await.is_empty(), "an acked message is gone");
+    assert!(
+        recv(q, &name, lease(30_000)).await.is_empty(),
+        "an acked message is gone"
+    );
 }
 
 async fn priority_then_fifo(q: &dyn Queue) {
     let name = unique_queue("conf-prio");
-    for (body, p) in [("low-1", 1), ("high-1", 9), ("mid", 5), ("low-2", 1), ("high-2", 9)] {
-        q.send(&name, Outgoing::new(body).priority(p)).await.expect("send");
+    for (body, p) in [
+        ("low-1", 1),
+        ("high-1", 9),
+        ("mid", 5),
+        ("low-2", 1),
+        ("high-2", 9),
+    ] {
+        q.send(&name, Outgoing::new(body).priority(p))
+            .await
+            .expect("send");
     }
     let mut order = Vec::new();
     for _ in 0..5 {
         let got = q
-            .receive(&name, Receive { max: 1, ..lease(30_000) })
+            .receive(
+                &name,
+                Receive {
+                    max: 1,
+                    ..lease(30_000)
+                },
+            )
             .await
             .expect("receive");
         assert_eq!(got.len(), 1);
         order.push(String::from_utf8_lossy(&got[0].body).into_owned());
         q.ack(&got[0]).await.expect("ack");
     }
-    assert_eq!(order, ["high-1", "high-2", "mid", "low-1", "low-2"], "highest priority first, oldest first within one");
+    assert_eq!(
+        order,
+        ["high-1", "high-2", "mid", "low-1", "low-2"],
+        "highest priority first, oldest first within one"
+    );
 }
 
 async fn receive_caps_at_max(q: &dyn Queue) {
     let name = unique_queue("conf-max");
     for i in 0..7 {
-        q.send(&name, Outgoing::new(format!("m{i}"))).await.expect("send");
+        q.send(&name, Outgoing::new(format!("m{i}")))
+            .await
+            .expect("send");
     }
-    let first = q.receive(&name, Receive { max: 3, ..lease(30_000) }).await.expect("receive");
+    let first = q
+        .receive(
+            &name,
+            Receive {
+                max: 3,
+                ..lease(30_000)
+            },
+        )
+        .await
+        .expect("receive");
     assert_eq!(first.len(), 3, "receive hands out at most `max`");
-    let rest = q.receive(&name, Receive { max: 10, ..lease(30_000) }).await.expect("receive");
+    let rest = q
+        .receive(
+            &name,
+            Receive {
+                max: 10,
+                ..lease(30_000)
+            },
+        )
+        .await
+        .expect("receive");
     assert_eq!(rest.len(), 4);
     for d in first.iter().chain(&rest) {
         q.ack(d).await.expect("ack");
@@ -80,10 +127,16 @@ async fn receive_caps_at_max(q: &dyn Queue) {
 
 async fn delayed_messages_wait(q: &dyn Queue) {
     let name = unique_queue("conf-delay");
-    q.send(&name, Outgoing::new("later").delay(Duration::from_millis(600)))
-        .await
-        .expect("send");
-    assert!(recv(q, &name, lease(30_000)).await.is_empty(), "a delayed message is invisible before its delay");
+    q.send(
+        &name,
+        Outgoing::new("later").delay(Duration::from_millis(600)),
+    )
+    .await
+    .expect("send");
+    assert!(
+        recv(q, &name, lease(30_000)).await.is_empty(),
+        "a delayed message is invisible before its delay"
+    );
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let got = recv(q, &name, lease(30_000)).await;
     assert_eq!(got.len(), 1, "a delayed message is visible after its delay");
@@ -97,7 +150,11 @@ async fn expired_leases_redeliver(q: &dyn Queue) {
     assert_eq!(first.len(), 1);
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let second = recv(q, &name, lease(30_000)).await;
-    assert_eq!(second.len(), 1, "a message whose lease ended is delivered again");
+    assert_eq!(
+        second.len(),
+        1,
+        "a message whose lease ended is delivered again"
+    );
     assert_eq!(second[0].id, first[0].id);
     assert_eq!(second[0].deliveries, 2, "redelivery counts up");
     match q.ack(&first[0]).await {
@@ -112,8 +169,13 @@ async fn retry_later_redelivers_after_delay(q: &dyn Queue) {
     let name = unique_queue("conf-retry");
     q.send(&name, Outgoing::new("flaky")).await.expect("send");
     let first = recv(q, &name, lease(30_000)).await;
-    q.retry_later(&first[0], Duration::from_millis(600)).await.expect("retry_later");
-    assert!(recv(q, &name, lease(30_000)).await.is_empty(), "retried message waits for its delay");
+    q.retry_later(&first[0], Duration::from_millis(600))
+        .await
+        .expect("retry_later");
+    assert!(
+        recv(q, &name, lease(30_000)).await.is_empty(),
+        "retried message waits for its delay"
+    );
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let again = recv(q, &name, lease(30_000)).await;
     assert_eq!(again.len(), 1);
@@ -125,18 +187,29 @@ async fn explicit_dead_letter(q: &dyn Queue) {
     let name = unique_queue("conf-dlq");
     q.send(&name, Outgoing::new("poison")).await.expect("send");
     let got = recv(q, &name, lease(30_000)).await;
-    q.dead_letter(&got[0], "bad spec: resources.gpus").await.expect("dead_letter");
-    assert!(recv(q, &name, lease(30_000)).await.is_empty(), "dead-lettered message leaves its queue");
+    q.dead_letter(&got[0], "bad spec: resources.gpus")
+        .await
+        .expect("dead_letter");
+    assert!(
+        recv(q, &name, lease(30_000)).await.is_empty(),
+        "dead-lettered message leaves its queue"
+    );
     let dead = recv(q, &dead_letter_queue(&name), lease(30_000)).await;
     assert_eq!(dead.len(), 1, "and lands on the dead-letter queue");
     assert_eq!(&dead[0].body[..], b"poison", "body intact");
-    assert_eq!(dead[0].reason.as_deref(), Some("bad spec: resources.gpus"), "with its reason");
+    assert_eq!(
+        dead[0].reason.as_deref(),
+        Some("bad spec: resources.gpus"),
+        "with its reason"
+    );
     q.ack(&dead[0]).await.expect("ack dead letter");
 }
 
 async fn dead_letter_after_max_deliveries(q: &dyn Queue, max: u32) {
     let name = unique_queue("conf-maxdel");
-    q.send(&name, Outgoing::new("crashes-handler")).await.expect("send");
+    q.send(&name, Outgoing::new("crashes-handler"))
+        .await
+        .expect("send");
     for n in 1..=max {
         let got = recv(q, &name, lease(30_000)).await;
         assert_eq!(got.len(), 1, "delivery {n} of {max}");
@@ -146,7 +219,10 @@ async fn dead_letter_after_max_deliveries(q: &dyn Queue, max: u32) {
     // Give brokers that dead-letter asynchronously a moment.
     let mut dead = Vec::new();
     for _ in 0..20 {
-        assert!(recv(q, &name, lease(30_000)).await.is_empty(), "no delivery past max_deliveries");
+        assert!(
+            recv(q, &name, lease(30_000)).await.is_empty(),
+            "no delivery past max_deliveries"
+        );
         dead = recv(q, &dead_letter_queue(&name), lease(30_000)).await;
         if !dead.is_empty() {
             break;
@@ -154,7 +230,14 @@ async fn dead_letter_after_max_deliveries(q: &dyn Queue, max: u32) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(dead.len(), 1, "dead-lettered after {max} deliveries");
-    assert!(dead[0].reason.as_deref().is_some_and(|r| r.contains("deliver")), "reason says why: {:?}", dead[0].reason);
+    assert!(
+        dead[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("deliver")),
+        "reason says why: {:?}",
+        dead[0].reason
+    );
     q.ack(&dead[0]).await.expect("ack");
 }
 
@@ -171,7 +254,14 @@ async fn receive_waits_for_a_message(q: &dyn Queue) {
         q.send(&name, Outgoing::new("awaited")).await.expect("send");
     });
     let got = got.expect("receive");
-    assert_eq!(got.len(), 1, "a waiting receive gets a message sent meanwhile");
-    assert!(started.elapsed() < Duration::from_secs(4), "without waiting out the whole wait");
+    assert_eq!(
+        got.len(),
+        1,
+        "a waiting receive gets a message sent meanwhile"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "without waiting out the whole wait"
+    );
     q.ack(&got[0]).await.expect("ack");
 }

@@ -18,7 +18,12 @@ const FLUSH_ROUNDS: usize = 8;
 
 /// Applies `event` (which happened at `at`) to job `id`, stores the result, and
 /// carries out the commands it decided. Delivering the same event again is harmless.
-pub async fn job_event(ports: &Ports, id: &JobId, event: &Event, at: Timestamp) -> Result<JobRecord, Error> {
+pub async fn job_event(
+    ports: &Ports,
+    id: &JobId,
+    event: &Event,
+    at: Timestamp,
+) -> Result<JobRecord, Error> {
     let rec = update_with(ports, id, |r| {
         let t = lifecycle::apply(r, event, at, &ports.timeouts);
         if t.changed {

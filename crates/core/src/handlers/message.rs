@@ -31,7 +31,13 @@ pub async fn handle_delivery(ports: &Ports, d: &Delivery) -> Disposition {
     };
     let result = match &msg {
         Message::Dispatch { job, attempt } => {
-            job_event(ports, job, &Event::Dispatch { attempt: *attempt }, ports.clock.now()).await
+            job_event(
+                ports,
+                job,
+                &Event::Dispatch { attempt: *attempt },
+                ports.clock.now(),
+            )
+            .await
         }
         Message::Event { job, at, event } => job_event(ports, job, event, *at).await,
     };
@@ -59,7 +65,11 @@ fn backoff(deliveries: u32) -> Duration {
 }
 
 /// Applies a disposition to the delivery on its queue.
-pub async fn settle(queue: &dyn queue::Queue, d: &Delivery, disposition: &Disposition) -> Result<(), queue::Error> {
+pub async fn settle(
+    queue: &dyn queue::Queue,
+    d: &Delivery,
+    disposition: &Disposition,
+) -> Result<(), queue::Error> {
     match disposition {
         Disposition::Ack => queue.ack(d).await,
         Disposition::RetryLater(delay) => queue.retry_later(d, *delay).await,

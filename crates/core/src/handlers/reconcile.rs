@@ -55,7 +55,11 @@ async fn release_orphans(ports: &Ports, report: &mut ReconcileReport) -> Result<
         }
         let orphan = match ports.ledger.get(&vm.key.job).await {
             // A VM may only serve the job's current attempt while that attempt is live.
-            Ok(rec) => rec.state.is_terminal() || !rec.state.has_live_attempt() || rec.attempt != vm.key.attempt,
+            Ok(rec) => {
+                rec.state.is_terminal()
+                    || !rec.state.has_live_attempt()
+                    || rec.attempt != vm.key.attempt
+            }
             Err(ledger::Error::NotFound { .. }) => true,
             Err(e) => return Err(e.into()),
         };

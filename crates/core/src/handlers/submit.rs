@@ -29,7 +29,11 @@ pub struct Submitted {
 pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> {
     let now = ports.clock.now();
     if let Some(key) = &sub.spec.idempotency_key {
-        if let Some(id) = ports.ledger.find_by_idempotency_key(&sub.project, key).await? {
+        if let Some(id) = ports
+            .ledger
+            .find_by_idempotency_key(&sub.project, key)
+            .await?
+        {
             return existing(ports, &id).await;
         }
     }
@@ -58,5 +62,8 @@ async fn existing(ports: &Ports, id: &JobId) -> Result<Submitted, Error> {
     let rec = ports.ledger.get(id).await?;
     info!(job_id = %rec.id, attempt = rec.attempt, "submission matched an existing job");
     let job = flush_outbox(ports, rec).await?;
-    Ok(Submitted { job, created: false })
+    Ok(Submitted {
+        job,
+        created: false,
+    })
 }

@@ -108,5 +108,9 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     async fn update(&self, record: JobRecord) -> Result<JobRecord, Error>;
     async fn list(&self, query: &ListQuery) -> Result<Page, Error>;
     /// The job holding an idempotency key in a project, if any.
-    async fn find_by_idempotency_key(&self, project: &str, key: &str) -> Result<Option<JobId>, Error>;
+    async fn find_by_idempotency_key(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<JobId>, Error>;
 }

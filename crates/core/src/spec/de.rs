@@ -19,19 +19,30 @@ impl Visitor<'_> for Count {
         f.write_str("a non-negative integer")
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<u32, E> {
-        u32::try_from(v).map_err(|_| E::custom(format!("expected a non-negative integer below 2^32, got {v}")))
+        u32::try_from(v).map_err(|_| {
+            E::custom(format!(
+                "expected a non-negative integer below 2^32, got {v}"
+            ))
+        })
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<u32, E> {
         u32::try_from(v).map_err(|_| E::custom(format!("expected a non-negative integer, got {v}")))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<u32, E> {
-        Err(E::custom(format!("expected a non-negative integer, got {v}")))
+        Err(E::custom(format!(
+            "expected a non-negative integer, got {v}"
+        )))
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<u32, E> {
-        Err(E::custom(format!("expected a non-negative integer, got {v}")))
+        Err(E::custom(format!(
+            "expected a non-negative integer, got {v}"
+        )))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<u32, E> {
-        Err(E::custom(format!("expected a non-negative integer, got {}", got_str(v))))
+        Err(E::custom(format!(
+            "expected a non-negative integer, got {}",
+            got_str(v)
+        )))
     }
     fn visit_unit<E: de::Error>(self) -> Result<u32, E> {
         Err(E::custom("expected a non-negative integer, got null"))
@@ -70,7 +81,10 @@ impl Visitor<'_> for PositiveF64 {
         Err(E::custom(format!("expected a positive number, got {v}")))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
-        Err(E::custom(format!("expected a positive number, got {}", got_str(v))))
+        Err(E::custom(format!(
+            "expected a positive number, got {}",
+            got_str(v)
+        )))
     }
 }
 
@@ -175,21 +189,25 @@ impl<'de> Deserialize<'de> for Secret {
                 // The stored form `{"redacted": true}` reads back as a secret without a value.
                 while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
                     if k != "redacted" {
-                        return Err(de::Error::custom(
-                            "expected a secret value as a string",
-                        ));
+                        return Err(de::Error::custom("expected a secret value as a string"));
                     }
                 }
                 Ok(Secret(None))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secret, E> {
-                Err(E::custom(format!("expected a secret value as a string, got {v}")))
+                Err(E::custom(format!(
+                    "expected a secret value as a string, got {v}"
+                )))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Secret, E> {
-                Err(E::custom(format!("expected a secret value as a string, got {v}")))
+                Err(E::custom(format!(
+                    "expected a secret value as a string, got {v}"
+                )))
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Secret, E> {
-                Err(E::custom(format!("expected a secret value as a string, got {v}")))
+                Err(E::custom(format!(
+                    "expected a secret value as a string, got {v}"
+                )))
             }
         }
         d.deserialize_any(V)

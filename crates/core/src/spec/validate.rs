@@ -85,14 +85,20 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     let mut errs = Errors(Vec::new());
     check_name(&mut errs, &spec.name);
     if spec.command.is_empty() && spec.image.is_none() {
-        errs.push("command", "required unless `image` is set (a job must run something)");
+        errs.push(
+            "command",
+            "required unless `image` is set (a job must run something)",
+        );
     }
     if let Some(c) = spec.command.first().filter(|c| c.trim().is_empty()) {
         errs.push("command[0]", format!("expected a program name, got {c:?}"));
     }
     if let Some(img) = &spec.image {
         if img.trim().is_empty() || img.chars().any(char::is_whitespace) {
-            errs.push("image", format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?}"));
+            errs.push(
+                "image",
+                format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?}"),
+            );
         }
     }
     for k in spec.env.keys() {
@@ -101,7 +107,10 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     for k in spec.secrets.keys() {
         check_env_name(&mut errs, &format!("secrets.{k}"), k);
         if spec.env.contains_key(k) {
-            errs.push(format!("secrets.{k}"), "also set in `env`: a name may be in one of them only");
+            errs.push(
+                format!("secrets.{k}"),
+                "also set in `env`: a name may be in one of them only",
+            );
         }
     }
     check_resources(&mut errs, spec);
@@ -119,7 +128,10 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         check_uri(&mut errs, "checkpoint.uri", u);
     }
     if spec.checkpoint.keep_last == 0 {
-        errs.push("checkpoint.keep_last", "expected at least 1, got 0 (the newest checkpoint is needed to resume)");
+        errs.push(
+            "checkpoint.keep_last",
+            "expected at least 1, got 0 (the newest checkpoint is needed to resume)",
+        );
     }
     if spec.limits.max_wait.get().is_zero() {
         errs.push("limits.max_wait", "expected a duration above zero");
@@ -131,25 +143,45 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     }
     for (i, code) in spec.retry.infra_exit_codes.iter().enumerate() {
         if *code == 0 {
-            errs.push(format!("retry.infra_exit_codes[{i}]"), "0 means success and cannot mean an infrastructure loss");
+            errs.push(
+                format!("retry.infra_exit_codes[{i}]"),
+                "0 means success and cannot mean an infrastructure loss",
+            );
         }
     }
     for (k, v) in &spec.labels {
-        if k.is_empty() || k.len() > 63 || !k.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)) {
-            errs.push(format!("labels.{k}"), "expected a label name of at most 63 letters, digits, `.`, `_`, `-`, `/`");
+        if k.is_empty()
+            || k.len() > 63
+            || !k
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+        {
+            errs.push(
+                format!("labels.{k}"),
+                "expected a label name of at most 63 letters, digits, `.`, `_`, `-`, `/`",
+            );
         }
         if v.len() > 256 {
-            errs.push(format!("labels.{k}"), format!("expected at most 256 characters, got {}", v.len()));
+            errs.push(
+                format!("labels.{k}"),
+                format!("expected at most 256 characters, got {}", v.len()),
+            );
         }
     }
     if let Some(k) = &spec.idempotency_key {
         if k.is_empty() || k.len() > 255 {
-            errs.push("idempotency_key", format!("expected 1 to 255 characters, got {}", k.len()));
+            errs.push(
+                "idempotency_key",
+                format!("expected 1 to 255 characters, got {}", k.len()),
+            );
         }
     }
     for (i, url) in spec.notify.iter().enumerate() {
         if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10 {
-            errs.push(format!("notify[{i}]"), format!("expected an http(s) URL, got {url:?}"));
+            errs.push(
+                format!("notify[{i}]"),
+                format!("expected an http(s) URL, got {url:?}"),
+            );
         }
     }
     if errs.0.is_empty() {
@@ -163,9 +195,18 @@ fn check_name(errs: &mut Errors, name: &str) {
     if name.is_empty() {
         errs.push("name", "expected a name, got an empty string");
     } else if name.len() > MAX_NAME {
-        errs.push("name", format!("expected at most {MAX_NAME} characters, got {}", name.len()));
-    } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        errs.push("name", format!("expected letters, digits, `.`, `_` or `-`, got {name:?}"));
+        errs.push(
+            "name",
+            format!("expected at most {MAX_NAME} characters, got {}", name.len()),
+        );
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        errs.push(
+            "name",
+            format!("expected letters, digits, `.`, `_` or `-`, got {name:?}"),
+        );
     }
 }
 
@@ -174,19 +215,31 @@ fn check_env_name(errs: &mut Errors, path: &str, name: &str) {
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
-        errs.push(path, format!("expected a variable name of letters, digits and `_`, got {name:?}"));
+        errs.push(
+            path,
+            format!("expected a variable name of letters, digits and `_`, got {name:?}"),
+        );
     } else if name.starts_with("RESPAWN_") {
-        errs.push(path, "names starting with RESPAWN_ are set by respawn and cannot be overridden");
+        errs.push(
+            path,
+            "names starting with RESPAWN_ are set by respawn and cannot be overridden",
+        );
     }
 }
 
 fn check_resources(errs: &mut Errors, spec: &JobSpec) {
     let r = &spec.resources;
     if r.gpus > MAX_GPUS {
-        errs.push("resources.gpus", format!("expected at most {MAX_GPUS} per node, got {}", r.gpus));
+        errs.push(
+            "resources.gpus",
+            format!("expected at most {MAX_GPUS} per node, got {}", r.gpus),
+        );
     }
     if r.nodes == 0 || r.nodes > MAX_NODES {
-        errs.push("resources.nodes", format!("expected 1 to {MAX_NODES}, got {}", r.nodes));
+        errs.push(
+            "resources.nodes",
+            format!("expected 1 to {MAX_NODES}, got {}", r.nodes),
+        );
     }
     if r.gpu_type.is_some() && r.gpus == 0 {
         errs.push("resources.gpu_type", "set, but `resources.gpus` is 0");
@@ -201,11 +254,17 @@ fn check_resources(errs: &mut Errors, spec: &JobSpec) {
 fn check_placement(errs: &mut Errors, spec: &JobSpec) {
     let p = &spec.placement;
     if p.on_demand_after.is_some() && !p.spot {
-        errs.push("placement.on_demand_after", "only meaningful with `spot: true`");
+        errs.push(
+            "placement.on_demand_after",
+            "only meaningful with `spot: true`",
+        );
     }
     if let Some(price) = p.max_price {
         if !(price > 0.0 && price.is_finite()) {
-            errs.push("placement.max_price", format!("expected a positive price, got {price}"));
+            errs.push(
+                "placement.max_price",
+                format!("expected a positive price, got {price}"),
+            );
         }
         if !p.spot {
             errs.push("placement.max_price", "only meaningful with `spot: true`");
@@ -224,12 +283,18 @@ fn check_uri(errs: &mut Errors, path: &str, uri: &str) {
             path,
             format!("unsupported scheme {scheme:?}; expected one of s3, az, gs, file, bucket"),
         ),
-        _ => errs.push(path, format!("expected a URI such as s3://bucket/key, got {uri:?}")),
+        _ => errs.push(
+            path,
+            format!("expected a URI such as s3://bucket/key, got {uri:?}"),
+        ),
     }
 }
 
 fn check_relative(errs: &mut Errors, path: &str, p: &str) {
     if p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.is_empty() {
-        errs.push(path, format!("expected a relative path without `..`, got {p:?}"));
+        errs.push(
+            path,
+            format!("expected a relative path without `..`, got {p:?}"),
+        );
     }
 }
