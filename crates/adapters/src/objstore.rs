@@ -50,7 +50,10 @@ fn record_path(id: &JobId) -> Path {
 }
 
 fn key_path(scope: &str) -> Path {
-    Path::from(format!("ledger/keys/{}", hex::encode(Sha256::digest(scope.as_bytes()))))
+    Path::from(format!(
+        "ledger/keys/{}",
+        hex::encode(Sha256::digest(scope.as_bytes()))
+    ))
 }
 
 fn state_prefix(state: JobState) -> String {
@@ -76,10 +79,12 @@ fn store_err(e: object_store::Error) -> Error {
 }
 
 fn encode(r: &JobRecord) -> Result<PutPayload, Error> {
-    serde_json::to_vec(r).map(PutPayload::from).map_err(|e| Error::Corrupt {
-        id: r.id.to_string(),
-        message: e.to_string(),
-    })
+    serde_json::to_vec(r)
+        .map(PutPayload::from)
+        .map_err(|e| Error::Corrupt {
+            id: r.id.to_string(),
+            message: e.to_string(),
+        })
 }
 
 impl ObjectStoreLedger {
@@ -103,14 +108,22 @@ impl ObjectStoreLedger {
     }
 
     async fn touch(&self, path: &Path) -> Result<(), Error> {
-        self.store.put(path, PutPayload::new()).await.map(drop).map_err(store_err)
+        self.store
+            .put(path, PutPayload::new())
+            .await
+            .map(drop)
+            .map_err(store_err)
     }
 
     /// Claims an idempotency key for `id`; `Err(AlreadyExists)` names the holder.
     async fn claim_key(&self, scope: &str, id: &JobId) -> Result<(), Error> {
         let path = key_path(scope);
         let opts = PutOptions::from(PutMode::Create);
-        match self.store.put_opts(&path, id.to_string().into(), opts).await {
+        match self
+            .store
+            .put_opts(&path, id.to_string().into(), opts)
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(store_err(e)),
@@ -120,7 +133,8 @@ impl ObjectStoreLedger {
             e_tag: got.meta.e_tag.clone(),
             version: got.meta.version.clone(),
         };
-        let holder = String::from_utf8_lossy(&got.bytes().await.map_err(store_err)?).parse::<JobId>();
+        let holder =
+            String::from_utf8_lossy(&got.bytes().await.map_err(store_err)?).parse::<JobId>();
         let holder = match holder {
             Ok(h) if &h == id => return Ok(()),
             Ok(h) => h,
@@ -132,7 +146,11 @@ impl ObjectStoreLedger {
         // The holder died between claiming the key and writing its record: take the
         // claim over, by compare-and-swap so only one taker wins.
         let opts = PutOptions::from(PutMode::Update(etag));
-        match self.store.put_opts(&path, id.to_string().into(), opts).await {
+        match self
+            .store
+            .put_opts(&path, id.to_string().into(), opts)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(object_store::Error::Precondition { .. }) => Err(Error::Conflict {
                 id: id.clone(),
@@ -143,18 +161,34 @@ impl ObjectStoreLedger {
     }
 
     /// Ids with an index entry under `prefix`, after `after`, in order; at most `n`.
-    async fn index_ids(&self, prefix: &str, after: Option<&JobId>, n: usize) -> Result<Vec<JobId>, Error> {
+    async fn index_ids(
+        &self,
+        prefix: &str,
+        after: Option<&JobId>,
+        n: usize,
+    ) -> Result<Vec<JobId>, Error> {
         let prefix_path = Path::from(prefix);
         let mut stream = match after {
             // Entries of `after` are `<after>/…`; '0' sorts right after '/', so this
             // offset skips them all and nothing else (ids have a fixed length).
-            Some(a) => self.store.list_with_offset(Some(&prefix_path), &Path::from(format!("{prefix}/{a}0"))),
+            Some(a) => self
+                .store
+                .list_with_offset(Some(&prefix_path), &Path::from(format!("{prefix}/{a}0"))),
             None => self.store.list(Some(&prefix_path)),
         };
         let mut ids = BTreeSet::new();
         while let Some(meta) = stream.try_next().await.map_err(store_err)? {
-            let rest = meta.location.as_ref().strip_prefix(prefix).unwrap_or_default();
-            if let Some(id) = rest.trim_start_matches('/').split('/').next().and_then(|s| s.parse().ok()) {
+            let rest = meta
+                .location
+                .as_ref()
+                .strip_prefix(prefix)
+                .unwrap_or_default();
+            if let Some(id) = rest
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .and_then(|s| s.parse().ok())
+            {
                 ids.insert(id);
             }
             if ids.len() >= n {
@@ -174,12 +208,19 @@ impl Ledger for ObjectStoreLedger {
         }
         self.touch(&state_entry(&record)).await?;
         for (k, v) in &record.spec.labels {
-            self.touch(&Path::from(format!("{}/{}", label_prefix(k, v), record.id))).await?;
+            self.touch(&Path::from(format!("{}/{}", label_prefix(k, v), record.id)))
+                .await?;
         }
         let opts = PutOptions::from(PutMode::Create);
-        match self.store.put_opts(&record_path(&record.id), encode(&record)?, opts).await {
+        match self
+            .store
+            .put_opts(&record_path(&record.id), encode(&record)?, opts)
+            .await
+        {
             Ok(_) => Ok(record),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::AlreadyExists { id: record.id }),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                Err(Error::AlreadyExists { id: record.id })
+            }
             Err(e) => Err(store_err(e)),
         }
     }
@@ -197,17 +238,27 @@ impl Ledger for ObjectStoreLedger {
         };
         let expected = record.version;
         if current.version != expected {
-            return Err(Error::Conflict { id: record.id, expected });
+            return Err(Error::Conflict {
+                id: record.id,
+                expected,
+            });
         }
         record.version = expected + 1;
         let new_entry = state_entry(&record);
         self.touch(&new_entry).await?;
         let opts = PutOptions::from(PutMode::Update(etag));
-        match self.store.put_opts(&record_path(&record.id), encode(&record)?, opts).await {
+        match self
+            .store
+            .put_opts(&record_path(&record.id), encode(&record)?, opts)
+            .await
+        {
             Ok(_) => {}
             Err(object_store::Error::Precondition { .. }) => {
                 let _ = self.store.delete(&new_entry).await;
-                return Err(Error::Conflict { id: record.id, expected });
+                return Err(Error::Conflict {
+                    id: record.id,
+                    expected,
+                });
             }
             Err(e) => return Err(store_err(e)),
         }
@@ -253,7 +304,11 @@ impl Ledger for ObjectStoreLedger {
         Ok(Page { jobs, next })
     }
 
-    async fn find_by_idempotency_key(&self, project: &str, key: &str) -> Result<Option<JobId>, Error> {
+    async fn find_by_idempotency_key(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<JobId>, Error> {
         let path = key_path(&idempotency_scope(project, key));
         let got = match self.store.get(&path).await {
             Ok(g) => g,
@@ -290,7 +345,10 @@ mod tests {
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).expect("fs");
         let ledger = ObjectStoreLedger::new(Arc::new(fs));
         let rec = respawn_core::conformance::sample_record("fs", respawn_core::time::Timestamp(1));
-        let stored = ledger.create(rec).await.expect("create works (PutMode::Create)");
+        let stored = ledger
+            .create(rec)
+            .await
+            .expect("create works (PutMode::Create)");
         match ledger.update(stored).await {
             Err(Error::NotSupported(msg)) => assert!(msg.contains("conditional update"), "{msg}"),
             other => panic!("expected NotSupported, got {other:?}"),
@@ -301,16 +359,29 @@ mod tests {
     async fn stale_index_entries_are_skipped() {
         let store: Blobs = Arc::new(InMemory::new());
         let ledger = ObjectStoreLedger::new(store.clone());
-        let rec = respawn_core::conformance::sample_record("stale", respawn_core::time::Timestamp(1));
+        let rec =
+            respawn_core::conformance::sample_record("stale", respawn_core::time::Timestamp(1));
         let stored = ledger.create(rec).await.expect("create");
         // A crash after the write-ahead index entry, before the record's update.
         let mut moved = stored.clone();
         moved.state = JobState::Running;
         moved.version = 2;
-        store.put(&state_entry(&moved), PutPayload::new()).await.expect("put");
-        let page = ledger.list(&ListQuery::in_state(JobState::Running)).await.expect("list");
-        assert!(page.jobs.is_empty(), "the record is still pending; the entry is stale");
-        let page = ledger.list(&ListQuery::in_state(JobState::Pending)).await.expect("list");
+        store
+            .put(&state_entry(&moved), PutPayload::new())
+            .await
+            .expect("put");
+        let page = ledger
+            .list(&ListQuery::in_state(JobState::Running))
+            .await
+            .expect("list");
+        assert!(
+            page.jobs.is_empty(),
+            "the record is still pending; the entry is stale"
+        );
+        let page = ledger
+            .list(&ListQuery::in_state(JobState::Pending))
+            .await
+            .expect("list");
         assert_eq!(page.jobs.len(), 1);
     }
 }

@@ -132,7 +132,7 @@ impl FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
-            .map_err(|e| format!("expected a duration such as 30m or 1h30m, got {s:?} ({e})"))
+            .map_err(|_| format!("expected a duration such as 30m or 1h30m, got {s:?}"))
     }
 }
 

@@ -317,3 +317,6 @@ impl JobSpec {
         s
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -67,10 +67,20 @@ fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecErr
     let path = e.path().to_string();
     // serde_path_to_error writes the document root as ".".
     let path = if path == "." { String::new() } else { path };
+    // YAML puts (part of) the path in front of its message; it is said once already.
+    let message = e.inner().to_string();
+    let message = match message.split_once(": ") {
+        Some((head, rest))
+            if !head.is_empty()
+                && (path == head
+                    || path.starts_with(&format!("{head}."))
+                    || path.starts_with(&format!("{head}["))) =>
+        {
+            rest.to_owned()
+        }
+        _ => message,
+    };
     SpecError {
-        errors: vec![FieldError {
-            path,
-            message: e.inner().to_string(),
-        }],
+        errors: vec![FieldError { path, message }],
     }
 }
