@@ -100,3 +100,19 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+impl LocalStore {
+    /// Runs SQLite's integrity check; `Ok` when the file is sound.
+    pub async fn check(&self) -> Result<(), String> {
+        let verdict = self
+            .readers
+            .read(|c| c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)))
+            .await
+            .map_err(|e| e.to_string())?;
+        if verdict == "ok" {
+            Ok(())
+        } else {
+            Err(verdict)
+        }
+    }
+}

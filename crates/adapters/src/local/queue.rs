@@ -24,6 +24,21 @@ impl LocalQueue {
         }
     }
 
+    /// Ids of every message in `queue`, leased or not, oldest first (for inspection).
+    pub async fn message_ids(&self, queue: &str) -> Result<Vec<String>, Error> {
+        let queue = queue.to_owned();
+        self.store
+            .readers
+            .read(move |c| {
+                c.prepare_cached("SELECT seq FROM messages WHERE queue = ?1 ORDER BY seq")?
+                    .query_map([queue], |r| r.get::<_, i64>(0))?
+                    .map(|r| r.map(|n| n.to_string()))
+                    .collect()
+            })
+            .await
+            .map_err(Error::unavailable)
+    }
+
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,

@@ -1,0 +1,793 @@
+//! Properties of the pure lifecycle function `lifecycle::apply`.
+//!
+//! Random job specs meet random event sequences; after every single step the
+//! record must keep the invariants the rest of respawn relies on (one live attempt,
+//! two separate retry budgets, monotone checkpoints, final terminal states, an
+//! outbox that holds exactly what was decided), and ticking a job long enough must
+//! always end it.
+//!
+//! Events are generated as *templates* whose attempt number is an offset from the
+//! record's attempt at the moment they are applied: fully random attempt numbers
+//! would almost always be stale and leave the interesting states unvisited.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use respawn_core::job::{AttemptOutcome, JobId, JobRecord, JobState};
+use respawn_core::lifecycle::{Command, Event, Timeouts, Transition, apply};
+use respawn_core::spec::{self, Format};
+use respawn_core::time::Timestamp;
+
+/// Submission time of every generated job (any fixed instant does).
+const T0: Timestamp = Timestamp(1_750_000_000_000);
+
+const SECOND: u64 = 1_000;
+const MINUTE: u64 = 60 * SECOND;
+const HOUR: u64 = 60 * MINUTE;
+
+// ---------------------------------------------------------------------------
+// Generators
+// ---------------------------------------------------------------------------
+
+/// The spec fields the lifecycle reads; the rest stays at its defaults.
+#[derive(Debug, Clone)]
+struct SpecParams {
+    max_failures: u32,
+    max_preemptions: Option<u32>,
+    infra_exit_codes: Vec<i32>,
+    max_wait_s: u64,
+    max_runtime_s: Option<u64>,
+}
+
+impl SpecParams {
+    /// The spec as a user would write it; going through the parser keeps the test
+    /// honest about what a valid spec is.
+    fn yaml(&self) -> String {
+        let mut y = String::from("name: prop\ncommand: [\"train\"]\nretry:\n");
+        y += &format!("  max_failures: {}\n", self.max_failures);
+        if let Some(p) = self.max_preemptions {
+            y += &format!("  max_preemptions: {p}\n");
+        }
+        y += &format!("  infra_exit_codes: {:?}\n", self.infra_exit_codes);
+        y += &format!("limits:\n  max_wait: {}s\n", self.max_wait_s);
+        if let Some(r) = self.max_runtime_s {
+            y += &format!("  max_runtime: {r}s\n");
+        }
+        y
+    }
+
+    fn record(&self) -> JobRecord {
+        let spec = spec::parse(&self.yaml(), Format::Yaml).unwrap();
+        JobRecord::new(JobId::generate(T0), "default", spec, T0)
+    }
+}
+
+fn spec_params() -> impl Strategy<Value = SpecParams> {
+    (
+        0u32..=4,
+        prop::option::of(0u32..=5),
+        // 1 is in the list now and then: the same code then means "infrastructure".
+        prop::sample::subsequence(vec![1, 137, 143], 0..=3),
+        // Short enough that the liveness check's one-minute ticks stay cheap.
+        (10 * 60u64)..=(4 * 3600),
+        prop::option::of(60u64..=(2 * 3600)),
+    )
+        .prop_map(
+            |(max_failures, max_preemptions, infra_exit_codes, max_wait_s, max_runtime_s)| {
+                SpecParams {
+                    max_failures,
+                    max_preemptions,
+                    infra_exit_codes,
+                    max_wait_s,
+                    max_runtime_s,
+                }
+            },
+        )
+}
+
+/// An event with its attempt number left open.
+#[derive(Debug, Clone)]
+enum Template {
+    /// Whatever moves the current attempt along in its present state.
+    Progress,
+    Dispatch,
+    VmAllocated,
+    AllocationFailed,
+    Unschedulable,
+    Heartbeat,
+    WorkloadStarted {
+        restore: bool,
+    },
+    Checkpoint {
+        seq: u64,
+    },
+    /// Deadline relative to the event's time; may lie in the past.
+    PreemptionNotice {
+        deadline_in_ms: i64,
+    },
+    Exited {
+        exit_code: i32,
+    },
+    VmTerminated,
+    Cancel,
+    Tick,
+}
+
+/// One generated step: an event template, which attempt it names relative to the
+/// record's (-1 stale, 0 current, +1 not yet dispatched), and the time since the
+/// previous step.
+#[derive(Debug, Clone)]
+struct Step {
+    template: Template,
+    offset: i64,
+    dt_ms: u64,
+}
+
+fn template() -> impl Strategy<Value = Template> {
+    prop_oneof![
+        6 => Just(Template::Progress),
+        3 => Just(Template::Dispatch),
+        2 => Just(Template::VmAllocated),
+        1 => Just(Template::AllocationFailed),
+        // Ends the job at once: rare, or few runs would get anywhere.
+        1 => Just(Template::Unschedulable),
+        4 => Just(Template::Heartbeat),
+        2 => any::<bool>().prop_map(|restore| Template::WorkloadStarted { restore }),
+        3 => (0u64..20).prop_map(|seq| Template::Checkpoint { seq }),
+        2 => (-60_000i64..=180_000).prop_map(|deadline_in_ms| Template::PreemptionNotice { deadline_in_ms }),
+        3 => prop::sample::select(vec![0, 1, 2, 137, 143, 255, -9])
+            .prop_map(|exit_code| Template::Exited { exit_code }),
+        2 => Just(Template::VmTerminated),
+        1 => Just(Template::Cancel),
+        4 => Just(Template::Tick),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let offset = prop_oneof![8 => Just(0i64), 1 => Just(-1i64), 1 => Just(1i64)];
+    // Mostly seconds apart (heartbeat cadence), sometimes long enough for an
+    // operator timeout or limits.max_runtime, rarely hours.
+    let dt_ms = prop_oneof![
+        3 => Just(0u64),
+        10 => 0..=(2 * MINUTE),
+        3 => 0..=(30 * MINUTE),
+        1 => 0..=(3 * HOUR),
+    ];
+    (template(), offset, dt_ms).prop_map(|(template, offset, dt_ms)| Step {
+        template,
+        offset,
+        dt_ms,
+    })
+}
+
+/// Fills in a template against the record it is about to be applied to.
+fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
+    let attempt = u32::try_from(i64::from(r.attempt) + step.offset).unwrap_or(0);
+    match &step.template {
+        Template::Progress => match r.state {
+            JobState::Pending => Event::Dispatch { attempt },
+            JobState::Allocating => Event::VmAllocated {
+                attempt,
+                vm: format!("vm-{attempt}"),
+            },
+            JobState::Starting => Event::WorkloadStarted {
+                attempt,
+                restored_checkpoint: r.checkpoint,
+            },
+            JobState::Running => Event::CheckpointCommitted {
+                attempt,
+                seq: r.checkpoint.map_or(1, |c| c + 1),
+            },
+            JobState::Preempted => Event::VmTerminated {
+                attempt,
+                reason: "reclaimed".into(),
+            },
+            _ => Event::ReconcileTick,
+        },
+        Template::Dispatch => Event::Dispatch { attempt },
+        Template::VmAllocated => Event::VmAllocated {
+            attempt,
+            vm: format!("vm-{attempt}"),
+        },
+        Template::AllocationFailed => Event::AllocationFailed {
+            attempt,
+            reason: "no capacity".into(),
+        },
+        Template::Unschedulable => Event::Unschedulable {
+            attempt,
+            reason: "too many GPUs".into(),
+        },
+        Template::Heartbeat => Event::Heartbeat { attempt },
+        Template::WorkloadStarted { restore } => Event::WorkloadStarted {
+            attempt,
+            restored_checkpoint: r.checkpoint.filter(|_| *restore),
+        },
+        Template::Checkpoint { seq } => Event::CheckpointCommitted { attempt, seq: *seq },
+        Template::PreemptionNotice { deadline_in_ms } => Event::PreemptionNotice {
+            attempt,
+            deadline: Timestamp(at.0.saturating_add_signed(*deadline_in_ms)),
+        },
+        Template::Exited { exit_code } => Event::WorkloadExited {
+            attempt,
+            exit_code: *exit_code,
+        },
+        Template::VmTerminated => Event::VmTerminated {
+            attempt,
+            reason: "gone".into(),
+        },
+        Template::Cancel => Event::CancelRequested {
+            reason: "user".into(),
+        },
+        Template::Tick => Event::ReconcileTick,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Invariants
+// ---------------------------------------------------------------------------
+
+fn is_user_failure(o: &AttemptOutcome) -> bool {
+    matches!(o, AttemptOutcome::Failed { .. } | AttemptOutcome::TimedOut)
+}
+
+/// What must hold of any record the lifecycle produces, whatever led to it.
+fn check_record(r: &JobRecord) -> Result<(), TestCaseError> {
+    // Attempts are numbered 1, 2, 3 … with no gaps or repeats.
+    for (i, a) in r.attempts.iter().enumerate() {
+        prop_assert_eq!(
+            a.number as usize,
+            i + 1,
+            "attempt numbers: {:?}",
+            r.attempts
+        );
+        // An attempt has an end time exactly when it has an outcome.
+        prop_assert_eq!(a.ended_at.is_some(), a.outcome.is_some(), "attempt {:?}", a);
+        prop_assert!(a.last_checkpoint <= r.checkpoint, "attempt {:?}", a);
+    }
+
+    // At most one live attempt: the last one, the record's current attempt, and
+    // only in a state that has one.
+    let live: Vec<_> = r.attempts.iter().filter(|a| a.is_live()).collect();
+    if r.state.has_live_attempt() {
+        prop_assert_eq!(
+            live.len(),
+            1,
+            "state {} with attempts {:?}",
+            r.state,
+            r.attempts
+        );
+        let last = r.attempts.last().unwrap();
+        prop_assert!(last.is_live());
+        prop_assert_eq!(last.number, r.attempt);
+    } else {
+        prop_assert!(
+            live.is_empty(),
+            "state {} with attempts {:?}",
+            r.state,
+            r.attempts
+        );
+    }
+    // `attempt` names the live attempt, or the next one while pending.
+    let dispatched = r.attempts.len() as u32;
+    match r.state {
+        JobState::Pending => prop_assert_eq!(r.attempt, dispatched + 1),
+        s if s.has_live_attempt() => prop_assert_eq!(r.attempt, dispatched),
+        _ => prop_assert!(r.attempt == dispatched || r.attempt == dispatched + 1),
+    }
+
+    // The counters are exactly the outcomes, split into the two budgets.
+    let outcomes: Vec<_> = r
+        .attempts
+        .iter()
+        .filter_map(|a| a.outcome.as_ref())
+        .collect();
+    let user = outcomes.iter().filter(|o| is_user_failure(o)).count();
+    let infra = outcomes.iter().filter(|o| o.is_infra_loss()).count();
+    prop_assert_eq!(r.failures as usize, user, "outcomes {:?}", outcomes);
+    prop_assert_eq!(r.infra_losses as usize, infra, "outcomes {:?}", outcomes);
+
+    // A spent budget fails the job, on the first loss past it.
+    let max_failures = r.spec.retry.max_failures;
+    prop_assert!(
+        r.failures <= max_failures
+            || (r.state == JobState::Failed && r.failures == max_failures + 1),
+        "failures {} of {} in state {}",
+        r.failures,
+        max_failures,
+        r.state
+    );
+    if let Some(max) = r.spec.retry.max_preemptions {
+        prop_assert!(
+            r.infra_losses <= max || (r.state == JobState::Failed && r.infra_losses == max + 1),
+            "infra losses {} of {} in state {}",
+            r.infra_losses,
+            max,
+            r.state
+        );
+    }
+
+    // Every ended job says why, except a successful one.
+    match r.state {
+        JobState::Succeeded => {
+            prop_assert_eq!(&r.reason, &None);
+            prop_assert_eq!(
+                r.attempts.last().and_then(|a| a.outcome.clone()),
+                Some(AttemptOutcome::Succeeded)
+            );
+        }
+        JobState::Failed | JobState::Cancelled => prop_assert!(r.reason.is_some()),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether `ev` at `at` is a user-code failure of `before`'s current attempt: a
+/// non-zero exit not listed as infrastructure and not during a preemption drain, or
+/// a tick past limits.max_runtime (and not past limits.max_wait, which wins).
+fn spends_user_budget(before: &JobRecord, ev: &Event, at: Timestamp) -> bool {
+    if !before.state.has_live_attempt() || ev.attempt().is_some_and(|n| n != before.attempt) {
+        return false;
+    }
+    match ev {
+        Event::WorkloadExited { exit_code, .. } => {
+            *exit_code != 0
+                && !before.spec.retry.infra_exit_codes.contains(exit_code)
+                && before.state != JobState::Preempted
+        }
+        Event::ReconcileTick => {
+            let max_wait = before.spec.limits.max_wait.get();
+            let started = before.current().and_then(|a| a.started_at);
+            before.state == JobState::Running
+                && at.since(before.created_at) < max_wait
+                && matches!(
+                    (before.spec.limits.max_runtime, started),
+                    (Some(max), Some(s)) if at.since(s) >= max.get()
+                )
+        }
+        _ => false,
+    }
+}
+
+/// What must hold of one step `before --ev@at--> tr`.
+fn check_step(
+    before: &JobRecord,
+    ev: &Event,
+    at: Timestamp,
+    tr: &Transition,
+    t: &Timeouts,
+) -> Result<(), TestCaseError> {
+    let after = &tr.record;
+
+    // Pure: the same input gives the same output.
+    prop_assert_eq!(&apply(before, ev, at, t), tr);
+
+    // Terminal states are final.
+    if before.state.is_terminal() {
+        prop_assert!(!tr.changed, "{} changed a {} job", ev.kind(), before.state);
+        prop_assert_eq!(after, before);
+        prop_assert!(tr.commands.is_empty());
+    }
+
+    // `changed` is truthful, and a side effect never comes without a record to
+    // write it into (the handler skips the write when nothing changed).
+    prop_assert_eq!(tr.changed, after != before);
+    if !tr.changed {
+        prop_assert!(
+            tr.commands.is_empty(),
+            "commands {:?} but no change",
+            tr.commands
+        );
+    }
+
+    // The version is the ledger's business; the outbox grows by exactly the commands.
+    prop_assert_eq!(after.version, before.version);
+    let mut outbox = before.outbox.clone();
+    outbox.extend(tr.commands.iter().cloned());
+    prop_assert_eq!(&after.outbox, &outbox);
+    prop_assert!(after.updated_at >= before.updated_at);
+
+    // Commands name the attempts they concern.
+    for c in &tr.commands {
+        match c {
+            Command::Allocate { attempt } => {
+                prop_assert_eq!(before.state, JobState::Pending);
+                prop_assert_eq!(*attempt, after.attempt);
+            }
+            Command::Release { attempt } => {
+                prop_assert!(
+                    before.state.has_live_attempt(),
+                    "release from {}",
+                    before.state
+                );
+                prop_assert_eq!(*attempt, before.attempt);
+            }
+            Command::Dispatch { attempt, .. } => {
+                prop_assert_eq!(after.state, JobState::Pending);
+                prop_assert_eq!(*attempt, after.attempt);
+            }
+        }
+    }
+
+    // The two budgets: preemptions never spend the user's, and each step spends at
+    // most one loss from at most one of them.
+    prop_assert!(after.failures >= before.failures);
+    prop_assert!(after.infra_losses >= before.infra_losses);
+    let user_spent = after.failures - before.failures;
+    let infra_spent = after.infra_losses - before.infra_losses;
+    prop_assert!(
+        user_spent + infra_spent <= 1,
+        "{} spent two losses",
+        ev.kind()
+    );
+    prop_assert_eq!(
+        user_spent == 1,
+        spends_user_budget(before, ev, at),
+        "{:?} at {} took failures {} -> {} (state {})",
+        ev,
+        at.0,
+        before.failures,
+        after.failures,
+        before.state
+    );
+    if infra_spent == 1 {
+        prop_assert!(
+            matches!(
+                ev,
+                Event::AllocationFailed { .. }
+                    | Event::VmTerminated { .. }
+                    | Event::WorkloadExited { .. }
+                    | Event::ReconcileTick
+            ),
+            "{} spent the infrastructure budget",
+            ev.kind()
+        );
+    }
+
+    // A committed checkpoint is never given up for an older one.
+    prop_assert!(
+        after.checkpoint >= before.checkpoint,
+        "checkpoint {:?} -> {:?}",
+        before.checkpoint,
+        after.checkpoint
+    );
+
+    // Redelivering the event right away changes nothing.
+    let again = apply(after, ev, at, t);
+    prop_assert!(
+        !again.changed,
+        "{:?} applied twice changed the record twice",
+        ev
+    );
+
+    check_record(after)
+}
+
+/// Applies `ev` at `at` with every check, returning the new record.
+fn checked_apply(
+    r: &JobRecord,
+    ev: &Event,
+    at: Timestamp,
+    t: &Timeouts,
+) -> Result<JobRecord, TestCaseError> {
+    let tr = apply(r, ev, at, t);
+    check_step(r, ev, at, &tr, t)?;
+    Ok(tr.record)
+}
+
+/// Runs the steps from a fresh record, checking every step; returns the record and
+/// the time of the last step.
+fn run_steps(
+    params: &SpecParams,
+    steps: &[Step],
+    t: &Timeouts,
+) -> Result<(JobRecord, Timestamp), TestCaseError> {
+    let mut r = params.record();
+    check_record(&r)?;
+    let mut at = T0;
+    for s in steps {
+        at = Timestamp(at.0 + s.dt_ms);
+        let ev = resolve(s, &r, at);
+        r = checked_apply(&r, &ev, at, t)?;
+    }
+    Ok((r, at))
+}
+
+// ---------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+    /// Every step of every random history keeps the invariants.
+    #[test]
+    fn every_step_keeps_the_invariants(
+        params in spec_params(),
+        steps in prop::collection::vec(step(), 0..60),
+    ) {
+        run_steps(&params, &steps, &Timeouts::default())?;
+    }
+
+    /// Whatever happened before, reconcile alone ends every job by
+    /// limits.max_wait: nothing can stay stuck waiting for an event that never comes.
+    #[test]
+    fn reconcile_alone_ends_every_job(
+        params in spec_params(),
+        steps in prop::collection::vec(step(), 0..40),
+    ) {
+        let t = Timeouts::default();
+        let (mut r, mut at) = run_steps(&params, &steps, &t)?;
+        let max_wait = r.spec.limits.max_wait.get();
+        let deadline = r.created_at.add(max_wait).max(at).add(Duration::from_secs(60));
+        while !r.state.is_terminal() {
+            prop_assert!(at <= deadline, "still {} at {} (deadline {})", r.state, at.0, deadline.0);
+            at = at.add(Duration::from_secs(60));
+            r = checked_apply(&r, &Event::ReconcileTick, at, &t)?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Examples: specific paths, spelled out
+// ---------------------------------------------------------------------------
+
+/// A record and a clock, applying events one after the other.
+struct Script {
+    r: JobRecord,
+    at: Timestamp,
+    t: Timeouts,
+}
+
+impl Script {
+    fn new(yaml_extra: &str) -> Script {
+        let text = format!("name: example\ncommand: [\"train\"]\n{yaml_extra}");
+        let spec = spec::parse(&text, Format::Yaml).unwrap();
+        Script {
+            r: JobRecord::new(JobId::generate(T0), "default", spec, T0),
+            at: T0,
+            t: Timeouts::default(),
+        }
+    }
+
+    /// Applies `ev` ten seconds after the previous event; returns its commands.
+    fn on(&mut self, ev: Event) -> Vec<Command> {
+        self.at = self.at.add(Duration::from_secs(10));
+        let tr = apply(&self.r, &ev, self.at, &self.t);
+        if let Err(e) = check_step(&self.r, &ev, self.at, &tr, &self.t) {
+            panic!("{e}");
+        }
+        self.r = tr.record;
+        tr.commands
+    }
+
+    /// Dispatches the current attempt and brings it to Running.
+    fn start_attempt(&mut self) {
+        let n = self.r.attempt;
+        assert_eq!(
+            self.on(Event::Dispatch { attempt: n }),
+            vec![Command::Allocate { attempt: n }]
+        );
+        self.on(Event::VmAllocated {
+            attempt: n,
+            vm: format!("vm-{n}"),
+        });
+        self.on(Event::WorkloadStarted {
+            attempt: n,
+            restored_checkpoint: self.r.checkpoint,
+        });
+        assert_eq!(self.r.state, JobState::Running);
+    }
+
+    fn exit(&mut self, exit_code: i32) -> Vec<Command> {
+        let attempt = self.r.attempt;
+        self.on(Event::WorkloadExited { attempt, exit_code })
+    }
+
+    fn preempt(&mut self) -> Vec<Command> {
+        let attempt = self.r.attempt;
+        let deadline = self.at.add(Duration::from_secs(30));
+        self.on(Event::PreemptionNotice { attempt, deadline });
+        assert_eq!(self.r.state, JobState::Preempted);
+        self.on(Event::VmTerminated {
+            attempt,
+            reason: "spot reclaimed".into(),
+        })
+    }
+}
+
+#[test]
+fn happy_path_succeeds() {
+    let mut s = Script::new("");
+    s.start_attempt();
+    s.on(Event::Heartbeat { attempt: 1 });
+    s.on(Event::CheckpointCommitted { attempt: 1, seq: 1 });
+    assert_eq!(s.exit(0), vec![Command::Release { attempt: 1 }]);
+    assert_eq!(s.r.state, JobState::Succeeded);
+    assert_eq!(s.r.attempts.len(), 1);
+    assert_eq!(s.r.checkpoint, Some(1));
+    assert_eq!(
+        s.r.outbox,
+        vec![
+            Command::Allocate { attempt: 1 },
+            Command::Release { attempt: 1 }
+        ]
+    );
+}
+
+#[test]
+fn preemptions_do_not_spend_the_failure_budget() {
+    // max_failures: 0 — a single user failure would end the job; three
+    // preemptions must not.
+    let mut s = Script::new("retry:\n  max_failures: 0\n");
+    for seq in 1..=3 {
+        s.start_attempt();
+        let attempt = s.r.attempt;
+        s.on(Event::CheckpointCommitted { attempt, seq });
+        let cmds = s.preempt();
+        // Retried at once (infrastructure backoff is zero), resuming from `seq`.
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Release { attempt },
+                Command::Dispatch {
+                    attempt: attempt + 1,
+                    priority: 5,
+                    delay_ms: 0
+                }
+            ]
+        );
+        assert_eq!(s.r.state, JobState::Pending);
+        assert_eq!(s.r.checkpoint, Some(seq));
+    }
+    s.start_attempt();
+    assert_eq!(s.r.current().unwrap().restored_checkpoint, Some(3));
+    s.exit(0);
+    assert_eq!(s.r.state, JobState::Succeeded);
+    assert_eq!(s.r.failures, 0);
+    assert_eq!(s.r.infra_losses, 3);
+    assert_eq!(s.r.preemptions(), 3);
+    assert_eq!(s.r.attempts.len(), 4);
+}
+
+#[test]
+fn exhausted_failure_budget_fails_the_job() {
+    let mut s = Script::new("retry:\n  max_failures: 1\n");
+    s.start_attempt();
+    let cmds = s.exit(1);
+    // The first failure is retried after the failure backoff.
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Release { attempt: 1 },
+            Command::Dispatch {
+                attempt: 2,
+                priority: 5,
+                delay_ms: 10_000
+            }
+        ]
+    );
+    s.start_attempt();
+    assert_eq!(s.exit(2), vec![Command::Release { attempt: 2 }]);
+    assert_eq!(s.r.state, JobState::Failed);
+    assert_eq!(s.r.failures, 2);
+    let reason = s.r.reason.clone().unwrap();
+    assert!(reason.contains("retry.max_failures"), "{reason}");
+    assert!(reason.contains("code 2"), "{reason}");
+}
+
+#[test]
+fn infra_exit_codes_and_exits_while_draining_are_infrastructure() {
+    let mut s = Script::new("retry:\n  max_failures: 0\n  infra_exit_codes: [137]\n");
+    s.start_attempt();
+    s.exit(137);
+    assert_eq!(s.r.state, JobState::Pending);
+    s.start_attempt();
+    let attempt = s.r.attempt;
+    let deadline = s.at.add(Duration::from_secs(30));
+    s.on(Event::PreemptionNotice { attempt, deadline });
+    // Killed by SIGTERM while draining: the code says nothing about the user's code.
+    s.exit(143);
+    assert_eq!(s.r.state, JobState::Pending);
+    assert_eq!((s.r.failures, s.r.infra_losses), (0, 2));
+}
+
+#[test]
+fn exceeding_max_preemptions_fails_the_job() {
+    let mut s = Script::new("retry:\n  max_preemptions: 1\n");
+    s.start_attempt();
+    s.preempt();
+    assert_eq!(s.r.state, JobState::Pending);
+    s.start_attempt();
+    assert_eq!(s.preempt(), vec![Command::Release { attempt: 2 }]);
+    assert_eq!(s.r.state, JobState::Failed);
+    assert_eq!(s.r.failures, 0);
+    let reason = s.r.reason.clone().unwrap();
+    assert!(reason.contains("retry.max_preemptions"), "{reason}");
+}
+
+#[test]
+fn cancel_from_running_releases_the_vm() {
+    let mut s = Script::new("");
+    s.start_attempt();
+    let cmds = s.on(Event::CancelRequested {
+        reason: "not needed".into(),
+    });
+    assert_eq!(cmds, vec![Command::Release { attempt: 1 }]);
+    assert_eq!(s.r.state, JobState::Cancelled);
+    assert!(matches!(
+        s.r.attempts[0].outcome,
+        Some(AttemptOutcome::Stopped { .. })
+    ));
+    // A late exit of the stopped workload changes nothing.
+    assert!(s.exit(0).is_empty());
+    assert_eq!(s.r.state, JobState::Cancelled);
+}
+
+#[test]
+fn events_of_an_older_attempt_are_ignored() {
+    let mut s = Script::new("");
+    s.start_attempt();
+    s.on(Event::CheckpointCommitted { attempt: 1, seq: 4 });
+    s.preempt();
+    s.start_attempt();
+    assert_eq!(s.r.attempt, 2);
+    let before = s.r.clone();
+    let stale = [
+        Event::Dispatch { attempt: 1 },
+        Event::VmAllocated {
+            attempt: 1,
+            vm: "vm-1".into(),
+        },
+        Event::Heartbeat { attempt: 1 },
+        Event::CheckpointCommitted { attempt: 1, seq: 9 },
+        Event::PreemptionNotice {
+            attempt: 1,
+            deadline: s.at,
+        },
+        Event::WorkloadExited {
+            attempt: 1,
+            exit_code: 1,
+        },
+        Event::VmTerminated {
+            attempt: 1,
+            reason: "late".into(),
+        },
+    ];
+    for ev in stale {
+        let tr = apply(&s.r, &ev, s.at.add(Duration::from_secs(1)), &s.t);
+        assert!(!tr.changed, "{ev:?} changed the record");
+        assert!(tr.commands.is_empty());
+    }
+    assert_eq!(s.r, before);
+}
+
+#[test]
+fn coverage_tmp() {
+    use proptest::strategy::ValueTree;
+    use std::collections::BTreeMap;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strat = (spec_params(), prop::collection::vec(step(), 0..60));
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let t = Timeouts::default();
+    for _ in 0..10_000 {
+        let (p, steps) = strat.new_tree(&mut runner).unwrap().current();
+        let mut r = p.record();
+        let mut at = T0;
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &steps {
+            at = Timestamp(at.0 + s.dt_ms);
+            let ev = resolve(s, &r, at);
+            let before = r.clone();
+            r = apply(&r, &ev, at, &t).record;
+            if r != before { seen.insert(format!("ev:{}:{}->{}", ev.kind(), before.state, r.state)); }
+            seen.insert(format!("state:{}", r.state));
+        }
+        for a in &r.attempts { if let Some(o) = &a.outcome { seen.insert(format!("outcome:{}", serde_json::to_value(o).unwrap()["kind"])); } }
+        seen.insert(format!("final:{} reason:{}", r.state, r.reason.as_deref().map(|s| s.split('(').last().unwrap_or("").split(':').next().unwrap_or("").to_string()).unwrap_or_default()));
+        seen.insert(format!("attempts:{}", r.attempts.len().min(6)));
+        for s in seen { *counts.entry(s).or_default() += 1; }
+    }
+    for (k, v) in counts { println!("{v:6} {k}"); }
+}
