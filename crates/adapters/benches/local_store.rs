@@ -130,7 +130,7 @@ fn next_event(state: JobState, attempt: u32, at: Timestamp) -> Event {
         },
         JobState::Running => Event::PreemptionNotice {
             attempt,
-            deadline: at.add(Duration::from_secs(120)),
+            deadline: at.plus(Duration::from_secs(120)),
         },
         _ => Event::VmTerminated {
             attempt,

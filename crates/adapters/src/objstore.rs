@@ -281,11 +281,10 @@ impl Ledger for ObjectStoreLedger {
             let ids = self.index_ids(&prefix, after.as_ref(), limit + 1).await?;
             let exhausted = ids.len() < limit + 1;
             for id in &ids {
-                if let Some((r, _)) = self.read(id).await? {
-                    if query.matches(&r) {
+                if let Some((r, _)) = self.read(id).await?
+                    && query.matches(&r) {
                         jobs.push(r);
                     }
-                }
                 after = Some(id.clone());
                 if jobs.len() > limit {
                     break;

@@ -198,12 +198,11 @@ pub fn apply(record: &JobRecord, event: &Event, at: Timestamp, t: &Timeouts) -> 
 }
 
 fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
-    if let Some(n) = event.attempt() {
-        if n != r.attempt {
+    if let Some(n) = event.attempt()
+        && n != r.attempt {
             // An older attempt's news (or a confused sender's): nothing to change.
             return;
         }
-    }
     match event {
         Event::Dispatch { .. } => on_dispatch(r, at, cmds),
         Event::VmAllocated { vm, .. } => {
@@ -232,11 +231,10 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
             if matches!(
                 r.state,
                 JobState::Starting | JobState::Running | JobState::Preempted
-            ) {
-                if let Some(a) = r.current_mut() {
+            )
+                && let Some(a) = r.current_mut() {
                     a.last_heartbeat = Some(a.last_heartbeat.map_or(at, |h| h.max(at)));
                 }
-            }
         }
         Event::WorkloadStarted {
             restored_checkpoint,
@@ -320,11 +318,10 @@ fn on_checkpoint(r: &mut JobRecord, seq: u64) {
     if r.checkpoint.is_none_or(|c| seq > c) {
         r.checkpoint = Some(seq);
     }
-    if let Some(a) = r.current_mut() {
-        if a.last_checkpoint.is_none_or(|c| seq > c) {
+    if let Some(a) = r.current_mut()
+        && a.last_checkpoint.is_none_or(|c| seq > c) {
             a.last_checkpoint = Some(seq);
         }
-    }
 }
 
 fn on_exit(r: &mut JobRecord, code: i32, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
@@ -493,7 +490,7 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
                 .current()
                 .and_then(|a| a.preempt_deadline)
                 .unwrap_or(r.state_since);
-            if at >= deadline.add(t.preempt_slack) {
+            if at >= deadline.plus(t.preempt_slack) {
                 end_attempt(r, AttemptOutcome::Preempted, at, t, cmds);
             }
         }
@@ -504,12 +501,11 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
 fn reconcile_running(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
     let Some(a) = r.current() else { return };
     let started = a.started_at.unwrap_or(r.state_since);
-    if let Some(max) = r.spec.limits.max_runtime {
-        if at.since(started) >= max.get() {
+    if let Some(max) = r.spec.limits.max_runtime
+        && at.since(started) >= max.get() {
             end_attempt(r, AttemptOutcome::TimedOut, at, t, cmds);
             return;
         }
-    }
     let heard = a.last_heartbeat.unwrap_or(started);
     if at.since(heard) >= t.heartbeat {
         let reason = format!(

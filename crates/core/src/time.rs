@@ -41,7 +41,7 @@ impl Timestamp {
     }
 
     /// `self + d`, saturating at the far future.
-    pub fn add(self, d: Duration) -> Self {
+    pub fn plus(self, d: Duration) -> Self {
         Timestamp(
             self.0
                 .saturating_add(d.as_millis().min(u128::from(u64::MAX)) as u64),

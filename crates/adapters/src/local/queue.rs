@@ -85,6 +85,9 @@ enum Settle {
     Dead(String),
 }
 
+/// A ready message as selected: seq, priority, deliveries, dead-letter reason, body.
+type Row = (i64, i64, i64, Option<String>, Vec<u8>);
+
 fn take(
     c: &Connection,
     queue: &str,
@@ -96,7 +99,7 @@ fn take(
     let dlq = dead_letter_queue(queue);
     let reason = format!("delivered {max_deliveries} times without being acknowledged");
     let mut out = Vec::new();
-    let rows: Vec<(i64, i64, i64, Option<String>, Vec<u8>)> = c
+    let rows: Vec<Row> = c
         .prepare_cached(
             "SELECT seq, priority, deliveries, reason, body FROM messages
              WHERE queue = ?1 AND visible_at <= ?2 ORDER BY priority DESC, seq LIMIT ?3",

@@ -28,15 +28,14 @@ pub struct Submitted {
 /// on the dispatch queue. Safe to call again with the same submission.
 pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> {
     let now = ports.clock.now();
-    if let Some(key) = &sub.spec.idempotency_key {
-        if let Some(id) = ports
+    if let Some(key) = &sub.spec.idempotency_key
+        && let Some(id) = ports
             .ledger
             .find_by_idempotency_key(&sub.project, key)
             .await?
         {
             return existing(ports, &id).await;
         }
-    }
     let id = JobId::generate(now);
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
     rec.dispatched_at = Some(now);

@@ -93,14 +93,13 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if let Some(c) = spec.command.first().filter(|c| c.trim().is_empty()) {
         errs.push("command[0]", format!("expected a program name, got {c:?}"));
     }
-    if let Some(img) = &spec.image {
-        if img.trim().is_empty() || img.chars().any(char::is_whitespace) {
+    if let Some(img) = &spec.image
+        && (img.trim().is_empty() || img.chars().any(char::is_whitespace)) {
             errs.push(
                 "image",
                 format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?}"),
             );
         }
-    }
     for k in spec.env.keys() {
         check_env_name(&mut errs, &format!("env.{k}"), k);
     }
@@ -136,11 +135,10 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.limits.max_wait.get().is_zero() {
         errs.push("limits.max_wait", "expected a duration above zero");
     }
-    if let Some(r) = spec.limits.max_runtime {
-        if r.get().is_zero() {
+    if let Some(r) = spec.limits.max_runtime
+        && r.get().is_zero() {
             errs.push("limits.max_runtime", "expected a duration above zero");
         }
-    }
     for (i, code) in spec.retry.infra_exit_codes.iter().enumerate() {
         if *code == 0 {
             errs.push(
@@ -168,14 +166,13 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             );
         }
     }
-    if let Some(k) = &spec.idempotency_key {
-        if k.is_empty() || k.len() > 255 {
+    if let Some(k) = &spec.idempotency_key
+        && (k.is_empty() || k.len() > 255) {
             errs.push(
                 "idempotency_key",
                 format!("expected 1 to 255 characters, got {}", k.len()),
             );
         }
-    }
     for (i, url) in spec.notify.iter().enumerate() {
         if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10 {
             errs.push(
@@ -244,11 +241,10 @@ fn check_resources(errs: &mut Errors, spec: &JobSpec) {
     if r.gpu_type.is_some() && r.gpus == 0 {
         errs.push("resources.gpu_type", "set, but `resources.gpus` is 0");
     }
-    if let Some(m) = r.memory {
-        if m.bytes() == 0 {
+    if let Some(m) = r.memory
+        && m.bytes() == 0 {
             errs.push("resources.memory", "expected a size above zero");
         }
-    }
 }
 
 fn check_placement(errs: &mut Errors, spec: &JobSpec) {
