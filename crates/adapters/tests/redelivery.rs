@@ -26,9 +26,9 @@ use respawn_core::spec::{self, Format};
 use respawn_core::time::{ManualClock, Timestamp};
 
 /// Histories checked by delivering events straight to the handler.
-const DIRECT_CASES: u64 = 400;
+const DIRECT_CASES: u64 = 2_000;
 /// Histories checked through the queue and `handle_delivery` (slower per case).
-const QUEUE_CASES: u64 = 150;
+const QUEUE_CASES: u64 = 500;
 /// Longest history, in events.
 const MAX_EVENTS: usize = 60;
 
@@ -251,21 +251,21 @@ fn next_event(rng: &mut StdRng, r: &JobRecord, now: &mut Timestamp) -> Event {
         85..97 => rng.random_range(60..=30 * 60),
         _ => rng.random_range(30 * 60..=4 * 3600),
     };
-    *now = now.add(Duration::from_secs(secs));
+    *now = now.plus(Duration::from_secs(secs));
     let attempt = r.attempt;
     let roll = rng.random_range(0..100);
 
     // Rare everywhere: the user cancels, the scheduler ticks, news of the previous
     // attempt's VM arrives late.
-    if roll < 2 {
+    if roll < 1 {
         return Event::CancelRequested {
             reason: "user".into(),
         };
     }
-    if roll < 15 {
+    if roll < 14 {
         return Event::ReconcileTick;
     }
-    if roll < 19 && attempt > 1 {
+    if roll < 18 && attempt > 1 {
         let stale = attempt - 1;
         return [
             Event::Heartbeat { attempt: stale },
@@ -286,10 +286,14 @@ fn next_event(rng: &mut StdRng, r: &JobRecord, now: &mut Timestamp) -> Event {
     let seq = r.checkpoint.map_or(1, |c| c + rng.random_range(0..=2));
     let checkpoint = Event::CheckpointCommitted { attempt, seq };
     let heartbeat = Event::Heartbeat { attempt };
-    let notice = Event::PreemptionNotice {
-        attempt,
-        deadline: now.add(Duration::from_secs(rng.random_range(0..=120))),
+    // The provider's deadline is normally ahead; an agent that saw the notice late
+    // (it was restarting, or polls slowly) reports one that has already passed.
+    let deadline = if rng.random_bool(0.8) {
+        now.plus(Duration::from_secs(rng.random_range(0..=120)))
+    } else {
+        Timestamp(now.0.saturating_sub(rng.random_range(0..=300_000)))
     };
+    let notice = Event::PreemptionNotice { attempt, deadline };
     let vm_gone = Event::VmTerminated {
         attempt,
         reason: "host failure".into(),
@@ -412,7 +416,12 @@ async fn check_case(seed: u64, via: Via, timeouts: Timeouts) {
     if via == Via::Queue {
         once.drain_dispatch_queue_twice().await;
         twice.drain_dispatch_queue_twice().await;
-        assert_eq!(twice.outcome(), once.outcome(), "after draining\n{}", context());
+        assert_eq!(
+            twice.outcome(),
+            once.outcome(),
+            "after draining\n{}",
+            context()
+        );
     }
 }
 

@@ -1,22 +1,109 @@
 //! `respawn`: the command line of the respawn job broker.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
+mod commands;
+mod demo;
+mod up;
 mod validate;
 
 /// Train on preemptible GPUs without losing a job.
 #[derive(Debug, Parser)]
 #[command(name = "respawn", version, about)]
 struct Cli {
+    /// The broker's API (`respawn up` serves it).
+    #[arg(long, global = true, env = "RESPAWN_ENDPOINT", default_value = "http://127.0.0.1:7878")]
+    endpoint: String,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// The data folder: store, bucket (`<data>/bucket`), VMs.
+    #[arg(long, default_value = ".respawn")]
+    data: PathBuf,
+    /// A folder of trigger rules (YAML/JSON); default `<data>/triggers` if it exists.
+    #[arg(long)]
+    triggers: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// CPU slots (local VMs for jobs that need no GPU).
+    #[arg(long, default_value_t = 4)]
+    slots: usize,
+    /// Notice the spot simulator gives before reclaiming a VM.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    notice: std::time::Duration,
+    /// Preempt random VMs, on average this often (e.g. 30s). Off by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    chaos: Option<std::time::Duration>,
+    /// Seconds between agent heartbeats.
+    #[arg(long, default_value_t = 2)]
+    heartbeat_secs: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole broker locally: bucket folder, durable queue and ledger, local VMs, API.
+    Up(UpArgs),
+    /// Start a fresh local stack, drop a CSV into its bucket, preempt the training
+    /// job twice, and show it resume to the final model.
+    Demo {
+        /// A folder for the demo's data (emptied first).
+        #[arg(long, default_value = ".respawn/demo")]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7879")]
+        listen: SocketAddr,
+    },
+    /// Submit a job spec (YAML or JSON).
+    Submit {
+        file: PathBuf,
+        /// Print the job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs.
+    Jobs {
+        #[arg(long)]
+        state: Option<String>,
+        /// key=value
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job with its attempt history.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's output; `-f` follows it across attempts until the job ends.
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        attempt: Option<u32>,
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Cancel a job.
+    Cancel { id: String },
+    /// Preempt a job's VM (or a VM by id) through the spot simulator.
+    Preempt {
+        target: String,
+        /// Notice before the VM is reclaimed (default: the stack's `--notice`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        notice: Option<std::time::Duration>,
+    },
     /// Check job spec files offline; print every problem with its field path.
     Validate {
         /// Spec files (YAML, or JSON when named *.json).
@@ -37,9 +124,70 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { files, print } => validate::run(&files, print),
-        Command::Schema { write } => schema(write),
+        Command::Validate { files, print } => return validate::run(&files, print),
+        Command::Schema { write } => return schema(write),
+        _ => {}
     }
+    init_logs();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = client::Client::new(&cli.endpoint);
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => up_command(a).await,
+            Command::Demo { data, listen } => demo::run(data, listen).await,
+            Command::Submit { file, json } => commands::submit(&client, &file, json).await,
+            Command::Jobs { state, label, limit, json } => commands::jobs(&client, state, label, limit, json).await,
+            Command::Show { id, json } => commands::show(&client, &id, json).await,
+            Command::Logs { id, follow, attempt, stderr } => commands::logs(&client, &id, follow, attempt, stderr).await,
+            Command::Cancel { id } => commands::cancel(&client, &id).await,
+            Command::Preempt { target, notice } => commands::preempt(&client, &target, notice).await,
+            Command::Validate { .. } | Command::Schema { .. } => Ok(ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RESPAWN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+async fn up_command(a: UpArgs) -> Result<ExitCode, String> {
+    let triggers = a.triggers.or_else(|| Some(a.data.join("triggers")).filter(|p| p.is_dir()));
+    let config = up::UpConfig {
+        data: a.data,
+        triggers,
+        listen: a.listen,
+        cpu_slots: a.slots,
+        notice: a.notice,
+        chaos: a.chaos,
+        heartbeat_secs: a.heartbeat_secs,
+    };
+    let stack = up::open(config).await.map_err(|e| e.to_string())?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = tx.send(true);
+    });
+    up::run(stack, rx).await.map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn schema(write: Option<PathBuf>) -> ExitCode {

@@ -6,14 +6,17 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod checkpoint;
 pub mod handlers;
 pub mod job;
+pub mod layout;
 pub mod lifecycle;
 pub mod messages;
 pub mod ports;
 pub mod schema;
 pub mod spec;
 pub mod time;
+pub mod trigger;
 pub mod units;
 
 pub use job::{JobId, JobRecord, JobState};

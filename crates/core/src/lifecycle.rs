@@ -458,6 +458,13 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
         finish(r, JobState::Failed, reason, at, cmds);
         return;
     }
+    if at <= r.state_since {
+        // A tick from no later than the current state's start (one redelivered late)
+        // was meant for an earlier state; no deadline of this one can have passed by
+        // then. Judged by it, a preemption whose deadline was already past when its
+        // notice came would end the attempt before the notice did.
+        return;
+    }
     let in_state = at.since(r.state_since);
     match r.state {
         JobState::Pending => {

@@ -460,6 +460,15 @@ fn check_step(
         ev
     );
 
+    // Nor does a reconcile tick from no later than the current state's start (one
+    // redelivered late was meant for an earlier state), unless it is past
+    // limits.max_wait, which holds whatever the state.
+    let stale = after.state_since;
+    if stale.since(after.created_at) < after.spec.limits.max_wait.get() {
+        let tick = apply(after, &Event::ReconcileTick, stale, t);
+        prop_assert!(!tick.changed, "a stale tick changed {:?}", tick.record);
+    }
+
     check_record(after)
 }
 
@@ -519,10 +528,10 @@ proptest! {
         let t = Timeouts::default();
         let (mut r, mut at) = run_steps(&params, &steps, &t)?;
         let max_wait = r.spec.limits.max_wait.get();
-        let deadline = r.created_at.add(max_wait).max(at).add(Duration::from_secs(60));
+        let deadline = r.created_at.plus(max_wait).max(at).plus(Duration::from_secs(60));
         while !r.state.is_terminal() {
             prop_assert!(at <= deadline, "still {} at {} (deadline {})", r.state, at.0, deadline.0);
-            at = at.add(Duration::from_secs(60));
+            at = at.plus(Duration::from_secs(60));
             r = checked_apply(&r, &Event::ReconcileTick, at, &t)?;
         }
     }
@@ -552,7 +561,7 @@ impl Script {
 
     /// Applies `ev` ten seconds after the previous event; returns its commands.
     fn on(&mut self, ev: Event) -> Vec<Command> {
-        self.at = self.at.add(Duration::from_secs(10));
+        self.at = self.at.plus(Duration::from_secs(10));
         let tr = apply(&self.r, &ev, self.at, &self.t);
         if let Err(e) = check_step(&self.r, &ev, self.at, &tr, &self.t) {
             panic!("{e}");
@@ -586,7 +595,7 @@ impl Script {
 
     fn preempt(&mut self) -> Vec<Command> {
         let attempt = self.r.attempt;
-        let deadline = self.at.add(Duration::from_secs(30));
+        let deadline = self.at.plus(Duration::from_secs(30));
         self.on(Event::PreemptionNotice { attempt, deadline });
         assert_eq!(self.r.state, JobState::Preempted);
         self.on(Event::VmTerminated {
@@ -684,7 +693,7 @@ fn infra_exit_codes_and_exits_while_draining_are_infrastructure() {
     assert_eq!(s.r.state, JobState::Pending);
     s.start_attempt();
     let attempt = s.r.attempt;
-    let deadline = s.at.add(Duration::from_secs(30));
+    let deadline = s.at.plus(Duration::from_secs(30));
     s.on(Event::PreemptionNotice { attempt, deadline });
     // Killed by SIGTERM while draining: the code says nothing about the user's code.
     s.exit(143);
@@ -755,10 +764,32 @@ fn events_of_an_older_attempt_are_ignored() {
         },
     ];
     for ev in stale {
-        let tr = apply(&s.r, &ev, s.at.add(Duration::from_secs(1)), &s.t);
+        let tr = apply(&s.r, &ev, s.at.plus(Duration::from_secs(1)), &s.t);
         assert!(!tr.changed, "{ev:?} changed the record");
         assert!(tr.commands.is_empty());
     }
     assert_eq!(s.r, before);
 }
 
+#[test]
+fn a_redelivered_tick_does_not_judge_a_later_state() {
+    let mut s = Script::new("");
+    s.start_attempt();
+    // A tick while running: nothing is due.
+    assert!(s.on(Event::ReconcileTick).is_empty());
+    let (tick, tick_at) = (Event::ReconcileTick, s.at);
+    // The agent saw the preemption notice late: its deadline has already passed.
+    let deadline = Timestamp(s.at.0 - 60_000);
+    s.on(Event::PreemptionNotice {
+        attempt: 1,
+        deadline,
+    });
+    // The earlier tick, redelivered now, belongs to the running state: it must not
+    // end the attempt before the notice arrived (a fresh tick would, rightly).
+    let tr = apply(&s.r, &tick, tick_at, &s.t);
+    assert!(!tr.changed, "{:?}", tr.record);
+    // So the workload's clean exit while draining still counts.
+    s.exit(0);
+    assert_eq!(s.r.state, JobState::Succeeded);
+    assert_eq!(s.r.infra_losses, 0);
+}

@@ -7,6 +7,7 @@
 //! callers share one fsync. Reads use their own connections and never wait for the
 //! writer.
 
+mod compute;
 mod ledger;
 mod queue;
 mod writer;
@@ -14,6 +15,7 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use compute::{LocalCompute, LocalComputeConfig, detect_gpus, sibling_binary, spawn_spot_chaos, vm_process_alive};
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;
 use writer::{Readers, Writer};

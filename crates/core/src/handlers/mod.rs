@@ -4,11 +4,13 @@
 //! record's outbox and are themselves idempotent.
 
 mod apply;
+mod blob;
 mod message;
 mod reconcile;
 mod submit;
 
 pub use apply::{flush_outbox, job_event};
+pub use blob::{BlobCreated, blob_created};
 pub use message::{Disposition, handle_delivery, settle};
 pub use reconcile::{ReconcileReport, reconcile};
 pub use submit::{Submission, Submitted, submit};
@@ -30,6 +32,8 @@ pub enum Error {
     Spec(#[from] SpecError),
     #[error("malformed message: {0}")]
     BadMessage(String),
+    #[error("object store: {0}")]
+    Blobs(String),
     #[error("job {0} kept changing under concurrent updates; try again")]
     Contended(String),
 }
@@ -41,7 +45,7 @@ impl Retryable for Error {
             Error::Queue(e) => e.is_retryable(),
             Error::Compute(e) => e.is_retryable(),
             Error::Spec(_) | Error::BadMessage(_) => false,
-            Error::Contended(_) => true,
+            Error::Contended(_) | Error::Blobs(_) => true,
         }
     }
 }

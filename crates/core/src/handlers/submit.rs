@@ -5,7 +5,9 @@ use tracing::info;
 use super::Error;
 use super::apply::flush_outbox;
 use crate::job::{JobId, JobRecord};
+use crate::layout;
 use crate::lifecycle::Command;
+use object_store::ObjectStoreExt;
 use crate::ports::{Ports, ledger};
 use crate::spec::JobSpec;
 
@@ -38,6 +40,14 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
         }
     let id = JobId::generate(now);
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
+    // The spec goes into the job's prefix first, where agents read it; written
+    // before the record, it is there whenever the record is.
+    let body = serde_json::to_vec_pretty(&rec.spec).map_err(|e| Error::BadMessage(e.to_string()))?;
+    ports
+        .blobs
+        .put(&layout::spec(&rec.id), body.into())
+        .await
+        .map_err(|e| Error::Blobs(e.to_string()))?;
     rec.dispatched_at = Some(now);
     // The first dispatch rides in the outbox of the create itself: if this process
     // dies before sending it, the next flush (or reconcile) sends it.

@@ -1,0 +1,497 @@
+//! The local compute provider: a "VM" is a slot on this machine — one per GPU when
+//! `nvidia-smi` reports GPUs, else a configured number of CPU slots — running one
+//! `respawn-agent` process. VMs outlive the broker process, as cloud VMs do: each
+//! VM's state is kept in `vms/<id>/vm.json`, and a restarted broker adopts the
+//! agents still running and reports the ones that died while it was down.
+//!
+//! The spot simulator preempts VMs the way a cloud does: it writes a notice with a
+//! deadline (`vms/<id>/notice.json`, which the agent polls as it would poll EC2's
+//! instance metadata), and kills the VM at the deadline if it is still there.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use respawn_core::lifecycle::Event;
+use respawn_core::messages::Message;
+use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, Error, Vm, VmState};
+use respawn_core::ports::queue::{Outgoing, Queue};
+use respawn_core::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use respawn_core::time::{Clock, SystemClock};
+
+/// How the local provider runs VMs.
+#[derive(Debug, Clone)]
+pub struct LocalComputeConfig {
+    /// Folder for `vms/<id>/`.
+    pub data_dir: PathBuf,
+    /// The broker's store folder, passed to agents (they report on its queue).
+    pub store_dir: PathBuf,
+    pub bucket_dir: PathBuf,
+    pub agent_bin: PathBuf,
+    /// Prepended to the agents' PATH (so workloads find respawn's example binaries).
+    pub extra_path: Option<PathBuf>,
+    pub cpu_slots: usize,
+    /// GPU indices; empty on a machine without GPUs.
+    pub gpus: Vec<u32>,
+    pub events_queue: String,
+    pub heartbeat_secs: u64,
+    /// The notice period the simulator gives, told to workloads as RESPAWN_GRACE_SECONDS.
+    pub notice: Duration,
+}
+
+/// GPUs `nvidia-smi` reports, by index; empty when it is missing or fails.
+pub fn detect_gpus() -> Vec<u32> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=index", "--format=csv,noheader"])
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A VM as kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VmRecord {
+    id: String,
+    key: AllocationKey,
+    state: VmState,
+    gpus: Vec<u32>,
+    spot: bool,
+    created_at: Timestamp,
+    #[serde(default)]
+    pid: Option<u32>,
+    /// When a preemption notice was given: the VM goes away at this time.
+    #[serde(default)]
+    notice_deadline: Option<Timestamp>,
+    #[serde(default)]
+    released: bool,
+}
+
+impl VmRecord {
+    fn vm(&self) -> Vm {
+        Vm {
+            id: self.id.clone(),
+            key: self.key.clone(),
+            state: self.state,
+            spot: self.spot,
+            nodes: 1,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// The local provider. Create with [`LocalCompute::open`].
+#[derive(Debug)]
+pub struct LocalCompute {
+    cfg: LocalComputeConfig,
+    queue: Arc<dyn Queue>,
+    vms: Mutex<BTreeMap<AllocationKey, VmRecord>>,
+    this: Weak<LocalCompute>,
+}
+
+impl LocalCompute {
+    /// Opens the provider, adopting VMs left by a previous broker process.
+    pub async fn open(cfg: LocalComputeConfig, queue: Arc<dyn Queue>) -> std::io::Result<Arc<Self>> {
+        let vms_dir = cfg.data_dir.join("vms");
+        std::fs::create_dir_all(&vms_dir)?;
+        let mut vms = BTreeMap::new();
+        for entry in std::fs::read_dir(&vms_dir)? {
+            let path = entry?.path().join("vm.json");
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            match serde_json::from_slice::<VmRecord>(&bytes) {
+                Ok(r) => {
+                    vms.insert(r.key.clone(), r);
+                }
+                Err(e) => warn!(path = %path.display(), error = %e, "skipping unreadable vm record"),
+            }
+        }
+        let compute = Arc::new_cyclic(|this| LocalCompute {
+            cfg,
+            queue,
+            vms: Mutex::new(vms),
+            this: this.clone(),
+        });
+        compute.adopt().await;
+        Ok(compute)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<AllocationKey, VmRecord>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("vms").join(id)
+    }
+
+    fn persist(&self, r: &VmRecord) {
+        let dir = self.vm_dir(&r.id);
+        let tmp = dir.join("vm.json.tmp");
+        // Write-then-rename: a crash leaves the old record or the new one, never half.
+        let result = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(r).unwrap_or_default()))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("vm.json")));
+        if let Err(e) = result {
+            warn!(vm = %r.id, error = %e, "cannot persist vm record");
+        }
+    }
+
+    /// Running VMs from before a restart: watch the live ones, report the dead.
+    async fn adopt(&self) {
+        let live: Vec<VmRecord> = self.lock().values().filter(|r| r.state != VmState::Terminated).cloned().collect();
+        for r in live {
+            match agent_pid(&r.id) {
+                Some(pid) => {
+                    info!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, pid, "adopted running vm");
+                    self.watch(r.key.clone(), None, pid);
+                    if let Some(deadline) = r.notice_deadline {
+                        self.arm_deadline(r.key.clone(), deadline);
+                    }
+                }
+                None => self.terminated(&r.key, "agent gone while the broker was down").await,
+            }
+        }
+    }
+
+    /// Free CPU slots and GPUs.
+    pub fn free(&self) -> (usize, usize) {
+        let vms = self.lock();
+        let live = vms.values().filter(|r| r.state != VmState::Terminated);
+        let (mut cpu, mut gpu) = (0, 0);
+        for r in live {
+            if r.gpus.is_empty() {
+                cpu += 1;
+            } else {
+                gpu += r.gpus.len();
+            }
+        }
+        (self.cfg.cpu_slots.saturating_sub(cpu), self.cfg.gpus.len().saturating_sub(gpu))
+    }
+
+    /// Preempts the VM of `target` (a VM id, or a job id for its live VM) with the
+    /// configured notice. Returns the VM id.
+    pub fn preempt(&self, target: &str, notice: Option<Duration>) -> Option<String> {
+        let notice = notice.unwrap_or(self.cfg.notice);
+        let deadline = SystemClock.now().plus(notice);
+        let rec = {
+            let mut vms = self.lock();
+            let r = vms
+                .values_mut()
+                .filter(|r| r.state != VmState::Terminated && r.notice_deadline.is_none())
+                .find(|r| r.id == target || r.key.job.as_str() == target)?;
+            r.notice_deadline = Some(deadline);
+            r.clone()
+        };
+        self.persist(&rec);
+        let notice_file = self.vm_dir(&rec.id).join("notice.json");
+        let body = serde_json::json!({ "deadline_ms": deadline.0, "action": "terminate" });
+        if let Err(e) = std::fs::write(&notice_file, body.to_string()) {
+            warn!(vm = %rec.id, error = %e, "cannot write preemption notice");
+        }
+        info!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %rec.id, notice_ms = notice.as_millis() as u64, "spot preemption notice");
+        self.arm_deadline(rec.key.clone(), deadline);
+        Some(rec.id)
+    }
+
+    /// Live VMs.
+    pub fn running(&self) -> Vec<Vm> {
+        self.lock()
+            .values()
+            .filter(|r| r.state != VmState::Terminated)
+            .map(VmRecord::vm)
+            .collect()
+    }
+
+    fn arm_deadline(&self, key: AllocationKey, deadline: Timestamp) {
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            let wait = deadline.since(SystemClock.now());
+            tokio::time::sleep(wait).await;
+            if let Some(this) = this.upgrade() {
+                let r = this.lock().get(&key).cloned();
+                if let Some(r) = r.filter(|r| r.state != VmState::Terminated) {
+                    info!(job_id = %key.job, attempt = key.attempt, vm = %r.id, "reclaiming preempted vm");
+                    this.kill_vm(&r);
+                }
+            }
+        });
+    }
+
+    fn kill_vm(&self, r: &VmRecord) {
+        if let Some(pid) = agent_pid(&r.id) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        self.kill_workload(&r.id);
+    }
+
+    /// The workload runs in its own process group; the agent records it.
+    fn kill_workload(&self, id: &str) {
+        let pgid = std::fs::read_to_string(self.vm_dir(id).join("workload.pgid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(pgid) = pgid.filter(|p| *p > 1) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+
+    /// Watches an agent until it exits. `child` when we started it (so it is
+    /// reaped), else polls the pid of an adopted one.
+    fn watch(&self, key: AllocationKey, child: Option<tokio::process::Child>, pid: u32) {
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            match child {
+                Some(mut c) => {
+                    let _ = c.wait().await;
+                }
+                None => {
+                    while kill(Pid::from_raw(pid as i32), None).is_ok() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            if let Some(this) = this.upgrade() {
+                this.terminated(&key, "agent exited").await;
+            }
+        });
+    }
+
+    /// Marks the VM gone, frees its slot, and tells the broker.
+    async fn terminated(&self, key: &AllocationKey, why: &str) {
+        let Some(r) = self.lock().get_mut(key).map(|r| {
+            r.state = VmState::Terminated;
+            r.clone()
+        }) else {
+            return;
+        };
+        self.kill_workload(&r.id);
+        self.persist(&r);
+        let reason = if r.released {
+            "released".to_owned()
+        } else if r.notice_deadline.is_some() {
+            "preempted".to_owned()
+        } else {
+            why.to_owned()
+        };
+        info!(job_id = %key.job, attempt = key.attempt, vm = %r.id, %reason, "vm terminated");
+        let msg = Message::Event {
+            job: key.job.clone(),
+            at: SystemClock.now(),
+            event: Event::VmTerminated {
+                attempt: key.attempt,
+                reason,
+            },
+        };
+        if let Err(e) = self.queue.send(&self.cfg.events_queue, Outgoing::new(msg.to_bytes()).priority(9)).await {
+            // Reconcile finds the job's agent silent and ends the attempt anyway.
+            warn!(job_id = %key.job, attempt = key.attempt, error = %e, "cannot report vm termination");
+        }
+    }
+
+    fn pick(&self, req: &AllocateRequest) -> Result<Vec<u32>, Error> {
+        let r = &req.resources;
+        if r.nodes > 1 {
+            return Err(Error::Invalid(format!(
+                "the local provider runs single-node jobs; this one asks for {} nodes",
+                r.nodes
+            )));
+        }
+        if r.gpus as usize > self.cfg.gpus.len() {
+            return Err(Error::Invalid(format!(
+                "the job needs {} GPU(s); this machine has {}",
+                r.gpus,
+                self.cfg.gpus.len()
+            )));
+        }
+        let vms = self.lock();
+        let live = || vms.values().filter(|v| v.state != VmState::Terminated);
+        if r.gpus == 0 {
+            let used = live().filter(|v| v.gpus.is_empty()).count();
+            if used >= self.cfg.cpu_slots {
+                return Err(Error::Capacity(format!("all {} CPU slots busy", self.cfg.cpu_slots)));
+            }
+            return Ok(Vec::new());
+        }
+        let used: Vec<u32> = live().flat_map(|v| v.gpus.clone()).collect();
+        let free: Vec<u32> = self.cfg.gpus.iter().copied().filter(|g| !used.contains(g)).collect();
+        if free.len() < r.gpus as usize {
+            return Err(Error::Capacity(format!("{} of {} GPUs free", free.len(), self.cfg.gpus.len())));
+        }
+        Ok(free[..r.gpus as usize].to_vec())
+    }
+
+    fn spawn_agent(&self, r: &VmRecord) -> std::io::Result<tokio::process::Child> {
+        let dir = self.vm_dir(&r.id);
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
+        cmd.arg("--store")
+            .arg(&self.cfg.store_dir)
+            .arg("--bucket")
+            .arg(&self.cfg.bucket_dir)
+            .arg("--vm-dir")
+            .arg(&dir)
+            .args(["--vm", &r.id, "--job", r.key.job.as_str()])
+            .args(["--attempt", &r.key.attempt.to_string()])
+            .args(["--events-queue", &self.cfg.events_queue])
+            .args(["--heartbeat-secs", &self.cfg.heartbeat_secs.to_string()])
+            .args(["--grace-secs", &self.cfg.notice.as_secs().to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own group: the VM's processes are killed together.
+            .process_group(0);
+        if !r.gpus.is_empty() {
+            let list: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
+            cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
+        } else if !self.cfg.gpus.is_empty() {
+            // A CPU job on a GPU machine must not grab a GPU another VM owns.
+            cmd.env("CUDA_VISIBLE_DEVICES", "");
+        }
+        if let Some(extra) = &self.cfg.extra_path {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut parts = vec![extra.clone()];
+            parts.extend(std::env::split_paths(&path));
+            if let Ok(joined) = std::env::join_paths(parts) {
+                cmd.env("PATH", joined);
+            }
+        }
+        cmd.spawn()
+    }
+}
+
+/// The pid of the agent of VM `id`, found by its command line (so a reused pid is
+/// never mistaken for it).
+fn agent_pid(id: &str) -> Option<u32> {
+    let procs = std::fs::read_dir("/proc").ok()?;
+    let needle = format!("--vm\0{id}\0");
+    procs.filter_map(Result::ok).find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        (cmdline.contains("respawn-agent") && cmdline.contains(&needle)).then_some(pid)
+    })
+}
+
+#[async_trait]
+impl Compute for LocalCompute {
+    async fn allocate(&self, req: &AllocateRequest) -> Result<Vm, Error> {
+        if let Some(r) = self.lock().get(&req.key) {
+            return Ok(r.vm());
+        }
+        let gpus = self.pick(req)?;
+        let rec = VmRecord {
+            id: format!("local-{}-{}", req.key.job, req.key.attempt),
+            key: req.key.clone(),
+            state: VmState::Requested,
+            gpus,
+            spot: req.placement.spot,
+            created_at: SystemClock.now(),
+            pid: None,
+            notice_deadline: None,
+            released: false,
+        };
+        {
+            let mut vms = self.lock();
+            // Another caller may have raced us to the same key.
+            if let Some(r) = vms.get(&req.key) {
+                return Ok(r.vm());
+            }
+            vms.insert(req.key.clone(), rec.clone());
+        }
+        // On disk before the process exists: a restarted broker then knows the VM.
+        self.persist(&rec);
+        let child = self.spawn_agent(&rec).map_err(|e| {
+            Error::Unavailable(Box::new(std::io::Error::new(
+                e.kind(),
+                format!("cannot start {}: {e}", self.cfg.agent_bin.display()),
+            )))
+        });
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                self.lock().remove(&req.key);
+                let _ = std::fs::remove_dir_all(self.vm_dir(&rec.id));
+                return Err(e);
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        let rec = {
+            let mut vms = self.lock();
+            let r = vms.get_mut(&req.key).map(|r| {
+                r.pid = Some(pid);
+                r.state = VmState::Running;
+                r.clone()
+            });
+            r.unwrap_or(rec)
+        };
+        self.persist(&rec);
+        self.watch(req.key.clone(), Some(child), pid);
+        Ok(rec.vm())
+    }
+
+    async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
+        let rec = self.lock().get_mut(key).map(|r| {
+            r.released = true;
+            r.clone()
+        });
+        if let Some(r) = rec.filter(|r| r.state != VmState::Terminated) {
+            self.persist(&r);
+            self.kill_vm(&r);
+        }
+        Ok(())
+    }
+
+    async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        Ok(self.lock().get(key).map(VmRecord::vm))
+    }
+
+    async fn list(&self) -> Result<Vec<Vm>, Error> {
+        Ok(self.lock().values().map(VmRecord::vm).collect())
+    }
+}
+
+/// Preempts a random running VM every so often: exponentially distributed gaps
+/// with the given mean, as independent spot reclaims are.
+pub fn spawn_spot_chaos(compute: Arc<LocalCompute>, mean_between: Duration, notice: Duration) -> tokio::task::JoinHandle<()> {
+    use rand::Rng;
+    tokio::spawn(async move {
+        loop {
+            let u: f64 = rand::rng().random_range(f64::EPSILON..1.0);
+            let gap = mean_between.mul_f64(-u.ln());
+            tokio::time::sleep(gap).await;
+            let running = compute.running();
+            if running.is_empty() {
+                continue;
+            }
+            let i = rand::rng().random_range(0..running.len());
+            compute.preempt(&running[i].id, Some(notice));
+        }
+    })
+}
+
+/// Where a workspace binary sits: next to the running executable (or its parent,
+/// for test binaries under `deps/`).
+pub fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// Used by tests to check nothing is left behind.
+pub fn vm_process_alive(id: &str) -> bool {
+    agent_pid(id).is_some()
+}

@@ -1,0 +1,147 @@
+//! Inputs in, outputs out.
+
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use respawn_core::spec::JobSpec;
+use respawn_core::{JobId, layout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{uri}: {message}")]
+    Uri { uri: String, message: String },
+    #[error("{0}")]
+    Store(#[from] object_store::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A URI's place: a key in the respawn bucket, or a local path.
+enum Location {
+    Bucket(String),
+    File(PathBuf),
+}
+
+fn locate(uri: &str) -> Result<Location, Error> {
+    let unsupported = |scheme: &str| Error::Uri {
+        uri: uri.to_owned(),
+        message: format!("{scheme}:// is not supported by the local agent; use bucket:// (the local bucket) or file://"),
+    };
+    match uri.split_once("://") {
+        Some(("bucket", key)) => Ok(Location::Bucket(key.trim_start_matches('/').to_owned())),
+        Some(("file", path)) => Ok(Location::File(PathBuf::from(path))),
+        Some((scheme, _)) => Err(unsupported(scheme)),
+        None => Err(Error::Uri {
+            uri: uri.to_owned(),
+            message: "not a URI".into(),
+        }),
+    }
+}
+
+fn last_segment(s: &str) -> String {
+    s.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_owned()
+}
+
+/// Stages every input into `into`.
+pub async fn inputs(bucket: &dyn ObjectStore, spec: &JobSpec, into: &Path) -> Result<(), Error> {
+    for input in &spec.inputs {
+        let name = input.path.clone().unwrap_or_else(|| last_segment(&input.uri));
+        let dest = into.join(&name);
+        match locate(&input.uri)? {
+            Location::Bucket(key) => copy_from_bucket(bucket, &input.uri, &key, &dest).await?,
+            Location::File(path) => copy_local(&path, &dest)?,
+        }
+    }
+    Ok(())
+}
+
+async fn copy_from_bucket(bucket: &dyn ObjectStore, uri: &str, key: &str, dest: &Path) -> Result<(), Error> {
+    if !key.ends_with('/') {
+        match bucket.get(&Key::from(key)).await {
+            Ok(got) => return write(dest, &got.bytes().await?).await,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // A folder: every object under it.
+    let prefix = Key::from(key.trim_end_matches('/'));
+    let objects: Vec<_> = bucket.list(Some(&prefix)).try_collect().await?;
+    if objects.is_empty() {
+        return Err(Error::Uri {
+            uri: uri.to_owned(),
+            message: "no such object or folder in the bucket".into(),
+        });
+    }
+    for meta in objects {
+        let rel = meta.location.prefix_match(&prefix).map(|parts| {
+            parts.map(|p| p.as_ref().to_owned()).collect::<Vec<_>>().join("/")
+        });
+        let Some(rel) = rel else { continue };
+        let bytes = bucket.get(&meta.location).await?.bytes().await?;
+        write(&dest.join(rel), &bytes).await?;
+    }
+    Ok(())
+}
+
+async fn write(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
+    }
+    tokio::fs::write(path, bytes).await.map_err(io(path))
+}
+
+fn copy_local(from: &Path, to: &Path) -> Result<(), Error> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).map_err(io(to))?;
+        for entry in std::fs::read_dir(from).map_err(io(from))? {
+            let entry = entry.map_err(io(from))?;
+            copy_local(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::copy(from, to).map(drop).map_err(io(from))
+    }
+}
+
+/// Uploads everything in `from` to the spec's outputs (default: the job's prefix).
+pub async fn outputs(bucket: &dyn ObjectStore, spec: &JobSpec, job: &JobId, from: &Path) -> Result<(), Error> {
+    let base = match &spec.outputs {
+        Some(uri) => match locate(uri)? {
+            Location::Bucket(key) => key.trim_end_matches('/').to_owned(),
+            Location::File(path) => return copy_local(from, &path),
+        },
+        None => layout::outputs(job).to_string(),
+    };
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = from.join(&rel);
+        for entry in std::fs::read_dir(&abs).map_err(io(&abs))? {
+            let entry = entry.map_err(io(&abs))?;
+            let child = rel.join(entry.file_name());
+            if entry.file_type().map_err(io(&abs))?.is_dir() {
+                stack.push(child);
+            } else {
+                let bytes = tokio::fs::read(from.join(&child)).await.map_err(io(&child))?;
+                let key = format!("{base}/{}", child.display());
+                bucket.put(&Key::from(key), PutPayload::from(bytes)).await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The CLI commands that talk to a running broker.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use respawn_core::job::{JobRecord, JobState};
+use respawn_core::time::{Clock, SystemClock, Timestamp};
+use serde_json::{Value, json};
+
+use crate::client::Client;
+use crate::up::api::Summary;
+
+pub async fn submit(client: &Client, file: &Path, json_out: bool) -> Result<ExitCode, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let job: JobRecord = client.post_text("/v1/jobs", text).await.map_err(|e| format!("{}: {e}", file.display()))?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+    } else {
+        println!("{}", job.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(t: Timestamp) -> String {
+    let d = SystemClock.now().since(t);
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+pub async fn jobs(client: &Client, state: Option<String>, label: Option<String>, limit: usize, json_out: bool) -> Result<ExitCode, String> {
+    let mut path = format!("/v1/jobs?limit={limit}");
+    if let Some(s) = state {
+        path.push_str(&format!("&state={s}"));
+    }
+    if let Some(l) = label {
+        path.push_str(&format!("&label={l}"));
+    }
+    let page: Value = client.get(&path).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&page).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let jobs: Vec<Summary> = serde_json::from_value(page["jobs"].clone()).map_err(|e| e.to_string())?;
+    println!("{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  AGE", "ID", "NAME", "STATE", "ATTEMPTS", "PREEMPTIONS");
+    for j in jobs {
+        println!(
+            "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  {}",
+            j.id.as_str(),
+            truncate(&j.name, 24),
+            j.state.as_str(),
+            j.attempts,
+            j.preemptions,
+            age(j.created_at)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        s.chars().take(n - 1).chain(['…']).collect()
+    }
+}
+
+pub async fn show(client: &Client, id: &str, json_out: bool) -> Result<ExitCode, String> {
+    let job: JobRecord = client.get(&format!("/v1/jobs/{id}")).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("job         {}", job.id);
+    println!("name        {}", job.spec.name);
+    println!("state       {}{}", job.state, job.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
+    println!("created     {} ({} ago)", job.created_at, age(job.created_at));
+    println!(
+        "budgets     failures {}/{}, infrastructure losses {}{}",
+        job.failures,
+        job.spec.retry.max_failures,
+        job.infra_losses,
+        job.spec.retry.max_preemptions.map(|m| format!("/{m}")).unwrap_or_default()
+    );
+    println!("checkpoint  {}", job.checkpoint.map_or("none".into(), |c| c.to_string()));
+    println!();
+    println!("{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  OUTCOME", "ATTEMPT", "VM", "STARTED", "RESTORED", "CHECKPOINT");
+    for a in &job.attempts {
+        let outcome = match &a.outcome {
+            None => "live".to_owned(),
+            Some(o) => serde_json::to_value(o)
+                .ok()
+                .map(|v| describe_outcome(&v))
+                .unwrap_or_default(),
+        };
+        println!(
+            "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  {}",
+            a.number,
+            a.vm.as_deref().unwrap_or("-"),
+            a.started_at.map_or("-".into(), |t| t.to_string()),
+            a.restored_checkpoint.map_or("-".into(), |c| c.to_string()),
+            a.last_checkpoint.map_or("-".into(), |c| c.to_string()),
+            outcome
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_outcome(v: &Value) -> String {
+    let kind = v["kind"].as_str().unwrap_or("?");
+    match kind {
+        "failed" => format!("failed (exit code {})", v["exit_code"]),
+        "lost" | "allocation_failed" | "stopped" => format!("{kind}: {}", v["reason"].as_str().unwrap_or("")),
+        other => other.to_owned(),
+    }
+}
+
+pub async fn logs(client: &Client, id: &str, follow: bool, attempt: Option<u32>, stderr: bool) -> Result<ExitCode, String> {
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let mut attempt = attempt;
+    let mut after = 0u64;
+    loop {
+        let mut path = format!("/v1/jobs/{id}/logs?stream={stream}&after={after}");
+        if let Some(a) = attempt {
+            path.push_str(&format!("&attempt={a}"));
+        }
+        let page: Value = client.get(&path).await?;
+        print!("{}", page["text"].as_str().unwrap_or_default());
+        after = page["next"].as_u64().unwrap_or(after);
+        let this = page["attempt"].as_u64().unwrap_or(1) as u32;
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let state: Option<JobState> = serde_json::from_value(page["state"].clone()).ok();
+        let attempts = page["attempts"].as_u64().unwrap_or(0) as u32;
+        if !page["live"].as_bool().unwrap_or(false) {
+            if attempts > this {
+                // Follow across attempts: the job moved on; show the next one.
+                eprintln!("--- attempt {} ---", this + 1);
+                attempt = Some(this + 1);
+                after = 0;
+                continue;
+            }
+            if state.is_some_and(JobState::is_terminal) {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        attempt = Some(this);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn cancel(client: &Client, id: &str) -> Result<ExitCode, String> {
+    let job: JobRecord = client.post_text(&format!("/v1/jobs/{id}/cancel"), String::new()).await?;
+    println!("{} {}", job.id, job.state);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn preempt(client: &Client, target: &str, notice: Option<Duration>) -> Result<ExitCode, String> {
+    let body = json!({ "target": target, "notice_secs": notice.map(|d| d.as_secs_f64()) });
+    let answer: Value = client.post_json("/v1/preempt", &body).await?;
+    println!("preemption notice sent to {}", answer["vm"].as_str().unwrap_or(target));
+    Ok(ExitCode::SUCCESS)
+}

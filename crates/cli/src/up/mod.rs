@@ -1,0 +1,190 @@
+//! `respawn up`: every function of the broker in one process, on the embedded
+//! adapters — the local bucket folder, the durable local ledger and queue, the local
+//! compute provider — with the HTTP API on localhost.
+
+pub mod api;
+mod bucket;
+mod loops;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::local::LocalFileSystem;
+use respawn_adapters::local::{LocalCompute, LocalComputeConfig, LocalStore, detect_gpus, sibling_binary, spawn_spot_chaos};
+use respawn_core::lifecycle::Timeouts;
+use respawn_core::ports::{Blobs, Ports, QueueNames};
+use respawn_core::time::SystemClock;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use api::app;
+
+/// Settings of the local stack.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub data: PathBuf,
+    pub triggers: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub cpu_slots: usize,
+    pub notice: Duration,
+    /// Mean time between random preemptions; `None` = only on demand.
+    pub chaos: Option<Duration>,
+    pub heartbeat_secs: u64,
+}
+
+/// The running stack's handles, shared by the loops and the API.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub ports: Ports,
+    pub compute: Arc<LocalCompute>,
+    pub config: UpConfig,
+    pub rules: Arc<std::sync::RwLock<Vec<respawn_core::trigger::TriggerRule>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Operator deadlines for the local stack: agents heartbeat every few seconds and
+/// VMs start in well under a second, so losses are noticed quickly.
+fn local_timeouts(heartbeat_secs: u64) -> Timeouts {
+    Timeouts {
+        redispatch: Duration::from_secs(30),
+        allocate: Duration::from_secs(60),
+        start: Duration::from_secs(120),
+        heartbeat: Duration::from_secs((heartbeat_secs * 10).max(20)),
+        preempt_slack: Duration::from_secs(10),
+        failure_backoff: Duration::from_secs(1),
+        infra_backoff: Duration::ZERO,
+    }
+}
+
+/// Builds the stack on the data folder.
+pub async fn open(config: UpConfig) -> Result<Stack, Error> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| Error::Setup(format!("{what}: {e}"));
+    let bucket_dir = config.data.join("bucket");
+    std::fs::create_dir_all(&bucket_dir).map_err(|e| setup("cannot create the bucket folder", &e))?;
+    let store = LocalStore::open(&config.data).map_err(|e| setup("cannot open the store", &e))?;
+    let blobs: Blobs = Arc::new(
+        LocalFileSystem::new_with_prefix(&bucket_dir).map_err(|e| setup("cannot open the bucket", &e))?,
+    );
+    let queue = Arc::new(store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES));
+    let queues = QueueNames::default();
+    let agent_bin = sibling_binary("respawn-agent")
+        .ok_or_else(|| Error::Setup("respawn-agent not found next to respawn; build the workspace (cargo build)".into()))?;
+    let gpus = detect_gpus();
+    let compute = LocalCompute::open(
+        LocalComputeConfig {
+            data_dir: config.data.clone(),
+            store_dir: config.data.clone(),
+            bucket_dir,
+            extra_path: agent_bin.parent().map(PathBuf::from),
+            agent_bin,
+            cpu_slots: config.cpu_slots,
+            gpus: gpus.clone(),
+            events_queue: queues.events.clone(),
+            heartbeat_secs: config.heartbeat_secs,
+            notice: config.notice,
+        },
+        queue.clone(),
+    )
+    .await
+    .map_err(|e| setup("cannot open the local compute provider", &e))?;
+    info!(gpus = ?gpus, cpu_slots = config.cpu_slots, "local compute ready");
+    let ports = Ports {
+        ledger: Arc::new(store.ledger()),
+        queue,
+        compute: compute.clone(),
+        blobs,
+        clock: Arc::new(SystemClock),
+        timeouts: local_timeouts(config.heartbeat_secs),
+        queues,
+    };
+    let rules = load_rules(config.triggers.as_deref());
+    Ok(Stack {
+        ports,
+        compute,
+        config,
+        rules: Arc::new(std::sync::RwLock::new(rules)),
+    })
+}
+
+/// Loads trigger rules; a bad rule is reported and skipped, the rest still serve.
+pub fn load_rules(dir: Option<&std::path::Path>) -> Vec<respawn_core::trigger::TriggerRule> {
+    let Some(dir) = dir else { return Vec::new() };
+    let (rules, errors) = respawn_core::trigger::load_rules_dir(dir);
+    for (path, e) in errors {
+        for err in &e.errors {
+            warn!(file = %path.display(), "trigger rule rejected: {err}");
+        }
+    }
+    for r in &rules {
+        info!(rule = %r.name, "trigger rule loaded");
+    }
+    rules
+}
+
+/// Runs until `shutdown` flips; then preempts the running VMs (they checkpoint and
+/// resume on the next start) and stops.
+pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(stack.config.listen)
+        .await
+        .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", stack.config.listen)))?;
+    info!(address = %stack.config.listen, data = %stack.config.data.display(), "respawn up: serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Events first: reports that arrived while the broker was down update the
+    // ledger before any deadline is judged.
+    loops::drain_events(&stack.ports).await;
+    let mut tasks = vec![
+        tokio::spawn(loops::events(stack.ports.clone(), stop_rx.clone())),
+        tokio::spawn(loops::reconcile(stack.ports.clone(), stop_rx.clone())),
+        tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
+    ];
+    let dispatch = tokio::spawn(loops::dispatch(stack.ports.clone(), stack.compute.clone(), stop_rx.clone()));
+    let chaos = stack
+        .config
+        .chaos
+        .map(|mean| spawn_spot_chaos(stack.compute.clone(), mean, stack.config.notice));
+    let server = {
+        let app = app(stack.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        })
+    };
+
+    let _ = shutdown.wait_for(|s| *s).await;
+    info!("shutting down: no new VMs; running VMs are preempted so their jobs resume on the next start");
+    if let Some(c) = chaos {
+        c.abort();
+    }
+    dispatch.abort();
+    let running = stack.compute.running();
+    let notice = stack.config.notice.min(Duration::from_secs(10));
+    for vm in &running {
+        stack.compute.preempt(&vm.id, Some(notice));
+    }
+    let deadline = tokio::time::Instant::now() + notice + Duration::from_secs(5);
+    while !stack.compute.running().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the last reports (exits, terminations) reach the ledger.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    loops::drain_events(&stack.ports).await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    for t in tasks.drain(..) {
+        t.abort();
+    }
+    info!("stopped");
+    Ok(())
+}
