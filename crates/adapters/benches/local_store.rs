@@ -34,7 +34,9 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("| jobs stored | clients | ledger transitions/s | queue round trips/s | list page by state (p50 / p99) |");
+    println!(
+        "| jobs stored | clients | ledger transitions/s | queue round trips/s | list page by state (p50 / p99) |"
+    );
     println!("|---:|---:|---:|---:|---:|");
     for n in sizes {
         rt.block_on(run_size(n));
@@ -45,7 +47,10 @@ fn parse_sizes() -> Vec<usize> {
     let args: Vec<String> = std::env::args().collect();
     let pos = args.iter().position(|a| a == "--sizes");
     match pos.and_then(|i| args.get(i + 1)) {
-        Some(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Some(list) => list
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
         None => vec![1_000, 100_000],
     }
 }
@@ -92,7 +97,12 @@ async fn fill(ledger: &Arc<LocalLedger>, queue: &Arc<LocalQueue>, n: usize) -> V
             let mut ids = Vec::new();
             for i in (c..n).step_by(CLIENTS) {
                 let now = Timestamp(1_700_000_000_000 + i as u64);
-                let mut rec = respawn_core::JobRecord::new(JobId::generate(now), "default", spec.clone(), now);
+                let mut rec = respawn_core::JobRecord::new(
+                    JobId::generate(now),
+                    "default",
+                    spec.clone(),
+                    now,
+                );
                 if i % 10 != 0 {
                     rec.state = JobState::Succeeded;
                 }
@@ -139,21 +149,33 @@ fn next_event(state: JobState, attempt: u32, at: Timestamp) -> Event {
     }
 }
 
-async fn transitions(ledger: &Arc<LocalLedger>, ids: &[JobId], clients: usize, total: usize) -> f64 {
+async fn transitions(
+    ledger: &Arc<LocalLedger>,
+    ids: &[JobId],
+    clients: usize,
+    total: usize,
+) -> f64 {
     let per_client = total / clients;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let ledger = ledger.clone();
         // Each client owns a disjoint set of jobs, as event handlers mostly do.
-        let mine: Vec<JobId> = ids.iter().skip(c).step_by(clients).take(50).cloned().collect();
+        let mine: Vec<JobId> = ids
+            .iter()
+            .skip(c)
+            .step_by(clients)
+            .take(50)
+            .cloned()
+            .collect();
         tasks.push(tokio::spawn(async move {
             let t = Timeouts::default();
             for i in 0..per_client {
                 let id = &mine[i % mine.len()];
                 let rec = ledger.get(id).await.expect("get");
                 let at = Timestamp(rec.updated_at.0 + 1);
-                let mut tr = lifecycle::apply(&rec, &next_event(rec.state, rec.attempt, at), at, &t);
+                let mut tr =
+                    lifecycle::apply(&rec, &next_event(rec.state, rec.attempt, at), at, &t);
                 tr.record.outbox.clear();
                 ledger.update(tr.record).await.expect("update");
             }
@@ -174,9 +196,19 @@ async fn round_trips(queue: &Arc<LocalQueue>, clients: usize, total: usize) -> f
         tasks.push(tokio::spawn(async move {
             let mut done = 0;
             while done < per_client {
-                queue.send(QUEUE, Outgoing::new(vec![1u8; 200]).priority(5)).await.expect("send");
+                queue
+                    .send(QUEUE, Outgoing::new(vec![1u8; 200]).priority(5))
+                    .await
+                    .expect("send");
                 let got = queue
-                    .receive(QUEUE, Receive { max: 1, lease: Duration::from_secs(60), wait: Duration::from_secs(1) })
+                    .receive(
+                        QUEUE,
+                        Receive {
+                            max: 1,
+                            lease: Duration::from_secs(60),
+                            wait: Duration::from_secs(1),
+                        },
+                    )
                     .await
                     .expect("receive");
                 for d in got {
@@ -209,5 +241,8 @@ async fn list_pages(ledger: &Arc<LocalLedger>) -> (Duration, Duration) {
         assert_eq!(page.jobs.len(), 100);
     }
     samples.sort();
-    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
 }

@@ -282,9 +282,10 @@ impl Ledger for ObjectStoreLedger {
             let exhausted = ids.len() < limit + 1;
             for id in &ids {
                 if let Some((r, _)) = self.read(id).await?
-                    && query.matches(&r) {
-                        jobs.push(r);
-                    }
+                    && query.matches(&r)
+                {
+                    jobs.push(r);
+                }
                 after = Some(id.clone());
                 if jobs.len() > limit {
                     break;

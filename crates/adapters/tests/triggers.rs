@@ -98,7 +98,12 @@ async fn unmatched_and_unsafe_keys_make_nothing() {
         let out = blob_created(&ports, &rules, &blob(key, "1")).await.unwrap();
         assert!(out.is_empty(), "{key}");
     }
-    assert!(blob_created(&ports, &[], &blob("incoming/a.csv", "1")).await.unwrap().is_empty());
+    assert!(
+        blob_created(&ports, &[], &blob("incoming/a.csv", "1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(all_jobs(&ports).await.is_empty());
 }
 
@@ -124,7 +129,9 @@ async fn a_broken_rule_does_not_stop_a_good_one() {
     let rules = [broken, too_long, good];
 
     let key = format!("incoming/{}.csv", "d".repeat(300));
-    let out = blob_created(&ports, &rules, &blob(&key, "1")).await.unwrap();
+    let out = blob_created(&ports, &rules, &blob(&key, "1"))
+        .await
+        .unwrap();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].job.spec.labels[trigger::LABEL], "csv");
     assert_eq!(all_jobs(&ports).await.len(), 1);

@@ -53,7 +53,11 @@ impl Reporter {
         // would declare the VM lost), so it is worth waiting for a busy store.
         let mut delay = Duration::from_millis(50);
         for _ in 0..10 {
-            match self.queue.send(&self.name, Outgoing::new(msg.to_bytes()).priority(9)).await {
+            match self
+                .queue
+                .send(&self.name, Outgoing::new(msg.to_bytes()).priority(9))
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     warn!(job_id = %self.job, attempt = self.attempt, error = %e, "report failed; retrying");
@@ -82,10 +86,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
         what: "the broker's store",
         message: e.to_string(),
     })?;
-    let bucket: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&args.bucket).map_err(|e| Error::Open {
-        what: "the bucket",
-        message: e.to_string(),
-    })?);
+    let bucket: Arc<dyn ObjectStore> = Arc::new(
+        LocalFileSystem::new_with_prefix(&args.bucket).map_err(|e| Error::Open {
+            what: "the bucket",
+            message: e.to_string(),
+        })?,
+    );
     let reporter = Reporter {
         queue: store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES),
         name: args.events_queue.clone(),
@@ -109,17 +115,31 @@ pub async fn run(args: Args) -> Result<(), Error> {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
         // user's budget (it is the spec's inputs that are wrong), with the reason
         // in the attempt's stderr.
-        stderr.write_line(&format!("respawn: cannot stage inputs: {e}")).await;
+        stderr
+            .write_line(&format!("respawn: cannot stage inputs: {e}"))
+            .await;
         stderr.close().await;
-        return reporter.send(Event::WorkloadExited { attempt, exit_code: 126 }).await;
+        return reporter
+            .send(Event::WorkloadExited {
+                attempt,
+                exit_code: 126,
+            })
+            .await;
     }
 
     let mut workload = match Workload::spawn(&spec, &args, &dirs) {
         Ok(w) => w,
         Err(e) => {
-            stderr.write_line(&format!("respawn: cannot start the workload: {e}")).await;
+            stderr
+                .write_line(&format!("respawn: cannot start the workload: {e}"))
+                .await;
             stderr.close().await;
-            return reporter.send(Event::WorkloadExited { attempt, exit_code: 127 }).await;
+            return reporter
+                .send(Event::WorkloadExited {
+                    attempt,
+                    exit_code: 127,
+                })
+                .await;
         }
     };
     reporter
@@ -133,7 +153,14 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let err_task = stderr.clone().pump(workload.take_stderr());
 
     let keep = spec.checkpoint.keep_last as usize;
-    let mut ckpts = CheckpointShipper::new(bucket.clone(), job.clone(), attempt, dirs.checkpoints.clone(), restored, keep);
+    let mut ckpts = CheckpointShipper::new(
+        bucket.clone(),
+        job.clone(),
+        attempt,
+        dirs.checkpoints.clone(),
+        restored,
+        keep,
+    );
     let code = supervise(&args, &reporter, &mut workload, &mut ckpts).await?;
 
     // The last checkpoint (the one written on SIGTERM) must be in the bucket before
@@ -142,11 +169,18 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let _ = out_task.await;
     let _ = err_task.await;
     if let Err(e) = stage::outputs(bucket.as_ref(), &spec, &job, &dirs.outputs).await {
-        stderr.write_line(&format!("respawn: cannot upload outputs: {e}")).await;
+        stderr
+            .write_line(&format!("respawn: cannot upload outputs: {e}"))
+            .await;
     }
     stderr.close().await;
     info!(job_id = %job, attempt, exit_code = code, "workload exited");
-    reporter.send(Event::WorkloadExited { attempt, exit_code: code }).await
+    reporter
+        .send(Event::WorkloadExited {
+            attempt,
+            exit_code: code,
+        })
+        .await
 }
 
 async fn read_spec(bucket: &dyn ObjectStore, job: &respawn_core::JobId) -> Result<JobSpec, Error> {
@@ -172,7 +206,9 @@ async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
                     .await;
             }
         }
-        Err(e) => warn!(job_id = %reporter.job, attempt = reporter.attempt, error = %e, "checkpoint upload failed"),
+        Err(e) => {
+            warn!(job_id = %reporter.job, attempt = reporter.attempt, error = %e, "checkpoint upload failed")
+        }
     }
 }
 

@@ -38,7 +38,9 @@ enum Location {
 fn locate(uri: &str) -> Result<Location, Error> {
     let unsupported = |scheme: &str| Error::Uri {
         uri: uri.to_owned(),
-        message: format!("{scheme}:// is not supported by the local agent; use bucket:// (the local bucket) or file://"),
+        message: format!(
+            "{scheme}:// is not supported by the local agent; use bucket:// (the local bucket) or file://"
+        ),
     };
     match uri.split_once("://") {
         Some(("bucket", key)) => Ok(Location::Bucket(key.trim_start_matches('/').to_owned())),
@@ -52,13 +54,20 @@ fn locate(uri: &str) -> Result<Location, Error> {
 }
 
 fn last_segment(s: &str) -> String {
-    s.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_owned()
+    s.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Stages every input into `into`.
 pub async fn inputs(bucket: &dyn ObjectStore, spec: &JobSpec, into: &Path) -> Result<(), Error> {
     for input in &spec.inputs {
-        let name = input.path.clone().unwrap_or_else(|| last_segment(&input.uri));
+        let name = input
+            .path
+            .clone()
+            .unwrap_or_else(|| last_segment(&input.uri));
         let dest = into.join(&name);
         match locate(&input.uri)? {
             Location::Bucket(key) => copy_from_bucket(bucket, &input.uri, &key, &dest).await?,
@@ -68,7 +77,12 @@ pub async fn inputs(bucket: &dyn ObjectStore, spec: &JobSpec, into: &Path) -> Re
     Ok(())
 }
 
-async fn copy_from_bucket(bucket: &dyn ObjectStore, uri: &str, key: &str, dest: &Path) -> Result<(), Error> {
+async fn copy_from_bucket(
+    bucket: &dyn ObjectStore,
+    uri: &str,
+    key: &str,
+    dest: &Path,
+) -> Result<(), Error> {
     if !key.ends_with('/') {
         match bucket.get(&Key::from(key)).await {
             Ok(got) => return write(dest, &got.bytes().await?).await,
@@ -87,7 +101,10 @@ async fn copy_from_bucket(bucket: &dyn ObjectStore, uri: &str, key: &str, dest: 
     }
     for meta in objects {
         let rel = meta.location.prefix_match(&prefix).map(|parts| {
-            parts.map(|p| p.as_ref().to_owned()).collect::<Vec<_>>().join("/")
+            parts
+                .map(|p| p.as_ref().to_owned())
+                .collect::<Vec<_>>()
+                .join("/")
         });
         let Some(rel) = rel else { continue };
         let bytes = bucket.get(&meta.location).await?.bytes().await?;
@@ -98,7 +115,9 @@ async fn copy_from_bucket(bucket: &dyn ObjectStore, uri: &str, key: &str, dest: 
 
 async fn write(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io(parent))?;
     }
     tokio::fs::write(path, bytes).await.map_err(io(path))
 }
@@ -120,7 +139,12 @@ fn copy_local(from: &Path, to: &Path) -> Result<(), Error> {
 }
 
 /// Uploads everything in `from` to the spec's outputs (default: the job's prefix).
-pub async fn outputs(bucket: &dyn ObjectStore, spec: &JobSpec, job: &JobId, from: &Path) -> Result<(), Error> {
+pub async fn outputs(
+    bucket: &dyn ObjectStore,
+    spec: &JobSpec,
+    job: &JobId,
+    from: &Path,
+) -> Result<(), Error> {
     let base = match &spec.outputs {
         Some(uri) => match locate(uri)? {
             Location::Bucket(key) => key.trim_end_matches('/').to_owned(),
@@ -137,7 +161,9 @@ pub async fn outputs(bucket: &dyn ObjectStore, spec: &JobSpec, job: &JobId, from
             if entry.file_type().map_err(io(&abs))?.is_dir() {
                 stack.push(child);
             } else {
-                let bytes = tokio::fs::read(from.join(&child)).await.map_err(io(&child))?;
+                let bytes = tokio::fs::read(from.join(&child))
+                    .await
+                    .map_err(io(&child))?;
                 let key = format!("{base}/{}", child.display());
                 bucket.put(&Key::from(key), PutPayload::from(bytes)).await?;
             }

@@ -45,7 +45,9 @@ pub struct Workload {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the job needs image {image}, but no container runtime (docker or podman) works on this machine; install one, or drop `image` to run the command as a process")]
+    #[error(
+        "the job needs image {image}, but no container runtime (docker or podman) works on this machine; install one, or drop `image` to run the command as a process"
+    )]
     NoRuntime { image: String },
     #[error("the job has no command")]
     NoCommand,
@@ -59,17 +61,25 @@ pub enum Error {
 
 /// The first of docker / podman that answers `info`.
 fn container_runtime() -> Option<String> {
-    ["podman", "docker"].into_iter().map(str::to_owned).find(|rt| {
-        std::process::Command::new(rt)
-            .arg("info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+    ["podman", "docker"]
+        .into_iter()
+        .map(str::to_owned)
+        .find(|rt| {
+            std::process::Command::new(rt)
+                .arg("info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
 }
 
-fn contract_env(spec: &JobSpec, args: &Args, dirs: &WorkloadDirs, inside: Option<&Path>) -> Vec<(String, String)> {
+fn contract_env(
+    spec: &JobSpec,
+    args: &Args,
+    dirs: &WorkloadDirs,
+    inside: Option<&Path>,
+) -> Vec<(String, String)> {
     let path = |p: &Path, name: &str| match inside {
         Some(root) => root.join(name).display().to_string(),
         None => p.display().to_string(),
@@ -77,12 +87,19 @@ fn contract_env(spec: &JobSpec, args: &Args, dirs: &WorkloadDirs, inside: Option
     let hostfile = dirs.root.join("hostfile");
     let slots = spec.resources.gpus.max(1);
     let _ = std::fs::write(&hostfile, format!("localhost slots={slots}\n"));
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     env.extend([
         ("RESPAWN_JOB_ID".into(), args.job.to_string()),
         ("RESPAWN_ATTEMPT".into(), args.attempt.to_string()),
         ("RESPAWN_VM".into(), args.vm.clone()),
-        ("RESPAWN_CHECKPOINT_DIR".into(), path(&dirs.checkpoints, "checkpoints")),
+        (
+            "RESPAWN_CHECKPOINT_DIR".into(),
+            path(&dirs.checkpoints, "checkpoints"),
+        ),
         ("RESPAWN_INPUT_DIR".into(), path(&dirs.inputs, "input")),
         ("RESPAWN_OUTPUT_DIR".into(), path(&dirs.outputs, "output")),
         ("RESPAWN_GRACE_SECONDS".into(), args.grace_secs.to_string()),
@@ -99,16 +116,25 @@ impl Workload {
     pub fn spawn(spec: &JobSpec, args: &Args, dirs: &WorkloadDirs) -> Result<Self, Error> {
         let (mut cmd, container) = match &spec.image {
             Some(image) => {
-                let rt = container_runtime().ok_or_else(|| Error::NoRuntime { image: image.clone() })?;
+                let rt = container_runtime().ok_or_else(|| Error::NoRuntime {
+                    image: image.clone(),
+                })?;
                 let name = format!("respawn-{}", args.vm);
-                (container_command(&rt, &name, image, spec, args, dirs), Some((rt, name)))
+                (
+                    container_command(&rt, &name, image, spec, args, dirs),
+                    Some((rt, name)),
+                )
             }
             None => {
                 let argv = spec.argv();
                 let (program, rest) = argv.split_first().ok_or(Error::NoCommand)?;
                 let mut cmd = Command::new(program);
                 cmd.args(rest).envs(contract_env(spec, args, dirs, None));
-                cmd.current_dir(spec.working_dir.as_deref().map_or(dirs.root.clone(), PathBuf::from));
+                cmd.current_dir(
+                    spec.working_dir
+                        .as_deref()
+                        .map_or(dirs.root.clone(), PathBuf::from),
+                );
                 (cmd, None)
             }
         };
@@ -120,13 +146,19 @@ impl Workload {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let program = spec.argv().first().cloned().unwrap_or_default();
-        let child = cmd.spawn().map_err(|source| Error::Spawn { program, source })?;
+        let child = cmd
+            .spawn()
+            .map_err(|source| Error::Spawn { program, source })?;
         let pgid = child.id().map(|id| Pid::from_raw(id as i32));
         // The provider kills this group when the VM goes, even if the agent died first.
         if let Some(id) = child.id() {
             let _ = std::fs::write(args.vm_dir.join("workload.pgid"), id.to_string());
         }
-        Ok(Workload { child, pgid, container })
+        Ok(Workload {
+            child,
+            pgid,
+            container,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -158,13 +190,23 @@ impl Workload {
     pub async fn wait(&mut self) -> i32 {
         use std::os::unix::process::ExitStatusExt;
         match self.child.wait().await {
-            Ok(status) => status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1),
+            Ok(status) => status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(1),
             Err(_) => 1,
         }
     }
 }
 
-fn container_command(rt: &str, name: &str, image: &str, spec: &JobSpec, args: &Args, dirs: &WorkloadDirs) -> Command {
+fn container_command(
+    rt: &str,
+    name: &str,
+    image: &str,
+    spec: &JobSpec,
+    args: &Args,
+    dirs: &WorkloadDirs,
+) -> Command {
     let inside = Path::new("/respawn");
     let mut cmd = Command::new(rt);
     cmd.args(["run", "--rm", "--name", name]);
@@ -173,16 +215,25 @@ fn container_command(rt: &str, name: &str, image: &str, spec: &JobSpec, args: &A
         (&dirs.inputs, "input"),
         (&dirs.outputs, "output"),
     ] {
-        cmd.arg("-v").arg(format!("{}:{}", host.display(), inside.join(guest).display()));
+        cmd.arg("-v").arg(format!(
+            "{}:{}",
+            host.display(),
+            inside.join(guest).display()
+        ));
     }
-    cmd.arg("-v").arg(format!("{}:{}", dirs.root.join("hostfile").display(), inside.join("hostfile").display()));
+    cmd.arg("-v").arg(format!(
+        "{}:{}",
+        dirs.root.join("hostfile").display(),
+        inside.join("hostfile").display()
+    ));
     for (k, v) in contract_env(spec, args, dirs, Some(inside)) {
         cmd.arg("-e").arg(format!("{k}={v}"));
     }
     if let Ok(gpus) = std::env::var("CUDA_VISIBLE_DEVICES")
-        && spec.resources.gpus > 0 {
-            cmd.arg("--gpus").arg(format!("\"device={gpus}\""));
-        }
+        && spec.resources.gpus > 0
+    {
+        cmd.arg("--gpus").arg(format!("\"device={gpus}\""));
+    }
     if let Some(wd) = &spec.working_dir {
         cmd.args(["-w", wd]);
     }

@@ -12,8 +12,12 @@ use crate::client::Client;
 use crate::up::api::Summary;
 
 pub async fn submit(client: &Client, file: &Path, json_out: bool) -> Result<ExitCode, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let job: JobRecord = client.post_text("/v1/jobs", text).await.map_err(|e| format!("{}: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let job: JobRecord = client
+        .post_text("/v1/jobs", text)
+        .await
+        .map_err(|e| format!("{}: {e}", file.display()))?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
     } else {
@@ -27,7 +31,13 @@ fn age(t: Timestamp) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
-pub async fn jobs(client: &Client, state: Option<String>, label: Option<String>, limit: usize, json_out: bool) -> Result<ExitCode, String> {
+pub async fn jobs(
+    client: &Client,
+    state: Option<String>,
+    label: Option<String>,
+    limit: usize,
+    json_out: bool,
+) -> Result<ExitCode, String> {
     let mut path = format!("/v1/jobs?limit={limit}");
     if let Some(s) = state {
         path.push_str(&format!("&state={s}"));
@@ -37,11 +47,18 @@ pub async fn jobs(client: &Client, state: Option<String>, label: Option<String>,
     }
     let page: Value = client.get(&path).await?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&page).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&page).unwrap_or_default()
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    let jobs: Vec<Summary> = serde_json::from_value(page["jobs"].clone()).map_err(|e| e.to_string())?;
-    println!("{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  AGE", "ID", "NAME", "STATE", "ATTEMPTS", "PREEMPTIONS");
+    let jobs: Vec<Summary> =
+        serde_json::from_value(page["jobs"].clone()).map_err(|e| e.to_string())?;
+    println!(
+        "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  AGE",
+        "ID", "NAME", "STATE", "ATTEMPTS", "PREEMPTIONS"
+    );
     for j in jobs {
         println!(
             "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  {}",
@@ -72,18 +89,39 @@ pub async fn show(client: &Client, id: &str, json_out: bool) -> Result<ExitCode,
     }
     println!("job         {}", job.id);
     println!("name        {}", job.spec.name);
-    println!("state       {}{}", job.state, job.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
-    println!("created     {} ({} ago)", job.created_at, age(job.created_at));
+    println!(
+        "state       {}{}",
+        job.state,
+        job.reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "created     {} ({} ago)",
+        job.created_at,
+        age(job.created_at)
+    );
     println!(
         "budgets     failures {}/{}, infrastructure losses {}{}",
         job.failures,
         job.spec.retry.max_failures,
         job.infra_losses,
-        job.spec.retry.max_preemptions.map(|m| format!("/{m}")).unwrap_or_default()
+        job.spec
+            .retry
+            .max_preemptions
+            .map(|m| format!("/{m}"))
+            .unwrap_or_default()
     );
-    println!("checkpoint  {}", job.checkpoint.map_or("none".into(), |c| c.to_string()));
+    println!(
+        "checkpoint  {}",
+        job.checkpoint.map_or("none".into(), |c| c.to_string())
+    );
     println!();
-    println!("{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  OUTCOME", "ATTEMPT", "VM", "STARTED", "RESTORED", "CHECKPOINT");
+    println!(
+        "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  OUTCOME",
+        "ATTEMPT", "VM", "STARTED", "RESTORED", "CHECKPOINT"
+    );
     for a in &job.attempts {
         let outcome = match &a.outcome {
             None => "live".to_owned(),
@@ -109,12 +147,20 @@ fn describe_outcome(v: &Value) -> String {
     let kind = v["kind"].as_str().unwrap_or("?");
     match kind {
         "failed" => format!("failed (exit code {})", v["exit_code"]),
-        "lost" | "allocation_failed" | "stopped" => format!("{kind}: {}", v["reason"].as_str().unwrap_or("")),
+        "lost" | "allocation_failed" | "stopped" => {
+            format!("{kind}: {}", v["reason"].as_str().unwrap_or(""))
+        }
         other => other.to_owned(),
     }
 }
 
-pub async fn logs(client: &Client, id: &str, follow: bool, attempt: Option<u32>, stderr: bool) -> Result<ExitCode, String> {
+pub async fn logs(
+    client: &Client,
+    id: &str,
+    follow: bool,
+    attempt: Option<u32>,
+    stderr: bool,
+) -> Result<ExitCode, String> {
     let stream = if stderr { "stderr" } else { "stdout" };
     let mut attempt = attempt;
     let mut after = 0u64;
@@ -150,14 +196,23 @@ pub async fn logs(client: &Client, id: &str, follow: bool, attempt: Option<u32>,
 }
 
 pub async fn cancel(client: &Client, id: &str) -> Result<ExitCode, String> {
-    let job: JobRecord = client.post_text(&format!("/v1/jobs/{id}/cancel"), String::new()).await?;
+    let job: JobRecord = client
+        .post_text(&format!("/v1/jobs/{id}/cancel"), String::new())
+        .await?;
     println!("{} {}", job.id, job.state);
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn preempt(client: &Client, target: &str, notice: Option<Duration>) -> Result<ExitCode, String> {
+pub async fn preempt(
+    client: &Client,
+    target: &str,
+    notice: Option<Duration>,
+) -> Result<ExitCode, String> {
     let body = json!({ "target": target, "notice_secs": notice.map(|d| d.as_secs_f64()) });
     let answer: Value = client.post_json("/v1/preempt", &body).await?;
-    println!("preemption notice sent to {}", answer["vm"].as_str().unwrap_or(target));
+    println!(
+        "preemption notice sent to {}",
+        answer["vm"].as_str().unwrap_or(target)
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -36,7 +36,8 @@ fn say(msg: &str) {
 
 pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> {
     if data.exists() {
-        std::fs::remove_dir_all(&data).map_err(|e| format!("cannot empty {}: {e}", data.display()))?;
+        std::fs::remove_dir_all(&data)
+            .map_err(|e| format!("cannot empty {}: {e}", data.display()))?;
     }
     let triggers = data.join("triggers");
     std::fs::create_dir_all(&triggers).map_err(|e| e.to_string())?;
@@ -53,9 +54,13 @@ pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> 
     let stack = up::open(config).await.map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(up::run(stack.clone(), stop_rx));
-    say(&format!("local stack up: data in {}, API on http://{listen}", data.display()));
+    say(&format!(
+        "local stack up: data in {}, API on http://{listen}",
+        data.display()
+    ));
 
-    let csv = drop_csv(&data.join("bucket")).map_err(|e| format!("cannot write the sample CSV: {e}"))?;
+    let csv =
+        drop_csv(&data.join("bucket")).map_err(|e| format!("cannot write the sample CSV: {e}"))?;
     say(&format!("dropped {} into the bucket", csv.display()));
     let result = follow(&stack).await;
     let _ = stop_tx.send(true);
@@ -71,11 +76,18 @@ pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> 
 
 fn drop_csv(bucket: &Path) -> std::io::Result<PathBuf> {
     let trainer = sibling_binary("respawn-trainer").ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, "respawn-trainer not built (run cargo build)")
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "respawn-trainer not built (run cargo build)",
+        )
     })?;
-    let out = std::process::Command::new(trainer).args(["--generate-csv", "600"]).output()?;
+    let out = std::process::Command::new(trainer)
+        .args(["--generate-csv", "600"])
+        .output()?;
     if !out.status.success() {
-        return Err(std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     let dir = bucket.join("incoming");
     std::fs::create_dir_all(&dir)?;
@@ -103,10 +115,15 @@ async fn follow(stack: &Stack) -> Result<JobRecord, String> {
             })
             .await
             .map_err(|e| e.to_string())?;
-        let Some(job) = page.jobs.into_iter().next() else { continue };
+        let Some(job) = page.jobs.into_iter().next() else {
+            continue;
+        };
         let now = (job.state, job.attempt, job.checkpoint);
         if last.is_none() {
-            say(&format!("trigger rule train-on-csv made job {} ({})", job.id, job.spec.name));
+            say(&format!(
+                "trigger rule train-on-csv made job {} ({})",
+                job.id, job.spec.name
+            ));
         }
         if last.map(|l| (l.0, l.1)) != Some((now.0, now.1)) {
             let restored = job.current().and_then(|a| a.restored_checkpoint);
@@ -118,7 +135,10 @@ async fn follow(stack: &Stack) -> Result<JobRecord, String> {
             say(&format!("attempt {}: {}{from}", job.attempt, job.state));
         }
         last = Some(now);
-        if job.state == JobState::Running && preempted < PREEMPT_AT.len() && job.checkpoint.unwrap_or(0) >= PREEMPT_AT[preempted] {
+        if job.state == JobState::Running
+            && preempted < PREEMPT_AT.len()
+            && job.checkpoint.unwrap_or(0) >= PREEMPT_AT[preempted]
+        {
             preempted += 1;
             say(&format!(
                 "spot preemption #{preempted}: notice to the VM of attempt {}, {}s to go (newest checkpoint: step {})",
@@ -131,7 +151,12 @@ async fn follow(stack: &Stack) -> Result<JobRecord, String> {
         match job.state {
             JobState::Succeeded => return Ok(job),
             JobState::Failed | JobState::Cancelled => {
-                return Err(format!("job {} ended {}: {}", job.id, job.state, job.reason.unwrap_or_default()));
+                return Err(format!(
+                    "job {} ended {}: {}",
+                    job.id,
+                    job.state,
+                    job.reason.unwrap_or_default()
+                ));
             }
             _ => {}
         }
@@ -140,9 +165,17 @@ async fn follow(stack: &Stack) -> Result<JobRecord, String> {
 }
 
 fn summary(data: &Path, job: &JobRecord) {
-    say(&format!("job {} succeeded after {} attempts, {} preemptions", job.id, job.attempts.len(), job.preemptions()));
+    say(&format!(
+        "job {} succeeded after {} attempts, {} preemptions",
+        job.id,
+        job.attempts.len(),
+        job.preemptions()
+    ));
     for a in &job.attempts {
-        let outcome = a.outcome.as_ref().map_or("live".into(), |o| format!("{o:?}"));
+        let outcome = a
+            .outcome
+            .as_ref()
+            .map_or("live".into(), |o| format!("{o:?}"));
         println!(
             "    attempt {}: restored {:>5}  last checkpoint {:>5}  {}",
             a.number,
@@ -151,9 +184,15 @@ fn summary(data: &Path, job: &JobRecord) {
             outcome
         );
     }
-    let outputs = data.join("bucket").join(respawn_core::layout::outputs(&job.id).to_string());
+    let outputs = data
+        .join("bucket")
+        .join(respawn_core::layout::outputs(&job.id).to_string());
     let metrics = std::fs::read_to_string(outputs.join("metrics.json")).unwrap_or_default();
     say(&format!("model: {}", outputs.join("model.txt").display()));
     say(&format!("metrics: {}", metrics.trim()));
-    say(&format!("logs of every attempt: respawn logs {} (with respawn up --data {})", job.id, data.display()));
+    say(&format!(
+        "logs of every attempt: respawn logs {} (with respawn up --data {})",
+        job.id,
+        data.display()
+    ));
 }

@@ -17,7 +17,12 @@ mod validate;
 #[command(name = "respawn", version, about)]
 struct Cli {
     /// The broker's API (`respawn up` serves it).
-    #[arg(long, global = true, env = "RESPAWN_ENDPOINT", default_value = "http://127.0.0.1:7878")]
+    #[arg(
+        long,
+        global = true,
+        env = "RESPAWN_ENDPOINT",
+        default_value = "http://127.0.0.1:7878"
+    )]
     endpoint: String,
     #[command(subcommand)]
     command: Command,
@@ -129,7 +134,10 @@ fn main() -> ExitCode {
         _ => {}
     }
     init_logs();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -142,11 +150,23 @@ fn main() -> ExitCode {
             Command::Up(a) => up_command(a).await,
             Command::Demo { data, listen } => demo::run(data, listen).await,
             Command::Submit { file, json } => commands::submit(&client, &file, json).await,
-            Command::Jobs { state, label, limit, json } => commands::jobs(&client, state, label, limit, json).await,
+            Command::Jobs {
+                state,
+                label,
+                limit,
+                json,
+            } => commands::jobs(&client, state, label, limit, json).await,
             Command::Show { id, json } => commands::show(&client, &id, json).await,
-            Command::Logs { id, follow, attempt, stderr } => commands::logs(&client, &id, follow, attempt, stderr).await,
+            Command::Logs {
+                id,
+                follow,
+                attempt,
+                stderr,
+            } => commands::logs(&client, &id, follow, attempt, stderr).await,
             Command::Cancel { id } => commands::cancel(&client, &id).await,
-            Command::Preempt { target, notice } => commands::preempt(&client, &target, notice).await,
+            Command::Preempt { target, notice } => {
+                commands::preempt(&client, &target, notice).await
+            }
             Command::Validate { .. } | Command::Schema { .. } => Ok(ExitCode::SUCCESS),
         }
     });
@@ -170,7 +190,9 @@ fn init_logs() {
 }
 
 async fn up_command(a: UpArgs) -> Result<ExitCode, String> {
-    let triggers = a.triggers.or_else(|| Some(a.data.join("triggers")).filter(|p| p.is_dir()));
+    let triggers = a
+        .triggers
+        .or_else(|| Some(a.data.join("triggers")).filter(|p| p.is_dir()));
     let config = up::UpConfig {
         data: a.data,
         triggers,

@@ -84,7 +84,13 @@ fn rel_key(p: &FsPath) -> String {
 }
 
 /// Uploads `dir` as checkpoint `seq` of `job`: every file, then the manifest.
-pub async fn upload(store: &dyn ObjectStore, job: &JobId, attempt: u32, seq: u64, dir: &FsPath) -> Result<Manifest, Error> {
+pub async fn upload(
+    store: &dyn ObjectStore,
+    job: &JobId,
+    attempt: u32,
+    seq: u64,
+    dir: &FsPath,
+) -> Result<Manifest, Error> {
     let base = layout::checkpoint_dir(job, seq);
     let mut files = Vec::new();
     for rel in walk(dir)? {
@@ -96,14 +102,28 @@ pub async fn upload(store: &dyn ObjectStore, job: &JobId, attempt: u32, seq: u64
             size: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(&bytes)),
         });
-        store.put(&Path::from(format!("{base}/{key}")), PutPayload::from(bytes)).await?;
+        store
+            .put(
+                &Path::from(format!("{base}/{key}")),
+                PutPayload::from(bytes),
+            )
+            .await?;
     }
-    let manifest = Manifest { seq, attempt, files };
+    let manifest = Manifest {
+        seq,
+        attempt,
+        files,
+    };
     let body = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid {
         seq,
         message: e.to_string(),
     })?;
-    store.put(&Path::from(format!("{base}/{}", layout::MANIFEST)), body.into()).await?;
+    store
+        .put(
+            &Path::from(format!("{base}/{}", layout::MANIFEST)),
+            body.into(),
+        )
+        .await?;
     Ok(manifest)
 }
 
@@ -116,7 +136,11 @@ pub async fn committed(store: &dyn ObjectStore, job: &JobId) -> Result<Vec<u64>,
         .filter(|m| m.location.filename() == Some(layout::MANIFEST))
         .filter_map(|m| {
             let parts: Vec<_> = m.location.parts().collect();
-            parts.get(parts.len().checked_sub(2)?)?.as_ref().parse().ok()
+            parts
+                .get(parts.len().checked_sub(2)?)?
+                .as_ref()
+                .parse()
+                .ok()
         })
         .collect();
     seqs.sort_unstable_by(|a, b| b.cmp(a));
@@ -124,7 +148,11 @@ pub async fn committed(store: &dyn ObjectStore, job: &JobId) -> Result<Vec<u64>,
 }
 
 async fn read_manifest(store: &dyn ObjectStore, job: &JobId, seq: u64) -> Result<Manifest, Error> {
-    let path = Path::from(format!("{}/{}", layout::checkpoint_dir(job, seq), layout::MANIFEST));
+    let path = Path::from(format!(
+        "{}/{}",
+        layout::checkpoint_dir(job, seq),
+        layout::MANIFEST
+    ));
     let bytes = store.get(&path).await?.bytes().await?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Invalid {
         seq,
@@ -134,7 +162,12 @@ async fn read_manifest(store: &dyn ObjectStore, job: &JobId, seq: u64) -> Result
 
 /// Downloads checkpoint `seq` into `into/<seq>/`, verifying every file against the
 /// manifest, and marks it complete with `.complete` last.
-pub async fn download(store: &dyn ObjectStore, job: &JobId, seq: u64, into: &FsPath) -> Result<Manifest, Error> {
+pub async fn download(
+    store: &dyn ObjectStore,
+    job: &JobId,
+    seq: u64,
+    into: &FsPath,
+) -> Result<Manifest, Error> {
     let manifest = read_manifest(store, job, seq).await?;
     let dest = into.join(seq.to_string());
     let staging = into.join(format!(".{seq}.partial"));
@@ -147,7 +180,11 @@ pub async fn download(store: &dyn ObjectStore, job: &JobId, seq: u64, into: &FsP
                 message: format!("unsafe path {:?} in manifest", f.path),
             });
         }
-        let bytes = store.get(&Path::from(format!("{base}/{}", f.path))).await?.bytes().await?;
+        let bytes = store
+            .get(&Path::from(format!("{base}/{}", f.path)))
+            .await?
+            .bytes()
+            .await?;
         if bytes.len() as u64 != f.size || hex::encode(Sha256::digest(&bytes)) != f.sha256 {
             return Err(Error::Invalid {
                 seq,
@@ -156,20 +193,30 @@ pub async fn download(store: &dyn ObjectStore, job: &JobId, seq: u64, into: &FsP
         }
         let path = staging.join(&f.path);
         if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(io(parent))?;
         }
         tokio::fs::write(&path, &bytes).await.map_err(io(&path))?;
     }
-    tokio::fs::create_dir_all(&staging).await.map_err(io(&staging))?;
+    tokio::fs::create_dir_all(&staging)
+        .await
+        .map_err(io(&staging))?;
     let _ = tokio::fs::remove_dir_all(&dest).await;
-    tokio::fs::rename(&staging, &dest).await.map_err(io(&dest))?;
+    tokio::fs::rename(&staging, &dest)
+        .await
+        .map_err(io(&dest))?;
     let marker = dest.join(".complete");
     tokio::fs::write(&marker, b"").await.map_err(io(&marker))?;
     Ok(manifest)
 }
 
 /// Restores the newest checkpoint that downloads and verifies; `None` when there is none.
-pub async fn restore_newest(store: &dyn ObjectStore, job: &JobId, into: &FsPath) -> Result<Option<Manifest>, Error> {
+pub async fn restore_newest(
+    store: &dyn ObjectStore,
+    job: &JobId,
+    into: &FsPath,
+) -> Result<Option<Manifest>, Error> {
     for seq in committed(store, job).await? {
         match download(store, job, seq, into).await {
             Ok(m) => return Ok(Some(m)),
@@ -187,7 +234,9 @@ pub async fn restore_newest(store: &dyn ObjectStore, job: &JobId, into: &FsPath)
 pub async fn prune(store: &dyn ObjectStore, job: &JobId, keep: usize) -> Result<(), Error> {
     for seq in committed(store, job).await?.into_iter().skip(keep) {
         let base = layout::checkpoint_dir(job, seq);
-        store.delete(&Path::from(format!("{base}/{}", layout::MANIFEST))).await?;
+        store
+            .delete(&Path::from(format!("{base}/{}", layout::MANIFEST)))
+            .await?;
         let rest: Vec<_> = store.list(Some(&base)).try_collect().await?;
         for m in rest {
             store.delete(&m.location).await?;
@@ -216,17 +265,28 @@ mod tests {
         std::fs::write(src.path().join("weights.bin"), b"abc").unwrap();
         std::fs::write(src.path().join("sub/opt.bin"), b"defg").unwrap();
         std::fs::write(src.path().join(".complete"), b"").unwrap();
-        upload(store.as_ref(), &job, 1, 100, src.path()).await.unwrap();
+        upload(store.as_ref(), &job, 1, 100, src.path())
+            .await
+            .unwrap();
         // A torn upload: files of 200 but no manifest.
         store
-            .put(&Path::from(format!("{}/weights.bin", layout::checkpoint_dir(&job, 200))), "x".into())
+            .put(
+                &Path::from(format!("{}/weights.bin", layout::checkpoint_dir(&job, 200))),
+                "x".into(),
+            )
             .await
             .unwrap();
         assert_eq!(committed(store.as_ref(), &job).await.unwrap(), vec![100]);
         let dst = tempfile::tempdir().unwrap();
-        let m = restore_newest(store.as_ref(), &job, dst.path()).await.unwrap().unwrap();
+        let m = restore_newest(store.as_ref(), &job, dst.path())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(m.seq, 100);
-        assert_eq!(std::fs::read(dst.path().join("100/sub/opt.bin")).unwrap(), b"defg");
+        assert_eq!(
+            std::fs::read(dst.path().join("100/sub/opt.bin")).unwrap(),
+            b"defg"
+        );
         assert!(dst.path().join("100/.complete").exists());
         assert_eq!(m.files.len(), 2, "dot files are not part of a checkpoint");
     }
@@ -237,15 +297,25 @@ mod tests {
         let job = JobId::generate(Timestamp(1));
         let src = tempfile::tempdir().unwrap();
         std::fs::write(src.path().join("w"), b"one").unwrap();
-        upload(store.as_ref(), &job, 1, 1, src.path()).await.unwrap();
+        upload(store.as_ref(), &job, 1, 1, src.path())
+            .await
+            .unwrap();
         std::fs::write(src.path().join("w"), b"two").unwrap();
-        upload(store.as_ref(), &job, 1, 2, src.path()).await.unwrap();
+        upload(store.as_ref(), &job, 1, 2, src.path())
+            .await
+            .unwrap();
         store
-            .put(&Path::from(format!("{}/w", layout::checkpoint_dir(&job, 2))), "tw".into())
+            .put(
+                &Path::from(format!("{}/w", layout::checkpoint_dir(&job, 2))),
+                "tw".into(),
+            )
             .await
             .unwrap();
         let dst = tempfile::tempdir().unwrap();
-        let m = restore_newest(store.as_ref(), &job, dst.path()).await.unwrap().unwrap();
+        let m = restore_newest(store.as_ref(), &job, dst.path())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(m.seq, 1);
         prune(store.as_ref(), &job, 1).await.unwrap();
         assert_eq!(committed(store.as_ref(), &job).await.unwrap(), vec![2]);

@@ -45,7 +45,10 @@ pub fn log_prefix(id: &JobId, attempt: u32, stream: Stream) -> Path {
 
 /// Chunk names sort in write order.
 pub fn log_chunk(id: &JobId, attempt: u32, stream: Stream, chunk: u64) -> Path {
-    Path::from(format!("jobs/{id}/attempts/{attempt}/{}/{chunk:010}", stream.as_str()))
+    Path::from(format!(
+        "jobs/{id}/attempts/{attempt}/{}/{chunk:010}",
+        stream.as_str()
+    ))
 }
 
 pub fn checkpoints(id: &JobId) -> Path {

@@ -4,9 +4,9 @@
 //! Nothing here does I/O of its own; hosts (the `respawn` CLI, Lambda functions)
 //! build [`ports::Ports`] from adapters and call [`handlers`].
 
+pub mod checkpoint;
 #[cfg(feature = "conformance")]
 pub mod conformance;
-pub mod checkpoint;
 pub mod handlers;
 pub mod job;
 pub mod layout;

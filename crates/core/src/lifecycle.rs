@@ -199,10 +199,11 @@ pub fn apply(record: &JobRecord, event: &Event, at: Timestamp, t: &Timeouts) -> 
 
 fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
     if let Some(n) = event.attempt()
-        && n != r.attempt {
-            // An older attempt's news (or a confused sender's): nothing to change.
-            return;
-        }
+        && n != r.attempt
+    {
+        // An older attempt's news (or a confused sender's): nothing to change.
+        return;
+    }
     match event {
         Event::Dispatch { .. } => on_dispatch(r, at, cmds),
         Event::VmAllocated { vm, .. } => {
@@ -231,10 +232,10 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
             if matches!(
                 r.state,
                 JobState::Starting | JobState::Running | JobState::Preempted
-            )
-                && let Some(a) = r.current_mut() {
-                    a.last_heartbeat = Some(a.last_heartbeat.map_or(at, |h| h.max(at)));
-                }
+            ) && let Some(a) = r.current_mut()
+            {
+                a.last_heartbeat = Some(a.last_heartbeat.map_or(at, |h| h.max(at)));
+            }
         }
         Event::WorkloadStarted {
             restored_checkpoint,
@@ -319,9 +320,10 @@ fn on_checkpoint(r: &mut JobRecord, seq: u64) {
         r.checkpoint = Some(seq);
     }
     if let Some(a) = r.current_mut()
-        && a.last_checkpoint.is_none_or(|c| seq > c) {
-            a.last_checkpoint = Some(seq);
-        }
+        && a.last_checkpoint.is_none_or(|c| seq > c)
+    {
+        a.last_checkpoint = Some(seq);
+    }
 }
 
 fn on_exit(r: &mut JobRecord, code: i32, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
@@ -509,10 +511,11 @@ fn reconcile_running(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
     let Some(a) = r.current() else { return };
     let started = a.started_at.unwrap_or(r.state_since);
     if let Some(max) = r.spec.limits.max_runtime
-        && at.since(started) >= max.get() {
-            end_attempt(r, AttemptOutcome::TimedOut, at, t, cmds);
-            return;
-        }
+        && at.since(started) >= max.get()
+    {
+        end_attempt(r, AttemptOutcome::TimedOut, at, t, cmds);
+        return;
+    }
     let heard = a.last_heartbeat.unwrap_or(started);
     if at.since(heard) >= t.heartbeat {
         let reason = format!(

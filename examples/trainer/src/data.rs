@@ -56,11 +56,15 @@ impl Dataset {
     }
 }
 
-/// The CSV to train on: `--data` if given, else the first `*.csv` under the input dir,
-/// shallowest first, then by path.
+/// The CSV to train on: `--data` if given (a relative path that is not found is
+/// looked up under the input dir, where respawn stages inputs), else the first
+/// `*.csv` under the input dir, shallowest first, then by path.
 pub fn locate(data_flag: Option<&Path>, input_dir: Option<&Path>) -> Result<PathBuf, Error> {
     if let Some(path) = data_flag {
-        return Ok(path.to_path_buf());
+        let staged = input_dir
+            .filter(|_| path.is_relative() && !path.exists())
+            .map(|d| d.join(path));
+        return Ok(staged.unwrap_or_else(|| path.to_path_buf()));
     }
     let Some(dir) = input_dir else {
         return Err(Error::input(

@@ -45,6 +45,9 @@ pub struct Args {
     #[arg(long, value_name = "K", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: u64,
+    /// Also print `step N` every N steps (0 = only at checkpoints), to show progress.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub log_every: u64,
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.1, value_parser = positive_float)]
     pub lr: f64,

@@ -219,6 +219,9 @@ impl Trainer<'_> {
                 .model
                 .sgd_step(&self.data, seed, state.step, batch, lr);
             state.step += 1;
+            if self.args.log_every > 0 && state.step.is_multiple_of(self.args.log_every) {
+                println!("step {}", state.step);
+            }
             self.pause();
             if state.step.is_multiple_of(self.args.checkpoint_every) {
                 self.checkpoint(state)?;

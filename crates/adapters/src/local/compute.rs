@@ -104,18 +104,25 @@ pub struct LocalCompute {
 
 impl LocalCompute {
     /// Opens the provider, adopting VMs left by a previous broker process.
-    pub async fn open(cfg: LocalComputeConfig, queue: Arc<dyn Queue>) -> std::io::Result<Arc<Self>> {
+    pub async fn open(
+        cfg: LocalComputeConfig,
+        queue: Arc<dyn Queue>,
+    ) -> std::io::Result<Arc<Self>> {
         let vms_dir = cfg.data_dir.join("vms");
         std::fs::create_dir_all(&vms_dir)?;
         let mut vms = BTreeMap::new();
         for entry in std::fs::read_dir(&vms_dir)? {
             let path = entry?.path().join("vm.json");
-            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
             match serde_json::from_slice::<VmRecord>(&bytes) {
                 Ok(r) => {
                     vms.insert(r.key.clone(), r);
                 }
-                Err(e) => warn!(path = %path.display(), error = %e, "skipping unreadable vm record"),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "skipping unreadable vm record")
+                }
             }
         }
         let compute = Arc::new_cyclic(|this| LocalCompute {
@@ -150,7 +157,12 @@ impl LocalCompute {
 
     /// Running VMs from before a restart: watch the live ones, report the dead.
     async fn adopt(&self) {
-        let live: Vec<VmRecord> = self.lock().values().filter(|r| r.state != VmState::Terminated).cloned().collect();
+        let live: Vec<VmRecord> = self
+            .lock()
+            .values()
+            .filter(|r| r.state != VmState::Terminated)
+            .cloned()
+            .collect();
         for r in live {
             match agent_pid(&r.id) {
                 Some(pid) => {
@@ -160,7 +172,10 @@ impl LocalCompute {
                         self.arm_deadline(r.key.clone(), deadline);
                     }
                 }
-                None => self.terminated(&r.key, "agent gone while the broker was down").await,
+                None => {
+                    self.terminated(&r.key, "agent gone while the broker was down")
+                        .await
+                }
             }
         }
     }
@@ -177,7 +192,10 @@ impl LocalCompute {
                 gpu += r.gpus.len();
             }
         }
-        (self.cfg.cpu_slots.saturating_sub(cpu), self.cfg.gpus.len().saturating_sub(gpu))
+        (
+            self.cfg.cpu_slots.saturating_sub(cpu),
+            self.cfg.gpus.len().saturating_sub(gpu),
+        )
     }
 
     /// Preempts the VM of `target` (a VM id, or a job id for its live VM) with the
@@ -293,7 +311,14 @@ impl LocalCompute {
                 reason,
             },
         };
-        if let Err(e) = self.queue.send(&self.cfg.events_queue, Outgoing::new(msg.to_bytes()).priority(9)).await {
+        if let Err(e) = self
+            .queue
+            .send(
+                &self.cfg.events_queue,
+                Outgoing::new(msg.to_bytes()).priority(9),
+            )
+            .await
+        {
             // Reconcile finds the job's agent silent and ends the attempt anyway.
             warn!(job_id = %key.job, attempt = key.attempt, error = %e, "cannot report vm termination");
         }
@@ -319,14 +344,27 @@ impl LocalCompute {
         if r.gpus == 0 {
             let used = live().filter(|v| v.gpus.is_empty()).count();
             if used >= self.cfg.cpu_slots {
-                return Err(Error::Capacity(format!("all {} CPU slots busy", self.cfg.cpu_slots)));
+                return Err(Error::Capacity(format!(
+                    "all {} CPU slots busy",
+                    self.cfg.cpu_slots
+                )));
             }
             return Ok(Vec::new());
         }
         let used: Vec<u32> = live().flat_map(|v| v.gpus.clone()).collect();
-        let free: Vec<u32> = self.cfg.gpus.iter().copied().filter(|g| !used.contains(g)).collect();
+        let free: Vec<u32> = self
+            .cfg
+            .gpus
+            .iter()
+            .copied()
+            .filter(|g| !used.contains(g))
+            .collect();
         if free.len() < r.gpus as usize {
-            return Err(Error::Capacity(format!("{} of {} GPUs free", free.len(), self.cfg.gpus.len())));
+            return Err(Error::Capacity(format!(
+                "{} of {} GPUs free",
+                free.len(),
+                self.cfg.gpus.len()
+            )));
         }
         Ok(free[..r.gpus as usize].to_vec())
     }
@@ -464,7 +502,11 @@ impl Compute for LocalCompute {
 
 /// Preempts a random running VM every so often: exponentially distributed gaps
 /// with the given mean, as independent spot reclaims are.
-pub fn spawn_spot_chaos(compute: Arc<LocalCompute>, mean_between: Duration, notice: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_spot_chaos(
+    compute: Arc<LocalCompute>,
+    mean_between: Duration,
+    notice: Duration,
+) -> tokio::task::JoinHandle<()> {
     use rand::Rng;
     tokio::spawn(async move {
         loop {
@@ -486,9 +528,12 @@ pub fn spawn_spot_chaos(compute: Arc<LocalCompute>, mean_between: Duration, noti
 pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()]
-        .into_iter()
-        .find(|p| p.is_file())
+    [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
 }
 
 /// Used by tests to check nothing is left behind.

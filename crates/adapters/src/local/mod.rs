@@ -15,7 +15,10 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use compute::{LocalCompute, LocalComputeConfig, detect_gpus, sibling_binary, spawn_spot_chaos, vm_process_alive};
+pub use compute::{
+    LocalCompute, LocalComputeConfig, detect_gpus, sibling_binary, spawn_spot_chaos,
+    vm_process_alive,
+};
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;
 use writer::{Readers, Writer};

@@ -55,7 +55,10 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({ "error": m })),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "request failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "internal error; see the broker's log" }))
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({ "error": "internal error; see the broker's log" }),
+                )
             }
         };
         (status, axum::Json(body)).into_response()
@@ -65,7 +68,9 @@ impl IntoResponse for ApiError {
 impl From<handlers::Error> for ApiError {
     fn from(e: handlers::Error) -> Self {
         match e {
-            handlers::Error::Ledger(ledger::Error::NotFound { id }) => ApiError::NotFound(format!("no job {id}")),
+            handlers::Error::Ledger(ledger::Error::NotFound { id }) => {
+                ApiError::NotFound(format!("no job {id}"))
+            }
             handlers::Error::Spec(s) => ApiError::Invalid(s),
             other => ApiError::Internal(other.to_string()),
         }
@@ -79,7 +84,8 @@ impl From<ledger::Error> for ApiError {
 }
 
 fn job_id(s: &str) -> Result<JobId, ApiError> {
-    s.parse().map_err(|e: respawn_core::job::BadJobId| ApiError::BadRequest(e.to_string()))
+    s.parse()
+        .map_err(|e: respawn_core::job::BadJobId| ApiError::BadRequest(e.to_string()))
 }
 
 /// One line of `respawn jobs`.
@@ -122,7 +128,11 @@ async fn submit(State(stack): State<Stack>, body: String) -> Result<Response, Ap
         project: "default".into(),
     };
     let done = handlers::submit(&stack.ports, sub).await?;
-    let status = if done.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if done.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(done.job)).into_response())
 }
 
@@ -134,8 +144,16 @@ struct ListParams {
     limit: Option<usize>,
 }
 
-async fn list(State(stack): State<Stack>, Query(p): Query<ListParams>) -> Result<Response, ApiError> {
-    let state = p.state.as_deref().map(str::parse::<JobState>).transpose().map_err(ApiError::BadRequest)?;
+async fn list(
+    State(stack): State<Stack>,
+    Query(p): Query<ListParams>,
+) -> Result<Response, ApiError> {
+    let state = p
+        .state
+        .as_deref()
+        .map(str::parse::<JobState>)
+        .transpose()
+        .map_err(ApiError::BadRequest)?;
     let label = p
         .label
         .as_deref()
@@ -179,14 +197,24 @@ struct LogParams {
     after: Option<u64>,
 }
 
-async fn logs(State(stack): State<Stack>, Path(id): Path<String>, Query(p): Query<LogParams>) -> Result<Response, ApiError> {
+async fn logs(
+    State(stack): State<Stack>,
+    Path(id): Path<String>,
+    Query(p): Query<LogParams>,
+) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let rec = stack.ports.ledger.get(&id).await?;
-    let attempt = p.attempt.unwrap_or(rec.attempts.last().map_or(1, |a| a.number));
+    let attempt = p
+        .attempt
+        .unwrap_or(rec.attempts.last().map_or(1, |a| a.number));
     let stream = match p.stream.as_deref() {
         None | Some("stdout") => Stream::Stdout,
         Some("stderr") => Stream::Stderr,
-        Some(other) => return Err(ApiError::BadRequest(format!("stream must be stdout or stderr, got {other:?}"))),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "stream must be stdout or stderr, got {other:?}"
+            )));
+        }
     };
     let from = p.after.unwrap_or(0);
     let prefix = layout::log_prefix(&id, attempt, stream);
@@ -218,7 +246,9 @@ async fn logs(State(stack): State<Stack>, Path(id): Path<String>, Query(p): Quer
         text.extend_from_slice(&bytes);
         next = n + 1;
     }
-    let live = rec.current().is_some_and(|a| a.number == attempt && a.is_live());
+    let live = rec
+        .current()
+        .is_some_and(|a| a.number == attempt && a.is_live());
     Ok(axum::Json(json!({
         "job": id,
         "attempt": attempt,
@@ -239,10 +269,16 @@ struct PreemptBody {
     notice_secs: Option<f64>,
 }
 
-async fn preempt(State(stack): State<Stack>, axum::Json(b): axum::Json<PreemptBody>) -> Result<Response, ApiError> {
+async fn preempt(
+    State(stack): State<Stack>,
+    axum::Json(b): axum::Json<PreemptBody>,
+) -> Result<Response, ApiError> {
     let notice = b
         .notice_secs
-        .map(|s| Duration::try_from_secs_f64(s).map_err(|e| ApiError::BadRequest(format!("notice_secs: {e}"))))
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|e| ApiError::BadRequest(format!("notice_secs: {e}")))
+        })
         .transpose()?;
     match stack.compute.preempt(&b.target, notice) {
         Some(vm) => Ok(axum::Json(json!({ "vm": vm })).into_response()),

@@ -20,12 +20,19 @@ const SETTLE: Duration = Duration::from_millis(300);
 
 /// Keys the broker writes itself; never a trigger.
 fn is_internal(key: &str) -> bool {
-    key.starts_with("jobs/") || key.starts_with("ledger/") || key.contains("/.") || key.starts_with('.')
+    key.starts_with("jobs/")
+        || key.starts_with("ledger/")
+        || key.contains("/.")
+        || key.starts_with('.')
 }
 
 fn key_of(root: &Path, path: &Path) -> Option<String> {
     let rel = path.strip_prefix(root).ok()?;
-    let key = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/");
+    let key = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/");
     (!key.is_empty() && !is_internal(&key)).then_some(key)
 }
 
@@ -35,12 +42,19 @@ fn version(path: &Path) -> Option<(String, u64)> {
     if !meta.is_file() {
         return None;
     }
-    let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
     Some((format!("{:x}-{:x}", mtime, meta.len()), meta.len()))
 }
 
 fn scan(root: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for e in entries.filter_map(Result::ok) {
         let p = e.path();
         if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -54,8 +68,12 @@ fn scan(root: &Path, out: &mut Vec<PathBuf>) {
 }
 
 async fn handle(stack: &Stack, root: &Path, path: &Path, seen: &mut HashMap<String, String>) {
-    let Some(key) = key_of(root, path) else { return };
-    let Some((version, size)) = version(path) else { return };
+    let Some(key) = key_of(root, path) else {
+        return;
+    };
+    let Some((version, size)) = version(path) else {
+        return;
+    };
     if seen.get(&key) == Some(&version) {
         return;
     }
@@ -72,7 +90,9 @@ async fn handle(stack: &Stack, root: &Path, path: &Path, seen: &mut HashMap<Stri
                 info!(job_id = %s.job.id, attempt = s.job.attempt, key = %key, "job created from bucket event");
             }
         }
-        Err(e) => warn!(key = %key, error = %e, "cannot handle bucket event; will retry on the next scan"),
+        Err(e) => {
+            warn!(key = %key, error = %e, "cannot handle bucket event; will retry on the next scan")
+        }
     }
 }
 
@@ -82,7 +102,10 @@ pub async fn watch(stack: Stack, mut stop: watch::Receiver<bool>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if matches!(ev.kind, notify::EventKind::Create(_) | notify::EventKind::Modify(_)) {
+            if matches!(
+                ev.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
+            ) {
                 for p in ev.paths {
                     let _ = tx.send(p);
                 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
-use respawn_adapters::local::{LocalCompute, LocalComputeConfig, LocalStore, detect_gpus, sibling_binary, spawn_spot_chaos};
+use respawn_adapters::local::{
+    LocalCompute, LocalComputeConfig, LocalStore, detect_gpus, sibling_binary, spawn_spot_chaos,
+};
 use respawn_core::lifecycle::Timeouts;
 use respawn_core::ports::{Blobs, Ports, QueueNames};
 use respawn_core::time::SystemClock;
@@ -67,15 +69,20 @@ fn local_timeouts(heartbeat_secs: u64) -> Timeouts {
 pub async fn open(config: UpConfig) -> Result<Stack, Error> {
     let setup = |what: &str, e: &dyn std::fmt::Display| Error::Setup(format!("{what}: {e}"));
     let bucket_dir = config.data.join("bucket");
-    std::fs::create_dir_all(&bucket_dir).map_err(|e| setup("cannot create the bucket folder", &e))?;
+    std::fs::create_dir_all(&bucket_dir)
+        .map_err(|e| setup("cannot create the bucket folder", &e))?;
     let store = LocalStore::open(&config.data).map_err(|e| setup("cannot open the store", &e))?;
     let blobs: Blobs = Arc::new(
-        LocalFileSystem::new_with_prefix(&bucket_dir).map_err(|e| setup("cannot open the bucket", &e))?,
+        LocalFileSystem::new_with_prefix(&bucket_dir)
+            .map_err(|e| setup("cannot open the bucket", &e))?,
     );
     let queue = Arc::new(store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES));
     let queues = QueueNames::default();
-    let agent_bin = sibling_binary("respawn-agent")
-        .ok_or_else(|| Error::Setup("respawn-agent not found next to respawn; build the workspace (cargo build)".into()))?;
+    let agent_bin = sibling_binary("respawn-agent").ok_or_else(|| {
+        Error::Setup(
+            "respawn-agent not found next to respawn; build the workspace (cargo build)".into(),
+        )
+    })?;
     let gpus = detect_gpus();
     let compute = LocalCompute::open(
         LocalComputeConfig {
@@ -145,7 +152,11 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
         tokio::spawn(loops::reconcile(stack.ports.clone(), stop_rx.clone())),
         tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
     ];
-    let dispatch = tokio::spawn(loops::dispatch(stack.ports.clone(), stack.compute.clone(), stop_rx.clone()));
+    let dispatch = tokio::spawn(loops::dispatch(
+        stack.ports.clone(),
+        stack.compute.clone(),
+        stop_rx.clone(),
+    ));
     let chaos = stack
         .config
         .chaos
@@ -163,7 +174,9 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
     };
 
     let _ = shutdown.wait_for(|s| *s).await;
-    info!("shutting down: no new VMs; running VMs are preempted so their jobs resume on the next start");
+    info!(
+        "shutting down: no new VMs; running VMs are preempted so their jobs resume on the next start"
+    );
     if let Some(c) = chaos {
         c.abort();
     }

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::submit::{Submission, Submitted, submit};
 use super::Error;
+use super::submit::{Submission, Submitted, submit};
 use crate::ports::Ports;
 use crate::trigger::{TriggerRule, check_key};
 

@@ -7,9 +7,9 @@ use super::apply::flush_outbox;
 use crate::job::{JobId, JobRecord};
 use crate::layout;
 use crate::lifecycle::Command;
-use object_store::ObjectStoreExt;
 use crate::ports::{Ports, ledger};
 use crate::spec::JobSpec;
+use object_store::ObjectStoreExt;
 
 /// A validated spec on its way in.
 #[derive(Debug, Clone)]
@@ -35,14 +35,15 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
             .ledger
             .find_by_idempotency_key(&sub.project, key)
             .await?
-        {
-            return existing(ports, &id).await;
-        }
+    {
+        return existing(ports, &id).await;
+    }
     let id = JobId::generate(now);
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
     // The spec goes into the job's prefix first, where agents read it; written
     // before the record, it is there whenever the record is.
-    let body = serde_json::to_vec_pretty(&rec.spec).map_err(|e| Error::BadMessage(e.to_string()))?;
+    let body =
+        serde_json::to_vec_pretty(&rec.spec).map_err(|e| Error::BadMessage(e.to_string()))?;
     ports
         .blobs
         .put(&layout::spec(&rec.id), body.into())

@@ -94,12 +94,13 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         errs.push("command[0]", format!("expected a program name, got {c:?}"));
     }
     if let Some(img) = &spec.image
-        && (img.trim().is_empty() || img.chars().any(char::is_whitespace)) {
-            errs.push(
-                "image",
-                format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?}"),
-            );
-        }
+        && (img.trim().is_empty() || img.chars().any(char::is_whitespace))
+    {
+        errs.push(
+            "image",
+            format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?}"),
+        );
+    }
     for k in spec.env.keys() {
         check_env_name(&mut errs, &format!("env.{k}"), k);
     }
@@ -136,9 +137,10 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         errs.push("limits.max_wait", "expected a duration above zero");
     }
     if let Some(r) = spec.limits.max_runtime
-        && r.get().is_zero() {
-            errs.push("limits.max_runtime", "expected a duration above zero");
-        }
+        && r.get().is_zero()
+    {
+        errs.push("limits.max_runtime", "expected a duration above zero");
+    }
     for (i, code) in spec.retry.infra_exit_codes.iter().enumerate() {
         if *code == 0 {
             errs.push(
@@ -167,12 +169,13 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         }
     }
     if let Some(k) = &spec.idempotency_key
-        && (k.is_empty() || k.len() > 255) {
-            errs.push(
-                "idempotency_key",
-                format!("expected 1 to 255 characters, got {}", k.len()),
-            );
-        }
+        && (k.is_empty() || k.len() > 255)
+    {
+        errs.push(
+            "idempotency_key",
+            format!("expected 1 to 255 characters, got {}", k.len()),
+        );
+    }
     for (i, url) in spec.notify.iter().enumerate() {
         if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10 {
             errs.push(
@@ -242,9 +245,10 @@ fn check_resources(errs: &mut Errors, spec: &JobSpec) {
         errs.push("resources.gpu_type", "set, but `resources.gpus` is 0");
     }
     if let Some(m) = r.memory
-        && m.bytes() == 0 {
-            errs.push("resources.memory", "expected a size above zero");
-        }
+        && m.bytes() == 0
+    {
+        errs.push("resources.memory", "expected a size above zero");
+    }
 }
 
 fn check_placement(errs: &mut Errors, spec: &JobSpec) {

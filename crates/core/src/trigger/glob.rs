@@ -67,7 +67,9 @@ impl Glob {
         let mut segments: Vec<Segment> = Vec::new();
         for seg in pattern.split('/') {
             if seg.is_empty() {
-                return Err(format!("empty path segment (`//` or a trailing `/`) in {pattern:?}"));
+                return Err(format!(
+                    "empty path segment (`//` or a trailing `/`) in {pattern:?}"
+                ));
             }
             if seg == "**" {
                 // `**/**` means the same as `**`; one is enough for the matcher.
@@ -171,7 +173,11 @@ fn tokens(seg: &str, pattern: &str) -> Result<Vec<Token>, String> {
             '?' => out.push(Token::One),
             '\\' => match chars.next() {
                 Some(l) => out.push(Token::Literal(l)),
-                None => return Err(format!("`\\` at the end of a segment escapes nothing in {pattern:?}")),
+                None => {
+                    return Err(format!(
+                        "`\\` at the end of a segment escapes nothing in {pattern:?}"
+                    ));
+                }
             },
             '[' => {
                 let negated = chars.next_if(|c| *c == '!' || *c == '^').is_some();
@@ -179,7 +185,9 @@ fn tokens(seg: &str, pattern: &str) -> Result<Vec<Token>, String> {
                 let mut first = true;
                 loop {
                     let Some(lo) = chars.next() else {
-                        return Err(format!("unclosed `[` in {pattern:?} (a set cannot hold `/`)"));
+                        return Err(format!(
+                            "unclosed `[` in {pattern:?} (a set cannot hold `/`)"
+                        ));
                     };
                     // `]` first in a set is a literal, so `[]]` matches `]`.
                     if lo == ']' && !first {
@@ -187,7 +195,9 @@ fn tokens(seg: &str, pattern: &str) -> Result<Vec<Token>, String> {
                     }
                     first = false;
                     let lo = if lo == '\\' {
-                        chars.next().ok_or_else(|| format!("unclosed `[` in {pattern:?}"))?
+                        chars
+                            .next()
+                            .ok_or_else(|| format!("unclosed `[` in {pattern:?}"))?
                     } else {
                         lo
                     };
@@ -198,7 +208,9 @@ fn tokens(seg: &str, pattern: &str) -> Result<Vec<Token>, String> {
                         if let Some(hi) = ahead.next().filter(|h| *h != ']') {
                             chars = ahead;
                             if hi < lo {
-                                return Err(format!("range `{lo}-{hi}` is backwards in {pattern:?}"));
+                                return Err(format!(
+                                    "range `{lo}-{hi}` is backwards in {pattern:?}"
+                                ));
                             }
                             ranges.push((lo, hi));
                             continue;
@@ -251,7 +263,10 @@ mod tests {
         assert!(m("*.csv", ".hidden.csv"));
         assert!(!m("*.csv", "sub/a.csv"));
         assert!(!m("*.csv", "a.csv.bak"));
-        assert!(!m("*.csv", "a.CSV"), "matching is case-sensitive, as keys are");
+        assert!(
+            !m("*.csv", "a.CSV"),
+            "matching is case-sensitive, as keys are"
+        );
         assert!(m("data-*-*.csv", "data-1-2.csv"));
         assert!(m("a*b*c", "abxbxc"));
         assert!(!m("a*b*c", "abxbxd"));

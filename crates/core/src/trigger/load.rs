@@ -84,9 +84,11 @@ pub fn load_rules_dir(dir: &Path) -> (Vec<TriggerRule>, Vec<(PathBuf, SpecError)
 }
 
 fn is_rule_file(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| ["yaml", "yml", "json"].iter().any(|x| e.eq_ignore_ascii_case(x)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        ["yaml", "yml", "json"]
+            .iter()
+            .any(|x| e.eq_ignore_ascii_case(x))
+    })
 }
 
 /// The field path and message of a decoding error. Mirrors the job spec reader's,

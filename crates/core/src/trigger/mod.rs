@@ -136,9 +136,7 @@ impl TriggerRule {
             );
         }
         if let Some(marker) = &self.when.marker
-            && (marker.is_empty()
-                || marker.contains(['/', '\\'])
-                || check_key(marker).is_err())
+            && (marker.is_empty() || marker.contains(['/', '\\']) || check_key(marker).is_err())
         {
             push(
                 "match.marker",

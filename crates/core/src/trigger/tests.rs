@@ -63,7 +63,11 @@ fn a_matching_file_makes_a_spec() {
     assert_eq!(spec.inputs[0].uri, "bucket://incoming/iris.csv");
     assert_eq!(spec.labels["respawn.trigger"], "train-on-csv");
     assert_eq!(spec.labels["team"], "vision", "template labels are kept");
-    assert!(spec.idempotency_key.unwrap().starts_with("trigger:train-on-csv:"));
+    assert!(
+        spec.idempotency_key
+            .unwrap()
+            .starts_with("trigger:train-on-csv:")
+    );
 }
 
 #[test]
@@ -127,7 +131,10 @@ fn every_variable_is_bound() {
 #[test]
 fn names_without_an_extension_or_at_the_root() {
     let b = Bindings::for_object("r", "README", "1");
-    assert_eq!((b.prefix.as_str(), b.stem.as_str(), b.ext.as_str()), ("", "README", ""));
+    assert_eq!(
+        (b.prefix.as_str(), b.stem.as_str(), b.ext.as_str()),
+        ("", "README", "")
+    );
     let b = Bindings::for_object("r", "x/.env", "1");
     assert_eq!((b.stem.as_str(), b.ext.as_str()), (".env", ""));
 }
@@ -136,15 +143,25 @@ fn names_without_an_extension_or_at_the_root() {
 fn marker_rules_make_one_job_per_folder() {
     let rule = parse_rule(MARKER, Format::Yaml).unwrap();
     assert_eq!(rule.project, "research");
-    for key in ["uploads/run-1/part-0.csv", "uploads/run-1/part-1.csv", "uploads/run-1/x_SUCCESS"] {
-        assert!(rule.matches(&blob(key, "1")).is_none(), "{key} is not the marker");
+    for key in [
+        "uploads/run-1/part-0.csv",
+        "uploads/run-1/part-1.csv",
+        "uploads/run-1/x_SUCCESS",
+    ] {
+        assert!(
+            rule.matches(&blob(key, "1")).is_none(),
+            "{key} is not the marker"
+        );
     }
     let b = rule.matches(&blob("uploads/run-1/_SUCCESS", "m1")).unwrap();
     assert_eq!(b.key, "uploads/run-1/_SUCCESS");
     assert_eq!(b.uri, "bucket://uploads/run-1/");
     assert_eq!(b.prefix, "uploads/run-1/");
     assert_eq!(b.input_path, "run-1");
-    assert_eq!((b.basename.as_str(), b.stem.as_str(), b.ext.as_str()), ("run-1", "run-1", ""));
+    assert_eq!(
+        (b.basename.as_str(), b.stem.as_str(), b.ext.as_str()),
+        ("run-1", "run-1", "")
+    );
     let spec = rule.render(&b).unwrap();
     assert_eq!(spec.name, "train-run-1");
     assert_eq!(spec.inputs[0].path.as_deref(), Some("run-1"));
@@ -161,22 +178,34 @@ fn a_marker_rules_glob_selects_folders() {
     let text = MARKER.replace("marker: _SUCCESS", "marker: _SUCCESS\n  glob: \"run-*\"");
     let rule = parse_rule(&text, Format::Yaml).unwrap();
     assert!(rule.matches(&blob("uploads/run-1/_SUCCESS", "1")).is_some());
-    assert!(rule.matches(&blob("uploads/test-1/_SUCCESS", "1")).is_none());
-    assert!(rule.matches(&blob("uploads/run-1/sub/_SUCCESS", "1")).is_none());
+    assert!(
+        rule.matches(&blob("uploads/test-1/_SUCCESS", "1"))
+            .is_none()
+    );
+    assert!(
+        rule.matches(&blob("uploads/run-1/sub/_SUCCESS", "1"))
+            .is_none()
+    );
 }
 
 #[test]
 fn a_marker_at_the_bucket_root_takes_nothing() {
-    let rule = parse_rule(&MARKER.replace("prefix: uploads/", "prefix: \"\""), Format::Yaml).unwrap();
+    let rule = parse_rule(
+        &MARKER.replace("prefix: uploads/", "prefix: \"\""),
+        Format::Yaml,
+    )
+    .unwrap();
     assert!(rule.matches(&blob("_SUCCESS", "1")).is_none());
     assert!(rule.matches(&blob("x/_SUCCESS", "1")).is_some());
 }
 
 #[test]
 fn dollar_dollar_brace_is_a_literal() {
-    let rule = rule_with(r#"{ name: x, command: [sh, -c, "echo $${HOME} ${stem} $5 $$x $"] }"#)
+    let rule =
+        rule_with(r#"{ name: x, command: [sh, -c, "echo $${HOME} ${stem} $5 $$x $"] }"#).unwrap();
+    let spec = rule
+        .render(&Bindings::for_object("r", "a.csv", "1"))
         .unwrap();
-    let spec = rule.render(&Bindings::for_object("r", "a.csv", "1")).unwrap();
     assert_eq!(spec.command[2], "echo ${HOME} a $5 $$x $");
 }
 
@@ -186,7 +215,9 @@ fn keys_and_nested_values_are_substituted() {
         r#"{ name: x, command: [x], env: { "${ext}_FILE": "${key}" }, labels: { "src-${ext}": "${stem}" } }"#,
     )
     .unwrap();
-    let spec = rule.render(&Bindings::for_object("r", "d/t.csv", "1")).unwrap();
+    let spec = rule
+        .render(&Bindings::for_object("r", "d/t.csv", "1"))
+        .unwrap();
     assert_eq!(spec.env["csv_FILE"], "d/t.csv");
     assert_eq!(spec.labels["src-csv"], "t");
 }
@@ -194,14 +225,18 @@ fn keys_and_nested_values_are_substituted() {
 #[test]
 fn substituted_names_are_sanitized_and_cut() {
     let rule = rule_with("{ name: \"job_${stem}.v1\", command: [x] }").unwrap();
-    let spec = rule.render(&Bindings::for_object("r", "in/my data (2)+ü.csv", "1")).unwrap();
+    let spec = rule
+        .render(&Bindings::for_object("r", "in/my data (2)+ü.csv", "1"))
+        .unwrap();
     assert_eq!(spec.name, "job_my-data--2---.v1");
     let long = format!("in/{}.csv", "a".repeat(600));
     let spec = rule.render(&Bindings::for_object("r", &long, "1")).unwrap();
     assert_eq!(spec.name.len(), 128);
     // Only `name` is sanitized: elsewhere the value is passed through.
     let rule = rule_with("{ name: x, command: [x, \"${stem}\"] }").unwrap();
-    let spec = rule.render(&Bindings::for_object("r", "in/my data.csv", "1")).unwrap();
+    let spec = rule
+        .render(&Bindings::for_object("r", "in/my data.csv", "1"))
+        .unwrap();
     assert_eq!(spec.command[1], "my data");
 }
 
@@ -210,13 +245,22 @@ fn unknown_variables_are_errors_with_paths() {
     let e = rule_with("{ name: x, command: [a, b, \"--x=${foo}\"] }").unwrap_err();
     assert_eq!(
         error_lines(&e),
-        ["template.command[2]: unknown variable ${foo}; known: key, uri, prefix, basename, stem, ext, rule, version, input_path"]
+        [
+            "template.command[2]: unknown variable ${foo}; known: key, uri, prefix, basename, stem, ext, rule, version, input_path"
+        ]
     );
-    let e = rule_with("{ name: x, command: [x], env: { \"${bar}\": v, B: \"${oops\" } }").unwrap_err();
+    let e =
+        rule_with("{ name: x, command: [x], env: { \"${bar}\": v, B: \"${oops\" } }").unwrap_err();
     let lines = error_lines(&e);
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(lines[0].starts_with("template.env.${bar}: unknown variable ${bar}"), "{lines:?}");
-    assert!(lines[1].starts_with("template.env.B: unclosed `${`"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("template.env.${bar}: unknown variable ${bar}"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("template.env.B: unclosed `${`"),
+        "{lines:?}"
+    );
     let e = rule_with("{ name: \"${}\", command: [x] }").unwrap_err();
     assert!(error_lines(&e)[0].starts_with("template.name: unknown variable ${}"));
 }
@@ -250,7 +294,10 @@ fn malformed_rules_name_the_field() {
         assert_eq!(e.errors.len(), 1, "{text}: {e}");
         let err = &e.errors[0];
         if path.is_empty() {
-            assert!(err.message.contains("line"), "a syntax error says where: {e}");
+            assert!(
+                err.message.contains("line"),
+                "a syntax error says where: {e}"
+            );
         } else {
             assert!(
                 err.path == path || (path == "template" && err.message.contains("`template`")),
@@ -277,7 +324,13 @@ fn rule_fields_are_checked_together() {
     let paths: Vec<_> = e.errors.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
         paths,
-        ["name", "project", "match.prefix", "match.marker", "template.resources.nodes"]
+        [
+            "name",
+            "project",
+            "match.prefix",
+            "match.marker",
+            "template.resources.nodes"
+        ]
     );
     for prefix in ["/abs/", "a/../b/", "./x/"] {
         let e = parse_rule(&CSV.replace("incoming/", prefix), Format::Yaml).unwrap_err();
@@ -326,7 +379,11 @@ fn idempotency_keys_are_stable_per_version() {
     let long = format!("incoming/{}.csv", "x".repeat(1000));
     assert_eq!(spec(&long, "v1").len(), k.len(), "long keys are hashed");
     // Another rule taking the same object makes its own job.
-    let other = parse_rule(&CSV.replace("name: train-on-csv", "name: other"), Format::Yaml).unwrap();
+    let other = parse_rule(
+        &CSV.replace("name: train-on-csv", "name: other"),
+        Format::Yaml,
+    )
+    .unwrap();
     let b = other.matches(&blob("incoming/a.csv", "v1")).unwrap();
     assert_ne!(k, other.render(&b).unwrap().idempotency_key.unwrap());
     // The split between key and version cannot be moved.
@@ -342,9 +399,18 @@ fn marker_idempotency_is_per_folder_and_version() {
         let b = rule.matches(&blob(k, v)).unwrap();
         rule.render(&b).unwrap().idempotency_key.unwrap()
     };
-    assert_eq!(key("uploads/r/_SUCCESS", "1"), key("uploads/r/_SUCCESS", "1"));
-    assert_ne!(key("uploads/r/_SUCCESS", "1"), key("uploads/r/_SUCCESS", "2"));
-    assert_ne!(key("uploads/r/_SUCCESS", "1"), key("uploads/s/_SUCCESS", "1"));
+    assert_eq!(
+        key("uploads/r/_SUCCESS", "1"),
+        key("uploads/r/_SUCCESS", "1")
+    );
+    assert_ne!(
+        key("uploads/r/_SUCCESS", "1"),
+        key("uploads/r/_SUCCESS", "2")
+    );
+    assert_ne!(
+        key("uploads/r/_SUCCESS", "1"),
+        key("uploads/s/_SUCCESS", "1")
+    );
 }
 
 #[test]
@@ -385,7 +451,12 @@ fn a_folder_of_rules_loads_what_it_can() {
     assert_eq!(names, ["train-on-csv", "on-upload"]);
     let failed: Vec<_> = errors
         .iter()
-        .map(|(p, e)| (p.file_name().unwrap().to_str().unwrap(), e.errors[0].path.as_str()))
+        .map(|(p, e)| {
+            (
+                p.file_name().unwrap().to_str().unwrap(),
+                e.errors[0].path.as_str(),
+            )
+        })
         .collect();
     assert_eq!(failed, [("c.json", ""), ("d.yaml", "name")]);
     assert!(errors[1].1.to_string().contains("already defined in"));
@@ -403,10 +474,17 @@ fn the_example_rules_load_cleanly() {
     assert!(errors.is_empty(), "{errors:?}");
     let names: Vec<_> = rules.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["train-on-csv", "train-on-upload-marker"]);
-    let spec = rules[0].render(&rules[0].matches(&blob("incoming/iris.csv", "e1")).unwrap()).unwrap();
+    let spec = rules[0]
+        .render(&rules[0].matches(&blob("incoming/iris.csv", "e1")).unwrap())
+        .unwrap();
     assert_eq!(spec.name, "train-iris");
-    let b = rules[1].matches(&blob("uploads/run-7/_SUCCESS", "e1")).unwrap();
-    assert_eq!(rules[1].render(&b).unwrap().inputs[0].uri, "bucket://uploads/run-7/");
+    let b = rules[1]
+        .matches(&blob("uploads/run-7/_SUCCESS", "e1"))
+        .unwrap();
+    assert_eq!(
+        rules[1].render(&b).unwrap().inputs[0].uri,
+        "bucket://uploads/run-7/"
+    );
 }
 
 proptest! {
