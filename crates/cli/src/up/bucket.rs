@@ -150,7 +150,17 @@ pub async fn watch(stack: Stack, mut stop: watch::Receiver<bool>) {
                 let ready: Vec<PathBuf> = pending.iter().filter(|(_, t)| **t <= now).map(|(p, _)| p.clone()).collect();
                 for p in ready {
                     pending.remove(&p);
-                    handle(&stack, &root, &p, &mut seen).await;
+                    // A new folder: files written into it before the watcher
+                    // covered it raise no events of their own.
+                    let mut files = Vec::new();
+                    if p.is_dir() {
+                        scan(&p, &mut files);
+                    } else {
+                        files.push(p);
+                    }
+                    for f in files {
+                        handle(&stack, &root, &f, &mut seen).await;
+                    }
                 }
             }
             _ = rescan.tick() => {

@@ -227,3 +227,5 @@ fn check_name(name: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_load;

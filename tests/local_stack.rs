@@ -1,0 +1,325 @@
+//! The embedded default end to end: the real `respawn up`, agents and trainer.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rand::Rng;
+use respawn_e2e::*;
+use serde_json::Value;
+
+/// These tests start many processes; on 2 cores they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const K: u64 = 50;
+const TRAINER_ARGS: [&str; 8] = [
+    "--steps",
+    "1200",
+    "--checkpoint-every",
+    "50",
+    "--hidden",
+    "8",
+    "--seed",
+    "11",
+];
+
+fn rule() -> String {
+    format!(
+        r#"name: train-on-csv
+match:
+  prefix: incoming/
+  glob: "*.csv"
+template:
+  name: train-${{stem}}
+  command: [respawn-trainer, {}, --step-delay-ms, "5", --log-every, "1"]
+  inputs: ["${{uri}}"]
+"#,
+        TRAINER_ARGS.map(|a| format!("\"{a}\"")).join(", ")
+    )
+}
+
+fn outcome(a: &Value) -> &str {
+    a["outcome"]["kind"].as_str().unwrap_or("live")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_csv_trains_through_three_preemptions_to_the_same_model() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("triggers")).unwrap();
+    std::fs::write(data.join("triggers/train.yaml"), rule()).unwrap();
+    let csv = dir.path().join("points.csv");
+    generate_csv(400, &csv);
+    let expected = baseline_model(&csv, &TRAINER_ARGS);
+
+    let up = Up::start(&data, &["--slots", "2"]).await;
+    drop_file(
+        &data.join("bucket/incoming/points.csv"),
+        &std::fs::read(&csv).unwrap(),
+    );
+
+    // Exactly one job from the file.
+    let mut jobs = Vec::new();
+    for _ in 0..200 {
+        jobs = up.jobs().await;
+        if !jobs.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(jobs.len(), 1, "one job per dropped file");
+    let id = jobs[0]["id"].as_str().unwrap().to_owned();
+
+    // Three preemptions at random points: two with a notice longer than a
+    // checkpoint takes, one with a notice too short for the SIGTERM checkpoint.
+    let notices = [
+        Duration::from_secs(5),
+        Duration::from_millis(150),
+        Duration::from_secs(5),
+    ];
+    let mut rng = rand::rng();
+    for (i, notice) in notices.iter().enumerate() {
+        let attempt = (i + 1) as u64;
+        up.wait_job(&id, Duration::from_secs(60), "running", |j| {
+            j["state"] == "running" && j["attempt"].as_u64() == Some(attempt)
+        })
+        .await;
+        if i == 1 {
+            // A torn upload in the bucket, newer than anything real: no attempt may restore it.
+            drop_file(
+                &data.join(format!(
+                    "bucket/jobs/{id}/checkpoints/{:020}/state.txt",
+                    99_999
+                )),
+                b"torn",
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
+        assert!(up.preempt(&id, *notice).await, "preempt attempt {attempt}");
+        up.wait_job(&id, Duration::from_secs(30), "next attempt", |j| {
+            j["attempt"].as_u64() > Some(attempt)
+        })
+        .await;
+    }
+    let job = up
+        .wait_job(&id, Duration::from_secs(120), "succeeded", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(
+        attempts.len(),
+        4,
+        "three preemptions, four attempts: {job:#}"
+    );
+    assert_eq!(
+        job["failures"], 0,
+        "preemptions never spend the failure budget"
+    );
+    assert_eq!(job["infra_losses"], 3);
+    let mut committed: HashSet<u64> = HashSet::new();
+    for (i, a) in attempts.iter().enumerate() {
+        let n = a["number"].as_u64().unwrap();
+        let restored = a["restored_checkpoint"].as_u64();
+        if let Some(r) = restored {
+            assert!(
+                committed.contains(&r),
+                "attempt {n} restored {r}, which no attempt committed"
+            );
+            assert_ne!(r, 99_999, "the torn checkpoint was restored");
+        }
+        if let Some(c) = a["last_checkpoint"].as_u64() {
+            committed.insert(c);
+        }
+        let Some(next) = attempts.get(i + 1) else {
+            break;
+        };
+        assert!(
+            matches!(outcome(a), "preempted" | "lost"),
+            "attempt {n}: {a}"
+        );
+        let stdout = up.attempt_stdout(&id, n);
+        let resumed = next["restored_checkpoint"].as_u64().unwrap_or(0);
+        let reached = last_step(&stdout).unwrap_or(0);
+        let redone = reached.saturating_sub(resumed);
+        assert!(
+            redone <= K,
+            "attempt {n}: reached step {reached}, next resumed from {resumed}: {redone} steps redone"
+        );
+        if notices[i] > Duration::from_secs(1) {
+            let at = sigterm_step(&stdout).expect("the trainer checkpointed on SIGTERM");
+            assert_eq!(
+                resumed, at,
+                "with a long notice the next attempt resumes where this one stopped"
+            );
+            assert_eq!(reached, at, "and nothing is redone");
+        }
+    }
+    let model = std::fs::read(data.join(format!("bucket/jobs/{id}/outputs/model.txt"))).unwrap();
+    assert!(
+        model == expected,
+        "the model after 3 preemptions differs from an uninterrupted run"
+    );
+    assert_eq!(up.jobs().await.len(), 1, "still exactly one job");
+}
+
+fn quick_job(i: usize) -> String {
+    format!(
+        "name: burst-{i}\ncommand: [respawn-trainer, --steps, \"300\", --checkpoint-every, \"50\", --step-delay-ms, \"10\", --hidden, \"4\"]\n\
+         inputs: [\"bucket://shared/points.csv\"]\nidempotency_key: burst-{i}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_broker_with_twenty_jobs_running_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate_csv(200, &dir.path().join("points.csv"));
+    drop_file(
+        &data.join("bucket/shared/points.csv"),
+        &std::fs::read(dir.path().join("points.csv")).unwrap(),
+    );
+
+    let mut up = Up::start(&data, &["--slots", "20"]).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            up.submit(&quick_job(i)).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Kill the broker while the jobs are in flight.
+    for _ in 0..100 {
+        let running = up
+            .jobs()
+            .await
+            .iter()
+            .filter(|j| j["state"] == "running")
+            .count();
+        if running >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    up.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut up = Up::start(&data, &["--slots", "20"]).await;
+    // Resubmitting (a client retrying after the crash) must not make new jobs.
+    for i in 0..20 {
+        let again = up.submit(&quick_job(i)).await;
+        assert_eq!(again["id"].as_str().unwrap(), ids[i]);
+    }
+    for id in &ids {
+        up.wait_job(id, Duration::from_secs(120), "terminal", |j| {
+            matches!(
+                j["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+        })
+        .await;
+    }
+    let jobs = up.jobs().await;
+    assert_eq!(jobs.len(), 20, "exactly the 20 jobs, none duplicated");
+    for id in &ids {
+        let job = up.job(id).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        let attempts = job["attempts"].as_array().unwrap();
+        let succeeded = attempts
+            .iter()
+            .filter(|a| outcome(a) == "succeeded")
+            .count();
+        assert_eq!(succeeded, 1, "completed exactly once: {job:#}");
+        for pair in attempts.windows(2) {
+            let ended = pair[0]["ended_at"].as_u64().unwrap();
+            let next = pair[1]["dispatched_at"].as_u64().unwrap();
+            assert!(next >= ended, "two live attempts at once: {job:#}");
+        }
+        assert!(
+            data.join(format!("bucket/jobs/{id}/outputs/model.txt"))
+                .is_file()
+        );
+    }
+    let left = wait_no_leftovers(&data, Duration::from_secs(10)).await;
+    let left: Vec<_> = left
+        .into_iter()
+        .filter(|(pid, _)| *pid != up.pid().as_raw())
+        .collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(up.interrupt().success(), "clean exit on Ctrl-C");
+    assert!(
+        wait_no_leftovers(&data, Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_and_unmatched_files_are_reported_and_the_broker_keeps_serving() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let triggers = data.join("triggers");
+    std::fs::create_dir_all(&triggers).unwrap();
+    std::fs::write(
+        triggers.join("broken-yaml.yaml"),
+        "name: broken\nmatch: [unclosed\n",
+    )
+    .unwrap();
+    std::fs::write(
+        triggers.join("bad-template.yaml"),
+        "name: bad-template\nmatch: { prefix: incoming/, glob: \"*.csv\" }\ntemplate:\n  name: t\n  command: [x]\n  resources: { gpus: two }\n",
+    )
+    .unwrap();
+    std::fs::write(triggers.join("good.yaml"), rule()).unwrap();
+    let up = Up::start(&data, &[]).await;
+
+    drop_file(
+        &data.join("bucket/unmatched/readme.txt"),
+        b"nothing to train on",
+    );
+    let csv = dir.path().join("p.csv");
+    generate_csv(100, &csv);
+    drop_file(
+        &data.join("bucket/incoming/p.csv"),
+        &std::fs::read(&csv).unwrap(),
+    );
+    let mut jobs = Vec::new();
+    for _ in 0..200 {
+        jobs = up.jobs().await;
+        if !jobs.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        jobs.len(),
+        1,
+        "the good rule still makes its job:\n{}",
+        up.log_text()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = up.log_text();
+    assert!(
+        log.contains("broken-yaml.yaml"),
+        "the malformed rule file is named:\n{log}"
+    );
+    assert!(
+        log.contains("bad-template") && log.contains("template.resources.gpus"),
+        "the bad template is named with its field:\n{log}"
+    );
+    assert!(
+        log.contains("no trigger rule matches") && log.contains("unmatched/readme.txt"),
+        "the unmatched file is reported:\n{log}"
+    );
+    assert_eq!(
+        up.get("/v1/jobs").await["jobs"].as_array().unwrap().len(),
+        1,
+        "API still serves"
+    );
+}

@@ -1,0 +1,307 @@
+//! Helpers for end-to-end tests: run the real `respawn up` as a child process, talk
+//! to its API, and look at what it left on disk and in the process table.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+/// A workspace binary, built next to the test binary's folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built: run the workspace's tests (cargo test --workspace) or cargo build first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `respawn up`.
+#[derive(Debug)]
+pub struct Up {
+    pub child: Child,
+    pub data: PathBuf,
+    pub base: String,
+    pub log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Up {
+    /// Starts `respawn up` on `data` and waits until its API answers.
+    pub async fn start(data: &Path, extra: &[&str]) -> Up {
+        let port = free_port();
+        let log = data.join(format!("up-{port}.log"));
+        std::fs::create_dir_all(data).unwrap();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary("respawn"))
+            .arg("up")
+            .arg("--data")
+            .arg(data)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--heartbeat-secs",
+                "1",
+            ])
+            .args(extra)
+            .env("RESPAWN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let up = Up {
+            child,
+            data: data.to_owned(),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            http: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if up
+                .http
+                .get(format!("{}/healthz", up.base))
+                .send()
+                .await
+                .is_ok()
+            {
+                return up;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("respawn up did not start:\n{}", up.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// SIGKILL: the broker dies at whatever line it was on.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Ctrl-C, and wait for a clean exit.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let _ = kill(self.pid(), Signal::SIGINT);
+        self.child.wait().unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        resp.json().await.unwrap()
+    }
+
+    pub async fn submit(&self, spec: &str) -> Value {
+        let resp = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .body(spec.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "submit failed: {}",
+            resp.text().await.unwrap()
+        );
+        resp.json().await.unwrap()
+    }
+
+    /// Sends a preemption notice to the job's VM; `false` if it had none running.
+    pub async fn preempt(&self, job: &str, notice: Duration) -> bool {
+        let resp = self
+            .http
+            .post(format!("{}/v1/preempt", self.base))
+            .json(&json!({ "target": job, "notice_secs": notice.as_secs_f64() }))
+            .send()
+            .await
+            .unwrap();
+        resp.status().is_success()
+    }
+
+    pub async fn jobs(&self) -> Vec<Value> {
+        self.get("/v1/jobs?limit=1000").await["jobs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.get(&format!("/v1/jobs/{id}")).await
+    }
+
+    /// Waits until `f` holds for the job; panics with the broker's log after `timeout`.
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if f(&job) {
+                return job;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "job {id}: {what} not reached in {timeout:?}; job: {job:#}\nlog:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The whole stdout of one attempt, as shipped to the bucket.
+    pub fn attempt_stdout(&self, job: &str, attempt: u64) -> String {
+        let dir = self
+            .data
+            .join(format!("bucket/jobs/{job}/attempts/{attempt}/stdout"));
+        let mut chunks: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        chunks.sort();
+        chunks
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_leftovers(&self.data);
+    }
+}
+
+/// Processes (agents, workloads) whose command line or environment mentions `data`.
+pub fn leftovers(data: &Path) -> Vec<(i32, String)> {
+    let needle = data.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
+                .replace('\0', " ");
+            let cwd = std::fs::read_link(e.path().join("cwd"))
+                .ok()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let ours = cmdline.contains(&needle) || cwd.starts_with(&needle);
+            (ours && !cmdline.is_empty()).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+pub fn kill_leftovers(data: &Path) {
+    for (pid, _) in leftovers(data) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Waits until no process of `data` is left; returns those still there after `timeout`.
+pub async fn wait_no_leftovers(data: &Path, timeout: Duration) -> Vec<(i32, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = leftovers(data);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the trainer directly, uninterrupted, and returns its model bytes.
+pub fn baseline_model(csv: &Path, args: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    let output = dir.path().join("output");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::create_dir_all(&output).unwrap();
+    std::fs::copy(csv, input.join("data.csv")).unwrap();
+    let status = Command::new(binary("respawn-trainer"))
+        .args(args)
+        .env("RESPAWN_INPUT_DIR", &input)
+        .env("RESPAWN_OUTPUT_DIR", &output)
+        .env("RESPAWN_CHECKPOINT_DIR", dir.path().join("ckpt"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(output.join("model.txt")).unwrap()
+}
+
+/// A CSV from the trainer's generator.
+pub fn generate_csv(rows: usize, path: &Path) {
+    let out = Command::new(binary("respawn-trainer"))
+        .args(["--generate-csv", &rows.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(path, out.stdout).unwrap();
+}
+
+/// Writes `bytes` to `path` atomically (aside, then renamed), as an upload tool would.
+pub fn drop_file(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_file_name(format!(
+        ".{}.partial",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The biggest `step N` the trainer printed.
+pub fn last_step(stdout: &str) -> Option<u64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+}
+
+/// The step of `checkpointed step N on SIGTERM`, if the trainer printed it.
+pub fn sigterm_step(stdout: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        l.strip_prefix("checkpointed step ")?
+            .strip_suffix(" on SIGTERM")?
+            .parse()
+            .ok()
+    })
+}
