@@ -18,7 +18,10 @@ use respawn_e2e::*;
 const PREEMPTIONS: usize = 100;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -36,12 +39,16 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     generate_csv(300, &dir.path().join("p.csv"));
-    drop_file(&data.join("bucket/in/p.csv"), &std::fs::read(dir.path().join("p.csv")).unwrap());
+    drop_file(
+        &data.join("bucket/in/p.csv"),
+        &std::fs::read(dir.path().join("p.csv")).unwrap(),
+    );
     let up = Up::start(&data, &["--slots", "2"]).await;
     let spec = "name: long-run\ncommand: [respawn-trainer, --steps, \"100000000\", --checkpoint-every, \"200\", --step-delay-ms, \"2\", --hidden, \"8\"]\ninputs: [\"bucket://in/p.csv\"]\n";
     let id = up.submit(spec).await["id"].as_str().unwrap().to_owned();
 
-    let (mut total, mut to_exit, mut to_dispatch, mut to_start) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut total, mut to_exit, mut to_dispatch, mut to_start) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         let attempt = (i + 1) as u64;
         up.wait_job(&id, Duration::from_secs(60), "running", |j| {
@@ -53,7 +60,10 @@ async fn main() {
         assert!(up.preempt(&id, Duration::from_secs(10)).await);
         let job = up
             .wait_job(&id, Duration::from_secs(60), "replacement started", |j| {
-                j["attempts"].as_array().and_then(|a| a.get(i + 1)).is_some_and(|a| a["started_at"].is_u64())
+                j["attempts"]
+                    .as_array()
+                    .and_then(|a| a.get(i + 1))
+                    .is_some_and(|a| a["started_at"].is_u64())
             })
             .await;
         let old = &job["attempts"][i];
@@ -74,10 +84,21 @@ async fn main() {
     println!("|---|---:|---:|---:|");
     for (name, v) in [
         ("notice → replacement workload started", &total),
-        ("notice → old attempt ended (SIGTERM, checkpoint, upload, exit report)", &to_exit),
+        (
+            "notice → old attempt ended (SIGTERM, checkpoint, upload, exit report)",
+            &to_exit,
+        ),
         ("old attempt ended → replacement dispatched", &to_dispatch),
-        ("dispatched → workload started (VM, agent, restore)", &to_start),
+        (
+            "dispatched → workload started (VM, agent, restore)",
+            &to_start,
+        ),
     ] {
-        println!("| {name} | {} ms | {} ms | {} ms |", pct(v, 0.5), pct(v, 0.99), v[v.len() - 1]);
+        println!(
+            "| {name} | {} ms | {} ms | {} ms |",
+            pct(v, 0.5),
+            pct(v, 0.99),
+            v[v.len() - 1]
+        );
     }
 }

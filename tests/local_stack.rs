@@ -211,9 +211,9 @@ async fn sigkill_of_the_broker_with_twenty_jobs_running_loses_nothing() {
 
     let mut up = Up::start(&data, &["--slots", "20"]).await;
     // Resubmitting (a client retrying after the crash) must not make new jobs.
-    for i in 0..20 {
+    for (i, id) in ids.iter().enumerate() {
         let again = up.submit(&quick_job(i)).await;
-        assert_eq!(again["id"].as_str().unwrap(), ids[i]);
+        assert_eq!(again["id"].as_str().unwrap(), id);
     }
     for id in &ids {
         up.wait_job(id, Duration::from_secs(120), "terminal", |j| {

@@ -101,14 +101,14 @@ pub async fn watch(stack: Stack, mut stop: watch::Receiver<bool>) {
     let root = stack.config.data.join("bucket");
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if matches!(
+        if let Ok(ev) = res
+            && matches!(
                 ev.kind,
                 notify::EventKind::Create(_) | notify::EventKind::Modify(_)
-            ) {
-                for p in ev.paths {
-                    let _ = tx.send(p);
-                }
+            )
+        {
+            for p in ev.paths {
+                let _ = tx.send(p);
             }
         }
     });
