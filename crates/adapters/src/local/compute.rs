@@ -99,6 +99,9 @@ pub struct LocalCompute {
     cfg: LocalComputeConfig,
     queue: Arc<dyn Queue>,
     vms: Mutex<BTreeMap<AllocationKey, VmRecord>>,
+    /// Agents this process started and has not yet reaped, by VM id: their pids
+    /// cannot have been reused, even before their command line shows.
+    children: Mutex<BTreeMap<String, u32>>,
     this: Weak<LocalCompute>,
 }
 
@@ -129,6 +132,7 @@ impl LocalCompute {
             cfg,
             queue,
             vms: Mutex::new(vms),
+            children: Mutex::new(BTreeMap::new()),
             this: this.clone(),
         });
         compute.adopt().await;
@@ -248,7 +252,13 @@ impl LocalCompute {
     }
 
     fn kill_vm(&self, r: &VmRecord) {
-        if let Some(pid) = agent_pid(&r.id) {
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&r.id)
+            .copied();
+        if let Some(pid) = agent_pid(&r.id).or(child) {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
         self.kill_workload(&r.id);
@@ -272,6 +282,15 @@ impl LocalCompute {
             match child {
                 Some(mut c) => {
                     let _ = c.wait().await;
+                    if let Some(this) = this.upgrade() {
+                        let r = this.lock().get(&key).map(|r| r.id.clone());
+                        if let Some(id) = r {
+                            this.children
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&id);
+                        }
+                    }
                 }
                 None => {
                     while kill(Pid::from_raw(pid as i32), None).is_ok() {
@@ -465,6 +484,10 @@ impl Compute for LocalCompute {
             }
         };
         let pid = child.id().unwrap_or_default();
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.clone(), pid);
         let rec = {
             let mut vms = self.lock();
             let r = vms.get_mut(&req.key).map(|r| {
@@ -484,9 +507,14 @@ impl Compute for LocalCompute {
             r.released = true;
             r.clone()
         });
-        if let Some(r) = rec.filter(|r| r.state != VmState::Terminated) {
-            self.persist(&r);
+        if let Some(mut r) = rec.filter(|r| r.state != VmState::Terminated) {
             self.kill_vm(&r);
+            // SIGKILL is final: the VM is gone now, whenever its watcher notices.
+            r.state = VmState::Terminated;
+            if let Some(stored) = self.lock().get_mut(key) {
+                stored.state = VmState::Terminated;
+            }
+            self.persist(&r);
         }
         Ok(())
     }

@@ -1,0 +1,196 @@
+//! The local compute provider: the compute conformance suite, preemption through
+//! the notice file, and adoption of running VMs by a restarted broker. A stand-in
+//! agent (a shell script named `respawn-agent`) keeps these tests independent of
+//! the real agent, which the end-to-end tests cover.
+#![cfg(feature = "local")]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use respawn_adapters::local::{LocalCompute, LocalComputeConfig, LocalStore, vm_process_alive};
+use respawn_core::job::JobId;
+use respawn_core::lifecycle::Event;
+use respawn_core::messages::Message;
+use respawn_core::ports::Queue;
+use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, VmState};
+use respawn_core::ports::queue::Receive;
+use respawn_core::spec::{Placement, Resources};
+use respawn_core::time::Timestamp;
+
+const EVENTS: &str = "test.events";
+
+fn fake_agent(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("respawn-agent");
+    std::fs::write(&path, "#!/bin/sh\nsleep 60\n").expect("write agent");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+fn config(dir: &Path, slots: usize) -> LocalComputeConfig {
+    LocalComputeConfig {
+        data_dir: dir.join("data"),
+        store_dir: dir.join("data"),
+        bucket_dir: dir.join("data/bucket"),
+        agent_bin: fake_agent(dir),
+        extra_path: None,
+        cpu_slots: slots,
+        gpus: Vec::new(),
+        events_queue: EVENTS.into(),
+        heartbeat_secs: 1,
+        notice: Duration::from_millis(300),
+    }
+}
+
+fn request(job: &JobId, attempt: u32) -> AllocateRequest {
+    AllocateRequest {
+        key: AllocationKey {
+            job: job.clone(),
+            attempt,
+        },
+        resources: Resources::default(),
+        placement: Placement::default(),
+        image: None,
+    }
+}
+
+async fn terminations(queue: &dyn Queue) -> Vec<(JobId, u32, String)> {
+    let got = queue
+        .receive(
+            EVENTS,
+            Receive {
+                max: 100,
+                lease: Duration::from_secs(30),
+                wait: Duration::ZERO,
+            },
+        )
+        .await
+        .expect("receive");
+    got.iter()
+        .filter_map(|d| match serde_json::from_slice::<Message>(&d.body).ok()? {
+            Message::Event {
+                job,
+                event: Event::VmTerminated { attempt, reason },
+                ..
+            } => Some((job, attempt, reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_compute_conformance_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let compute = LocalCompute::open(config(dir.path(), 2), Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    respawn_core::conformance::compute::run(compute.as_ref()).await;
+    for vm in compute.list().await.expect("list") {
+        compute.release(&vm.key).await.expect("release");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_and_unschedulable_requests_are_told_apart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let compute = LocalCompute::open(config(dir.path(), 1), Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    let job = JobId::generate(Timestamp(1));
+    let first = compute.allocate(&request(&job, 1)).await.expect("allocate");
+    let other = JobId::generate(Timestamp(2));
+    let busy = compute.allocate(&request(&other, 1)).await;
+    assert!(
+        matches!(busy, Err(respawn_core::ports::compute::Error::Capacity(_))),
+        "{busy:?}"
+    );
+    let mut gpu = request(&other, 1);
+    gpu.resources.gpus = 1;
+    let never = compute.allocate(&gpu).await;
+    assert!(
+        matches!(&never, Err(respawn_core::ports::compute::Error::Invalid(m)) if m.contains("GPU")),
+        "a GPU job on a machine without GPUs can never run: {never:?}"
+    );
+    compute.release(&first.key).await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_writes_a_notice_then_reclaims_the_vm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let queue = Arc::new(store.queue(5));
+    let compute = LocalCompute::open(config(dir.path(), 2), queue.clone())
+        .await
+        .expect("open");
+    let job = JobId::generate(Timestamp(1));
+    let vm = compute.allocate(&request(&job, 1)).await.expect("allocate");
+    assert_eq!(
+        compute.preempt(job.as_str(), None).as_deref(),
+        Some(vm.id.as_str())
+    );
+    let notice = dir.path().join(format!("data/vms/{}/notice.json", vm.id));
+    let body: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&notice).expect("notice file")).expect("json");
+    assert!(body["deadline_ms"].as_u64().is_some());
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(!vm_process_alive(&vm.id), "reclaimed at the deadline");
+    let described = compute
+        .describe(&vm.key)
+        .await
+        .expect("describe")
+        .expect("known");
+    assert_eq!(described.state, VmState::Terminated);
+    let reported = terminations(queue.as_ref()).await;
+    assert_eq!(
+        reported,
+        vec![(job, 1, "preempted".to_owned())],
+        "the broker is told"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_provider_adopts_running_vms_and_reports_dead_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let queue = Arc::new(store.queue(5));
+    let compute = LocalCompute::open(config(dir.path(), 3), queue.clone())
+        .await
+        .expect("open");
+    let (a, b) = (JobId::generate(Timestamp(1)), JobId::generate(Timestamp(2)));
+    let vm_a = compute.allocate(&request(&a, 1)).await.expect("allocate a");
+    let vm_b = compute.allocate(&request(&b, 1)).await.expect("allocate b");
+    // The broker goes away; VM b dies while it is down.
+    drop(compute);
+    let pid_b = std::fs::read_to_string(dir.path().join(format!("data/vms/{}/vm.json", vm_b.id)))
+        .expect("vm.json");
+    let pid_b: serde_json::Value = serde_json::from_str(&pid_b).expect("json");
+    let pid_b = pid_b["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid_b),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill b");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = terminations(queue.as_ref()).await;
+
+    let compute = LocalCompute::open(config(dir.path(), 3), queue.clone())
+        .await
+        .expect("reopen");
+    let running: Vec<_> = compute.running().into_iter().map(|v| v.id).collect();
+    assert_eq!(
+        running,
+        vec![vm_a.id.clone()],
+        "a is adopted, b is known dead"
+    );
+    let reported = terminations(queue.as_ref()).await;
+    assert!(
+        reported.iter().any(|(j, _, _)| j == &b),
+        "b's death is reported: {reported:?}"
+    );
+    compute.release(&vm_a.key).await.expect("release a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!vm_process_alive(&vm_a.id));
+}
