@@ -323,3 +323,46 @@ async fn bad_rules_and_unmatched_files_are_reported_and_the_broker_keeps_serving
         "API still serves"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_reach_the_workload_and_nothing_else() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = Up::start(&data, &[]).await;
+    let spec = "name: uses-a-secret\n\
+                command: [sh, -c, 'test \"$(printf %s \"$API_TOKEN\" | sha256sum | cut -c1-16)\" = 8fc72cfd7a91177d && echo token-ok']\n\
+                secrets: { API_TOKEN: s3cr3t-v4lue }\n";
+    let job = up.submit(spec).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = up
+        .wait_job(&id, Duration::from_secs(30), "terminal", |j| {
+            matches!(j["state"].as_str(), Some("succeeded" | "failed"))
+        })
+        .await;
+    assert_eq!(
+        done["state"], "succeeded",
+        "the workload saw the secret: {done:#}"
+    );
+    assert!(up.attempt_stdout(&id, 1).contains("token-ok"));
+    assert!(
+        done["spec"]["secrets"]["API_TOKEN"]["redacted"] == true,
+        "{done:#}"
+    );
+    let needle = b"s3cr3t-v4lue";
+    let leaks = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !leaks(job.to_string().as_bytes()) && !leaks(done.to_string().as_bytes()),
+        "API shows the value"
+    );
+    assert!(
+        !leaks(up.log_text().as_bytes()),
+        "the broker's log shows the value"
+    );
+    for f in ["respawn.db", "respawn.db-wal"] {
+        let bytes = std::fs::read(data.join(f)).unwrap_or_default();
+        assert!(!leaks(&bytes), "{f} holds the value in clear");
+    }
+    let spec_json = std::fs::read(data.join(format!("bucket/jobs/{id}/spec.json"))).unwrap();
+    assert!(!leaks(&spec_json), "the bucket's spec.json holds the value");
+}

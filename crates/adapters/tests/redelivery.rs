@@ -102,6 +102,7 @@ impl World {
             ledger: ledger.clone(),
             queue: queue.clone(),
             compute: compute.clone(),
+            secrets: Arc::new(respawn_adapters::memory::MemorySecrets::new()),
             blobs: Arc::new(object_store::memory::InMemory::new()),
             clock: Arc::new(clock.clone()),
             timeouts: setup.timeouts.clone(),

@@ -30,6 +30,7 @@ fn ports() -> Ports {
         ledger: Arc::new(MemoryLedger::new()),
         queue: Arc::new(MemoryQueue::default()),
         compute: Arc::new(MemoryCompute::new(4)),
+        secrets: std::sync::Arc::new(respawn_adapters::memory::MemorySecrets::new()),
         blobs: Arc::new(object_store::memory::InMemory::new()),
         clock: Arc::new(SystemClock),
         timeouts: Timeouts::default(),

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
 use object_store::{ObjectStore, ObjectStoreExt};
-use respawn_adapters::local::{LocalQueue, LocalStore};
+use respawn_adapters::local::{LocalQueue, LocalSecrets, LocalStore};
 use respawn_core::lifecycle::Event;
 use respawn_core::messages::Message;
+use respawn_core::ports::Secrets;
 use respawn_core::ports::queue::{Outgoing, Queue};
 use respawn_core::spec::JobSpec;
 use respawn_core::time::{Clock, SystemClock, Timestamp};
@@ -127,7 +128,25 @@ pub async fn run(args: Args) -> Result<(), Error> {
             .await;
     }
 
-    let mut workload = match Workload::spawn(&spec, &args, &dirs) {
+    let secrets = match LocalSecrets::new(args.store.join("secrets"))
+        .get(&job)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            stderr
+                .write_line(&format!("respawn: cannot read the job's secrets: {e}"))
+                .await;
+            stderr.close().await;
+            return reporter
+                .send(Event::WorkloadExited {
+                    attempt,
+                    exit_code: 126,
+                })
+                .await;
+        }
+    };
+    let mut workload = match Workload::spawn(&spec, &secrets, &args, &dirs) {
         Ok(w) => w,
         Err(e) => {
             stderr

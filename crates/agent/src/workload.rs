@@ -1,5 +1,6 @@
 //! The workload process: command or container, its environment, its signals.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -113,7 +114,12 @@ fn contract_env(
 }
 
 impl Workload {
-    pub fn spawn(spec: &JobSpec, args: &Args, dirs: &WorkloadDirs) -> Result<Self, Error> {
+    pub fn spawn(
+        spec: &JobSpec,
+        secrets: &BTreeMap<String, String>,
+        args: &Args,
+        dirs: &WorkloadDirs,
+    ) -> Result<Self, Error> {
         let (mut cmd, container) = match &spec.image {
             Some(image) => {
                 let rt = container_runtime().ok_or_else(|| Error::NoRuntime {
@@ -121,7 +127,7 @@ impl Workload {
                 })?;
                 let name = format!("respawn-{}", args.vm);
                 (
-                    container_command(&rt, &name, image, spec, args, dirs),
+                    container_command(&rt, &name, image, spec, secrets, args, dirs),
                     Some((rt, name)),
                 )
             }
@@ -129,7 +135,9 @@ impl Workload {
                 let argv = spec.argv();
                 let (program, rest) = argv.split_first().ok_or(Error::NoCommand)?;
                 let mut cmd = Command::new(program);
-                cmd.args(rest).envs(contract_env(spec, args, dirs, None));
+                cmd.args(rest)
+                    .envs(contract_env(spec, args, dirs, None))
+                    .envs(secrets);
                 cmd.current_dir(
                     spec.working_dir
                         .as_deref()
@@ -199,11 +207,14 @@ impl Workload {
     }
 }
 
+/// Secrets reach the container through the environment of `docker run` (`-e NAME`
+/// without a value), never its command line, where `ps` would show them.
 fn container_command(
     rt: &str,
     name: &str,
     image: &str,
     spec: &JobSpec,
+    secrets: &BTreeMap<String, String>,
     args: &Args,
     dirs: &WorkloadDirs,
 ) -> Command {
@@ -233,6 +244,9 @@ fn container_command(
         && spec.resources.gpus > 0
     {
         cmd.arg("--gpus").arg(format!("\"device={gpus}\""));
+    }
+    for (k, v) in secrets {
+        cmd.arg("-e").arg(k).env(k, v);
     }
     if let Some(wd) = &spec.working_dir {
         cmd.args(["-w", wd]);

@@ -10,6 +10,7 @@
 mod compute;
 mod ledger;
 mod queue;
+mod secrets;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ pub use compute::{
 };
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;
+pub use secrets::LocalSecrets;
 use writer::{Readers, Writer};
 
 /// Why the store could not be opened.

@@ -4,10 +4,12 @@
 mod compute;
 mod ledger;
 mod queue;
+mod secrets;
 
 pub use compute::MemoryCompute;
 pub use ledger::MemoryLedger;
 pub use queue::MemoryQueue;
+pub use secrets::MemorySecrets;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

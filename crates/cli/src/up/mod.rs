@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
 use respawn_adapters::local::{
-    LocalCompute, LocalComputeConfig, LocalStore, detect_gpus, sibling_binary, spawn_spot_chaos,
+    LocalCompute, LocalComputeConfig, LocalSecrets, LocalStore, detect_gpus, sibling_binary,
+    spawn_spot_chaos,
 };
 use respawn_core::lifecycle::Timeouts;
 use respawn_core::ports::{Blobs, Ports, QueueNames};
@@ -106,6 +107,7 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
         ledger: Arc::new(store.ledger()),
         queue,
         compute: compute.clone(),
+        secrets: Arc::new(LocalSecrets::new(config.data.join("secrets"))),
         blobs,
         clock: Arc::new(SystemClock),
         timeouts: local_timeouts(config.heartbeat_secs),

@@ -6,6 +6,7 @@
 pub mod compute;
 pub mod ledger;
 pub mod queue;
+pub mod secrets;
 
 use crate::job::{JobId, JobRecord};
 use crate::spec::{self, Format};

@@ -15,7 +15,7 @@ pub use message::{Disposition, handle_delivery, settle};
 pub use reconcile::{ReconcileReport, reconcile};
 pub use submit::{Submission, Submitted, submit};
 
-use crate::ports::{Retryable, compute, ledger, queue};
+use crate::ports::{Retryable, compute, ledger, queue, secrets};
 use crate::spec::SpecError;
 
 /// Why a handler failed. [`Retryable::is_retryable`] tells the host whether to
@@ -28,6 +28,8 @@ pub enum Error {
     Queue(#[from] queue::Error),
     #[error(transparent)]
     Compute(#[from] compute::Error),
+    #[error(transparent)]
+    Secrets(#[from] secrets::Error),
     #[error("invalid job spec:\n{0}")]
     Spec(#[from] SpecError),
     #[error("malformed message: {0}")]
@@ -44,6 +46,7 @@ impl Retryable for Error {
             Error::Ledger(e) => e.is_retryable(),
             Error::Queue(e) => e.is_retryable(),
             Error::Compute(e) => e.is_retryable(),
+            Error::Secrets(e) => e.is_retryable(),
             Error::Spec(_) | Error::BadMessage(_) => false,
             Error::Contended(_) | Error::Blobs(_) => true,
         }

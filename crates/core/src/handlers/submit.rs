@@ -1,5 +1,7 @@
 //! Job submitted: create the record and queue the first attempt.
 
+use std::collections::BTreeMap;
+
 use tracing::info;
 
 use super::Error;
@@ -39,6 +41,16 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
         return existing(ports, &id).await;
     }
     let id = JobId::generate(now);
+    // Secret values go to the secret store, and only their names to the ledger.
+    let values: BTreeMap<String, String> = sub
+        .spec
+        .secrets
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.expose()?.to_owned())))
+        .collect();
+    if !values.is_empty() {
+        ports.secrets.put(&id, &values).await?;
+    }
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
     // The spec goes into the job's prefix first, where agents read it; written
     // before the record, it is there whenever the record is.

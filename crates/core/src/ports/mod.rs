@@ -4,12 +4,14 @@
 pub mod compute;
 pub mod ledger;
 pub mod queue;
+pub mod secrets;
 
 use std::sync::Arc;
 
 pub use compute::Compute;
 pub use ledger::Ledger;
 pub use queue::Queue;
+pub use secrets::Secrets;
 
 use crate::lifecycle::Timeouts;
 use crate::time::Clock;
@@ -23,6 +25,7 @@ pub struct Ports {
     pub ledger: Arc<dyn Ledger>,
     pub queue: Arc<dyn Queue>,
     pub compute: Arc<dyn Compute>,
+    pub secrets: Arc<dyn Secrets>,
     pub blobs: Blobs,
     pub clock: Arc<dyn Clock>,
     pub timeouts: Timeouts,
