@@ -295,13 +295,7 @@ impl Ledger for ObjectStoreLedger {
                 break;
             }
         }
-        let next = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last().map(|r| r.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { jobs, next })
+        Ok(Page::from_overfetch(jobs, limit))
     }
 
     async fn find_by_idempotency_key(

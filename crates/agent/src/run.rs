@@ -116,16 +116,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
         // user's budget (it is the spec's inputs that are wrong), with the reason
         // in the attempt's stderr.
-        stderr
-            .write_line(&format!("respawn: cannot stage inputs: {e}"))
-            .await;
-        stderr.close().await;
-        return reporter
-            .send(Event::WorkloadExited {
-                attempt,
-                exit_code: 126,
-            })
-            .await;
+        let why = format!("cannot stage inputs: {e}");
+        return fail_attempt(&reporter, &stderr, &why, 126).await;
     }
 
     let secrets = match LocalSecrets::new(args.store.join("secrets"))
@@ -134,31 +126,15 @@ pub async fn run(args: Args) -> Result<(), Error> {
     {
         Ok(s) => s,
         Err(e) => {
-            stderr
-                .write_line(&format!("respawn: cannot read the job's secrets: {e}"))
-                .await;
-            stderr.close().await;
-            return reporter
-                .send(Event::WorkloadExited {
-                    attempt,
-                    exit_code: 126,
-                })
-                .await;
+            let why = format!("cannot read the job's secrets: {e}");
+            return fail_attempt(&reporter, &stderr, &why, 126).await;
         }
     };
     let mut workload = match Workload::spawn(&spec, &secrets, &args, &dirs) {
         Ok(w) => w,
         Err(e) => {
-            stderr
-                .write_line(&format!("respawn: cannot start the workload: {e}"))
-                .await;
-            stderr.close().await;
-            return reporter
-                .send(Event::WorkloadExited {
-                    attempt,
-                    exit_code: 127,
-                })
-                .await;
+            let why = format!("cannot start the workload: {e}");
+            return fail_attempt(&reporter, &stderr, &why, 127).await;
         }
     };
     reporter
@@ -194,6 +170,26 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     stderr.close().await;
     info!(job_id = %job, attempt, exit_code = code, "workload exited");
+    reporter
+        .send(Event::WorkloadExited {
+            attempt,
+            exit_code: code,
+        })
+        .await
+}
+
+/// Ends an attempt that could not run its workload: the reason goes to the
+/// attempt's stderr, the exit code to the broker (a user failure: it is the spec
+/// that asks for what cannot be done).
+async fn fail_attempt(
+    reporter: &Reporter,
+    stderr: &LogShipper,
+    why: &str,
+    code: i32,
+) -> Result<(), Error> {
+    stderr.write_line(&format!("respawn: {why}")).await;
+    stderr.close().await;
+    let attempt = reporter.attempt;
     reporter
         .send(Event::WorkloadExited {
             attempt,

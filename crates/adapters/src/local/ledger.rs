@@ -179,17 +179,11 @@ impl Ledger for LocalLedger {
             .read(move |c| select_page(c, &q, limit))
             .await
             .map_err(sql)?;
-        let mut jobs = rows
+        let jobs = rows
             .iter()
             .map(|(id, body)| decode(id, body))
             .collect::<Result<Vec<_>, _>>()?;
-        let next = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last().map(|r| r.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { jobs, next })
+        Ok(Page::from_overfetch(jobs, limit))
     }
 
     async fn find_by_idempotency_key(

@@ -84,7 +84,7 @@ impl Ledger for MemoryLedger {
             Some(after) => std::ops::Bound::Excluded(after.clone()),
             None => std::ops::Bound::Unbounded,
         };
-        let mut jobs: Vec<JobRecord> = inner
+        let jobs: Vec<JobRecord> = inner
             .jobs
             .range((start, std::ops::Bound::Unbounded))
             .map(|(_, r)| r)
@@ -92,13 +92,7 @@ impl Ledger for MemoryLedger {
             .take(limit + 1)
             .cloned()
             .collect();
-        let next = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last().map(|r| r.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { jobs, next })
+        Ok(Page::from_overfetch(jobs, limit))
     }
 
     async fn find_by_idempotency_key(

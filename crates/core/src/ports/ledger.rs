@@ -101,6 +101,20 @@ pub struct Page {
     pub next: Option<JobId>,
 }
 
+impl Page {
+    /// A page from up to `limit + 1` matching jobs in id order: the extra one only
+    /// tells that more follow.
+    pub fn from_overfetch(mut jobs: Vec<JobRecord>, limit: usize) -> Page {
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        Page { jobs, next }
+    }
+}
+
 #[async_trait]
 pub trait Ledger: Send + Sync + fmt::Debug {
     async fn create(&self, record: JobRecord) -> Result<JobRecord, Error>;
