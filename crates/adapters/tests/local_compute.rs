@@ -23,7 +23,12 @@ const EVENTS: &str = "test.events";
 
 fn fake_agent(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("respawn-agent");
-    std::fs::write(&path, "#!/bin/sh\nsleep 60\n").expect("write agent");
+    // Records the GPUs it was given, as the real agent hands them to the workload.
+    let script = "#!/bin/sh\n\
+        while [ $# -gt 0 ]; do [ \"$1\" = --vm-dir ] && d=\"$2\"; shift; done\n\
+        echo \"${CUDA_VISIBLE_DEVICES-unset}\" > \"$d/cuda\"\n\
+        sleep 60\n";
+    std::fs::write(&path, script).expect("write agent");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     path
 }
@@ -37,6 +42,7 @@ fn config(dir: &Path, slots: usize) -> LocalComputeConfig {
         extra_path: None,
         cpu_slots: slots,
         gpus: Vec::new(),
+        container_runtime: None,
         events_queue: EVENTS.into(),
         heartbeat_secs: 1,
         notice: Duration::from_millis(300),
@@ -193,4 +199,80 @@ async fn a_restarted_provider_adopts_running_vms_and_reports_dead_ones() {
     compute.release(&vm_a.key).await.expect("release a");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!vm_process_alive(&vm_a.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_gpu_vm_gets_its_own_devices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let mut cfg = config(dir.path(), 1);
+    cfg.gpus = vec![0, 1];
+    let compute = LocalCompute::open(cfg, Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    let mut seen = Vec::new();
+    for i in 0..2 {
+        let mut req = request(&JobId::generate(Timestamp(i)), 1);
+        req.resources.gpus = 1;
+        let vm = compute.allocate(&req).await.expect("allocate gpu vm");
+        let file = dir.path().join(format!("data/vms/{}/cuda", vm.id));
+        for _ in 0..100 {
+            if file.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen.push(
+            std::fs::read_to_string(&file)
+                .expect("cuda file")
+                .trim()
+                .to_owned(),
+        );
+    }
+    assert_eq!(seen, ["0", "1"], "one GPU per VM, each its own");
+    let mut third = request(&JobId::generate(Timestamp(9)), 1);
+    third.resources.gpus = 1;
+    assert!(matches!(
+        compute.allocate(&third).await,
+        Err(respawn_core::ports::compute::Error::Capacity(_))
+    ));
+    let cpu = compute
+        .allocate(&request(&JobId::generate(Timestamp(10)), 1))
+        .await
+        .expect("cpu vm");
+    let file = dir.path().join(format!("data/vms/{}/cuda", cpu.id));
+    for _ in 0..100 {
+        if file.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("cuda file").trim(),
+        "",
+        "a CPU VM sees no GPU"
+    );
+    for vm in compute.running() {
+        compute.release(&vm.key).await.expect("release");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_without_a_container_runtime_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let compute = LocalCompute::open(config(dir.path(), 1), Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    let mut req = request(&JobId::generate(Timestamp(1)), 1);
+    req.image = Some("pytorch/pytorch:2.4".into());
+    match compute.allocate(&req).await {
+        Err(respawn_core::ports::compute::Error::Invalid(m)) => {
+            assert!(
+                m.contains("pytorch/pytorch:2.4") && m.contains("container runtime"),
+                "{m}"
+            )
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
 }

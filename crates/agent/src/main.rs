@@ -42,6 +42,9 @@ pub struct Args {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 2)]
     pub heartbeat_secs: u64,
+    /// The container runtime (docker / podman) for jobs with an image.
+    #[arg(long)]
+    pub container_runtime: Option<String>,
     /// Notice the provider gives before reclaiming the VM, told to the workload.
     #[arg(long, default_value_t = 30)]
     pub grace_secs: u64,

@@ -60,21 +60,6 @@ pub enum Error {
     },
 }
 
-/// The first of docker / podman that answers `info`.
-fn container_runtime() -> Option<String> {
-    ["podman", "docker"]
-        .into_iter()
-        .map(str::to_owned)
-        .find(|rt| {
-            std::process::Command::new(rt)
-                .arg("info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-}
-
 fn contract_env(
     spec: &JobSpec,
     args: &Args,
@@ -122,9 +107,12 @@ impl Workload {
     ) -> Result<Self, Error> {
         let (mut cmd, container) = match &spec.image {
             Some(image) => {
-                let rt = container_runtime().ok_or_else(|| Error::NoRuntime {
-                    image: image.clone(),
-                })?;
+                let rt = args
+                    .container_runtime
+                    .clone()
+                    .ok_or_else(|| Error::NoRuntime {
+                        image: image.clone(),
+                    })?;
                 let name = format!("respawn-{}", args.vm);
                 (
                     container_command(&rt, &name, image, spec, secrets, args, dirs),

@@ -41,6 +41,8 @@ pub struct LocalComputeConfig {
     pub cpu_slots: usize,
     /// GPU indices; empty on a machine without GPUs.
     pub gpus: Vec<u32>,
+    /// `docker` or `podman` when one works here; jobs with an image need one.
+    pub container_runtime: Option<String>,
     pub events_queue: String,
     pub heartbeat_secs: u64,
     /// The notice period the simulator gives, told to workloads as RESPAWN_GRACE_SECONDS.
@@ -60,6 +62,22 @@ pub fn detect_gpus() -> Vec<u32> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// The first of podman / docker that answers `info` (a client without a running
+/// engine does not count).
+pub fn detect_container_runtime() -> Option<String> {
+    ["podman", "docker"]
+        .into_iter()
+        .map(str::to_owned)
+        .find(|rt| {
+            std::process::Command::new(rt)
+                .arg("info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
 }
 
 /// A VM as kept on disk.
@@ -345,6 +363,12 @@ impl LocalCompute {
 
     fn pick(&self, req: &AllocateRequest) -> Result<Vec<u32>, Error> {
         let r = &req.resources;
+        if let (Some(image), None) = (&req.image, &self.cfg.container_runtime) {
+            return Err(Error::Invalid(format!(
+                "the job runs in image {image}, but no container runtime (docker or podman) works on this machine; \
+                 install one, or drop `image` to run the command as a process"
+            )));
+        }
         if r.nodes > 1 {
             return Err(Error::Invalid(format!(
                 "the local provider runs single-node jobs; this one asks for {} nodes",
@@ -404,6 +428,12 @@ impl LocalCompute {
             .args(["--events-queue", &self.cfg.events_queue])
             .args(["--heartbeat-secs", &self.cfg.heartbeat_secs.to_string()])
             .args(["--grace-secs", &self.cfg.notice.as_secs().to_string()])
+            .args(
+                self.cfg
+                    .container_runtime
+                    .iter()
+                    .flat_map(|rt| ["--container-runtime", rt.as_str()]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use compute::{
-    LocalCompute, LocalComputeConfig, detect_gpus, sibling_binary, spawn_spot_chaos,
-    vm_process_alive,
+    LocalCompute, LocalComputeConfig, detect_container_runtime, detect_gpus, sibling_binary,
+    spawn_spot_chaos, vm_process_alive,
 };
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;

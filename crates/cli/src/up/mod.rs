@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
 use respawn_adapters::local::{
-    LocalCompute, LocalComputeConfig, LocalSecrets, LocalStore, detect_gpus, sibling_binary,
-    spawn_spot_chaos,
+    LocalCompute, LocalComputeConfig, LocalSecrets, LocalStore, detect_container_runtime,
+    detect_gpus, sibling_binary, spawn_spot_chaos,
 };
 use respawn_core::lifecycle::Timeouts;
 use respawn_core::ports::{Blobs, Ports, QueueNames};
@@ -94,6 +94,7 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
             agent_bin,
             cpu_slots: config.cpu_slots,
             gpus: gpus.clone(),
+            container_runtime: detect_container_runtime(),
             events_queue: queues.events.clone(),
             heartbeat_secs: config.heartbeat_secs,
             notice: config.notice,
