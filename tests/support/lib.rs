@@ -40,6 +40,7 @@ pub struct Up {
     pub base: String,
     pub log: PathBuf,
     http: reqwest::Client,
+    token: String,
 }
 
 impl Up {
@@ -66,12 +67,13 @@ impl Up {
             .stderr(file)
             .spawn()
             .unwrap();
-        let up = Up {
+        let mut up = Up {
             child,
             data: data.to_owned(),
             base: format!("http://127.0.0.1:{port}"),
             log,
             http: reqwest::Client::new(),
+            token: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -82,6 +84,9 @@ impl Up {
                 .await
                 .is_ok()
             {
+                // The admin token `respawn up` leaves in a new data folder.
+                let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+                up.token = token.trim().to_owned();
                 return up;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -113,6 +118,7 @@ impl Up {
         let resp = self
             .http
             .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
             .send()
             .await
             .unwrap();
@@ -123,6 +129,7 @@ impl Up {
         let resp = self
             .http
             .post(format!("{}/v1/jobs", self.base))
+            .bearer_auth(&self.token)
             .body(spec.to_owned())
             .send()
             .await
@@ -140,6 +147,7 @@ impl Up {
         let resp = self
             .http
             .post(format!("{}/v1/preempt", self.base))
+            .bearer_auth(&self.token)
             .json(&json!({ "target": job, "notice_secs": notice.as_secs_f64() }))
             .send()
             .await

@@ -6,14 +6,35 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
+    token: Option<String>,
     http: reqwest::Client,
 }
 
+/// The token to call with: `--token` / `RESPAWN_TOKEN`, else the admin token of the
+/// local data folder, else `~/.config/respawn/token`.
+pub fn resolve_token(flag: Option<String>, data: &std::path::Path) -> Option<String> {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    flag.filter(|t| !t.is_empty())
+        .or_else(|| read(crate::up::api::admin_token_path(data)))
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            read(std::path::Path::new(&home).join(".config/respawn/token"))
+        })
+}
+
 impl Client {
-    pub fn new(endpoint: &str) -> Self {
+    pub fn new(endpoint: &str, token: Option<String>) -> Self {
         Client {
             base: endpoint.trim_end_matches('/').to_owned(),
+            token,
             http: reqwest::Client::new(),
+        }
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
         }
     }
 
@@ -44,7 +65,7 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
-        self.decode(self.http.get(self.url(path)).send().await)
+        self.decode(self.auth(self.http.get(self.url(path))).send().await)
             .await
     }
 
@@ -53,7 +74,7 @@ impl Client {
         path: &str,
         body: String,
     ) -> Result<T, String> {
-        self.decode(self.http.post(self.url(path)).body(body).send().await)
+        self.decode(self.auth(self.http.post(self.url(path))).body(body).send().await)
             .await
     }
 
@@ -62,7 +83,7 @@ impl Client {
         path: &str,
         body: &Value,
     ) -> Result<T, String> {
-        self.decode(self.http.post(self.url(path)).json(body).send().await)
+        self.decode(self.auth(self.http.post(self.url(path))).json(body).send().await)
             .await
     }
 }
@@ -80,4 +101,11 @@ fn describe_error(body: &Value) -> String {
         }
     }
     out
+}
+
+impl Client {
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        self.decode(self.auth(self.http.delete(self.url(path))).send().await)
+            .await
+    }
 }

@@ -10,8 +10,14 @@ use serde_json::{Value, json};
 
 use crate::client::Client;
 use crate::up::api::Summary;
+use crate::{Output, TokenAction};
 
-pub async fn submit(client: &Client, file: &Path, json_out: bool) -> Result<ExitCode, String> {
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub async fn submit(client: &Client, file: &Path, wait: bool, out: Output) -> Result<ExitCode, String> {
+    let json_out = out == Output::Json;
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let job: JobRecord = client
@@ -19,9 +25,73 @@ pub async fn submit(client: &Client, file: &Path, json_out: bool) -> Result<Exit
         .await
         .map_err(|e| format!("{}: {e}", file.display()))?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+        print_json(&job);
     } else {
         println!("{}", job.id);
+    }
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    wait_for(client, job.id.as_str(), json_out).await
+}
+
+/// Shows each change of state until the job ends; the exit status is the job's.
+async fn wait_for(client: &Client, id: &str, quiet: bool) -> Result<ExitCode, String> {
+    let mut last = None;
+    loop {
+        let job: JobRecord = client.get(&format!("/v1/jobs/{id}")).await?;
+        let now = (job.state, job.attempt, job.checkpoint);
+        if last != Some(now) && !quiet {
+            let ckpt = job.checkpoint.map(|c| format!(", checkpoint {c}")).unwrap_or_default();
+            eprintln!("{id}: attempt {} {}{ckpt}", job.attempt, job.state);
+        }
+        last = Some(now);
+        if job.state.is_terminal() {
+            if let Some(r) = &job.reason {
+                eprintln!("{id}: {r}");
+            }
+            return Ok(if job.state == JobState::Succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn token(client: &Client, action: TokenAction, out: Output) -> Result<ExitCode, String> {
+    let answer: Value = match action {
+        TokenAction::Create { name, scopes } => {
+            let body = json!({ "name": name, "scopes": scopes });
+            let created: Value = client.post_json("/v1/tokens", &body).await?;
+            if out == Output::Table {
+                eprintln!("token {} for project {} (shown once; keep it secret):", created["id"], created["project"]);
+                println!("{}", created["token"].as_str().unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            created
+        }
+        TokenAction::List => client.get("/v1/tokens").await?,
+        TokenAction::Revoke { id } => client.delete(&format!("/v1/tokens/{id}")).await?,
+    };
+    if out == Output::Json {
+        print_json(&answer);
+    } else if let Some(list) = answer["tokens"].as_array() {
+        println!("{:<30}  {:<16}  {:<12}  {:<24}  REVOKED", "ID", "NAME", "PROJECT", "SCOPES");
+        for t in list {
+            let scopes: Vec<&str> = t["scopes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            println!(
+                "{:<30}  {:<16}  {:<12}  {:<24}  {}",
+                t["id"].as_str().unwrap_or_default(),
+                t["name"].as_str().unwrap_or_default(),
+                t["project"].as_str().unwrap_or_default(),
+                scopes.join(","),
+                t["revoked"].as_bool().unwrap_or(false)
+            );
+        }
+    } else {
+        println!("{} revoked", answer["id"].as_str().unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -36,8 +106,9 @@ pub async fn jobs(
     state: Option<String>,
     label: Option<String>,
     limit: usize,
-    json_out: bool,
+    out: Output,
 ) -> Result<ExitCode, String> {
+    let json_out = out == Output::Json;
     let mut path = format!("/v1/jobs?limit={limit}");
     if let Some(s) = state {
         path.push_str(&format!("&state={s}"));
@@ -81,7 +152,8 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-pub async fn show(client: &Client, id: &str, json_out: bool) -> Result<ExitCode, String> {
+pub async fn show(client: &Client, id: &str, out: Output) -> Result<ExitCode, String> {
+    let json_out = out == Output::Json;
     let job: JobRecord = client.get(&format!("/v1/jobs/{id}")).await?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());

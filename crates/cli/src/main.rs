@@ -24,15 +24,27 @@ struct Cli {
         default_value = "http://127.0.0.1:7878"
     )]
     endpoint: String,
+    /// API token (default: the local data folder's admin token, then ~/.config/respawn/token).
+    #[arg(long, global = true, env = "RESPAWN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The local data folder: store, bucket (`<data>/bucket`), VMs, admin token.
+    #[arg(long, global = true, default_value = ".respawn")]
+    data: PathBuf,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Debug, clap::Args)]
 struct UpArgs {
-    /// The data folder: store, bucket (`<data>/bucket`), VMs.
-    #[arg(long, default_value = ".respawn")]
-    data: PathBuf,
     /// A folder of trigger rules (YAML/JSON); default `<data>/triggers` if it exists.
     #[arg(long)]
     triggers: Option<PathBuf>,
@@ -68,9 +80,9 @@ enum Command {
     /// Submit a job spec (YAML or JSON).
     Submit {
         file: PathBuf,
-        /// Print the job as JSON.
+        /// Show progress until the job ends; exit 0 if it succeeded, 1 otherwise.
         #[arg(long)]
-        json: bool,
+        wait: bool,
     },
     /// List jobs.
     Jobs {
@@ -81,14 +93,13 @@ enum Command {
         label: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        #[arg(long)]
-        json: bool,
     },
     /// A job with its attempt history.
-    Show {
-        id: String,
-        #[arg(long)]
-        json: bool,
+    Show { id: String },
+    /// API tokens of your project.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// A job's output; `-f` follows it across attempts until the job ends.
     Logs {
@@ -126,6 +137,19 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Mint a token; its secret is shown once.
+    Create {
+        name: String,
+        /// Comma-separated: submit, read, cancel, admin.
+        #[arg(long, value_delimiter = ',', default_value = "submit,read")]
+        scopes: Vec<String>,
+    },
+    List,
+    Revoke { id: String },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -144,19 +168,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = client::Client::new(&cli.endpoint);
+    let token = client::resolve_token(cli.token.clone(), &cli.data);
+    let client = client::Client::new(&cli.endpoint, token);
+    let out = cli.output;
+    let data = cli.data.clone();
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Up(a) => up_command(a).await,
+            Command::Up(a) => up_command(a, data).await,
             Command::Demo { data, listen } => demo::run(data, listen).await,
-            Command::Submit { file, json } => commands::submit(&client, &file, json).await,
+            Command::Submit { file, wait } => commands::submit(&client, &file, wait, out).await,
             Command::Jobs {
                 state,
                 label,
                 limit,
-                json,
-            } => commands::jobs(&client, state, label, limit, json).await,
-            Command::Show { id, json } => commands::show(&client, &id, json).await,
+            } => commands::jobs(&client, state, label, limit, out).await,
+            Command::Show { id } => commands::show(&client, &id, out).await,
+            Command::Token { action } => commands::token(&client, action, out).await,
             Command::Logs {
                 id,
                 follow,
@@ -189,12 +216,12 @@ fn init_logs() {
         .try_init();
 }
 
-async fn up_command(a: UpArgs) -> Result<ExitCode, String> {
+async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
     let triggers = a
         .triggers
-        .or_else(|| Some(a.data.join("triggers")).filter(|p| p.is_dir()));
+        .or_else(|| Some(data.join("triggers")).filter(|p| p.is_dir()));
     let config = up::UpConfig {
-        data: a.data,
+        data,
         triggers,
         listen: a.listen,
         cpu_slots: a.slots,

@@ -12,6 +12,7 @@ pub mod job;
 pub mod layout;
 pub mod lifecycle;
 pub mod messages;
+pub mod project;
 pub mod ports;
 pub mod schema;
 pub mod spec;

@@ -11,6 +11,7 @@ mod compute;
 mod ledger;
 mod queue;
 mod secrets;
+mod tokens;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use compute::{
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;
 pub use secrets::LocalSecrets;
+pub use tokens::LocalTokens;
 use writer::{Readers, Writer};
 
 /// Why the store could not be opened.
@@ -70,6 +72,12 @@ CREATE TABLE IF NOT EXISTS messages (
     reason     TEXT,
     body       BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    id      TEXT PRIMARY KEY,
+    hash    TEXT NOT NULL UNIQUE,
+    project TEXT NOT NULL,
+    record  TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, priority DESC, seq, visible_at);
 ";
 
@@ -95,6 +103,10 @@ impl LocalStore {
 
     pub fn ledger(&self) -> LocalLedger {
         LocalLedger::new(self.clone())
+    }
+
+    pub fn tokens(&self) -> LocalTokens {
+        LocalTokens::new(self.clone())
     }
 
     pub fn queue(&self, max_deliveries: u32) -> LocalQueue {

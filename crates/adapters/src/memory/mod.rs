@@ -5,11 +5,13 @@ mod compute;
 mod ledger;
 mod queue;
 mod secrets;
+mod tokens;
 
 pub use compute::MemoryCompute;
 pub use ledger::MemoryLedger;
 pub use queue::MemoryQueue;
 pub use secrets::MemorySecrets;
+pub use tokens::MemoryTokens;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -41,6 +41,7 @@ pub struct UpConfig {
 #[derive(Debug, Clone)]
 pub struct Stack {
     pub ports: Ports,
+    pub tokens: Arc<dyn respawn_core::ports::Tokens>,
     pub compute: Arc<LocalCompute>,
     pub config: UpConfig,
     pub rules: Arc<std::sync::RwLock<Vec<respawn_core::trigger::TriggerRule>>>,
@@ -116,6 +117,7 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
     };
     let rules = load_rules(config.triggers.as_deref());
     Ok(Stack {
+        tokens: Arc::new(store.tokens()),
         ports,
         compute,
         config,
@@ -141,6 +143,7 @@ pub fn load_rules(dir: Option<&std::path::Path>) -> Vec<respawn_core::trigger::T
 /// Runs until `shutdown` flips; then preempts the running VMs (they checkpoint and
 /// resume on the next start) and stops.
 pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    api::ensure_admin_token(&stack).await.map_err(Error::Setup)?;
     let listener = tokio::net::TcpListener::bind(stack.config.listen)
         .await
         .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", stack.config.listen)))?;

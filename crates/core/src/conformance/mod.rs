@@ -7,6 +7,7 @@ pub mod compute;
 pub mod ledger;
 pub mod queue;
 pub mod secrets;
+pub mod tokens;
 
 use crate::job::{JobId, JobRecord};
 use crate::spec::{self, Format};

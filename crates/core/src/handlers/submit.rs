@@ -31,6 +31,9 @@ pub struct Submitted {
 /// Creates the job (unless its idempotency key already made one) and puts attempt 1
 /// on the dispatch queue. Safe to call again with the same submission.
 pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> {
+    // Whatever the way in (API, trigger, hook, queue), a job touches only its
+    // project's part of the bucket.
+    crate::project::check_access(&sub.spec, &sub.project)?;
     let now = ports.clock.now();
     if let Some(key) = &sub.spec.idempotency_key
         && let Some(id) = ports

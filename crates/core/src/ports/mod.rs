@@ -5,6 +5,7 @@ pub mod compute;
 pub mod ledger;
 pub mod queue;
 pub mod secrets;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ pub use compute::Compute;
 pub use ledger::Ledger;
 pub use queue::Queue;
 pub use secrets::Secrets;
+pub use tokens::Tokens;
 
 use crate::lifecycle::Timeouts;
 use crate::time::Clock;

@@ -1,87 +1,23 @@
-//! The HTTP API of the local stack: `app(stack) -> Router`. The CLI talks to it.
+//! Jobs: submit, list, show, cancel, logs — each within the caller's project.
 
-use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use respawn_core::handlers::{self, Submission};
 use respawn_core::job::{JobId, JobRecord, JobState};
 use respawn_core::layout::{self, Stream};
 use respawn_core::lifecycle::Event;
-use respawn_core::ports::ledger::{self, ListQuery};
-use respawn_core::spec::{self, Format, SpecError};
+use respawn_core::ports::ledger::ListQuery;
+use respawn_core::ports::tokens::Scope;
+use respawn_core::spec::{self, Format};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::Stack;
-
-pub fn app(stack: Stack) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/jobs", post(submit).get(list))
-        .route("/v1/jobs/{id}", get(show))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-        .route("/v1/jobs/{id}/logs", get(logs))
-        .route("/v1/preempt", post(preempt))
-        .route("/v1/vms", get(vms))
-        .with_state(stack)
-}
-
-/// An error for API clients: what went wrong, never how the server is built.
-#[derive(Debug)]
-pub enum ApiError {
-    BadRequest(String),
-    Invalid(SpecError),
-    NotFound(String),
-    Internal(String),
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, body) = match self {
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({ "error": m })),
-            ApiError::Invalid(e) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({
-                    "error": "invalid job spec",
-                    "errors": e.errors.iter().map(|f| json!({"path": f.path, "message": f.message})).collect::<Vec<_>>(),
-                }),
-            ),
-            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({ "error": m })),
-            ApiError::Internal(m) => {
-                tracing::error!(error = %m, "request failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({ "error": "internal error; see the broker's log" }),
-                )
-            }
-        };
-        (status, axum::Json(body)).into_response()
-    }
-}
-
-impl From<handlers::Error> for ApiError {
-    fn from(e: handlers::Error) -> Self {
-        match e {
-            handlers::Error::Ledger(ledger::Error::NotFound { id }) => {
-                ApiError::NotFound(format!("no job {id}"))
-            }
-            handlers::Error::Spec(s) => ApiError::Invalid(s),
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<ledger::Error> for ApiError {
-    fn from(e: ledger::Error) -> Self {
-        handlers::Error::from(e).into()
-    }
-}
+use super::{ApiError, Caller};
+use crate::up::Stack;
 
 fn job_id(s: &str) -> Result<JobId, ApiError> {
     s.parse()
@@ -121,11 +57,41 @@ impl From<&JobRecord> for Summary {
     }
 }
 
-async fn submit(State(stack): State<Stack>, body: String) -> Result<Response, ApiError> {
-    let spec = spec::parse(&body, Format::sniff(&body)).map_err(ApiError::Invalid)?;
+/// The caller's job, or 404 (also for another project's job: its existence is not
+/// the caller's to learn).
+async fn own_job(stack: &Stack, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
+    let id = job_id(id)?;
+    match stack.ports.ledger.get(&id).await {
+        Ok(rec) if rec.project == caller.project() => Ok(rec),
+        Ok(_) => Err(ApiError::NotFound(format!("no job {id}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn submit(
+    State(stack): State<Stack>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Submit)?;
+    let mut spec = spec::parse(&body, Format::sniff(&body)).map_err(ApiError::Invalid)?;
+    if let Some(key) = headers.get("idempotency-key") {
+        let key = key
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
+        match &spec.idempotency_key {
+            Some(k) if k != key => {
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key {key:?} differs from the spec's idempotency_key {k:?}"
+                )));
+            }
+            _ => spec.idempotency_key = Some(key.to_owned()),
+        }
+    }
     let sub = Submission {
         spec,
-        project: "default".into(),
+        project: caller.project().to_owned(),
     };
     let done = handlers::submit(&stack.ports, sub).await?;
     let status = if done.created {
@@ -137,17 +103,19 @@ async fn submit(State(stack): State<Stack>, body: String) -> Result<Response, Ap
 }
 
 #[derive(Debug, Deserialize)]
-struct ListParams {
+pub struct ListParams {
     state: Option<String>,
     label: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
 }
 
-async fn list(
+pub async fn list(
     State(stack): State<Stack>,
+    caller: Caller,
     Query(p): Query<ListParams>,
 ) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
     let state = p
         .state
         .as_deref()
@@ -166,7 +134,7 @@ async fn list(
     let query = ListQuery {
         state,
         label,
-        project: None,
+        project: Some(caller.project().to_owned()),
         after: p.after.as_deref().map(job_id).transpose()?,
         limit: p.limit.unwrap_or(100),
     };
@@ -175,13 +143,23 @@ async fn list(
     Ok(axum::Json(json!({ "jobs": jobs, "next": page.next })).into_response())
 }
 
-async fn show(State(stack): State<Stack>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let rec = stack.ports.ledger.get(&job_id(&id)?).await?;
+pub async fn show(
+    State(stack): State<Stack>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let rec = own_job(&stack, &caller, &id).await?;
     Ok(axum::Json(rec).into_response())
 }
 
-async fn cancel(State(stack): State<Stack>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id = job_id(&id)?;
+pub async fn cancel(
+    State(stack): State<Stack>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Cancel)?;
+    let id = own_job(&stack, &caller, &id).await?.id;
     let event = Event::CancelRequested {
         reason: "requested through the API".into(),
     };
@@ -190,20 +168,22 @@ async fn cancel(State(stack): State<Stack>, Path(id): Path<String>) -> Result<Re
 }
 
 #[derive(Debug, Deserialize)]
-struct LogParams {
+pub struct LogParams {
     attempt: Option<u32>,
     stream: Option<String>,
     /// First chunk to return (the previous answer's `next`).
     after: Option<u64>,
 }
 
-async fn logs(
+pub async fn logs(
     State(stack): State<Stack>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(p): Query<LogParams>,
 ) -> Result<Response, ApiError> {
-    let id = job_id(&id)?;
-    let rec = stack.ports.ledger.get(&id).await?;
+    caller.require(Scope::Read)?;
+    let rec = own_job(&stack, &caller, &id).await?;
+    let id = rec.id.clone();
     let attempt = p
         .attempt
         .unwrap_or(rec.attempts.last().map_or(1, |a| a.number));
@@ -260,35 +240,4 @@ async fn logs(
         "state": rec.state,
     }))
     .into_response())
-}
-
-#[derive(Debug, Deserialize)]
-struct PreemptBody {
-    /// A job id (its live VM) or a VM id.
-    target: String,
-    notice_secs: Option<f64>,
-}
-
-async fn preempt(
-    State(stack): State<Stack>,
-    axum::Json(b): axum::Json<PreemptBody>,
-) -> Result<Response, ApiError> {
-    let notice = b
-        .notice_secs
-        .map(|s| {
-            Duration::try_from_secs_f64(s)
-                .map_err(|e| ApiError::BadRequest(format!("notice_secs: {e}")))
-        })
-        .transpose()?;
-    match stack.compute.preempt(&b.target, notice) {
-        Some(vm) => Ok(axum::Json(json!({ "vm": vm })).into_response()),
-        None => Err(ApiError::NotFound(format!(
-            "no running VM for {:?} (already preempted, or not running)",
-            b.target
-        ))),
-    }
-}
-
-async fn vms(State(stack): State<Stack>) -> Response {
-    axum::Json(stack.compute.running()).into_response()
 }

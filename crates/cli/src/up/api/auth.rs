@@ -1,0 +1,88 @@
+//! Bearer tokens: who is calling, for which project, with which scopes.
+
+use std::path::{Path, PathBuf};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use respawn_core::ports::tokens::{self, Scope, TokenRecord};
+
+use super::ApiError;
+use crate::up::Stack;
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token: TokenRecord,
+}
+
+impl Caller {
+    pub fn project(&self) -> &str {
+        &self.token.project
+    }
+
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.token.allows(scope) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("this token lacks the {scope} scope")))
+        }
+    }
+}
+
+impl FromRequestParts<Stack> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, stack: &Stack) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into()))?;
+        let secret = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
+        let found = stack
+            .tokens
+            .find_by_hash(&tokens::hash_secret(secret.trim()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match found {
+            Some(token) if !token.revoked => Ok(Caller { token }),
+            // One answer for unknown and revoked tokens: nothing to learn by probing.
+            _ => Err(ApiError::Unauthorized("invalid or revoked token".into())),
+        }
+    }
+}
+
+/// Where `respawn up` leaves the admin token of a new data folder.
+pub fn admin_token_path(data: &Path) -> PathBuf {
+    data.join("admin-token")
+}
+
+/// On a data folder without tokens, mints an admin token for the default project and
+/// writes it (mode 0600) where the CLI finds it.
+pub async fn ensure_admin_token(stack: &Stack) -> Result<(), String> {
+    if !stack.tokens.list(None).await.map_err(|e| e.to_string())?.is_empty() {
+        return Ok(());
+    }
+    let now = stack.ports.clock.now();
+    let (record, secret) = tokens::mint("admin", respawn_core::project::DEFAULT, vec![Scope::Admin], now);
+    stack.tokens.create(&record).await.map_err(|e| e.to_string())?;
+    let path = admin_token_path(&stack.config.data);
+    write_private(&path, &secret).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), token_id = %record.id, "admin token created");
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")
+}

@@ -1,0 +1,48 @@
+//! The HTTP API: `app(stack) -> Router`, served by `respawn up` (and, with the same
+//! router, by `lambda_http` in the cloud). Every `/v1` route but the signed webhooks
+//! needs a bearer token; a token sees only its project.
+
+mod admin;
+mod auth;
+mod error;
+mod jobs;
+
+use axum::Router;
+use axum::routing::{delete, get, post};
+
+pub use auth::{Caller, admin_token_path, ensure_admin_token};
+pub use error::ApiError;
+pub use jobs::Summary;
+
+use super::Stack;
+
+/// Every route, as the OpenAPI document lists it: (method, path).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+    ("POST", "/v1/jobs/{id}/cancel"),
+    ("GET", "/v1/jobs/{id}/logs"),
+    ("GET", "/v1/triggers"),
+    ("POST", "/v1/tokens"),
+    ("GET", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{id}"),
+    ("POST", "/v1/preempt"),
+    ("GET", "/v1/vms"),
+];
+
+pub fn app(stack: Stack) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/logs", get(jobs::logs))
+        .route("/v1/triggers", get(admin::triggers))
+        .route("/v1/tokens", post(admin::create_token).get(admin::list_tokens))
+        .route("/v1/tokens/{id}", delete(admin::revoke_token))
+        .route("/v1/preempt", post(admin::preempt))
+        .route("/v1/vms", get(admin::vms))
+        .with_state(stack)
+}
