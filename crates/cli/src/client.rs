@@ -74,8 +74,13 @@ impl Client {
         path: &str,
         body: String,
     ) -> Result<T, String> {
-        self.decode(self.auth(self.http.post(self.url(path))).body(body).send().await)
-            .await
+        self.decode(
+            self.auth(self.http.post(self.url(path)))
+                .body(body)
+                .send()
+                .await,
+        )
+        .await
     }
 
     pub async fn post_json<T: DeserializeOwned>(
@@ -83,8 +88,13 @@ impl Client {
         path: &str,
         body: &Value,
     ) -> Result<T, String> {
-        self.decode(self.auth(self.http.post(self.url(path))).json(body).send().await)
-            .await
+        self.decode(
+            self.auth(self.http.post(self.url(path)))
+                .json(body)
+                .send()
+                .await,
+        )
+        .await
     }
 }
 

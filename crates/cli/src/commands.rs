@@ -16,7 +16,12 @@ fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-pub async fn submit(client: &Client, file: &Path, wait: bool, out: Output) -> Result<ExitCode, String> {
+pub async fn submit(
+    client: &Client,
+    file: &Path,
+    wait: bool,
+    out: Output,
+) -> Result<ExitCode, String> {
     let json_out = out == Output::Json;
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
@@ -42,7 +47,10 @@ async fn wait_for(client: &Client, id: &str, quiet: bool) -> Result<ExitCode, St
         let job: JobRecord = client.get(&format!("/v1/jobs/{id}")).await?;
         let now = (job.state, job.attempt, job.checkpoint);
         if last != Some(now) && !quiet {
-            let ckpt = job.checkpoint.map(|c| format!(", checkpoint {c}")).unwrap_or_default();
+            let ckpt = job
+                .checkpoint
+                .map(|c| format!(", checkpoint {c}"))
+                .unwrap_or_default();
             eprintln!("{id}: attempt {} {}{ckpt}", job.attempt, job.state);
         }
         last = Some(now);
@@ -66,7 +74,10 @@ pub async fn token(client: &Client, action: TokenAction, out: Output) -> Result<
             let body = json!({ "name": name, "scopes": scopes });
             let created: Value = client.post_json("/v1/tokens", &body).await?;
             if out == Output::Table {
-                eprintln!("token {} for project {} (shown once; keep it secret):", created["id"], created["project"]);
+                eprintln!(
+                    "token {} for project {} (shown once; keep it secret):",
+                    created["id"], created["project"]
+                );
                 println!("{}", created["token"].as_str().unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
@@ -78,9 +89,17 @@ pub async fn token(client: &Client, action: TokenAction, out: Output) -> Result<
     if out == Output::Json {
         print_json(&answer);
     } else if let Some(list) = answer["tokens"].as_array() {
-        println!("{:<30}  {:<16}  {:<12}  {:<24}  REVOKED", "ID", "NAME", "PROJECT", "SCOPES");
+        println!(
+            "{:<30}  {:<16}  {:<12}  {:<24}  REVOKED",
+            "ID", "NAME", "PROJECT", "SCOPES"
+        );
         for t in list {
-            let scopes: Vec<&str> = t["scopes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let scopes: Vec<&str> = t["scopes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             println!(
                 "{:<30}  {:<16}  {:<12}  {:<24}  {}",
                 t["id"].as_str().unwrap_or_default(),

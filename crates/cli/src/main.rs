@@ -147,7 +147,9 @@ enum TokenAction {
         scopes: Vec<String>,
     },
     List,
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {

@@ -44,14 +44,18 @@ fn check_uri(project: &str, path: &str, uri: &str, errs: &mut Vec<FieldError>) {
     }
     if scheme == "file" {
         if project != DEFAULT {
-            deny(format!("file:// URIs are only for the default project; project {project} uses its bucket prefix projects/{project}/"));
+            deny(format!(
+                "file:// URIs are only for the default project; project {project} uses its bucket prefix projects/{project}/"
+            ));
         }
         return;
     }
     let own = format!("projects/{project}/");
     if project == DEFAULT {
         if key.starts_with("projects/") {
-            deny(format!("{uri} is inside another project's prefix (projects/…)"));
+            deny(format!(
+                "{uri} is inside another project's prefix (projects/…)"
+            ));
         }
     } else if !key.starts_with(&own) {
         deny(format!("{uri} is outside project {project}'s prefix {own}"));
@@ -106,19 +110,40 @@ mod tests {
 
     #[test]
     fn projects_stay_in_their_prefix() {
-        assert!(check_access(&spec(&["bucket://projects/a/data.csv"], Some("s3://b/projects/a/out/")), "a").is_ok());
+        assert!(
+            check_access(
+                &spec(
+                    &["bucket://projects/a/data.csv"],
+                    Some("s3://b/projects/a/out/")
+                ),
+                "a"
+            )
+            .is_ok()
+        );
         let e = check_access(&spec(&["bucket://projects/b/data.csv"], None), "a").unwrap_err();
         assert_eq!(e.errors[0].path, "inputs[0].uri");
         assert!(e.errors[0].message.contains("outside project a"));
         let e = check_access(&spec(&[], Some("s3://b/projects/ab/x")), "a").unwrap_err();
-        assert_eq!(e.errors[0].path, "outputs", "a prefix of another project's name is not the project");
+        assert_eq!(
+            e.errors[0].path, "outputs",
+            "a prefix of another project's name is not the project"
+        );
         assert!(check_access(&spec(&["file:///etc/passwd"], None), "a").is_err());
-        assert!(check_access(&spec(&["bucket://projects/a"], None), "a").is_err(), "the folder itself, no slash");
+        assert!(
+            check_access(&spec(&["bucket://projects/a"], None), "a").is_err(),
+            "the folder itself, no slash"
+        );
     }
 
     #[test]
     fn the_default_project_owns_all_but_projects() {
-        assert!(check_access(&spec(&["bucket://incoming/x.csv", "file:///data/x"], None), DEFAULT).is_ok());
+        assert!(
+            check_access(
+                &spec(&["bucket://incoming/x.csv", "file:///data/x"], None),
+                DEFAULT
+            )
+            .is_ok()
+        );
         assert!(check_access(&spec(&["bucket://projects/a/x.csv"], None), DEFAULT).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! `schemas/` are compared with these in tests.
 
 use crate::spec::JobSpec;
+use crate::sweep::SweepSpec;
 use crate::trigger::TriggerRule;
 
 /// The job spec schema, pretty-printed as checked in.
@@ -20,10 +21,19 @@ pub fn trigger_rule() -> String {
     s
 }
 
+/// The parameter sweep schema; its template is described by the job spec schema.
+pub fn sweep() -> String {
+    let schema = schemars::schema_for!(SweepSpec);
+    let mut s = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
 /// Every generated schema with its file name under `schemas/`.
 pub fn all() -> Vec<(&'static str, String)> {
     vec![
         ("job-spec.schema.json", job_spec()),
         ("trigger-rule.schema.json", trigger_rule()),
+        ("sweep.schema.json", sweep()),
     ]
 }

@@ -33,7 +33,11 @@ impl Tokens for LocalTokens {
             .writer
             .call(move |c| {
                 let exists: Option<String> = c
-                    .query_row("SELECT id FROM tokens WHERE id = ?1 OR hash = ?2", params![t.id, t.hash], |r| r.get(0))
+                    .query_row(
+                        "SELECT id FROM tokens WHERE id = ?1 OR hash = ?2",
+                        params![t.id, t.hash],
+                        |r| r.get(0),
+                    )
                     .optional()
                     .map_err(unavailable)?;
                 if exists.is_some() {
@@ -71,14 +75,19 @@ impl Tokens for LocalTokens {
             .writer
             .call(move |c| {
                 let body: Option<String> = c
-                    .query_row("SELECT record FROM tokens WHERE id = ?1", [&id], |r| r.get(0))
+                    .query_row("SELECT record FROM tokens WHERE id = ?1", [&id], |r| {
+                        r.get(0)
+                    })
                     .optional()
                     .map_err(unavailable)?;
                 let mut t = decode(&body.ok_or_else(|| Error::NotFound(id.clone()))?)?;
                 t.revoked = true;
                 let body = serde_json::to_string(&t).map_err(unavailable)?;
-                c.execute("UPDATE tokens SET record = ?2 WHERE id = ?1", params![id, body])
-                    .map_err(unavailable)?;
+                c.execute(
+                    "UPDATE tokens SET record = ?2 WHERE id = ?1",
+                    params![id, body],
+                )
+                .map_err(unavailable)?;
                 Ok(())
             })
             .await
@@ -91,9 +100,11 @@ impl Tokens for LocalTokens {
             .store
             .readers
             .read(move |c| {
-                c.prepare_cached("SELECT record FROM tokens WHERE ?1 IS NULL OR project = ?1 ORDER BY id")?
-                    .query_map([project], |r| r.get(0))?
-                    .collect()
+                c.prepare_cached(
+                    "SELECT record FROM tokens WHERE ?1 IS NULL OR project = ?1 ORDER BY id",
+                )?
+                .query_map([project], |r| r.get(0))?
+                .collect()
             })
             .await
             .map_err(unavailable)?;

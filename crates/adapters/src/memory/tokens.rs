@@ -36,7 +36,10 @@ impl Tokens for MemoryTokens {
 
     async fn revoke(&self, id: &str) -> Result<(), Error> {
         let mut all = self.lock();
-        let t = all.iter_mut().find(|t| t.id == id).ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        let t = all
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
         t.revoked = true;
         Ok(())
     }

@@ -143,11 +143,14 @@ pub fn load_rules(dir: Option<&std::path::Path>) -> Vec<respawn_core::trigger::T
 /// Runs until `shutdown` flips; then preempts the running VMs (they checkpoint and
 /// resume on the next start) and stops.
 pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    api::ensure_admin_token(&stack).await.map_err(Error::Setup)?;
+    api::ensure_admin_token(&stack)
+        .await
+        .map_err(Error::Setup)?;
     let listener = tokio::net::TcpListener::bind(stack.config.listen)
         .await
         .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", stack.config.listen)))?;
     info!(address = %stack.config.listen, data = %stack.config.data.display(), "respawn up: serving");
+    tracing::debug!(routes = ?api::ROUTES, "api routes");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Events first: reports that arrived while the broker was down update the

@@ -8,12 +8,14 @@ mod blob;
 mod message;
 mod reconcile;
 mod submit;
+mod sweep;
 
 pub use apply::{flush_outbox, job_event};
 pub use blob::{BlobCreated, blob_created};
 pub use message::{Disposition, handle_delivery, settle};
 pub use reconcile::{ReconcileReport, reconcile};
 pub use submit::{Submission, Submitted, submit};
+pub use sweep::{ArrayProgress, ArraySubmitted, array_progress, submit_array};
 
 use crate::ports::{Retryable, compute, ledger, queue, secrets};
 use crate::spec::SpecError;

@@ -90,7 +90,12 @@ pub fn hash_secret(secret: &str) -> String {
 
 /// A new token: its record and the secret to show once. Secrets carry 256 random
 /// bits, so a plain hash (no salt, no stretching) is safe to store.
-pub fn mint(name: &str, project: &str, scopes: Vec<Scope>, now: Timestamp) -> (TokenRecord, String) {
+pub fn mint(
+    name: &str,
+    project: &str,
+    scopes: Vec<Scope>,
+    now: Timestamp,
+) -> (TokenRecord, String) {
     let id = format!("tok_{}", ulid::Ulid::generate().to_string().to_lowercase());
     let random: [u8; 32] = rand_bytes();
     let secret = format!("rsp_{}", hex::encode(random));

@@ -15,7 +15,10 @@ use crate::up::Stack;
 pub async fn triggers(State(stack): State<Stack>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let rules = stack.rules.read().map(|r| r.clone()).unwrap_or_default();
-    let mine: Vec<_> = rules.iter().filter(|r| r.project == caller.project()).collect();
+    let mine: Vec<_> = rules
+        .iter()
+        .filter(|r| r.project == caller.project())
+        .collect();
     Ok(axum::Json(json!({ "triggers": mine })).into_response())
 }
 
@@ -38,12 +41,23 @@ pub async fn create_token(
         .collect::<Result<Vec<_>, _>>()
         .map_err(ApiError::BadRequest)?;
     if scopes.is_empty() || body.name.trim().is_empty() {
-        return Err(ApiError::BadRequest("a token needs a name and at least one scope".into()));
+        return Err(ApiError::BadRequest(
+            "a token needs a name and at least one scope".into(),
+        ));
     }
     // Tokens are minted in the caller's own project: an admin of one project
     // cannot hand out access to another.
-    let (record, secret) = tokens::mint(&body.name, caller.project(), scopes, stack.ports.clock.now());
-    stack.tokens.create(&record).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (record, secret) = tokens::mint(
+        &body.name,
+        caller.project(),
+        scopes,
+        stack.ports.clock.now(),
+    );
+    stack
+        .tokens
+        .create(&record)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     tracing::info!(token_id = %record.id, project = %record.project, by = %caller.token.id, "token created");
     let body = json!({
         "id": record.id,
@@ -88,7 +102,11 @@ pub async fn revoke_token(
     if !own {
         return Err(ApiError::NotFound(format!("no token {id}")));
     }
-    stack.tokens.revoke(&id).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    stack
+        .tokens
+        .revoke(&id)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     tracing::info!(token_id = %id, by = %caller.token.id, "token revoked");
     Ok(axum::Json(json!({ "id": id, "revoked": true })).into_response())
 }
@@ -108,7 +126,10 @@ pub async fn preempt(
     caller.require(Scope::Admin)?;
     let notice = b
         .notice_secs
-        .map(|s| Duration::try_from_secs_f64(s).map_err(|e| ApiError::BadRequest(format!("notice_secs: {e}"))))
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|e| ApiError::BadRequest(format!("notice_secs: {e}")))
+        })
         .transpose()?;
     let vm = stack
         .compute
@@ -123,7 +144,10 @@ pub async fn preempt(
     }
     match stack.compute.preempt(&vm.id, notice) {
         Some(vm) => Ok(axum::Json(json!({ "vm": vm })).into_response()),
-        None => Err(ApiError::NotFound(format!("{} already has a preemption notice", vm.id))),
+        None => Err(ApiError::NotFound(format!(
+            "{} already has a preemption notice",
+            vm.id
+        ))),
     }
 }
 

@@ -24,7 +24,9 @@ impl Caller {
         if self.token.allows(scope) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!("this token lacks the {scope} scope")))
+            Err(ApiError::Forbidden(format!(
+                "this token lacks the {scope} scope"
+            )))
         }
     }
 }
@@ -37,10 +39,12 @@ impl FromRequestParts<Stack> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into()))?;
-        let secret = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into())
+            })?;
+        let secret = header.strip_prefix("Bearer ").ok_or_else(|| {
+            ApiError::Unauthorized("expected Authorization: Bearer <token>".into())
+        })?;
         let found = stack
             .tokens
             .find_by_hash(&tokens::hash_secret(secret.trim()))
@@ -62,12 +66,27 @@ pub fn admin_token_path(data: &Path) -> PathBuf {
 /// On a data folder without tokens, mints an admin token for the default project and
 /// writes it (mode 0600) where the CLI finds it.
 pub async fn ensure_admin_token(stack: &Stack) -> Result<(), String> {
-    if !stack.tokens.list(None).await.map_err(|e| e.to_string())?.is_empty() {
+    if !stack
+        .tokens
+        .list(None)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_empty()
+    {
         return Ok(());
     }
     let now = stack.ports.clock.now();
-    let (record, secret) = tokens::mint("admin", respawn_core::project::DEFAULT, vec![Scope::Admin], now);
-    stack.tokens.create(&record).await.map_err(|e| e.to_string())?;
+    let (record, secret) = tokens::mint(
+        "admin",
+        respawn_core::project::DEFAULT,
+        vec![Scope::Admin],
+        now,
+    );
+    stack
+        .tokens
+        .create(&record)
+        .await
+        .map_err(|e| e.to_string())?;
     let path = admin_token_path(&stack.config.data);
     write_private(&path, &secret).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), token_id = %record.id, "admin token created");

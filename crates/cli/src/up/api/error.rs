@@ -46,7 +46,9 @@ impl IntoResponse for ApiError {
 impl From<handlers::Error> for ApiError {
     fn from(e: handlers::Error) -> Self {
         match e {
-            handlers::Error::Ledger(ledger::Error::NotFound { id }) => ApiError::NotFound(format!("no job {id}")),
+            handlers::Error::Ledger(ledger::Error::NotFound { id }) => {
+                ApiError::NotFound(format!("no job {id}"))
+            }
             handlers::Error::Spec(s) => ApiError::Invalid(s),
             other => ApiError::Internal(other.to_string()),
         }

@@ -1,6 +1,5 @@
 //! Jobs: submit, list, show, cancel, logs — each within the caller's project.
 
-
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -6,6 +6,8 @@ mod admin;
 mod auth;
 mod error;
 mod jobs;
+#[cfg(test)]
+mod tests;
 
 use axum::Router;
 use axum::routing::{delete, get, post};
@@ -40,7 +42,10 @@ pub fn app(stack: Stack) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/logs", get(jobs::logs))
         .route("/v1/triggers", get(admin::triggers))
-        .route("/v1/tokens", post(admin::create_token).get(admin::list_tokens))
+        .route(
+            "/v1/tokens",
+            post(admin::create_token).get(admin::list_tokens),
+        )
         .route("/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/v1/preempt", post(admin::preempt))
         .route("/v1/vms", get(admin::vms))
