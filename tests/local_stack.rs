@@ -366,3 +366,86 @@ async fn secrets_reach_the_workload_and_nothing_else() {
     let spec_json = std::fs::read(data.join(format!("bucket/jobs/{id}/spec.json"))).unwrap();
     assert!(!leaks(&spec_json), "the bucket's spec.json holds the value");
 }
+
+/// What a notify receiver saw: (headers, body) per request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>;
+
+/// A webhook receiver that fails its first request, then accepts.
+async fn receiver() -> (String, Seen) {
+    use axum::http::{HeaderMap, StatusCode};
+    let seen: Seen = Default::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let s = s.clone();
+            async move {
+                let mut all = s.lock().unwrap();
+                all.push((headers, body));
+                if all.len() == 1 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_are_posted_signed_and_retried() {
+    use respawn_core::webhook::standard::{self, Headers, Secret};
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (url, seen) = receiver().await;
+    let up = Up::start(&data, &[]).await;
+    let spec = format!("name: notifies\ncommand: [\"true\"]\nnotify: [\"{url}\"]\n");
+    let id = up.submit(&spec).await["id"].as_str().unwrap().to_owned();
+    let job = up
+        .wait_job(&id, Duration::from_secs(60), "succeeded and told", |j| {
+            j["notifications"].as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|a| a["state"] == "succeeded" && a["delivered"] == true)
+            })
+        })
+        .await;
+    let attempts = job["notifications"].as_array().unwrap();
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a["delivered"] == false && a["status"] == 503),
+        "the failed first try is recorded: {attempts:#?}"
+    );
+    let secret = Secret::parse(
+        std::fs::read_to_string(data.join("notify-secret"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let seen = seen.lock().unwrap().clone();
+    let mut states = Vec::new();
+    for (h, body) in &seen {
+        let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let headers = Headers {
+            id: get("webhook-id"),
+            timestamp: get("webhook-timestamp"),
+            signature: get("webhook-signature"),
+        };
+        standard::verify(&secret, &headers, body.as_bytes(), now).expect("every POST is signed");
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["data"]["job_id"], id.as_str());
+        states.push(v["data"]["state"].as_str().unwrap().to_owned());
+    }
+    for s in ["allocating", "starting", "running", "succeeded"] {
+        assert!(states.iter().any(|x| x == s), "{s} was posted: {states:?}");
+    }
+}

@@ -17,7 +17,7 @@ use respawn_core::trigger::{self, TriggerRule};
 
 const CSV: &str = r#"
 name: csv
-match: { prefix: incoming/, glob: "*.csv" }
+match: { prefix: projects/vision/incoming/, glob: "*.csv" }
 project: vision
 template:
   name: train-${stem}
@@ -58,7 +58,7 @@ async fn all_jobs(ports: &Ports) -> Vec<JobRecord> {
 async fn one_job_per_object_version() {
     let ports = ports();
     let rules = [trigger::parse_rule(CSV, Format::Yaml).unwrap()];
-    let event = blob("incoming/iris.csv", "etag-1");
+    let event = blob("projects/vision/incoming/iris.csv", "etag-1");
 
     let first = blob_created(&ports, &rules, &event).await.unwrap();
     assert_eq!(first.len(), 1);
@@ -66,7 +66,10 @@ async fn one_job_per_object_version() {
     let job = &first[0].job;
     assert_eq!(job.project, "vision");
     assert_eq!(job.spec.name, "train-iris");
-    assert_eq!(job.spec.inputs[0].uri, "bucket://incoming/iris.csv");
+    assert_eq!(
+        job.spec.inputs[0].uri,
+        "bucket://projects/vision/incoming/iris.csv"
+    );
     assert_eq!(job.spec.labels[trigger::LABEL], "csv");
 
     // The queue delivers at least once: the same event again finds the same job.
@@ -77,9 +80,13 @@ async fn one_job_per_object_version() {
     assert_eq!(all_jobs(&ports).await.len(), 1);
 
     // A new version of the file is new data: a second job.
-    let v2 = blob_created(&ports, &rules, &blob("incoming/iris.csv", "etag-2"))
-        .await
-        .unwrap();
+    let v2 = blob_created(
+        &ports,
+        &rules,
+        &blob("projects/vision/incoming/iris.csv", "etag-2"),
+    )
+    .await
+    .unwrap();
     assert!(v2[0].created);
     assert_ne!(v2[0].job.id, job.id);
     assert_eq!(all_jobs(&ports).await.len(), 2);
@@ -115,21 +122,21 @@ async fn a_broken_rule_does_not_stop_a_good_one() {
     // its template names a variable that does not exist.
     let broken: TriggerRule = serde_json::from_value(serde_json::json!({
         "name": "broken",
-        "match": { "prefix": "incoming/" },
+        "match": { "prefix": "projects/vision/incoming/" },
         "template": { "name": "x", "command": ["${nope}"] },
     }))
     .unwrap();
     assert!(broken.check().is_err());
     // Valid at load time, but no label can hold a key this long: fails for this blob only.
     let too_long = trigger::parse_rule(
-        "name: long\nmatch: { prefix: incoming/ }\ntemplate: { name: x, command: [x], labels: { src: \"${key}\" } }\n",
+        "name: long\nmatch: { prefix: projects/vision/incoming/ }\ntemplate: { name: x, command: [x], labels: { src: \"${key}\" } }\n",
         Format::Yaml,
     )
     .unwrap();
     let good = trigger::parse_rule(CSV, Format::Yaml).unwrap();
     let rules = [broken, too_long, good];
 
-    let key = format!("incoming/{}.csv", "d".repeat(300));
+    let key = format!("projects/vision/incoming/{}.csv", "d".repeat(300));
     let out = blob_created(&ports, &rules, &blob(&key, "1"))
         .await
         .unwrap();
@@ -146,7 +153,7 @@ async fn two_rules_taking_one_file_make_two_jobs() {
         trigger::parse_rule(CSV, Format::Yaml).unwrap(),
         trigger::parse_rule(&other, Format::Yaml).unwrap(),
     ];
-    let event = blob("incoming/iris.csv", "1");
+    let event = blob("projects/vision/incoming/iris.csv", "1");
     let out = blob_created(&ports, &rules, &event).await.unwrap();
     assert_eq!(out.len(), 2);
     assert_ne!(out[0].job.id, out[1].job.id);

@@ -95,6 +95,14 @@ fn contract_env(
         ("RESPAWN_MASTER_PORT".into(), "29500".into()),
         ("RESPAWN_HOSTFILE".into(), path(&hostfile, "hostfile")),
     ]);
+    // A sweep's job learns its index here: the sweep cannot put it in `env`, where
+    // RESPAWN_ names are reserved. Digits only, since anyone may set the label.
+    if let Some(index) = spec.labels.get(respawn_core::sweep::INDEX_LABEL)
+        && !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit())
+    {
+        env.push(("RESPAWN_ARRAY_INDEX".into(), index.clone()));
+    }
     env
 }
 

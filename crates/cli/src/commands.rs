@@ -25,6 +25,9 @@ pub async fn submit(
     let json_out = out == Output::Json;
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if is_sweep(&text) {
+        return submit_sweep(client, file, text, wait, out).await;
+    }
     let job: JobRecord = client
         .post_text("/v1/jobs", text)
         .await
@@ -38,6 +41,92 @@ pub async fn submit(
         return Ok(ExitCode::SUCCESS);
     }
     wait_for(client, job.id.as_str(), json_out).await
+}
+
+/// A sweep has a template and a grid or list of parameter sets.
+fn is_sweep(text: &str) -> bool {
+    let doc: Option<Value> = serde_yaml_ng::from_str(text).ok();
+    doc.is_some_and(|d| {
+        d.get("template").is_some() && (d.get("grid").is_some() || d.get("list").is_some())
+    })
+}
+
+async fn submit_sweep(
+    client: &Client,
+    file: &Path,
+    text: String,
+    wait: bool,
+    out: Output,
+) -> Result<ExitCode, String> {
+    let done: Value = client
+        .post_text("/v1/arrays", text)
+        .await
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let array = done["array"].as_str().unwrap_or_default().to_owned();
+    if out == Output::Json {
+        print_json(&done);
+    } else {
+        let n = done["jobs"].as_array().map_or(0, Vec::len);
+        println!("{array}");
+        eprintln!(
+            "{n} jobs ({} new); follow with: respawn jobs --array {array}",
+            done["created"]
+        );
+    }
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let p: Value = client.get(&format!("/v1/arrays/{array}")).await?;
+        if p["finished"].as_bool().unwrap_or(false) {
+            let total = p["total"].as_u64().unwrap_or(0);
+            let ok = p["counts"]["succeeded"].as_u64().unwrap_or(0);
+            eprintln!("{array}: {ok} of {total} succeeded");
+            return Ok(if ok == total {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+pub async fn array(client: &Client, id: &str, out: Output) -> Result<ExitCode, String> {
+    let p: Value = client.get(&format!("/v1/arrays/{id}")).await?;
+    if out == Output::Json {
+        print_json(&p);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let counts: Vec<String> = p["counts"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!("array {id}: {} jobs: {}", p["total"], counts.join(", "));
+    let jobs: Vec<Summary> =
+        serde_json::from_value(p["jobs"].clone()).map_err(|e| e.to_string())?;
+    print_table(&jobs);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(jobs: &[Summary]) {
+    println!(
+        "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  AGE",
+        "ID", "NAME", "STATE", "ATTEMPTS", "PREEMPTIONS"
+    );
+    for j in jobs {
+        println!(
+            "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  {}",
+            j.id.as_str(),
+            truncate(&j.name, 24),
+            j.state.as_str(),
+            j.attempts,
+            j.preemptions,
+            age(j.created_at)
+        );
+    }
 }
 
 /// Shows each change of state until the job ends; the exit status is the job's.
@@ -145,21 +234,7 @@ pub async fn jobs(
     }
     let jobs: Vec<Summary> =
         serde_json::from_value(page["jobs"].clone()).map_err(|e| e.to_string())?;
-    println!(
-        "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  AGE",
-        "ID", "NAME", "STATE", "ATTEMPTS", "PREEMPTIONS"
-    );
-    for j in jobs {
-        println!(
-            "{:<26}  {:<24}  {:<10}  {:>8}  {:>11}  {}",
-            j.id.as_str(),
-            truncate(&j.name, 24),
-            j.state.as_str(),
-            j.attempts,
-            j.preemptions,
-            age(j.created_at)
-        );
-    }
+    print_table(&jobs);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -230,6 +305,29 @@ pub async fn show(client: &Client, id: &str, out: Output) -> Result<ExitCode, St
             a.last_checkpoint.map_or("-".into(), |c| c.to_string()),
             outcome
         );
+    }
+    if !job.notifications.is_empty() {
+        println!();
+        println!(
+            "{:<10}  {:>3}  {:<24}  {:<10}  URL",
+            "STATE", "TRY", "AT", "RESULT"
+        );
+        for n in &job.notifications {
+            let result = match (n.delivered, n.status, &n.error) {
+                (true, Some(s), _) => format!("ok {s}"),
+                (false, Some(s), _) => format!("http {s}"),
+                (_, None, Some(e)) => format!("error: {e}"),
+                _ => "?".into(),
+            };
+            println!(
+                "{:<10}  {:>3}  {:<24}  {:<10}  {}",
+                n.state.as_str(),
+                n.try_number,
+                n.at.to_string(),
+                result,
+                n.url
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

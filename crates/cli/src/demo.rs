@@ -45,6 +45,7 @@ pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> 
     let config = UpConfig {
         data: data.clone(),
         triggers: Some(triggers),
+        hooks: None,
         listen,
         cpu_slots: 2,
         notice: NOTICE,

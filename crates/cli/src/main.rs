@@ -48,6 +48,9 @@ struct UpArgs {
     /// A folder of trigger rules (YAML/JSON); default `<data>/triggers` if it exists.
     #[arg(long)]
     triggers: Option<PathBuf>,
+    /// A webhooks file (YAML/JSON); default `<data>/hooks.yaml` if it exists.
+    #[arg(long)]
+    hooks: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
     /// CPU slots (local VMs for jobs that need no GPU).
@@ -77,7 +80,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7879")]
         listen: SocketAddr,
     },
-    /// Submit a job spec (YAML or JSON).
+    /// Submit a job spec, or a sweep (a spec template with `grid` or `list`), YAML or JSON.
     Submit {
         file: PathBuf,
         /// Show progress until the job ends; exit 0 if it succeeded, 1 otherwise.
@@ -93,6 +96,9 @@ enum Command {
         label: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Show one sweep (array job) and its progress.
+        #[arg(long)]
+        array: Option<String>,
     },
     /// A job with its attempt history.
     Show { id: String },
@@ -180,9 +186,13 @@ fn main() -> ExitCode {
             Command::Demo { data, listen } => demo::run(data, listen).await,
             Command::Submit { file, wait } => commands::submit(&client, &file, wait, out).await,
             Command::Jobs {
+                array: Some(array), ..
+            } => commands::array(&client, &array, out).await,
+            Command::Jobs {
                 state,
                 label,
                 limit,
+                array: None,
             } => commands::jobs(&client, state, label, limit, out).await,
             Command::Show { id } => commands::show(&client, &id, out).await,
             Command::Token { action } => commands::token(&client, action, out).await,
@@ -222,9 +232,13 @@ async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
     let triggers = a
         .triggers
         .or_else(|| Some(data.join("triggers")).filter(|p| p.is_dir()));
+    let hooks = a
+        .hooks
+        .or_else(|| Some(data.join("hooks.yaml")).filter(|p| p.is_file()));
     let config = up::UpConfig {
         data,
         triggers,
+        hooks,
         listen: a.listen,
         cpu_slots: a.slots,
         notice: a.notice,

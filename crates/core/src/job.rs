@@ -241,6 +241,29 @@ pub struct JobRecord {
     /// same compare-and-swap as the transition, so a crash never loses one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<Command>,
+    /// The latest outbound notification attempts (newest last, at most
+    /// [`MAX_NOTIFICATIONS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<NotificationAttempt>,
+}
+
+/// Notification attempts kept per job.
+pub const MAX_NOTIFICATIONS: usize = 50;
+
+/// One POST of a state change to a notify URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NotificationAttempt {
+    pub url: String,
+    pub state: JobState,
+    /// 1 for the first try.
+    pub try_number: u32,
+    pub at: Timestamp,
+    /// The HTTP status, when there was an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub delivered: bool,
 }
 
 impl JobRecord {
@@ -263,6 +286,7 @@ impl JobRecord {
             dispatched_at: None,
             reason: None,
             outbox: Vec::new(),
+            notifications: Vec::new(),
         }
     }
 

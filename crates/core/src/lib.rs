@@ -20,6 +20,7 @@ pub mod sweep;
 pub mod time;
 pub mod trigger;
 pub mod units;
+pub mod webhook;
 
 pub use job::{JobId, JobRecord, JobState};
 pub use spec::JobSpec;

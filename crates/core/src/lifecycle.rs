@@ -132,6 +132,9 @@ pub enum Command {
     Allocate { attempt: u32 },
     /// Give the attempt's VM(s) back.
     Release { attempt: u32 },
+    /// Tell the job's notify URLs that it entered `state`. Added by the handlers
+    /// (not by [`apply`]) to every transition of a job that has notify URLs.
+    Notify { state: JobState, at: Timestamp },
 }
 
 /// Deadlines the operator sets (not the user): how long each stage may take before

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::JobId;
+use crate::job::{JobId, JobState};
 use crate::lifecycle::Event;
 use crate::time::Timestamp;
 
@@ -30,5 +30,26 @@ impl Message {
         match self {
             Message::Dispatch { job, .. } | Message::Event { job, .. } => job,
         }
+    }
+}
+
+/// A state change to tell one of a job's notify URLs (notify queue).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notification {
+    pub job: JobId,
+    pub state: JobState,
+    pub at: Timestamp,
+    pub url: String,
+}
+
+impl Notification {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The delivery id receivers deduplicate on: the same for every retry.
+    pub fn id(&self) -> String {
+        format!("{}-{}-{}", self.job, self.state, self.at.0)
     }
 }

@@ -406,6 +406,12 @@ fn check_step(
                 prop_assert_eq!(after.state, JobState::Pending);
                 prop_assert_eq!(*attempt, after.attempt);
             }
+            Command::Notify { .. } => {
+                prop_assert!(
+                    false,
+                    "apply never emits notifications; the handlers add them"
+                );
+            }
         }
     }
 

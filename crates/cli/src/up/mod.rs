@@ -5,6 +5,7 @@
 pub mod api;
 mod bucket;
 mod loops;
+mod notify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub use api::app;
 pub struct UpConfig {
     pub data: PathBuf,
     pub triggers: Option<PathBuf>,
+    /// The webhooks file (YAML/JSON).
+    pub hooks: Option<PathBuf>,
     pub listen: SocketAddr,
     pub cpu_slots: usize,
     pub notice: Duration,
@@ -41,6 +44,7 @@ pub struct UpConfig {
 #[derive(Debug, Clone)]
 pub struct Stack {
     pub ports: Ports,
+    pub hooks: Arc<Vec<respawn_core::webhook::Hook>>,
     pub tokens: Arc<dyn respawn_core::ports::Tokens>,
     pub compute: Arc<LocalCompute>,
     pub config: UpConfig,
@@ -116,7 +120,16 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
         queues,
     };
     let rules = load_rules(config.triggers.as_deref());
+    let hooks = match &config.hooks {
+        Some(path) => respawn_core::webhook::load_hooks(path)
+            .map_err(|e| Error::Setup(format!("hooks in {}:\n{e}", path.display())))?,
+        None => Vec::new(),
+    };
+    for h in &hooks {
+        info!(hook = %h.name, url = %format!("/v1/hooks/{}", h.name), "webhook ready");
+    }
     Ok(Stack {
+        hooks: Arc::new(hooks),
         tokens: Arc::new(store.tokens()),
         ports,
         compute,
@@ -161,6 +174,13 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
         tokio::spawn(loops::reconcile(stack.ports.clone(), stop_rx.clone())),
         tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
     ];
+    let (notify_secret, _) = notify::load_or_create_secret(&stack.config.data)
+        .map_err(|e| Error::Setup(format!("cannot read or create the notify secret: {e}")))?;
+    tasks.push(tokio::spawn(notify::run(
+        stack.ports.clone(),
+        Arc::new(notify_secret),
+        stop_rx.clone(),
+    )));
     let dispatch = tokio::spawn(loops::dispatch(
         stack.ports.clone(),
         stack.compute.clone(),

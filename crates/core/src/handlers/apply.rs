@@ -5,7 +5,7 @@ use tracing::{debug, info};
 use super::Error;
 use crate::job::{JobId, JobRecord};
 use crate::lifecycle::{self, Command, Event};
-use crate::messages::Message;
+use crate::messages::{Message, Notification};
 use crate::ports::compute::{self, AllocateRequest, AllocationKey};
 use crate::ports::queue::Outgoing;
 use crate::ports::{Ports, ledger};
@@ -24,15 +24,23 @@ pub async fn job_event(
     event: &Event,
     at: Timestamp,
 ) -> Result<JobRecord, Error> {
-    let rec = update_with(ports, id, |r| {
-        let t = lifecycle::apply(r, event, at, &ports.timeouts);
-        if t.changed {
-            log_transition(r, &t.record, event);
-        }
-        *r = t.record;
-    })
-    .await?;
+    let rec = update_with(ports, id, |r| step(r, event, at, &ports.timeouts)).await?;
     flush_outbox(ports, rec).await
+}
+
+/// Applies one event in place: the lifecycle's transition, its log line, and a
+/// notification command when the state changed and the job has notify URLs.
+fn step(r: &mut JobRecord, event: &Event, at: Timestamp, timeouts: &lifecycle::Timeouts) {
+    let t = lifecycle::apply(r, event, at, timeouts);
+    if !t.changed {
+        return;
+    }
+    log_transition(r, &t.record, event);
+    let entered = (t.record.state != r.state).then_some(t.record.state);
+    *r = t.record;
+    if let Some(state) = entered.filter(|_| !r.spec.notify.is_empty()) {
+        r.outbox.push(Command::Notify { state, at });
+    }
 }
 
 fn log_transition(before: &JobRecord, after: &JobRecord, event: &Event) {
@@ -49,6 +57,16 @@ fn log_transition(before: &JobRecord, after: &JobRecord, event: &Event) {
     } else {
         debug!(job_id = %after.id, attempt = after.attempt, event = event.kind(), "job updated");
     }
+}
+
+/// Changes job `id` outside the lifecycle (bookkeeping such as notification
+/// attempts), by compare-and-swap, reading again on conflict.
+pub async fn update_job(
+    ports: &Ports,
+    id: &JobId,
+    f: impl FnMut(&mut JobRecord),
+) -> Result<JobRecord, Error> {
+    update_with(ports, id, f).await
 }
 
 /// Reads job `id`, lets `f` change it, and stores it by compare-and-swap, reading
@@ -92,11 +110,7 @@ pub async fn flush_outbox(ports: &Ports, mut rec: JobRecord) -> Result<JobRecord
         rec = update_with(ports, &rec.id, |r| {
             lifecycle::clear_outbox(r, &done);
             for ev in &follow_ups {
-                let t = lifecycle::apply(r, ev, at, &ports.timeouts);
-                if t.changed {
-                    log_transition(r, &t.record, ev);
-                }
-                *r = t.record;
+                step(r, ev, at, &ports.timeouts);
             }
         })
         .await?;
@@ -123,6 +137,22 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
             Ok(None)
         }
         Command::Allocate { attempt } => allocate(ports, rec, *attempt).await,
+        Command::Notify { state, at } => {
+            // One message per URL, so that each is retried on its own.
+            for url in &rec.spec.notify {
+                let n = Notification {
+                    job: rec.id.clone(),
+                    state: *state,
+                    at: *at,
+                    url: url.clone(),
+                };
+                ports
+                    .queue
+                    .send(&ports.queues.notify, Outgoing::new(n.to_bytes()))
+                    .await?;
+            }
+            Ok(None)
+        }
         Command::Release { attempt } => {
             let key = AllocationKey {
                 job: rec.id.clone(),

@@ -5,13 +5,15 @@
 
 mod apply;
 mod blob;
+mod hook;
 mod message;
 mod reconcile;
 mod submit;
 mod sweep;
 
-pub use apply::{flush_outbox, job_event};
+pub use apply::{flush_outbox, job_event, update_job};
 pub use blob::{BlobCreated, blob_created};
+pub use hook::{HookError, HookOutcome, webhook};
 pub use message::{Disposition, handle_delivery, settle};
 pub use reconcile::{ReconcileReport, reconcile};
 pub use submit::{Submission, Submitted, submit};

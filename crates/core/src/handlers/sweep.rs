@@ -62,8 +62,9 @@ impl ArrayProgress {
 /// resubmission whose parameters changed gets the jobs made first for the indexes
 /// they share. Without a key every call makes a new array.
 ///
-/// The whole sweep is expanded and validated before the first job is submitted, so
-/// a bad parameter set refuses the sweep rather than leaving half an array.
+/// The whole sweep is expanded and validated (the project's access rules included)
+/// before the first job is submitted, so a bad parameter set refuses the sweep
+/// rather than leaving half an array.
 pub async fn submit_array(
     ports: &Ports,
     sweep: &SweepSpec,
@@ -71,6 +72,17 @@ pub async fn submit_array(
 ) -> Result<ArraySubmitted, Error> {
     let array = array_id(sweep, project, ports.clock.now());
     let specs = sweep.expand_as(&array)?;
+    // `submit` checks this too, but job by job: checked here first, a parameter
+    // that points one job outside the project refuses the sweep whole.
+    for (i, spec) in specs.iter().enumerate() {
+        crate::project::check_access(spec, project).map_err(|e| {
+            let mut e = e.nested("template");
+            for err in &mut e.errors {
+                err.message = format!("{} (job {i})", err.message);
+            }
+            e
+        })?;
+    }
     let submitted: Vec<_> = futures::stream::iter(specs)
         .map(|spec| {
             submit(

@@ -44,6 +44,8 @@ pub struct QueueNames {
     pub dispatch: String,
     /// Reports from agents and providers (started, checkpoint, notice, exit, …).
     pub events: String,
+    /// Outbound state-change notifications, one message per URL.
+    pub notify: String,
 }
 
 impl QueueNames {
@@ -52,6 +54,7 @@ impl QueueNames {
             submit: format!("{prefix}submit"),
             dispatch: format!("{prefix}dispatch"),
             events: format!("{prefix}events"),
+            notify: format!("{prefix}notify"),
         }
     }
 }

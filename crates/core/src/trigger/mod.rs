@@ -49,6 +49,8 @@ pub use glob::Glob;
 pub use load::{load_rules_dir, parse_rule};
 pub use matching::{Bindings, VARIABLES, check_key};
 pub use render::idempotency_key;
+// The `${var}` substitution, shared with parameter sweeps.
+pub(crate) use render::{Variables, substitute_value};
 
 /// The label every triggered job carries, naming its rule.
 pub const LABEL: &str = "respawn.trigger";

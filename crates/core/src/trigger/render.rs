@@ -67,10 +67,30 @@ pub fn idempotency_key(rule: &str, b: &Bindings) -> String {
     format!("trigger:{rule}:{}", hex::encode(h.finalize()))
 }
 
+/// What `${name}` may stand for in a template: a matched blob's [`Bindings`] here,
+/// a parameter set in [`crate::sweep`]. One substitution serves both, so the two
+/// kinds of template share their syntax, escaping and name sanitizing.
+pub(crate) trait Variables {
+    /// A variable's value; `None` when `name` is not a variable.
+    fn value(&self, name: &str) -> Option<&str>;
+    /// The variables there are, listed in the unknown-variable error.
+    fn known(&self) -> String;
+}
+
+impl Variables for Bindings {
+    fn value(&self, name: &str) -> Option<&str> {
+        self.get(name)
+    }
+
+    fn known(&self) -> String {
+        VARIABLES.join(", ")
+    }
+}
+
 /// Substitutes through a JSON value; problems are pushed with their paths.
-pub(super) fn substitute_value(
+pub(crate) fn substitute_value<V: Variables + ?Sized>(
     v: &Value,
-    b: &Bindings,
+    b: &V,
     path: &str,
     errors: &mut Vec<FieldError>,
 ) -> Value {
@@ -127,7 +147,11 @@ pub(super) fn substitute_value(
 
 /// Replaces `${var}` in one string; `$${` is a literal `${`, any other `$` is itself.
 /// With `sanitize`, substituted values keep only `[A-Za-z0-9._-]` (others become `-`).
-pub(super) fn substitute(s: &str, b: &Bindings, sanitize: bool) -> Result<String, String> {
+pub(super) fn substitute<V: Variables + ?Sized>(
+    s: &str,
+    b: &V,
+    sanitize: bool,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(at) = rest.find('$') {
@@ -143,11 +167,8 @@ pub(super) fn substitute(s: &str, b: &Bindings, sanitize: bool) -> Result<String
                 ));
             };
             let var = &after[..end];
-            let Some(value) = b.get(var) else {
-                return Err(format!(
-                    "unknown variable ${{{var}}}; known: {}",
-                    VARIABLES.join(", ")
-                ));
+            let Some(value) = b.value(var) else {
+                return Err(format!("unknown variable ${{{var}}}; known: {}", b.known()));
             };
             if sanitize {
                 out.extend(value.chars().map(|c| {

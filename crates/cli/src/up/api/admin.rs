@@ -155,10 +155,10 @@ pub async fn vms(State(stack): State<Stack>, caller: Caller) -> Result<Response,
     caller.require(Scope::Admin)?;
     let mut mine = Vec::new();
     for vm in stack.compute.running() {
-        if let Ok(job) = stack.ports.ledger.get(&vm.key.job).await {
-            if job.project == caller.project() {
-                mine.push(vm);
-            }
+        if let Ok(job) = stack.ports.ledger.get(&vm.key.job).await
+            && job.project == caller.project()
+        {
+            mine.push(vm);
         }
     }
     Ok(axum::Json(mine).into_response())

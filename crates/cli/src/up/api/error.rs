@@ -14,6 +14,8 @@ pub enum ApiError {
     Unauthorized(String),
     Forbidden(String),
     NotFound(String),
+    /// A passing failure: the caller should retry.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -31,6 +33,13 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({ "error": m })),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({ "error": m })),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({ "error": m })),
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error = %m, "request failed; the caller may retry");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "error": "temporarily unavailable; retry" }),
+                )
+            }
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "request failed");
                 (

@@ -3,8 +3,10 @@
 //! needs a bearer token; a token sees only its project.
 
 mod admin;
+mod arrays;
 mod auth;
 mod error;
+mod hooks;
 mod jobs;
 #[cfg(test)]
 mod tests;
@@ -26,7 +28,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}"),
     ("POST", "/v1/jobs/{id}/cancel"),
     ("GET", "/v1/jobs/{id}/logs"),
+    ("POST", "/v1/arrays"),
+    ("GET", "/v1/arrays/{id}"),
     ("GET", "/v1/triggers"),
+    ("GET", "/v1/hooks"),
+    ("POST", "/v1/hooks/{name}"),
     ("POST", "/v1/tokens"),
     ("GET", "/v1/tokens"),
     ("DELETE", "/v1/tokens/{id}"),
@@ -41,7 +47,11 @@ pub fn app(stack: Stack) -> Router {
         .route("/v1/jobs/{id}", get(jobs::show))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/logs", get(jobs::logs))
+        .route("/v1/arrays", post(arrays::submit))
+        .route("/v1/arrays/{id}", get(arrays::progress))
         .route("/v1/triggers", get(admin::triggers))
+        .route("/v1/hooks", get(hooks::list))
+        .route("/v1/hooks/{name}", post(hooks::receive))
         .route(
             "/v1/tokens",
             post(admin::create_token).get(admin::list_tokens),

@@ -60,6 +60,7 @@ async fn fixture() -> Fixture {
     let config = UpConfig {
         data: dir.path().to_owned(),
         triggers: None,
+        hooks: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         cpu_slots: 0,
         notice: Duration::from_secs(1),
@@ -67,6 +68,7 @@ async fn fixture() -> Fixture {
         heartbeat_secs: 1,
     };
     let stack = Stack {
+        hooks: Default::default(),
         ports,
         tokens: Arc::new(MemoryTokens::new()),
         compute,
@@ -325,4 +327,207 @@ async fn serves_over_a_real_socket() {
     let listed: Value = client.get("/v1/jobs?state=pending").await.unwrap();
     assert_eq!(listed["jobs"][0]["id"], id);
     server.abort();
+}
+
+const HOOKS: &str = r#"
+hooks:
+  - name: ci
+    kind: standard
+    secret_env: CI_SECRET
+    template:
+      name: from-ci-${body.run}
+      command: [respawn-trainer, --seed, "${body.run}"]
+  - name: gh
+    kind: github
+    secret_env: GH_SECRET
+    on: { events: [push], branches: [main] }
+    template:
+      name: train-${short_sha}
+      command: [python, train.py, --commit, "${sha}"]
+"#;
+
+const CI_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn hooked() -> Fixture {
+    let mut f = fixture().await;
+    let env = |k: &str| match k {
+        "CI_SECRET" => Some(CI_SECRET.to_owned()),
+        "GH_SECRET" => Some("It's a Secret to Everybody".to_owned()),
+        _ => None,
+    };
+    let hooks =
+        respawn_core::webhook::parse_hooks(HOOKS, respawn_core::spec::Format::Yaml, &env).unwrap();
+    f.stack.hooks = Arc::new(hooks);
+    f
+}
+
+async fn post_hook(
+    stack: &Stack,
+    name: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut req =
+        Request::post(format!("/v1/hooks/{name}")).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = app(stack.clone())
+        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn standard_headers(id: &str, ts: i64, body: &str, secret: &str) -> Vec<(&'static str, String)> {
+    use respawn_core::webhook::standard::{Secret, sign};
+    let sig = sign(&Secret::parse(secret).unwrap(), id, ts, body.as_bytes());
+    vec![
+        ("webhook-id", id.to_owned()),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", sig),
+    ]
+}
+
+async fn job_count(stack: &Stack) -> usize {
+    let q = respawn_core::ports::ledger::ListQuery {
+        limit: 1000,
+        ..Default::default()
+    };
+    stack.ports.ledger.list(&q).await.unwrap().jobs.len()
+}
+
+#[tokio::test]
+async fn standard_webhooks_accept_signed_and_reject_the_rest() {
+    let f = hooked().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let body = r#"{"run": "17"}"#;
+    let (s, answer) = post_hook(
+        &f.stack,
+        "ci",
+        &standard_headers("msg_1", now, body, CI_SECRET),
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{answer}");
+    assert!(answer["job"].is_string());
+    let rejected = [
+        (
+            "replay",
+            standard_headers("msg_1", now, body, CI_SECRET),
+            body,
+        ),
+        (
+            "tampered",
+            standard_headers("msg_2", now, body, CI_SECRET),
+            r#"{"run": "18"}"#,
+        ),
+        (
+            "wrong secret",
+            standard_headers(
+                "msg_3",
+                now,
+                body,
+                "whsec_QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQQ==",
+            ),
+            body,
+        ),
+        (
+            "stale",
+            standard_headers("msg_4", now - 600, body, CI_SECRET),
+            body,
+        ),
+        (
+            "unsigned",
+            vec![
+                ("webhook-id", "msg_5".to_owned()),
+                ("webhook-timestamp", now.to_string()),
+            ],
+            body,
+        ),
+    ];
+    for (what, headers, body) in rejected {
+        let (s, _) = post_hook(&f.stack, "ci", &headers, body).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}");
+    }
+    assert_eq!(
+        job_count(&f.stack).await,
+        1,
+        "no rejected request made a job"
+    );
+    assert_eq!(
+        post_hook(&f.stack, "nope", &[], "{}").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn github_pushes_start_runs_with_the_commit() {
+    use respawn_core::webhook::github::sign;
+    let f = hooked().await;
+    let secret = b"It's a Secret to Everybody";
+    let push = r#"{"ref": "refs/heads/main", "after": "0123456789abcdef0123456789abcdef01234567",
+        "repository": {"full_name": "acme/models"}, "pusher": {"name": "dev"}, "head_commit": {"message": "tune"}}"#;
+    let headers = |event: &str, delivery: &str, body: &str| {
+        vec![
+            ("x-github-event", event.to_owned()),
+            ("x-github-delivery", delivery.to_owned()),
+            ("x-hub-signature-256", sign(secret, body.as_bytes())),
+        ]
+    };
+    let (s, answer) = post_hook(&f.stack, "gh", &headers("push", "d-1", push), push).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{answer}");
+    let id: respawn_core::JobId = answer["job"].as_str().unwrap().parse().unwrap();
+    let job = f.stack.ports.ledger.get(&id).await.unwrap();
+    assert_eq!(
+        job.spec.command[3],
+        "0123456789abcdef0123456789abcdef01234567"
+    );
+    let ping = r#"{"zen": "Keep it logically awesome."}"#;
+    assert_eq!(
+        post_hook(&f.stack, "gh", &headers("ping", "d-2", ping), ping)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let mut forged = headers("push", "d-3", push);
+    forged[2].1 = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17".into();
+    assert_eq!(
+        post_hook(&f.stack, "gh", &forged, push).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(job_count(&f.stack).await, 1);
+}
+
+#[tokio::test]
+async fn a_sweep_submits_an_array_once() {
+    let f = fixture().await;
+    let t = token(&f.stack, "default", &[Scope::Submit, Scope::Read]).await;
+    let sweep = "name: s\nidempotency_key: s-1\ntemplate:\n  name: \"s-${index}\"\n  command: [respawn-trainer, --lr, \"${param.lr}\"]\n\
+                 grid: { lr: [0.1, 0.01], hidden: [4, 8, 16] }\n";
+    let (s, first) = call(&f.stack, Method::POST, "/v1/arrays", Some(&t), sweep).await;
+    assert_eq!(s, StatusCode::CREATED, "{first}");
+    assert_eq!(first["jobs"].as_array().unwrap().len(), 6);
+    let (s, again) = call(&f.stack, Method::POST, "/v1/arrays", Some(&t), sweep).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again["array"], first["array"]);
+    let (s, progress) = call(
+        &f.stack,
+        Method::GET,
+        &format!("/v1/arrays/{}", first["array"].as_str().unwrap()),
+        Some(&t),
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(progress["total"], 6);
+    assert_eq!(progress["counts"]["pending"], 6, "{progress}");
 }

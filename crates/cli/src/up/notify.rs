@@ -1,0 +1,167 @@
+//! Outbound notifications: each state change of a job with notify URLs is POSTed to
+//! every URL, signed per Standard Webhooks with the stack's notify secret, retried
+//! with exponential backoff through the notify queue, and never on the path of the
+//! broker's own work. Every try is recorded on the job (`respawn show`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use respawn_core::handlers::update_job;
+use respawn_core::job::{MAX_NOTIFICATIONS, NotificationAttempt};
+use respawn_core::messages::Notification;
+use respawn_core::ports::Ports;
+use respawn_core::ports::queue::{Delivery, Receive};
+use respawn_core::webhook::standard::{self, Secret};
+use serde_json::json;
+use tokio::sync::{Semaphore, watch};
+use tracing::{info, warn};
+
+/// POSTs in flight at once.
+const PARALLEL: usize = 8;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The stack's signing secret, `<data>/notify-secret` (`whsec_…`), made on first use.
+pub fn load_or_create_secret(data: &Path) -> std::io::Result<(Secret, String)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data.join("notify-secret");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = text.trim().to_owned();
+        if let Ok(s) = Secret::parse(&text) {
+            return Ok((s, text));
+        }
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+    use base64::Engine;
+    let text = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(text.as_bytes())?;
+    Ok((Secret::from_bytes(key.to_vec()), text))
+}
+
+/// Consumes the notify queue until `stop`.
+pub async fn run(ports: Ports, secret: Arc<Secret>, stop: watch::Receiver<bool>) {
+    let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "notifications disabled: no HTTP client");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(PARALLEL));
+    let opts = Receive {
+        max: PARALLEL,
+        lease: TIMEOUT * 4,
+        wait: Duration::from_millis(500),
+    };
+    while !*stop.borrow() {
+        let got = match ports.queue.receive(&ports.queues.notify, opts).await {
+            Ok(got) => got,
+            Err(e) => {
+                warn!(error = %e, "cannot read the notify queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for d in got {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (ports, http, secret) = (ports.clone(), http.clone(), secret.clone());
+            tokio::spawn(async move {
+                deliver(&ports, &http, &secret, &d).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn deliver(ports: &Ports, http: &reqwest::Client, secret: &Secret, d: &Delivery) {
+    let n: Notification = match serde_json::from_slice(&d.body) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = ports
+                .queue
+                .dead_letter(d, &format!("not a notification: {e}"))
+                .await;
+            return;
+        }
+    };
+    let rec = ports.ledger.get(&n.job).await.ok();
+    let body = json!({
+        "type": "job.state_changed",
+        "timestamp": n.at.to_string(),
+        "data": {
+            "job_id": n.job,
+            "state": n.state,
+            "name": rec.as_ref().map(|r| r.spec.name.clone()),
+            "project": rec.as_ref().map(|r| r.project.clone()),
+            "attempt": rec.as_ref().map(|r| r.attempt),
+            "reason": rec.as_ref().and_then(|r| r.reason.clone()),
+        }
+    })
+    .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let id = n.id();
+    let signature = standard::sign(secret, &id, now, body.as_bytes());
+    let sent = http
+        .post(&n.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", now.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    let (status, error) = match &sent {
+        Ok(r) => (Some(r.status().as_u16()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let delivered = sent.as_ref().is_ok_and(|r| r.status().is_success());
+    let attempt = NotificationAttempt {
+        url: n.url.clone(),
+        state: n.state,
+        try_number: d.deliveries,
+        at: ports.clock.now(),
+        status,
+        error,
+        delivered,
+    };
+    record(ports, &n, attempt).await;
+    let settled = if delivered {
+        info!(job_id = %n.job, url = %n.url, state = %n.state, "notification delivered");
+        ports.queue.ack(d).await
+    } else {
+        // 2 s, 4 s, 8 s …: the queue dead-letters it after its delivery limit.
+        let backoff = Duration::from_secs(1u64 << d.deliveries.min(9));
+        warn!(job_id = %n.job, url = %n.url, try_number = d.deliveries, ?status, "notification failed; will retry");
+        ports.queue.retry_later(d, backoff).await
+    };
+    if let Err(e) = settled {
+        warn!(job_id = %n.job, error = %e, "cannot settle notification");
+    }
+}
+
+async fn record(ports: &Ports, n: &Notification, attempt: NotificationAttempt) {
+    let result = update_job(ports, &n.job, |r| {
+        r.notifications.push(attempt.clone());
+        let excess = r.notifications.len().saturating_sub(MAX_NOTIFICATIONS);
+        r.notifications.drain(..excess);
+    })
+    .await;
+    if let Err(e) = result {
+        warn!(job_id = %n.job, error = %e, "cannot record the notification attempt");
+    }
+}
