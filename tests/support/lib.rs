@@ -94,6 +94,11 @@ impl Up {
         panic!("respawn up did not start:\n{}", up.log_text());
     }
 
+    /// The admin token of the stack's data folder.
+    pub fn token(&self) -> String {
+        self.token.clone()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,77 @@
+//! API submissions/s and latency: 32 keep-alive clients submitting jobs to a real
+//! `respawn up` (durable: every 201 means the job and its dispatch are fsync'd).
+//!
+//! `cargo build --release && cargo bench -p respawn-e2e --bench api`
+//!
+//! The stack runs with no VM slots, so the jobs wait in the dispatch queue and the
+//! machine's 2 cores serve only the API, the ledger and the queue.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use respawn_e2e::Up;
+
+const CLIENTS: usize = 32;
+const WARMUP: Duration = Duration::from_secs(2);
+const RUN: Duration = Duration::from_secs(15);
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(&dir.path().join("data"), &["--slots", "0"]).await;
+    let (base, token) = (up.base.clone(), up.token());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (base, token) = (base.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            // One client per task: its own keep-alive connection.
+            let http = reqwest::Client::new();
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            loop {
+                let t = Instant::now();
+                if t.duration_since(started) > WARMUP + RUN {
+                    return lat;
+                }
+                let spec = format!(
+                    "{{\"name\": \"bench-{c}-{i}\", \"command\": [\"python\", \"train.py\"], \"resources\": {{\"gpus\": 0}}, \"labels\": {{\"bench\": \"api\"}}}}"
+                );
+                let resp = http
+                    .post(format!("{base}/v1/jobs"))
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(spec)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+                let _ = resp.bytes().await;
+                if t.duration_since(started) > WARMUP {
+                    lat.push(t.elapsed());
+                }
+                i += 1;
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    let rate = all.len() as f64 / RUN.as_secs_f64();
+    println!("clients: {CLIENTS}, measured: {} s after {} s warm-up", RUN.as_secs(), WARMUP.as_secs());
+    println!("| submissions/s | p50 | p99 | max |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {rate:.0} | {:.1} ms | {:.1} ms | {:.1} ms |",
+        pct(&all, 0.5),
+        pct(&all, 0.99),
+        pct(&all, 1.0)
+    );
+}
