@@ -65,7 +65,11 @@ async fn main() {
     }
     all.sort_unstable();
     let rate = all.len() as f64 / RUN.as_secs_f64();
-    println!("clients: {CLIENTS}, measured: {} s after {} s warm-up", RUN.as_secs(), WARMUP.as_secs());
+    println!(
+        "clients: {CLIENTS}, measured: {} s after {} s warm-up",
+        RUN.as_secs(),
+        WARMUP.as_secs()
+    );
     println!("| submissions/s | p50 | p99 | max |");
     println!("|---:|---:|---:|---:|");
     println!(
