@@ -123,13 +123,14 @@ pub fn parse_sweep(text: &str, format: Format) -> Result<SweepSpec, SpecError> {
     let sweep: SweepSpec = match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
-            let sweep = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+            let sweep =
+                serde_path_to_error::deserialize(&mut de).map_err(SpecError::from_path_error)?;
             de.end().map_err(|e| SpecError::one("", e.to_string()))?;
             sweep
         }
         Format::Yaml => {
             let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(path_error)?
+            serde_path_to_error::deserialize(de).map_err(SpecError::from_path_error)?
         }
     };
     sweep.check()?;
@@ -581,30 +582,6 @@ impl JsonSchema for ParamValue {
             "description": "A parameter value, substituted as text: a string, a number or a boolean.",
             "type": ["string", "number", "boolean"]
         })
-    }
-}
-
-/// The field path and message of a decoding error. Mirrors the job spec reader's,
-/// which is private to `spec`.
-fn path_error<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
-    let path = e.path().to_string();
-    // serde_path_to_error writes the document root as ".".
-    let path = if path == "." { String::new() } else { path };
-    // YAML puts (part of) the path in front of its message; it is said once already.
-    let message = e.inner().to_string();
-    let message = match message.split_once(": ") {
-        Some((head, rest))
-            if !head.is_empty()
-                && (path == head
-                    || path.starts_with(&format!("{head}."))
-                    || path.starts_with(&format!("{head}["))) =>
-        {
-            rest.to_owned()
-        }
-        _ => message,
-    };
-    SpecError {
-        errors: vec![FieldError { path, message }],
     }
 }
 

@@ -63,6 +63,14 @@ pub fn parse_file(path: &Path) -> Result<JobSpec, SpecError> {
     parse(&text, Format::from_path(path))
 }
 
+impl SpecError {
+    /// The field path and message of a decoding error, from any of the readers
+    /// (specs, trigger rules, hooks, sweeps).
+    pub fn from_path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
+        path_error(e)
+    }
+}
+
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
     let path = e.path().to_string();
     // serde_path_to_error writes the document root as ".".

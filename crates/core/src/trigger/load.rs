@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::TriggerRule;
-use crate::spec::{FieldError, Format, SpecError};
+use crate::spec::{Format, SpecError};
 
 /// Parses and checks one rule. Every error names a field path (`match.glob`,
 /// `template.resources.gpus`), and a template that could never make a valid job
@@ -13,13 +13,14 @@ pub fn parse_rule(text: &str, format: Format) -> Result<TriggerRule, SpecError> 
     let rule: TriggerRule = match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
-            let rule = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+            let rule =
+                serde_path_to_error::deserialize(&mut de).map_err(SpecError::from_path_error)?;
             de.end().map_err(|e| SpecError::one("", e.to_string()))?;
             rule
         }
         Format::Yaml => {
             let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(path_error)?
+            serde_path_to_error::deserialize(de).map_err(SpecError::from_path_error)?
         }
     };
     rule.check()?;
@@ -89,28 +90,4 @@ fn is_rule_file(path: &Path) -> bool {
             .iter()
             .any(|x| e.eq_ignore_ascii_case(x))
     })
-}
-
-/// The field path and message of a decoding error. Mirrors the job spec reader's,
-/// which is private to `spec`.
-fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
-    let path = e.path().to_string();
-    // serde_path_to_error writes the document root as ".".
-    let path = if path == "." { String::new() } else { path };
-    // YAML puts (part of) the path in front of its message; it is said once already.
-    let message = e.inner().to_string();
-    let message = match message.split_once(": ") {
-        Some((head, rest))
-            if !head.is_empty()
-                && (path == head
-                    || path.starts_with(&format!("{head}."))
-                    || path.starts_with(&format!("{head}["))) =>
-        {
-            rest.to_owned()
-        }
-        _ => message,
-    };
-    SpecError {
-        errors: vec![FieldError { path, message }],
-    }
 }

@@ -103,13 +103,14 @@ pub fn parse_hooks(
     let file: HooksFile = match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
-            let file = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+            let file =
+                serde_path_to_error::deserialize(&mut de).map_err(SpecError::from_path_error)?;
             de.end().map_err(|e| SpecError::one("", e.to_string()))?;
             file
         }
         Format::Yaml => {
             let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(path_error)?
+            serde_path_to_error::deserialize(de).map_err(SpecError::from_path_error)?
         }
     };
     let mut hooks = Vec::new();
@@ -250,26 +251,4 @@ fn check_name(name: &str) -> Result<(), String> {
     } else {
         Ok(())
     }
-}
-
-/// The field path and message of a decoding error. Mirrors the job spec reader's
-/// and the trigger rule reader's, which are private to their modules.
-fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
-    let path = e.path().to_string();
-    // serde_path_to_error writes the document root as ".".
-    let path = if path == "." { String::new() } else { path };
-    // YAML puts (part of) the path in front of its message; it is said once already.
-    let message = e.inner().to_string();
-    let message = match message.split_once(": ") {
-        Some((head, rest))
-            if !head.is_empty()
-                && (path == head
-                    || path.starts_with(&format!("{head}."))
-                    || path.starts_with(&format!("{head}["))) =>
-        {
-            rest.to_owned()
-        }
-        _ => message,
-    };
-    SpecError::one(path, message)
 }
