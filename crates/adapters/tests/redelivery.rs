@@ -112,6 +112,7 @@ impl World {
         let sub = Submission {
             spec,
             project: "default".into(),
+            reply_to: None,
         };
         let id = handlers::submit(&ports, sub).await.unwrap().job.id;
         World {

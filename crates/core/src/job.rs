@@ -245,7 +245,28 @@ pub struct JobRecord {
     /// [`MAX_NOTIFICATIONS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<NotificationAttempt>,
+    /// Where a queue submitter asked for status events (AMQP `reply_to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyTo>,
 }
+
+/// A queue reply address: the submitter's queue and its correlation id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplyTo {
+    pub queue: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+}
+
+impl ReplyTo {
+    /// The pseudo-URL a notification to this address carries.
+    pub fn as_url(&self) -> String {
+        format!("{REPLY_SCHEME}{}", self.queue)
+    }
+}
+
+/// Notifications whose URL starts with this go to a queue, not over HTTP.
+pub const REPLY_SCHEME: &str = "amqp-reply:";
 
 /// Notification attempts kept per job.
 pub const MAX_NOTIFICATIONS: usize = 50;
@@ -287,6 +308,7 @@ impl JobRecord {
             reason: None,
             outbox: Vec::new(),
             notifications: Vec::new(),
+            reply_to: None,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod checkpoint;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod handlers;
+pub mod intake;
 pub mod job;
 pub mod layout;
 pub mod lifecycle;

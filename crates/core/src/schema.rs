@@ -35,5 +35,6 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("job-spec.schema.json", job_spec()),
         ("trigger-rule.schema.json", trigger_rule()),
         ("sweep.schema.json", sweep()),
+        ("submit-message.schema.json", crate::intake::schema()),
     ]
 }

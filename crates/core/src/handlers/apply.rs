@@ -3,7 +3,7 @@
 use tracing::{debug, info};
 
 use super::Error;
-use crate::job::{JobId, JobRecord};
+use crate::job::{JobId, JobRecord, ReplyTo};
 use crate::lifecycle::{self, Command, Event};
 use crate::messages::{Message, Notification};
 use crate::ports::compute::{self, AllocateRequest, AllocationKey};
@@ -38,7 +38,7 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, timeouts: &lifecycle::T
     log_transition(r, &t.record, event);
     let entered = (t.record.state != r.state).then_some(t.record.state);
     *r = t.record;
-    if let Some(state) = entered.filter(|_| !r.spec.notify.is_empty()) {
+    if let Some(state) = entered.filter(|_| !r.spec.notify.is_empty() || r.reply_to.is_some()) {
         r.outbox.push(Command::Notify { state, at });
     }
 }
@@ -139,7 +139,8 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
         Command::Allocate { attempt } => allocate(ports, rec, *attempt).await,
         Command::Notify { state, at } => {
             // One message per URL, so that each is retried on its own.
-            for url in &rec.spec.notify {
+            let reply = rec.reply_to.as_ref().map(ReplyTo::as_url);
+            for url in rec.spec.notify.iter().chain(reply.iter()) {
                 let n = Notification {
                     job: rec.id.clone(),
                     state: *state,

@@ -56,6 +56,7 @@ pub async fn blob_created(
             Submission {
                 spec,
                 project: rule.project.clone(),
+                reply_to: None,
             },
         )
         .await?;

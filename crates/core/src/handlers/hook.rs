@@ -121,6 +121,7 @@ pub async fn webhook(
         Submission {
             spec,
             project: hook.project.clone(),
+            reply_to: None,
         },
     )
     .await?;

@@ -6,7 +6,7 @@ use tracing::info;
 
 use super::Error;
 use super::apply::flush_outbox;
-use crate::job::{JobId, JobRecord};
+use crate::job::{JobId, JobRecord, ReplyTo};
 use crate::layout;
 use crate::lifecycle::Command;
 use crate::ports::{Ports, ledger};
@@ -18,6 +18,8 @@ use object_store::ObjectStoreExt;
 pub struct Submission {
     pub spec: JobSpec,
     pub project: String,
+    /// Where to send the job's status events (a queue reply address).
+    pub reply_to: Option<ReplyTo>,
 }
 
 /// The job a submission made, or found.
@@ -55,6 +57,7 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
         ports.secrets.put(&id, &values).await?;
     }
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
+    rec.reply_to = sub.reply_to;
     // The spec goes into the job's prefix first, where agents read it; written
     // before the record, it is there whenever the record is.
     let body =

@@ -90,6 +90,7 @@ pub async fn submit_array(
                 Submission {
                     spec,
                     project: project.to_owned(),
+                    reply_to: None,
                 },
             )
         })

@@ -91,6 +91,7 @@ pub async fn submit(
     let sub = Submission {
         spec,
         project: caller.project().to_owned(),
+        reply_to: None,
     };
     let done = handlers::submit(&stack.ports, sub).await?;
     let status = if done.created {
