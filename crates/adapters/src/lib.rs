@@ -5,7 +5,10 @@
 //!   embedded default, in SQLite files under a data folder.
 //! - [`objstore`]: a ledger on any `object_store` (S3, Azure Blob, GCS, in-memory),
 //!   compare-and-swap by conditional put.
+//! - [`amqp`] (feature `amqp`): a queue on RabbitMQ.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod memory;
