@@ -4,6 +4,7 @@
 //! live here: a receipt names an entry; settling a delivery first removes its entry,
 //! so exactly one of the owner (ack, retry, dead-letter) and the reaper settles it.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, Weak};
@@ -30,6 +31,8 @@ pub(super) struct Lease {
     pub deliveries: u32,
     /// Kept through retries and expiries (on dead-letter queues).
     pub reason: Option<String>,
+    /// `reply_to`, `correlation_id` …: kept through retries and expiries too.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Why a receipt does not settle.

@@ -1,5 +1,6 @@
 //! What a message carries on the wire: properties, our headers, queue names.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lapin::BasicProperties;
@@ -11,6 +12,10 @@ use respawn_core::ports::queue::Error;
 pub(super) const DELIVERIES: &str = "x-respawn-deliveries";
 /// Why a message sits on a dead-letter queue.
 pub(super) const REASON: &str = "x-respawn-reason";
+/// Attribute names that map to AMQP properties.
+pub(super) const MESSAGE_ID: &str = "message_id";
+pub(super) const REPLY_TO: &str = "reply_to";
+pub(super) const CORRELATION_ID: &str = "correlation_id";
 
 /// Room kept after a logical queue name for `.delay.<ms>` and `.dead` suffixes, so
 /// that every derived name still fits AMQP's 255-byte short strings.
@@ -79,6 +84,7 @@ pub(super) fn properties(
     priority: u8,
     deliveries: u32,
     reason: Option<&str>,
+    attributes: &BTreeMap<String, String>,
 ) -> Result<BasicProperties, Error> {
     let mut headers = FieldTable::default();
     headers.insert(DELIVERIES.into(), AMQPValue::LongUInt(deliveries));
@@ -88,11 +94,18 @@ pub(super) fn properties(
             AMQPValue::LongString(LongString::from(reason.as_bytes())),
         );
     }
-    Ok(BasicProperties::default()
+    let mut props = BasicProperties::default()
         .with_message_id(short(id)?)
         .with_priority(priority.min(9))
         .with_delivery_mode(2)
-        .with_headers(headers))
+        .with_headers(headers);
+    if let Some(r) = attributes.get(REPLY_TO) {
+        props = props.with_reply_to(short(r)?);
+    }
+    if let Some(c) = attributes.get(CORRELATION_ID) {
+        props = props.with_correlation_id(short(c)?);
+    }
+    Ok(props)
 }
 
 /// What we read back from a delivered message. Anything we did not write ourselves
@@ -104,6 +117,8 @@ pub(super) struct Received {
     /// Deliveries before this one, from our header (0 when absent).
     pub deliveries: u32,
     pub reason: Option<String>,
+    /// `message_id`, `reply_to`, `correlation_id` when the message has them.
+    pub attributes: BTreeMap<String, String>,
 }
 
 pub(super) fn read(props: &BasicProperties, delivery_tag: u64) -> Received {
@@ -119,7 +134,23 @@ pub(super) fn read(props: &BasicProperties, delivery_tag: u64) -> Received {
         priority: props.priority().unwrap_or(0).min(9),
         deliveries: get(DELIVERIES).and_then(count).unwrap_or(0),
         reason: get(REASON).and_then(text),
+        attributes: attributes(props),
     }
+}
+
+fn attributes(props: &BasicProperties) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let fields = [
+        (MESSAGE_ID, props.message_id()),
+        (REPLY_TO, props.reply_to()),
+        (CORRELATION_ID, props.correlation_id()),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value.as_ref().map(|s| s.as_str()).filter(|s| !s.is_empty()) {
+            out.insert(name.to_owned(), v.to_owned());
+        }
+    }
+    out
 }
 
 fn count(v: &AMQPValue) -> Option<u32> {
@@ -183,7 +214,8 @@ mod tests {
                 id: "tag-7".into(),
                 priority: 0,
                 deliveries: 0,
-                reason: None
+                reason: None,
+                attributes: BTreeMap::new(),
             }
         );
         let mut h = FieldTable::default();
@@ -198,8 +230,13 @@ mod tests {
 
     #[test]
     fn our_properties_read_back() {
-        let props = properties("01ID", 5, 3, Some("bad spec")).expect("props");
+        let attrs = BTreeMap::from([(REPLY_TO.to_owned(), "amq.gen-1".to_owned())]);
+        let props = properties("01ID", 5, 3, Some("bad spec"), &attrs).expect("props");
         let got = read(&props, 1);
+        assert_eq!(
+            got.attributes[REPLY_TO], "amq.gen-1",
+            "attributes survive a republish"
+        );
         assert_eq!(got.id, "01ID");
         assert_eq!(got.priority, 5);
         assert_eq!(got.deliveries, 3);

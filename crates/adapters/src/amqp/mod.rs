@@ -197,13 +197,38 @@ impl fmt::Debug for AmqpQueue {
     }
 }
 
+impl AmqpQueue {
+    /// Publishes `body` to a submitter's reply queue (AMQP `reply_to`), with its
+    /// correlation id. The queue is the submitter's (often exclusive and
+    /// auto-deleted): it is not declared, and `false` says it is gone.
+    pub async fn reply(
+        &self,
+        queue: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+    ) -> Result<bool, Error> {
+        let mut props = lapin::BasicProperties::default()
+            .with_content_type(message::short("application/json")?)
+            .with_message_id(message::short(&ulid::Ulid::generate().to_string())?);
+        if let Some(c) = correlation_id {
+            props = props.with_correlation_id(message::short(c)?);
+        }
+        let session = self.inner.link.session().await?;
+        Ok(session.publish(queue, body, props).await? == session::Published::Stored)
+    }
+}
+
 #[async_trait]
 impl Queue for AmqpQueue {
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         message::queue_name(queue)?;
         let delay = message::delay_ms(msg.delay)?;
-        let id = ulid::Ulid::generate().to_string();
-        let props = message::properties(&id, msg.priority, 0, None)?;
+        let id = msg
+            .attributes
+            .get(message::MESSAGE_ID)
+            .cloned()
+            .unwrap_or_else(|| ulid::Ulid::generate().to_string());
+        let props = message::properties(&id, msg.priority, 0, None, &msg.attributes)?;
         self.inner.publish(queue, delay, &msg.body, props).await?;
         Ok(id)
     }

@@ -114,6 +114,7 @@ impl Inner {
                 priority: seen.priority,
                 deliveries: 0,
                 reason: None,
+                attributes: seen.attributes.clone(),
             };
             let dlq = dead_letter_queue(queue);
             self.replace_or_requeue(&lease, &dlq, 0, Some(&reason))
@@ -130,6 +131,7 @@ impl Inner {
             priority: seen.priority,
             deliveries,
             reason: seen.reason.clone(),
+            attributes: seen.attributes.clone(),
         };
         let receipt = self.leases.insert(lease);
         Some(Delivery {
@@ -140,6 +142,7 @@ impl Inner {
             deliveries,
             receipt,
             reason: seen.reason,
+            attributes: seen.attributes,
         })
     }
 
@@ -168,6 +171,7 @@ impl Inner {
             priority: seen.priority,
             deliveries,
             reason: seen.reason,
+            attributes: seen.attributes,
         };
         let reason = lease.reason.as_deref();
         self.replace_or_requeue(&lease, queue, deliveries, reason)
@@ -184,7 +188,13 @@ impl Inner {
         deliveries: u32,
         reason: Option<&str>,
     ) -> Result<(), Error> {
-        let props = message::properties(&lease.id, lease.priority, deliveries, reason)?;
+        let props = message::properties(
+            &lease.id,
+            lease.priority,
+            deliveries,
+            reason,
+            &lease.attributes,
+        )?;
         self.publish(target, delay, &lease.body, props).await?;
         finish(lease).await;
         Ok(())

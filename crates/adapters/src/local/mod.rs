@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS messages (
     deliveries INTEGER NOT NULL,
     lease      INTEGER,
     reason     TEXT,
-    body       BLOB NOT NULL
+    body       BLOB NOT NULL,
+    attrs      TEXT
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id      TEXT PRIMARY KEY,
@@ -94,6 +95,7 @@ impl LocalStore {
             .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let conn = writer::connect(&path).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         let writer = Writer::start(conn).map_err(err)?;
         Ok(LocalStore {
             writer: Arc::new(writer),
@@ -118,6 +120,17 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Brings a store made by an older respawn up to this schema.
+fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let has_attrs: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'attrs'")?
+        .exists([])?;
+    if !has_attrs {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN attrs TEXT")?;
+    }
+    Ok(())
 }
 
 impl LocalStore {

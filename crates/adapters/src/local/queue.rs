@@ -85,8 +85,9 @@ enum Settle {
     Dead(String),
 }
 
-/// A ready message as selected: seq, priority, deliveries, dead-letter reason, body.
-type Row = (i64, i64, i64, Option<String>, Vec<u8>);
+/// A ready message as selected: seq, priority, deliveries, dead-letter reason, body,
+/// attributes (JSON).
+type Row = (i64, i64, i64, Option<String>, Vec<u8>, Option<String>);
 
 fn take(
     c: &Connection,
@@ -101,18 +102,25 @@ fn take(
     let mut out = Vec::new();
     let rows: Vec<Row> = c
         .prepare_cached(
-            "SELECT seq, priority, deliveries, reason, body FROM messages
+            "SELECT seq, priority, deliveries, reason, body, attrs FROM messages
              WHERE queue = ?1 AND visible_at <= ?2 ORDER BY priority DESC, seq LIMIT ?3",
         )
         .and_then(|mut s| {
             // Fetch a few extra in case some are past max deliveries and go to the DLQ.
             s.query_map(params![queue, now, (opts.max * 2 + 8) as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect()
         })
         .map_err(Error::unavailable)?;
-    for (seq, priority, deliveries, why, body) in rows {
+    for (seq, priority, deliveries, why, body, attrs) in rows {
         if out.len() >= opts.max {
             break;
         }
@@ -138,6 +146,9 @@ fn take(
             deliveries: n as u32,
             receipt: n.to_string(),
             reason: why,
+            attributes: attrs
+                .and_then(|a| serde_json::from_str(&a).ok())
+                .unwrap_or_default(),
         });
     }
     Ok(out)
@@ -151,12 +162,14 @@ impl Queue for LocalQueue {
         }
         let queue = queue.to_owned();
         let visible = now_ms() + msg.delay.as_millis() as i64;
+        let attrs = (!msg.attributes.is_empty())
+            .then(|| serde_json::to_string(&msg.attributes).unwrap_or_default());
         let id = self
             .write(move |c| {
                 c.prepare_cached(
-                    "INSERT INTO messages (queue, priority, visible_at, deliveries, body) VALUES (?1, ?2, ?3, 0, ?4)",
+                    "INSERT INTO messages (queue, priority, visible_at, deliveries, body, attrs) VALUES (?1, ?2, ?3, 0, ?4, ?5)",
                 )
-                .and_then(|mut s| s.execute(params![queue, msg.priority, visible, &msg.body[..]]))
+                .and_then(|mut s| s.execute(params![queue, msg.priority, visible, &msg.body[..], attrs]))
                 .map_err(Error::unavailable)?;
                 Ok(c.last_insert_rowid())
             })

@@ -32,6 +32,7 @@ struct Msg {
     /// The delivery count at the time of the current lease, if leased.
     lease: Option<u32>,
     reason: Option<String>,
+    attributes: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for MemoryQueue {
@@ -88,6 +89,7 @@ impl MemoryQueue {
                 deliveries: m.deliveries,
                 receipt: m.deliveries.to_string(),
                 reason: m.reason.clone(),
+                attributes: m.attributes.clone(),
             });
         }
         let reason = format!(
@@ -146,6 +148,7 @@ impl Queue for MemoryQueue {
             deliveries: 0,
             lease: None,
             reason: None,
+            attributes: msg.attributes,
         });
         self.arrived.notify_waiters();
         Ok(seq.to_string())

@@ -18,6 +18,7 @@ pub async fn run(q: &dyn Queue, max_deliveries: u32) {
     explicit_dead_letter(q).await;
     dead_letter_after_max_deliveries(q, max_deliveries).await;
     receive_waits_for_a_message(q).await;
+    attributes_travel_with_messages(q).await;
 }
 
 fn lease(ms: u64) -> Receive {
@@ -264,4 +265,32 @@ async fn receive_waits_for_a_message(q: &dyn Queue) {
         "without waiting out the whole wait"
     );
     q.ack(&got[0]).await.expect("ack");
+}
+
+async fn attributes_travel_with_messages(q: &dyn Queue) {
+    let name = unique_queue("conf-attrs");
+    let out = Outgoing::new("job")
+        .attribute("reply_to", "replies-1")
+        .attribute("correlation_id", "c-42");
+    q.send(&name, out).await.expect("send");
+    let got = recv(q, &name, lease(30_000)).await;
+    assert_eq!(
+        got[0].attributes.get("reply_to").map(String::as_str),
+        Some("replies-1")
+    );
+    assert_eq!(
+        got[0].attributes.get("correlation_id").map(String::as_str),
+        Some("c-42")
+    );
+    q.retry_later(&got[0], Duration::ZERO).await.expect("retry");
+    let again = recv(q, &name, lease(30_000)).await;
+    assert_eq!(
+        again[0]
+            .attributes
+            .get("correlation_id")
+            .map(String::as_str),
+        Some("c-42"),
+        "attributes survive a retry"
+    );
+    q.ack(&again[0]).await.expect("ack");
 }

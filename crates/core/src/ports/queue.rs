@@ -21,6 +21,7 @@
 //! - Dead letters are read with `receive` on the dead-letter queue; each carries its
 //!   reason.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -65,6 +66,9 @@ impl Retryable for Error {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     pub body: Bytes,
+    /// Metadata that travels with the message (`message_id`, `reply_to`,
+    /// `correlation_id` map to AMQP properties). Adapters keep them across retries.
+    pub attributes: BTreeMap<String, String>,
     /// 0 (lowest) to 9 (highest).
     pub priority: u8,
     pub delay: Duration,
@@ -74,6 +78,7 @@ impl Outgoing {
     pub fn new(body: impl Into<Bytes>) -> Self {
         Outgoing {
             body: body.into(),
+            attributes: BTreeMap::new(),
             priority: 0,
             delay: Duration::ZERO,
         }
@@ -86,6 +91,11 @@ impl Outgoing {
 
     pub fn delay(mut self, d: Duration) -> Self {
         self.delay = d;
+        self
+    }
+
+    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
         self
     }
 }
@@ -121,6 +131,9 @@ pub struct Delivery {
     pub receipt: String,
     /// Why it was dead-lettered (on dead-letter queues only).
     pub reason: Option<String>,
+    /// As sent (see [`Outgoing::attributes`]); from other producers, what the
+    /// adapter can read (AMQP `message_id`, `reply_to`, `correlation_id`).
+    pub attributes: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for Delivery {
