@@ -61,7 +61,10 @@ impl Up {
                 "1",
             ])
             .args(extra)
-            .env("RESPAWN_LOG", "info")
+            .env(
+                "RESPAWN_LOG",
+                std::env::var("RESPAWN_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

@@ -44,6 +44,7 @@ fn config(dir: &Path, slots: usize) -> LocalComputeConfig {
         gpus: Vec::new(),
         container_runtime: None,
         events_queue: EVENTS.into(),
+        queue_url: None,
         heartbeat_secs: 1,
         notice: Duration::from_millis(300),
     }

@@ -36,6 +36,9 @@ pub struct Args {
     pub job: JobId,
     #[arg(long)]
     pub attempt: u32,
+    /// The broker's queue server (amqp://…), when it is not the local store.
+    #[arg(long)]
+    pub queue_url: Option<String>,
     /// The broker's events queue.
     #[arg(long, default_value = "respawn.events")]
     pub events_queue: String,

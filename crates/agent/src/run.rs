@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
 use object_store::{ObjectStore, ObjectStoreExt};
-use respawn_adapters::local::{LocalQueue, LocalSecrets, LocalStore};
+use respawn_adapters::local::{LocalSecrets, LocalStore};
 use respawn_core::lifecycle::Event;
 use respawn_core::messages::Message;
 use respawn_core::ports::Secrets;
@@ -37,7 +37,7 @@ pub enum Error {
 /// Sends this attempt's events to the broker.
 #[derive(Debug, Clone)]
 pub struct Reporter {
-    queue: LocalQueue,
+    queue: Arc<dyn Queue>,
     name: String,
     job: respawn_core::JobId,
     attempt: u32,
@@ -94,7 +94,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         })?,
     );
     let reporter = Reporter {
-        queue: store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES),
+        queue: events_queue(&args, &store).await?,
         name: args.events_queue.clone(),
         job: args.job.clone(),
         attempt: args.attempt,
@@ -196,6 +196,37 @@ async fn fail_attempt(
             exit_code: code,
         })
         .await
+}
+
+/// Where reports go: the broker's RabbitMQ when it runs on one, else its local store.
+async fn events_queue(args: &Args, store: &LocalStore) -> Result<Arc<dyn Queue>, Error> {
+    let Some(url) = &args.queue_url else {
+        return Ok(Arc::new(
+            store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES),
+        ));
+    };
+    #[cfg(feature = "amqp")]
+    {
+        use respawn_adapters::amqp::{AmqpOptions, AmqpQueue};
+        let options = AmqpOptions {
+            connection_name: format!("respawn-agent-{}", args.vm),
+            ..AmqpOptions::default()
+        };
+        let q = AmqpQueue::connect(url, options)
+            .await
+            .map_err(|e| Error::Open {
+                what: "the broker's RabbitMQ",
+                message: e.to_string(),
+            })?;
+        Ok(Arc::new(q))
+    }
+    #[cfg(not(feature = "amqp"))]
+    {
+        Err(Error::Open {
+            what: "the broker's queue",
+            message: format!("{url}: RabbitMQ is not supported in this build (feature amqp)"),
+        })
+    }
 }
 
 async fn read_spec(bucket: &dyn ObjectStore, job: &respawn_core::JobId) -> Result<JobSpec, Error> {

@@ -62,6 +62,16 @@ struct UpArgs {
     /// Preempt random VMs, on average this often (e.g. 30s). Off by default.
     #[arg(long, value_parser = humantime::parse_duration)]
     chaos: Option<std::time::Duration>,
+    /// Run the broker's queues on RabbitMQ (amqp://user:pass@host:5672/%2f) instead of
+    /// the local store; also consumes job submissions from `<prefix>submit`.
+    #[arg(long, env = "RESPAWN_QUEUE_URL", hide_env_values = true)]
+    queue: Option<String>,
+    /// Prefix of the broker's queue names.
+    #[arg(long, default_value = "respawn.")]
+    queue_prefix: String,
+    /// A folder of job templates for queue submissions (`{"template": NAME, "params": …}`).
+    #[arg(long)]
+    templates: Option<PathBuf>,
     /// Seconds between agent heartbeats.
     #[arg(long, default_value_t = 2)]
     heartbeat_secs: u64,
@@ -235,6 +245,7 @@ async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
     let hooks = a
         .hooks
         .or_else(|| Some(data.join("hooks.yaml")).filter(|p| p.is_file()));
+    let data_templates = data.join("templates");
     let config = up::UpConfig {
         data,
         triggers,
@@ -244,6 +255,11 @@ async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
         notice: a.notice,
         chaos: a.chaos,
         heartbeat_secs: a.heartbeat_secs,
+        queue_url: a.queue,
+        queue_prefix: a.queue_prefix,
+        templates: a
+            .templates
+            .or_else(|| Some(data_templates).filter(|p| p.is_dir())),
     };
     let stack = up::open(config).await.map_err(|e| e.to_string())?;
     let (tx, rx) = tokio::sync::watch::channel(false);

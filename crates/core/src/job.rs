@@ -234,6 +234,9 @@ pub struct JobRecord {
     /// When the current attempt was last put on the dispatch queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatched_at: Option<Timestamp>,
+    /// Times reconcile put the current attempt on the dispatch queue again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redispatches: u32,
     /// Why the job ended, for failed and cancelled jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -305,6 +308,7 @@ impl JobRecord {
             updated_at: now,
             state_since: now,
             dispatched_at: None,
+            redispatches: 0,
             reason: None,
             outbox: Vec::new(),
             notifications: Vec::new(),
@@ -342,4 +346,8 @@ impl JobRecord {
 /// One string for a project-scoped idempotency key.
 pub fn idempotency_scope(project: &str, key: &str) -> String {
     format!("{project}\u{1f}{key}")
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

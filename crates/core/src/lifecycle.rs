@@ -297,6 +297,7 @@ fn on_dispatch(r: &mut JobRecord, at: Timestamp, cmds: &mut Vec<Command>) {
     if r.state != JobState::Pending {
         return;
     }
+    r.redispatches = 0;
     r.attempts.push(Attempt {
         number: r.attempt,
         vm: None,
@@ -412,6 +413,7 @@ fn end_attempt(
     };
     r.attempt = n + 1;
     r.dispatched_at = Some(at);
+    r.redispatches = 0;
     enter(r, JobState::Pending, at);
     cmds.push(Command::Dispatch {
         attempt: r.attempt,
@@ -474,10 +476,14 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
     match r.state {
         JobState::Pending => {
             // The dispatch message may have been lost between the ledger write and the
-            // queue send; dispatch is idempotent, so sending it again is safe.
+            // queue send; dispatch is idempotent, so sending it again is safe. A job
+            // that is only waiting its turn in a long queue would pile up copies, so
+            // the wait doubles with each resend (up to 64×).
             let last = r.dispatched_at.unwrap_or(r.state_since).max(r.state_since);
-            if at.since(last) >= t.redispatch {
+            let wait = t.redispatch.saturating_mul(1 << r.redispatches.min(6));
+            if at.since(last) >= wait {
                 r.dispatched_at = Some(at);
+                r.redispatches += 1;
                 cmds.push(Command::Dispatch {
                     attempt: r.attempt,
                     priority: r.spec.priority.level(),

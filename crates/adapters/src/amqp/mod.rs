@@ -220,6 +220,12 @@ impl AmqpQueue {
 
 #[async_trait]
 impl Queue for AmqpQueue {
+    async fn declare(&self, queue: &str) -> Result<(), Error> {
+        message::queue_name(queue)?;
+        let session = self.inner.link.session().await?;
+        self.inner.ensure_queue(&session, queue).await
+    }
+
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         message::queue_name(queue)?;
         let delay = message::delay_ms(msg.delay)?;

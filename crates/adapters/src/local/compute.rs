@@ -44,6 +44,8 @@ pub struct LocalComputeConfig {
     /// `docker` or `podman` when one works here; jobs with an image need one.
     pub container_runtime: Option<String>,
     pub events_queue: String,
+    /// The queue server agents report to (amqp://…); `None`: the local store.
+    pub queue_url: Option<String>,
     pub heartbeat_secs: u64,
     /// The notice period the simulator gives, told to workloads as RESPAWN_GRACE_SECONDS.
     pub notice: Duration,
@@ -433,6 +435,12 @@ impl LocalCompute {
                     .container_runtime
                     .iter()
                     .flat_map(|rt| ["--container-runtime", rt.as_str()]),
+            )
+            .args(
+                self.cfg
+                    .queue_url
+                    .iter()
+                    .flat_map(|u| ["--queue-url", u.as_str()]),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

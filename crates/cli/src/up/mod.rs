@@ -4,8 +4,10 @@
 
 pub mod api;
 mod bucket;
+mod intake;
 mod loops;
 mod notify;
+mod replies;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,12 +40,20 @@ pub struct UpConfig {
     /// Mean time between random preemptions; `None` = only on demand.
     pub chaos: Option<Duration>,
     pub heartbeat_secs: u64,
+    /// A queue server (amqp://…) for the broker's queues; `None`: the local store.
+    pub queue_url: Option<String>,
+    /// Prefix of the broker's queue names (several brokers can share a server).
+    pub queue_prefix: String,
+    /// A folder of job templates for queue submissions.
+    pub templates: Option<PathBuf>,
 }
 
 /// The running stack's handles, shared by the loops and the API.
 #[derive(Debug, Clone)]
 pub struct Stack {
     pub ports: Ports,
+    pub replies: replies::Replies,
+    pub templates: Arc<respawn_core::intake::Templates>,
     pub hooks: Arc<Vec<respawn_core::webhook::Hook>>,
     pub tokens: Arc<dyn respawn_core::ports::Tokens>,
     pub compute: Arc<LocalCompute>,
@@ -82,8 +92,8 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
         LocalFileSystem::new_with_prefix(&bucket_dir)
             .map_err(|e| setup("cannot open the bucket", &e))?,
     );
-    let queue = Arc::new(store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES));
-    let queues = QueueNames::default();
+    let queues = QueueNames::with_prefix(&config.queue_prefix);
+    let (queue, replies) = open_queue(&config, &store).await?;
     let agent_bin = sibling_binary("respawn-agent").ok_or_else(|| {
         Error::Setup(
             "respawn-agent not found next to respawn; build the workspace (cargo build)".into(),
@@ -101,6 +111,7 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
             gpus: gpus.clone(),
             container_runtime: detect_container_runtime(),
             events_queue: queues.events.clone(),
+            queue_url: config.queue_url.clone(),
             heartbeat_secs: config.heartbeat_secs,
             notice: config.notice,
         },
@@ -128,7 +139,10 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
     for h in &hooks {
         info!(hook = %h.name, url = %format!("/v1/hooks/{}", h.name), "webhook ready");
     }
+    let templates = load_templates(config.templates.as_deref());
     Ok(Stack {
+        replies,
+        templates: Arc::new(templates),
         hooks: Arc::new(hooks),
         tokens: Arc::new(store.tokens()),
         ports,
@@ -136,6 +150,62 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
         config,
         rules: Arc::new(std::sync::RwLock::new(rules)),
     })
+}
+
+/// The broker's queue backend: RabbitMQ for `amqp://` URLs, else the local store.
+async fn open_queue(
+    config: &UpConfig,
+    store: &LocalStore,
+) -> Result<(Arc<dyn respawn_core::ports::Queue>, replies::Replies), Error> {
+    let Some(url) = &config.queue_url else {
+        let q = store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES);
+        return Ok((Arc::new(q), replies::Replies::None));
+    };
+    #[cfg(feature = "amqp")]
+    {
+        use respawn_adapters::amqp::{AmqpOptions, AmqpQueue};
+        let options = AmqpOptions {
+            connection_name: format!("respawn-up-{}", config.queue_prefix.trim_end_matches('.')),
+            // Enough unacked submissions in flight for the store's group commits to
+            // fill up; each message waits only for its own job to be durable.
+            prefetch: 256,
+            ..AmqpOptions::default()
+        };
+        let q = AmqpQueue::connect(url, options)
+            .await
+            .map_err(|e| Error::Setup(format!("cannot connect to {}: {e}", redact(url))))?;
+        info!(server = %redact(url), prefix = %config.queue_prefix, "queues on RabbitMQ");
+        Ok((Arc::new(q.clone()), replies::Replies::Amqp(q)))
+    }
+    #[cfg(not(feature = "amqp"))]
+    {
+        Err(Error::Setup(format!(
+            "{}: RabbitMQ is not supported in this build (feature amqp)",
+            redact(url)
+        )))
+    }
+}
+
+/// A URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn load_templates(dir: Option<&std::path::Path>) -> respawn_core::intake::Templates {
+    let Some(dir) = dir else {
+        return Default::default();
+    };
+    let (templates, errors) = respawn_core::intake::Templates::load_dir(dir);
+    for (path, e) in errors {
+        warn!(file = %path.display(), "job template rejected: {e}");
+    }
+    if !templates.names().is_empty() {
+        info!(templates = %templates.names(), "job templates loaded");
+    }
+    templates
 }
 
 /// Loads trigger rules; a bad rule is reported and skipped, the rest still serve.
@@ -159,6 +229,17 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
     api::ensure_admin_token(&stack)
         .await
         .map_err(Error::Setup)?;
+    // Queues exist before anyone can publish to them: a broker drops messages sent
+    // to a queue that does not exist yet.
+    let q = &stack.ports.queues;
+    for name in [&q.submit, &q.dispatch, &q.events, &q.notify] {
+        stack
+            .ports
+            .queue
+            .declare(name)
+            .await
+            .map_err(|e| Error::Setup(format!("cannot declare queue {name}: {e}")))?;
+    }
     let listener = tokio::net::TcpListener::bind(stack.config.listen)
         .await
         .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", stack.config.listen)))?;
@@ -179,6 +260,13 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
     tasks.push(tokio::spawn(notify::run(
         stack.ports.clone(),
         Arc::new(notify_secret),
+        stack.replies.clone(),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(intake::run(
+        stack.ports.clone(),
+        stack.templates.clone(),
+        stack.replies.clone(),
         stop_rx.clone(),
     )));
     let dispatch = tokio::spawn(loops::dispatch(

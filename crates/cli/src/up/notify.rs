@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use respawn_core::handlers::update_job;
-use respawn_core::job::{MAX_NOTIFICATIONS, NotificationAttempt};
+use respawn_core::job::{MAX_NOTIFICATIONS, NotificationAttempt, REPLY_SCHEME};
+
+use super::replies::Replies;
 use respawn_core::messages::Notification;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::{Delivery, Receive};
@@ -50,7 +52,7 @@ pub fn load_or_create_secret(data: &Path) -> std::io::Result<(Secret, String)> {
 }
 
 /// Consumes the notify queue until `stop`.
-pub async fn run(ports: Ports, secret: Arc<Secret>, stop: watch::Receiver<bool>) {
+pub async fn run(ports: Ports, secret: Arc<Secret>, replies: Replies, stop: watch::Receiver<bool>) {
     let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
         Ok(c) => c,
         Err(e) => {
@@ -59,6 +61,7 @@ pub async fn run(ports: Ports, secret: Arc<Secret>, stop: watch::Receiver<bool>)
         }
     };
     let slots = Arc::new(Semaphore::new(PARALLEL));
+    let mut seen = Recent::default();
     let opts = Receive {
         max: PARALLEL,
         lease: TIMEOUT * 4,
@@ -74,6 +77,12 @@ pub async fn run(ports: Ports, secret: Arc<Secret>, stop: watch::Receiver<bool>)
             }
         };
         for d in got {
+            if is_reply(&d) {
+                // Replies go in order, one at a time: a submitter reads them as the
+                // job's story (accepted, then each state).
+                reply(&ports, &replies, &mut seen, &d).await;
+                continue;
+            }
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
@@ -84,6 +93,65 @@ pub async fn run(ports: Ports, secret: Arc<Secret>, stop: watch::Receiver<bool>)
             });
         }
     }
+}
+
+fn is_reply(d: &Delivery) -> bool {
+    serde_json::from_slice::<Notification>(&d.body).is_ok_and(|n| n.url.starts_with(REPLY_SCHEME))
+}
+
+/// Notification ids delivered lately: commands run at least once, so the same
+/// state change can be queued twice; a submitter should hear it once.
+#[derive(Default)]
+struct Recent {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Recent {
+    const CAPACITY: usize = 10_000;
+
+    /// `true` the first time `id` is seen.
+    fn first(&mut self, id: String) -> bool {
+        if !self.ids.insert(id.clone()) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
+}
+
+async fn reply(ports: &Ports, replies: &Replies, seen: &mut Recent, d: &Delivery) {
+    if let Ok(n) = serde_json::from_slice::<Notification>(&d.body) {
+        let rec = ports.ledger.get(&n.job).await.ok();
+        if let Some(to) = rec
+            .as_ref()
+            .and_then(|r| r.reply_to.clone())
+            .filter(|_| seen.first(n.id()))
+        {
+            let kind = if n.state == respawn_core::JobState::Pending
+                && rec.as_ref().is_some_and(|r| r.attempts.is_empty())
+            {
+                "accepted"
+            } else {
+                "state"
+            };
+            let body = json!({
+                "type": kind,
+                "job_id": n.job,
+                "state": n.state,
+                "at": n.at.to_string(),
+                "attempt": rec.as_ref().map(|r| r.attempt),
+                "reason": rec.as_ref().and_then(|r| r.reason.clone()),
+            });
+            replies.send(&to, &body).await;
+        }
+    }
+    let _ = ports.queue.ack(d).await;
 }
 
 async fn deliver(ports: &Ports, http: &reqwest::Client, secret: &Secret, d: &Delivery) {

@@ -74,10 +74,24 @@ pub async fn update_job(
 pub(crate) async fn update_with(
     ports: &Ports,
     id: &JobId,
+    f: impl FnMut(&mut JobRecord),
+) -> Result<JobRecord, Error> {
+    update_from(ports, id, None, f).await
+}
+
+/// [`update_with`], starting from `known` (a record just read or stored) instead of
+/// reading it first; a conflict means it was stale, and the loop reads as usual.
+async fn update_from(
+    ports: &Ports,
+    id: &JobId,
+    mut known: Option<JobRecord>,
     mut f: impl FnMut(&mut JobRecord),
 ) -> Result<JobRecord, Error> {
     for _ in 0..CAS_RETRIES {
-        let current = ports.ledger.get(id).await?;
+        let current = match known.take() {
+            Some(r) => r,
+            None => ports.ledger.get(id).await?,
+        };
         let mut next = current.clone();
         f(&mut next);
         if next == current {
@@ -107,7 +121,8 @@ pub async fn flush_outbox(ports: &Ports, mut rec: JobRecord) -> Result<JobRecord
             }
         }
         let at = ports.clock.now();
-        rec = update_with(ports, &rec.id, |r| {
+        let id = rec.id.clone();
+        rec = update_from(ports, &id, Some(rec), |r| {
             lifecycle::clear_outbox(r, &done);
             for ev in &follow_ups {
                 step(r, ev, at, &ports.timeouts);

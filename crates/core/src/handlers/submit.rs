@@ -70,6 +70,14 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
     rec.dispatched_at = Some(now);
     // The first dispatch rides in the outbox of the create itself: if this process
     // dies before sending it, the next flush (or reconcile) sends it.
+    if rec.reply_to.is_some() {
+        // Before the dispatch, so the submitter hears "accepted" before any state
+        // change the dispatch leads to.
+        rec.outbox.push(Command::Notify {
+            state: rec.state,
+            at: now,
+        });
+    }
     rec.outbox.push(Command::Dispatch {
         attempt: 1,
         priority: rec.spec.priority.level(),

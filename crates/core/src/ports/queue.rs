@@ -20,6 +20,8 @@
 //!   delivered again, with a reason that says so.
 //! - Dead letters are read with `receive` on the dead-letter queue; each carries its
 //!   reason.
+//! - [`Queue::declare`] makes a queue exist before anything is sent or received
+//!   (adapters whose queues always exist keep the default, which does nothing).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -157,4 +159,11 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn ack(&self, delivery: &Delivery) -> Result<(), Error>;
     async fn retry_later(&self, delivery: &Delivery, delay: Duration) -> Result<(), Error>;
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), Error>;
+
+    /// Makes `queue` (and its dead-letter queue) exist now, for queues that
+    /// producers outside respawn publish to: on a broker that drops messages for
+    /// queues that do not exist yet, the first receive would come too late.
+    async fn declare(&self, _queue: &str) -> Result<(), Error> {
+        Ok(())
+    }
 }

@@ -40,6 +40,7 @@ async fn fixture() -> Fixture {
             gpus: Vec::new(),
             container_runtime: None,
             events_queue: "events".into(),
+            queue_url: None,
             heartbeat_secs: 1,
             notice: Duration::from_secs(1),
         },
@@ -61,6 +62,9 @@ async fn fixture() -> Fixture {
         data: dir.path().to_owned(),
         triggers: None,
         hooks: None,
+        queue_url: None,
+        queue_prefix: "respawn.".into(),
+        templates: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         cpu_slots: 0,
         notice: Duration::from_secs(1),
@@ -68,6 +72,8 @@ async fn fixture() -> Fixture {
         heartbeat_secs: 1,
     };
     let stack = Stack {
+        replies: Default::default(),
+        templates: Default::default(),
         hooks: Default::default(),
         ports,
         tokens: Arc::new(MemoryTokens::new()),
