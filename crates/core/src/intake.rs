@@ -14,7 +14,6 @@
 //! events (accepted, each state change, or rejected).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
@@ -24,6 +23,7 @@ use serde_json::Value;
 use crate::handlers::Submission;
 use crate::job::ReplyTo;
 use crate::spec::{self, FieldError, SpecError};
+pub use crate::sweep::ParamValue;
 use crate::trigger::{Variables, substitute_value};
 
 /// Bodies larger than this are rejected unread.
@@ -46,25 +46,6 @@ pub struct SubmitMessage {
     /// The project the job belongs to (default: `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
-}
-
-/// A parameter value: text, number or boolean.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum ParamValue {
-    Text(String),
-    Number(serde_json::Number),
-    Bool(bool),
-}
-
-impl fmt::Display for ParamValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ParamValue::Text(s) => f.write_str(s),
-            ParamValue::Number(n) => write!(f, "{n}"),
-            ParamValue::Bool(b) => write!(f, "{b}"),
-        }
-    }
 }
 
 /// Why a message makes no job. Sent back to the submitter and kept with the dead
