@@ -140,15 +140,7 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
             priority,
             delay_ms,
         } => {
-            let msg = Message::Dispatch {
-                job: rec.id.clone(),
-                attempt: *attempt,
-            };
-            let out = Outgoing::new(msg.to_bytes())
-                .priority(*priority)
-                .delay(std::time::Duration::from_millis(*delay_ms));
-            ports.queue.send(&ports.queues.dispatch, out).await?;
-            debug!(job_id = %rec.id, attempt, "attempt queued for dispatch");
+            send_dispatch(ports, rec, *attempt, *priority, *delay_ms).await?;
             Ok(None)
         }
         Command::Allocate { attempt } => allocate(ports, rec, *attempt).await,
@@ -179,6 +171,26 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
             Ok(None)
         }
     }
+}
+
+/// Puts an attempt on the dispatch queue.
+pub(crate) async fn send_dispatch(
+    ports: &Ports,
+    rec: &JobRecord,
+    attempt: u32,
+    priority: u8,
+    delay_ms: u64,
+) -> Result<(), Error> {
+    let msg = Message::Dispatch {
+        job: rec.id.clone(),
+        attempt,
+    };
+    let out = Outgoing::new(msg.to_bytes())
+        .priority(priority)
+        .delay(std::time::Duration::from_millis(delay_ms));
+    ports.queue.send(&ports.queues.dispatch, out).await?;
+    debug!(job_id = %rec.id, attempt, "attempt queued for dispatch");
+    Ok(())
 }
 
 async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option<Event>, Error> {

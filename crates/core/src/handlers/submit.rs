@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use tracing::info;
 
 use super::Error;
-use super::apply::flush_outbox;
+use super::apply::{flush_outbox, send_dispatch};
 use crate::job::{JobId, JobRecord, ReplyTo};
 use crate::layout;
 use crate::lifecycle::Command;
@@ -68,30 +68,38 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
         .await
         .map_err(|e| Error::Blobs(e.to_string()))?;
     rec.dispatched_at = Some(now);
-    // The first dispatch rides in the outbox of the create itself: if this process
-    // dies before sending it, the next flush (or reconcile) sends it.
-    if rec.reply_to.is_some() {
-        // Before the dispatch, so the submitter hears "accepted" before any state
-        // change the dispatch leads to.
+    let priority = rec.spec.priority.level();
+    let follow = rec.reply_to.is_some();
+    if follow {
+        // A followed job's first notification ("accepted") and first dispatch ride
+        // in the outbox of the create itself, in that order, so the submitter hears
+        // "accepted" before any state change the dispatch leads to.
         rec.outbox.push(Command::Notify {
             state: rec.state,
             at: now,
         });
+        rec.outbox.push(Command::Dispatch {
+            attempt: 1,
+            priority,
+            delay_ms: 0,
+        });
     }
-    rec.outbox.push(Command::Dispatch {
-        attempt: 1,
-        priority: rec.spec.priority.level(),
-        delay_ms: 0,
-    });
-    match ports.ledger.create(rec).await {
-        Ok(stored) => {
-            info!(job_id = %stored.id, attempt = 1, name = %stored.spec.name, project = %stored.project, "job submitted");
-            let job = flush_outbox(ports, stored).await?;
-            Ok(Submitted { job, created: true })
-        }
-        Err(ledger::Error::AlreadyExists { id }) => existing(ports, &id).await,
-        Err(e) => Err(e.into()),
-    }
+    let stored = match ports.ledger.create(rec).await {
+        Ok(stored) => stored,
+        Err(ledger::Error::AlreadyExists { id }) => return existing(ports, &id).await,
+        Err(e) => return Err(e.into()),
+    };
+    info!(job_id = %stored.id, attempt = 1, name = %stored.spec.name, project = %stored.project, "job submitted");
+    let job = if follow {
+        flush_outbox(ports, stored).await?
+    } else {
+        // Otherwise the dispatch is sent straight away, saving a ledger write per
+        // job: if this process dies before sending it, reconcile finds the job
+        // pending with no dispatch since `dispatched_at` and sends it again.
+        send_dispatch(ports, &stored, 1, priority, 0).await?;
+        stored
+    };
+    Ok(Submitted { job, created: true })
 }
 
 async fn existing(ports: &Ports, id: &JobId) -> Result<Submitted, Error> {
