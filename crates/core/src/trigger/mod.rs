@@ -209,7 +209,8 @@ impl TriggerRule {
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Names of rules, hooks and projects: letters, digits, `.`, `_`, `-`; at most 64.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME {
         Err(format!(
             "expected 1 to {MAX_NAME} characters, got {}",

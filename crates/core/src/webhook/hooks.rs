@@ -11,9 +11,9 @@ use tracing::warn;
 use super::standard::Secret;
 use crate::spec::{FieldError, Format, SpecError};
 use crate::trigger::Glob;
+use crate::trigger::check_name;
 
 /// Longest hook or project name.
-const MAX_NAME: usize = 64;
 /// The GitHub events that can make a job, and so may be named in `on.events`.
 pub(super) const JOB_EVENTS: [&str; 2] = ["push", "release"];
 
@@ -231,24 +231,5 @@ impl HookConfig {
                 )
             }),
         }
-    }
-}
-
-/// Names of hooks and projects: letters, digits, `.`, `_`, `-`; at most 64.
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME {
-        Err(format!(
-            "expected 1 to {MAX_NAME} characters, got {}",
-            name.len()
-        ))
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
-        Err(format!(
-            "expected letters, digits, `.`, `_` or `-`, got {name:?}"
-        ))
-    } else {
-        Ok(())
     }
 }
