@@ -19,6 +19,17 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
+/// [`valid_name`], with a message that says what is expected.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected 1 to 64 lowercase letters, digits, `-` or `_`, got {name:?}"
+        ))
+    }
+}
+
 /// The object key a URI points at, without its bucket.
 fn key_of(uri: &str) -> Option<(&str, &str)> {
     let (scheme, rest) = uri.split_once("://")?;
@@ -65,10 +76,10 @@ fn check_uri(project: &str, path: &str, uri: &str, errs: &mut Vec<FieldError>) {
 /// Rejects a spec whose URIs reach outside `project`'s keys.
 pub fn check_access(spec: &JobSpec, project: &str) -> Result<(), SpecError> {
     let mut errs = Vec::new();
-    if !valid_name(project) {
+    if let Err(message) = check_name(project) {
         errs.push(FieldError {
             path: String::new(),
-            message: format!("invalid project name {project:?}"),
+            message: format!("project: {message}"),
         });
     }
     for (i, input) in spec.inputs.iter().enumerate() {

@@ -77,10 +77,18 @@ pub async fn run(ports: Ports, secret: Arc<Secret>, replies: Replies, stop: watc
             }
         };
         for d in got {
-            if is_reply(&d) {
+            let n: Notification = match serde_json::from_slice(&d.body) {
+                Ok(n) => n,
+                Err(e) => {
+                    let why = format!("not a notification: {e}");
+                    let _ = ports.queue.dead_letter(&d, &why).await;
+                    continue;
+                }
+            };
+            if n.url.starts_with(REPLY_SCHEME) {
                 // Replies go in order, one at a time: a submitter reads them as the
                 // job's story (accepted, then each state).
-                reply(&ports, &replies, &mut seen, &d).await;
+                reply(&ports, &replies, &mut seen, &d, &n).await;
                 continue;
             }
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -88,15 +96,11 @@ pub async fn run(ports: Ports, secret: Arc<Secret>, replies: Replies, stop: watc
             };
             let (ports, http, secret) = (ports.clone(), http.clone(), secret.clone());
             tokio::spawn(async move {
-                deliver(&ports, &http, &secret, &d).await;
+                deliver(&ports, &http, &secret, &d, &n).await;
                 drop(permit);
             });
         }
     }
-}
-
-fn is_reply(d: &Delivery) -> bool {
-    serde_json::from_slice::<Notification>(&d.body).is_ok_and(|n| n.url.starts_with(REPLY_SCHEME))
 }
 
 /// Notification ids delivered lately: commands run at least once, so the same
@@ -125,46 +129,46 @@ impl Recent {
     }
 }
 
-async fn reply(ports: &Ports, replies: &Replies, seen: &mut Recent, d: &Delivery) {
-    if let Ok(n) = serde_json::from_slice::<Notification>(&d.body) {
-        let rec = ports.ledger.get(&n.job).await.ok();
-        if let Some(to) = rec
-            .as_ref()
-            .and_then(|r| r.reply_to.clone())
-            .filter(|_| seen.first(n.id()))
+async fn reply(
+    ports: &Ports,
+    replies: &Replies,
+    seen: &mut Recent,
+    d: &Delivery,
+    n: &Notification,
+) {
+    let rec = ports.ledger.get(&n.job).await.ok();
+    if let Some(to) = rec
+        .as_ref()
+        .and_then(|r| r.reply_to.clone())
+        .filter(|_| seen.first(n.id()))
+    {
+        let kind = if n.state == respawn_core::JobState::Pending
+            && rec.as_ref().is_some_and(|r| r.attempts.is_empty())
         {
-            let kind = if n.state == respawn_core::JobState::Pending
-                && rec.as_ref().is_some_and(|r| r.attempts.is_empty())
-            {
-                "accepted"
-            } else {
-                "state"
-            };
-            let body = json!({
-                "type": kind,
-                "job_id": n.job,
-                "state": n.state,
-                "at": n.at.to_string(),
-                "attempt": rec.as_ref().map(|r| r.attempt),
-                "reason": rec.as_ref().and_then(|r| r.reason.clone()),
-            });
-            replies.send(&to, &body).await;
-        }
+            "accepted"
+        } else {
+            "state"
+        };
+        let body = json!({
+            "type": kind,
+            "job_id": n.job,
+            "state": n.state,
+            "at": n.at.to_string(),
+            "attempt": rec.as_ref().map(|r| r.attempt),
+            "reason": rec.as_ref().and_then(|r| r.reason.clone()),
+        });
+        replies.send(&to, &body).await;
     }
     let _ = ports.queue.ack(d).await;
 }
 
-async fn deliver(ports: &Ports, http: &reqwest::Client, secret: &Secret, d: &Delivery) {
-    let n: Notification = match serde_json::from_slice(&d.body) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = ports
-                .queue
-                .dead_letter(d, &format!("not a notification: {e}"))
-                .await;
-            return;
-        }
-    };
+async fn deliver(
+    ports: &Ports,
+    http: &reqwest::Client,
+    secret: &Secret,
+    d: &Delivery,
+    n: &Notification,
+) {
     let rec = ports.ledger.get(&n.job).await.ok();
     let body = json!({
         "type": "job.state_changed",
@@ -207,7 +211,7 @@ async fn deliver(ports: &Ports, http: &reqwest::Client, secret: &Secret, d: &Del
         error,
         delivered,
     };
-    record(ports, &n, attempt).await;
+    record(ports, n, attempt).await;
     let settled = if delivered {
         info!(job_id = %n.job, url = %n.url, state = %n.state, "notification delivered");
         ports.queue.ack(d).await

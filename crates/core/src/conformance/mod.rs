@@ -16,7 +16,7 @@ use crate::time::Timestamp;
 /// A small valid record for suites, with a fresh id.
 pub fn sample_record(name: &str, now: Timestamp) -> JobRecord {
     let text = format!("name: {name}\ncommand: [\"true\"]\n");
-    let spec = spec::parse(&text, Format::Yaml).unwrap();
+    let spec = spec::parse(&text, Format::Yaml).expect("a fixed, valid spec parses");
     JobRecord::new(JobId::generate(now), "default", spec, now)
 }
 

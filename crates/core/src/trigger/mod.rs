@@ -125,7 +125,8 @@ impl TriggerRule {
         if let Err(m) = check_name(&self.name) {
             push("name", m);
         }
-        if let Err(m) = check_name(&self.project) {
+        // The rule `submit` applies, so what loads can also submit.
+        if let Err(m) = crate::project::check_name(&self.project) {
             push("project", m);
         }
         let prefix = &self.when.prefix;
@@ -209,7 +210,7 @@ impl TriggerRule {
     }
 }
 
-/// Names of rules, hooks and projects: letters, digits, `.`, `_`, `-`; at most 64.
+/// Names of rules and hooks: letters, digits, `.`, `_`, `-`; at most 64.
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME {
         Err(format!(

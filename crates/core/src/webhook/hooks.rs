@@ -152,7 +152,8 @@ impl HookConfig {
         if let Err(m) = check_name(&self.name) {
             push("name", m);
         }
-        if let Err(m) = check_name(&self.project) {
+        // The rule `submit` applies, so what loads can also submit.
+        if let Err(m) = crate::project::check_name(&self.project) {
             push("project", m);
         }
         let secret = match self.secret(env) {
