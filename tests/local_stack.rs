@@ -365,6 +365,31 @@ async fn secrets_reach_the_workload_and_nothing_else() {
     }
     let spec_json = std::fs::read(data.join(format!("bucket/jobs/{id}/spec.json"))).unwrap();
     assert!(!leaks(&spec_json), "the bucket's spec.json holds the value");
+    // An ended job needs its secrets no more: they are deleted, and the VM's work
+    // folder (and the credentials of its agent) with them.
+    let gone = wait_until(Duration::from_secs(10), || {
+        !data.join(format!("secrets/{id}.json")).exists()
+    })
+    .await;
+    assert!(gone, "the ended job's secrets are still on disk");
+    let vm = data.join(format!("vms/local-{id}-1"));
+    assert!(vm.join("vm.json").exists());
+    assert!(
+        !vm.join("work").exists(),
+        "the VM's work folder was left behind"
+    );
+    assert!(!vm.join("credentials").exists());
+}
+
+async fn wait_until(timeout: Duration, f: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
 }
 
 /// What a notify receiver saw: (headers, body) per request.
@@ -403,7 +428,8 @@ async fn state_changes_are_posted_signed_and_retried() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (url, seen) = receiver().await;
-    let up = Up::start(&data, &[]).await;
+    // The receiver is on loopback, which only local development may notify.
+    let up = Up::start(&data, &["--allow-private-notify"]).await;
     let spec = format!("name: notifies\ncommand: [\"true\"]\nnotify: [\"{url}\"]\n");
     let id = up.submit(&spec).await["id"].as_str().unwrap().to_owned();
     let job = up
@@ -448,4 +474,78 @@ async fn state_changes_are_posted_signed_and_retried() {
     for s in ["allocating", "starting", "running", "succeeded"] {
         assert!(states.iter().any(|x| x == s), "{s} was posted: {states:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_urls_reach_no_private_address_and_follow_no_redirect() {
+    use axum::http::{StatusCode, header};
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Something on the machine a job must not make the broker call, and a public
+    // looking receiver that redirects there.
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new()
+        .route(
+            "/internal",
+            axum::routing::any(move || {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { "internal secret" }
+            }),
+        )
+        .route(
+            "/redirect",
+            axum::routing::any(|| async { (StatusCode::FOUND, [(header::LOCATION, "/internal")]) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // Without --allow-private-notify: loopback (by address or by name) is refused.
+    let up = Up::start(&dir.path().join("a"), &[]).await;
+    let spec = format!(
+        "name: ssrf\ncommand: [\"true\"]\nnotify: [\"http://{addr}/internal?token=SEKRIT\", \"http://localhost:{}/internal\"]\n",
+        addr.port()
+    );
+    let id = up.submit(&spec).await["id"].as_str().unwrap().to_owned();
+    let job = up
+        .wait_job(&id, Duration::from_secs(30), "notifications refused", |j| {
+            j["notifications"]
+                .as_array()
+                .is_some_and(|n| n.iter().filter(|a| a["state"] == "succeeded").count() >= 2)
+        })
+        .await;
+    for a in job["notifications"].as_array().unwrap() {
+        assert_eq!(a["delivered"], false, "{a:#}");
+        assert!(a["status"].is_null(), "no request was made: {a:#}");
+        let error = a["error"].as_str().unwrap_or_default();
+        assert!(error.contains("private"), "{error}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(
+        !up.log_text().contains("SEKRIT"),
+        "the broker's log shows a notify URL's query"
+    );
+    drop(up);
+
+    // With it (local development), a redirect is still not followed.
+    let up = Up::start(&dir.path().join("b"), &["--allow-private-notify"]).await;
+    let spec =
+        format!("name: redirected\ncommand: [\"true\"]\nnotify: [\"http://{addr}/redirect\"]\n");
+    let id = up.submit(&spec).await["id"].as_str().unwrap().to_owned();
+    let job = up
+        .wait_job(&id, Duration::from_secs(30), "notification tried", |j| {
+            j["notifications"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|a| a["state"] == "succeeded"))
+        })
+        .await;
+    let tried = &job["notifications"].as_array().unwrap()[0];
+    assert_eq!(tried["status"], 302, "{tried:#}");
+    assert_eq!(tried["delivered"], false);
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
 }

@@ -46,6 +46,11 @@ pub struct Up {
 impl Up {
     /// Starts `respawn up` on `data` and waits until its API answers.
     pub async fn start(data: &Path, extra: &[&str]) -> Up {
+        Up::start_with_env(data, extra, &[]).await
+    }
+
+    /// [`Up::start`], with variables added to the broker's environment.
+    pub async fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Up {
         let port = free_port();
         let log = data.join(format!("up-{port}.log"));
         std::fs::create_dir_all(data).unwrap();
@@ -65,6 +70,7 @@ impl Up {
                 "RESPAWN_LOG",
                 std::env::var("RESPAWN_E2E_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
@@ -200,9 +206,14 @@ impl Up {
 
     /// The whole stdout of one attempt, as shipped to the bucket.
     pub fn attempt_stdout(&self, job: &str, attempt: u64) -> String {
+        self.attempt_log(job, attempt, "stdout")
+    }
+
+    /// The whole stdout or stderr of one attempt, as shipped to the bucket.
+    pub fn attempt_log(&self, job: &str, attempt: u64, stream: &str) -> String {
         let dir = self
             .data
-            .join(format!("bucket/jobs/{job}/attempts/{attempt}/stdout"));
+            .join(format!("bucket/jobs/{job}/attempts/{attempt}/{stream}"));
         let mut chunks: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();

@@ -129,7 +129,7 @@ async fn fill(ledger: &Arc<LocalLedger>, queue: &Arc<LocalQueue>, n: usize) -> V
 /// The event that moves a job along a realistic loop of states.
 fn next_event(state: JobState, attempt: u32, at: Timestamp) -> Event {
     match state {
-        JobState::Pending => Event::Dispatch { attempt },
+        JobState::Pending => Event::Dispatch { attempt, waits: 0 },
         JobState::Allocating => Event::VmAllocated {
             attempt,
             vm: format!("vm-{attempt}"),

@@ -9,7 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use respawn_adapters::local::{LocalCompute, LocalComputeConfig, LocalStore, vm_process_alive};
+use respawn_adapters::local::sandbox::Sandbox;
+use respawn_adapters::local::{
+    AgentCredentials, LocalCompute, LocalComputeConfig, LocalStore, vm_process_alive,
+};
+use respawn_core::attempt_auth::{AttemptKey, AttemptRef};
 use respawn_core::job::JobId;
 use respawn_core::lifecycle::Event;
 use respawn_core::messages::Message;
@@ -23,9 +27,15 @@ const EVENTS: &str = "test.events";
 
 fn fake_agent(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("respawn-agent");
-    // Records the GPUs it was given, as the real agent hands them to the workload.
+    // Records the GPUs it was given, as the real agent hands them to the workload,
+    // and what else it was given: its environment and arguments.
     let script = "#!/bin/sh\n\
+        echo \"$@\" > /dev/null\n\
+        args=\"$*\"\n\
         while [ $# -gt 0 ]; do [ \"$1\" = --vm-dir ] && d=\"$2\"; shift; done\n\
+        echo \"$args\" > \"$d/argv\"\n\
+        env > \"$d/env\"\n\
+        mkdir -p \"$d/work/output\"\n\
         echo \"${CUDA_VISIBLE_DEVICES-unset}\" > \"$d/cuda\"\n\
         sleep 60\n";
     std::fs::write(&path, script).expect("write agent");
@@ -36,7 +46,6 @@ fn fake_agent(dir: &Path) -> std::path::PathBuf {
 fn config(dir: &Path, slots: usize) -> LocalComputeConfig {
     LocalComputeConfig {
         data_dir: dir.join("data"),
-        store_dir: dir.join("data"),
         bucket_dir: dir.join("data/bucket"),
         agent_bin: fake_agent(dir),
         extra_path: None,
@@ -44,10 +53,28 @@ fn config(dir: &Path, slots: usize) -> LocalComputeConfig {
         gpus: Vec::new(),
         container_runtime: None,
         events_queue: EVENTS.into(),
-        queue_url: None,
+        api: "http://127.0.0.1:7878".into(),
+        attempt_key: key(),
         heartbeat_secs: 1,
         notice: Duration::from_millis(300),
+        sandbox: Sandbox::None,
     }
+}
+
+/// One key for all the tests' providers: a restarted provider must keep it.
+fn key() -> AttemptKey {
+    AttemptKey::from_bytes(b"a test key of thirty-two bytes..").expect("key")
+}
+
+/// Waits until `path` exists (the stand-in agent writes it after it starts).
+async fn appears(path: &Path) {
+    for _ in 0..200 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} never appeared", path.display());
 }
 
 fn request(job: &JobId, attempt: u32) -> AllocateRequest {
@@ -276,4 +303,127 @@ async fn an_image_without_a_container_runtime_is_refused_clearly() {
         }
         other => panic!("expected Invalid, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_their_attempt_credential_in_a_private_file_and_nothing_of_the_broker() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let compute = LocalCompute::open(config(dir.path(), 1), Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    let job = JobId::generate(Timestamp(1));
+    let vm = compute.allocate(&request(&job, 2)).await.expect("allocate");
+    let vm_dir = dir.path().join(format!("data/vms/{}", vm.id));
+    appears(&vm_dir.join("env")).await;
+
+    let file = vm_dir.join("credentials");
+    let mode = std::fs::metadata(&file)
+        .expect("credentials")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let creds: AgentCredentials =
+        serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    assert_eq!(
+        key().verify(&creds.token),
+        Some(AttemptRef {
+            job: job.clone(),
+            attempt: 2
+        }),
+        "a credential for this attempt, and only this one"
+    );
+    let argv = std::fs::read_to_string(vm_dir.join("argv")).expect("argv");
+    assert!(
+        !argv.contains(&creds.token),
+        "the credential is not on the command line"
+    );
+    // This test's own environment (CARGO_*, RUST_*, whatever CI sets) stands for
+    // the broker's: none of it may reach the agent but the allow-list.
+    let env = std::fs::read_to_string(vm_dir.join("env")).expect("env");
+    let allowed = [
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "RESPAWN_LOG",
+        "XDG_RUNTIME_DIR",
+        "DOCKER_HOST",
+        "DOCKER_CONFIG",
+        "DOCKER_CONTEXT",
+        "CONTAINER_HOST",
+        "CUDA_VISIBLE_DEVICES", // set by the provider
+        "PWD",
+        "SHLVL",
+        "_",
+        "OLDPWD", // set by the stand-in agent's shell
+    ];
+    for line in env.lines() {
+        let name = line.split('=').next().unwrap_or_default();
+        assert!(
+            allowed.contains(&name),
+            "the agent got {name} from the broker:\n{env}"
+        );
+    }
+    assert!(env.contains("PATH="), "{env}");
+
+    // When the VM goes, its work folder and credentials go with it.
+    compute.release(&vm.key).await.expect("release");
+    assert!(!vm_dir.join("work").exists(), "work folder left behind");
+    assert!(!file.exists(), "credentials left behind");
+    assert!(
+        vm_dir.join("vm.json").exists(),
+        "the record stays for respawn show"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_releases_and_exits_leave_every_vm_record_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let compute = LocalCompute::open(config(dir.path(), 16), Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    let mut keys = Vec::new();
+    for i in 0..16 {
+        let vm = compute
+            .allocate(&request(&JobId::generate(Timestamp(i)), 1))
+            .await
+            .expect("allocate");
+        keys.push(vm.key);
+    }
+    // Each release kills its agent, whose watcher then records the termination too:
+    // two writers of one record at once.
+    let releases = keys.iter().map(|k| compute.release(k));
+    for r in futures::future::join_all(releases).await {
+        r.expect("release");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for entry in std::fs::read_dir(dir.path().join("data/vms")).expect("vms") {
+        let vm_dir = entry.expect("entry").path();
+        let names: Vec<String> = std::fs::read_dir(&vm_dir)
+            .expect("vm dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.ends_with(".tmp")),
+            "a temporary file was left: {names:?}"
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(vm_dir.join("vm.json")).expect("vm.json"))
+                .expect("a whole record");
+        assert_eq!(record["state"], "terminated");
+    }
+    let reopened = LocalCompute::open(config(dir.path(), 16), Arc::new(store.queue(5)))
+        .await
+        .expect("reopen");
+    assert_eq!(
+        reopened.list().await.expect("list").len(),
+        16,
+        "every record read back"
+    );
 }

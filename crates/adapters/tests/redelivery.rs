@@ -146,9 +146,10 @@ impl World {
                 // A dispatch travels as the dispatch queue's own message (its time is
                 // the handler's clock); everything else as an event message.
                 let msg = match ev {
-                    Event::Dispatch { attempt } => Message::Dispatch {
+                    Event::Dispatch { attempt, waits } => Message::Dispatch {
                         job: self.id.clone(),
                         attempt: *attempt,
+                        waits: *waits,
                     },
                     _ => Message::Event {
                         job: self.id.clone(),
@@ -306,7 +307,10 @@ fn next_event(rng: &mut StdRng, r: &JobRecord, now: &mut Timestamp) -> Event {
     };
     match r.state {
         // Only the scheduler acts on a pending attempt: it takes the dispatch.
-        JobState::Pending => Event::Dispatch { attempt },
+        JobState::Pending => Event::Dispatch {
+            attempt,
+            waits: r.capacity_waits,
+        },
         JobState::Starting => match rng.random_range(0..100) {
             0..60 => Event::WorkloadStarted {
                 attempt,

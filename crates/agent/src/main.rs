@@ -3,7 +3,8 @@
 //! It restores the newest complete checkpoint, stages inputs, runs the workload,
 //! ships its logs to the bucket, uploads each checkpoint the workload completes,
 //! forwards a preemption notice as SIGTERM, uploads outputs, and reports each step
-//! (started, checkpoint, notice, exit, heartbeats) on the broker's events queue.
+//! (started, checkpoint, notice, exit, heartbeats) to the broker's API with a
+//! credential good for this attempt only.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,22 +13,21 @@ use std::time::Duration;
 use clap::Parser;
 use respawn_core::JobId;
 
+mod report;
 mod run;
 mod ship;
 mod stage;
 mod workload;
 
-/// Where this agent's VM, job and broker are. The compute provider passes these.
+/// Where this agent's VM, job and broker are. The compute provider passes these;
+/// the credential for reporting comes in a file (`<vm dir>/credentials`), never here.
 #[derive(Debug, Parser)]
 #[command(name = "respawn-agent", version, about)]
 pub struct Args {
-    /// The broker's data folder (its durable queue lives there).
-    #[arg(long)]
-    pub store: PathBuf,
     /// The bucket's root folder.
     #[arg(long)]
     pub bucket: PathBuf,
-    /// This VM's own folder: work space and the preemption notice file.
+    /// This VM's own folder: work space, credentials and the preemption notice file.
     #[arg(long)]
     pub vm_dir: PathBuf,
     #[arg(long)]
@@ -36,12 +36,6 @@ pub struct Args {
     pub job: JobId,
     #[arg(long)]
     pub attempt: u32,
-    /// The broker's queue server (amqp://…), when it is not the local store.
-    #[arg(long)]
-    pub queue_url: Option<String>,
-    /// The broker's events queue.
-    #[arg(long, default_value = "respawn.events")]
-    pub events_queue: String,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 2)]
     pub heartbeat_secs: u64,
@@ -51,6 +45,12 @@ pub struct Args {
     /// Notice the provider gives before reclaiming the VM, told to the workload.
     #[arg(long, default_value_t = 30)]
     pub grace_secs: u64,
+    /// How the workload is isolated: the path of bubblewrap, or `none`.
+    #[arg(long, default_value = "none")]
+    pub sandbox: String,
+    /// Folders the workload may read besides the system's (e.g. respawn's binaries).
+    #[arg(long)]
+    pub read_only: Vec<PathBuf>,
 }
 
 impl Args {
@@ -60,6 +60,13 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    // The launcher of an unsandboxed workload: it must not outlive its agent.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == workload::LAUNCH)
+    {
+        return workload::launch();
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,16 +1,14 @@
 //! The attempt, from restore to exit report.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
 use object_store::{ObjectStore, ObjectStoreExt};
-use respawn_adapters::local::{LocalSecrets, LocalStore};
+use respawn_adapters::local::AgentCredentials;
 use respawn_core::lifecycle::Event;
-use respawn_core::messages::Message;
-use respawn_core::ports::Secrets;
-use respawn_core::ports::queue::{Outgoing, Queue};
 use respawn_core::spec::JobSpec;
 use respawn_core::time::{Clock, SystemClock, Timestamp};
 use respawn_core::{checkpoint, layout};
@@ -18,57 +16,20 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::Args;
+use crate::report::{self, Api, Reporter};
 use crate::ship::{CheckpointShipper, LogShipper};
 use crate::stage;
 use crate::workload::{Workload, WorkloadDirs};
+
+/// How long the last reports may wait for a broker that is down (restarting).
+const LAST_WORD: Duration = Duration::from_secs(600);
+/// How long to keep asking a broker that is down for the job's secrets.
+const SECRETS_PATIENCE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open {what}: {message}")]
     Open { what: &'static str, message: String },
-    #[error("cannot report to the broker: {0}")]
-    Report(String),
-    #[error("cannot read the job spec: {0}")]
-    Spec(String),
-    #[error("{0}")]
-    Io(String),
-}
-
-/// Sends this attempt's events to the broker.
-#[derive(Debug, Clone)]
-pub struct Reporter {
-    queue: Arc<dyn Queue>,
-    name: String,
-    job: respawn_core::JobId,
-    attempt: u32,
-}
-
-impl Reporter {
-    pub async fn send(&self, event: Event) -> Result<(), Error> {
-        let msg = Message::Event {
-            job: self.job.clone(),
-            at: SystemClock.now(),
-            event,
-        };
-        // Retry a while: a report that never arrives costs the attempt (reconcile
-        // would declare the VM lost), so it is worth waiting for a busy store.
-        let mut delay = Duration::from_millis(50);
-        for _ in 0..10 {
-            match self
-                .queue
-                .send(&self.name, Outgoing::new(msg.to_bytes()).priority(9))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    warn!(job_id = %self.job, attempt = self.attempt, error = %e, "report failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-        Err(Error::Report(format!("gave up reporting {:?}", msg)))
-    }
 }
 
 /// The provider's preemption notice, as the local spot simulator writes it.
@@ -82,67 +43,93 @@ fn read_notice(vm_dir: &Path) -> Option<Notice> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Reads the agent's credentials and removes the file: a workload that escaped
+/// its sandbox finds nothing there later.
+fn credentials(vm_dir: &Path) -> Result<AgentCredentials, Error> {
+    let path = respawn_adapters::local::credentials_path(vm_dir);
+    let open = |message: String| Error::Open {
+        what: "the agent's credentials",
+        message,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| open(format!("{}: {e}", path.display())))?;
+    let creds = serde_json::from_slice(&bytes).map_err(|e| open(e.to_string()))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(creds)
+}
+
+/// What the attempt needs before its workload can start.
+struct Ready {
+    spec: JobSpec,
+    dirs: WorkloadDirs,
+    restored: Option<u64>,
+    secrets: BTreeMap<String, String>,
+}
+
 pub async fn run(args: Args) -> Result<(), Error> {
-    let store = LocalStore::open(&args.store).map_err(|e| Error::Open {
-        what: "the broker's store",
+    let creds = credentials(&args.vm_dir)?;
+    let api = Api::new(&creds.api, creds.token).map_err(|e| Error::Open {
+        what: "the broker's API",
         message: e.to_string(),
     })?;
+    // Checkpoints and logs are fsync'd like the broker's own writes: a checkpoint
+    // reported complete must survive a power loss.
     let bucket: Arc<dyn ObjectStore> = Arc::new(
-        LocalFileSystem::new_with_prefix(&args.bucket).map_err(|e| Error::Open {
-            what: "the bucket",
-            message: e.to_string(),
-        })?,
+        LocalFileSystem::new_with_prefix(&args.bucket)
+            .map_err(|e| Error::Open {
+                what: "the bucket",
+                message: e.to_string(),
+            })?
+            .with_fsync(true),
     );
-    let reporter = Reporter {
-        queue: events_queue(&args, &store).await?,
-        name: args.events_queue.clone(),
-        job: args.job.clone(),
-        attempt: args.attempt,
-    };
     let (job, attempt) = (args.job.clone(), args.attempt);
+    let reporter = Reporter::spawn(api.clone(), job.clone(), attempt);
     info!(job_id = %job, attempt, vm = %args.vm, "agent starting");
-
-    let spec = read_spec(bucket.as_ref(), &job).await?;
-    let dirs = WorkloadDirs::create(&args.vm_dir).map_err(|e| Error::Io(e.to_string()))?;
-    let restored = checkpoint::restore_newest(bucket.as_ref(), &job, &dirs.checkpoints)
-        .await
-        .map_err(|e| Error::Io(format!("restoring checkpoint: {e}")))?
-        .map(|m| m.seq);
-    info!(job_id = %job, attempt, restored = ?restored, "checkpoint restored");
 
     let stdout = LogShipper::new(bucket.clone(), &job, attempt, layout::Stream::Stdout);
     let stderr = LogShipper::new(bucket.clone(), &job, attempt, layout::Stream::Stderr);
+    let ready = match prepare(&args, bucket.as_ref(), &api).await {
+        Ok(r) => r,
+        Err(why) => {
+            // Not the workload's doing: the attempt is lost, with the reason, and
+            // the broker's budget for lost VMs decides whether to try again.
+            warn!(job_id = %job, attempt, %why, "cannot start the attempt");
+            stderr.write_line(&format!("respawn: {why}")).await;
+            stderr.close().await;
+            reporter.send(Event::StartFailed {
+                attempt,
+                reason: why,
+            });
+            reporter.flush(LAST_WORD).await;
+            return Ok(());
+        }
+    };
+    let Ready {
+        spec,
+        dirs,
+        restored,
+        secrets,
+    } = ready;
+    info!(job_id = %job, attempt, restored = ?restored, "checkpoint restored");
+
     if let Err(e) = stage::inputs(bucket.as_ref(), &spec, &dirs.inputs).await {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
         // user's budget (it is the spec's inputs that are wrong), with the reason
         // in the attempt's stderr.
         let why = format!("cannot stage inputs: {e}");
-        return fail_attempt(&reporter, &stderr, &why, 126).await;
+        return fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
     }
-
-    let secrets = match LocalSecrets::new(args.store.join("secrets"))
-        .get(&job)
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let why = format!("cannot read the job's secrets: {e}");
-            return fail_attempt(&reporter, &stderr, &why, 126).await;
-        }
-    };
     let mut workload = match Workload::spawn(&spec, &secrets, &args, &dirs) {
         Ok(w) => w,
         Err(e) => {
             let why = format!("cannot start the workload: {e}");
-            return fail_attempt(&reporter, &stderr, &why, 127).await;
+            return fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
         }
     };
-    reporter
-        .send(Event::WorkloadStarted {
-            attempt,
-            restored_checkpoint: restored,
-        })
-        .await?;
+    drop(secrets);
+    reporter.send(Event::WorkloadStarted {
+        attempt,
+        restored_checkpoint: restored,
+    });
     info!(job_id = %job, attempt, pid = workload.pid(), "workload started");
     let out_task = stdout.pump(workload.take_stdout());
     let err_task = stderr.clone().pump(workload.take_stderr());
@@ -156,7 +143,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         restored,
         keep,
     );
-    let code = supervise(&args, &reporter, &mut workload, &mut ckpts).await?;
+    let code = supervise(&args, &reporter, &mut workload, &mut ckpts).await;
 
     // The last checkpoint (the one written on SIGTERM) must be in the bucket before
     // the exit is reported: the next attempt is dispatched on that report.
@@ -170,12 +157,66 @@ pub async fn run(args: Args) -> Result<(), Error> {
     }
     stderr.close().await;
     info!(job_id = %job, attempt, exit_code = code, "workload exited");
-    reporter
-        .send(Event::WorkloadExited {
-            attempt,
-            exit_code: code,
-        })
+    reporter.send(Event::WorkloadExited {
+        attempt,
+        exit_code: code,
+    });
+    finish(&reporter, &dirs).await;
+    Ok(())
+}
+
+/// Reads the spec, makes the work folder, restores the newest checkpoint and
+/// fetches the secrets; the reason when one of them fails.
+async fn prepare(args: &Args, bucket: &dyn ObjectStore, api: &Api) -> Result<Ready, String> {
+    let spec = read_spec(bucket, &args.job)
         .await
+        .map_err(|e| format!("cannot read the job spec: {e}"))?;
+    let dirs = WorkloadDirs::create(&args.vm_dir)
+        .map_err(|e| format!("cannot create the work folder: {e}"))?;
+    let restored = checkpoint::restore_newest(bucket, &args.job, &dirs.checkpoints)
+        .await
+        .map_err(|e| format!("cannot restore the newest checkpoint: {e}"))?
+        .map(|m| m.seq);
+    // Only the names are in the spec; the values come from the broker, to this
+    // attempt only, while it is live.
+    let secrets = if spec.secrets.is_empty() {
+        BTreeMap::new()
+    } else {
+        fetch_secrets(api)
+            .await
+            .map_err(|e| format!("cannot get the job's secrets: {e}"))?
+    };
+    Ok(Ready {
+        spec,
+        dirs,
+        restored,
+        secrets,
+    })
+}
+
+async fn fetch_secrets(api: &Api) -> Result<BTreeMap<String, String>, report::Error> {
+    let deadline = tokio::time::Instant::now() + SECRETS_PATIENCE;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match api.secrets().await {
+            Err(report::Error::Retry(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The attempt's last word: its reports delivered, its work folder gone (outputs
+/// and checkpoints are in the bucket by now).
+async fn finish(reporter: &Reporter, dirs: &WorkloadDirs) {
+    if let Err(e) = std::fs::remove_dir_all(&dirs.root) {
+        warn!(job_id = %reporter.job, attempt = reporter.attempt, error = %e, "cannot remove the work folder");
+    }
+    if !reporter.flush(LAST_WORD).await {
+        warn!(job_id = %reporter.job, attempt = reporter.attempt, "the broker did not take the last reports in time");
+    }
 }
 
 /// Ends an attempt that could not run its workload: the reason goes to the
@@ -184,72 +225,39 @@ pub async fn run(args: Args) -> Result<(), Error> {
 async fn fail_attempt(
     reporter: &Reporter,
     stderr: &LogShipper,
+    dirs: &WorkloadDirs,
     why: &str,
     code: i32,
 ) -> Result<(), Error> {
     stderr.write_line(&format!("respawn: {why}")).await;
     stderr.close().await;
-    let attempt = reporter.attempt;
-    reporter
-        .send(Event::WorkloadExited {
-            attempt,
-            exit_code: code,
-        })
-        .await
+    reporter.send(Event::WorkloadExited {
+        attempt: reporter.attempt,
+        exit_code: code,
+    });
+    finish(reporter, dirs).await;
+    Ok(())
 }
 
-/// Where reports go: the broker's RabbitMQ when it runs on one, else its local store.
-async fn events_queue(args: &Args, store: &LocalStore) -> Result<Arc<dyn Queue>, Error> {
-    let Some(url) = &args.queue_url else {
-        return Ok(Arc::new(
-            store.queue(respawn_core::ports::queue::DEFAULT_MAX_DELIVERIES),
-        ));
-    };
-    #[cfg(feature = "amqp")]
-    {
-        use respawn_adapters::amqp::{AmqpOptions, AmqpQueue};
-        let options = AmqpOptions {
-            connection_name: format!("respawn-agent-{}", args.vm),
-            ..AmqpOptions::default()
-        };
-        let q = AmqpQueue::connect(url, options)
-            .await
-            .map_err(|e| Error::Open {
-                what: "the broker's RabbitMQ",
-                message: e.to_string(),
-            })?;
-        Ok(Arc::new(q))
-    }
-    #[cfg(not(feature = "amqp"))]
-    {
-        Err(Error::Open {
-            what: "the broker's queue",
-            message: format!("{url}: RabbitMQ is not supported in this build (feature amqp)"),
-        })
-    }
-}
-
-async fn read_spec(bucket: &dyn ObjectStore, job: &respawn_core::JobId) -> Result<JobSpec, Error> {
+async fn read_spec(bucket: &dyn ObjectStore, job: &respawn_core::JobId) -> Result<JobSpec, String> {
     let bytes = bucket
         .get(&layout::spec(job))
         .await
-        .map_err(|e| Error::Spec(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .bytes()
         .await
-        .map_err(|e| Error::Spec(e.to_string()))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Spec(e.to_string()))
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
     match ckpts.ship_new().await {
         Ok(seqs) => {
             for seq in seqs {
-                let _ = reporter
-                    .send(Event::CheckpointCommitted {
-                        attempt: reporter.attempt,
-                        seq,
-                    })
-                    .await;
+                reporter.send(Event::CheckpointCommitted {
+                    attempt: reporter.attempt,
+                    seq,
+                });
             }
         }
         Err(e) => {
@@ -264,16 +272,14 @@ async fn supervise(
     reporter: &Reporter,
     workload: &mut Workload,
     ckpts: &mut CheckpointShipper,
-) -> Result<i32, Error> {
+) -> i32 {
     let mut heartbeat = tokio::time::interval(args.heartbeat());
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut noticed = false;
     loop {
         tokio::select! {
-            code = workload.wait() => return Ok(code),
-            _ = heartbeat.tick() => {
-                let _ = reporter.send(Event::Heartbeat { attempt: args.attempt }).await;
-            }
+            code = workload.wait() => return code,
+            _ = heartbeat.tick() => reporter.heartbeat(),
             _ = poll.tick() => {
                 if !noticed
                     && let Some(notice) = read_notice(&args.vm_dir) {
@@ -291,12 +297,10 @@ async fn on_notice(args: &Args, reporter: &Reporter, workload: &mut Workload, no
     let left = deadline.since(SystemClock.now());
     info!(job_id = %args.job, attempt = args.attempt, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
     workload.terminate();
-    let _ = reporter
-        .send(Event::PreemptionNotice {
-            attempt: args.attempt,
-            deadline,
-        })
-        .await;
+    reporter.send(Event::PreemptionNotice {
+        attempt: args.attempt,
+        deadline,
+    });
 }
 
 /// The agent's folders inside the VM dir.

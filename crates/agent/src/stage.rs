@@ -138,6 +138,26 @@ fn copy_local(from: &Path, to: &Path) -> Result<(), Error> {
     }
 }
 
+/// `file://` outputs: the same walk as to the bucket, into a local folder.
+fn outputs_to_folder(from: &Path, to: &Path) -> Result<(), Error> {
+    for rel in respawn_core::beneath::files(from, false).map_err(io(from))? {
+        let bytes = respawn_core::beneath::read(from, &rel).map_err(io(&from.join(&rel)))?;
+        let dest = to.join(&rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::write(&dest, bytes).map_err(io(&dest))?;
+    }
+    Ok(())
+}
+
+fn rel_key(rel: &Path) -> String {
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Uploads everything in `from` to the spec's outputs (default: the job's prefix).
 pub async fn outputs(
     bucket: &dyn ObjectStore,
@@ -148,26 +168,16 @@ pub async fn outputs(
     let base = match &spec.outputs {
         Some(uri) => match locate(uri)? {
             Location::Bucket(key) => key.trim_end_matches('/').to_owned(),
-            Location::File(path) => return copy_local(from, &path),
+            Location::File(path) => return outputs_to_folder(from, &path),
         },
         None => layout::outputs(job).to_string(),
     };
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let abs = from.join(&rel);
-        for entry in std::fs::read_dir(&abs).map_err(io(&abs))? {
-            let entry = entry.map_err(io(&abs))?;
-            let child = rel.join(entry.file_name());
-            if entry.file_type().map_err(io(&abs))?.is_dir() {
-                stack.push(child);
-            } else {
-                let bytes = tokio::fs::read(from.join(&child))
-                    .await
-                    .map_err(io(&child))?;
-                let key = format!("{base}/{}", child.display());
-                bucket.put(&Key::from(key), PutPayload::from(bytes)).await?;
-            }
-        }
+    // The workload wrote this folder: its links are not followed out of it (an
+    // `output/x -> /etc/shadow` is skipped, an `output` that is a link refused).
+    for rel in respawn_core::beneath::files(from, false).map_err(io(from))? {
+        let bytes = respawn_core::beneath::read(from, &rel).map_err(io(&from.join(&rel)))?;
+        let key = format!("{base}/{}", rel_key(&rel));
+        bucket.put(&Key::from(key), PutPayload::from(bytes)).await?;
     }
     Ok(())
 }

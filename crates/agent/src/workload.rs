@@ -1,15 +1,40 @@
 //! The workload process: command or container, its environment, its signals.
+//!
+//! The workload is untrusted code. Its environment is built from nothing: a few
+//! harmless variables, the job's `env` and secrets, and the `RESPAWN_*` contract —
+//! never the agent's or the broker's. A command runs in the sandbox when the host
+//! has one (see [`respawn_adapters::local::sandbox`]); without one it runs through a
+//! launcher that makes the kernel kill it when the agent dies.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitCode, Stdio};
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use respawn_adapters::local::sandbox::{self, Mounts, Sandbox};
 use respawn_core::spec::JobSpec;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::Args;
+
+/// The agent's first argument when it runs as the launcher of an unsandboxed workload.
+pub const LAUNCH: &str = "__launch";
+
+/// Variables of the agent's own environment a workload gets (besides HOME, which is
+/// its work folder).
+const PASS_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
+/// Variables a container runtime client needs to find its engine.
+const RUNTIME_ENV: [&str; 7] = [
+    "PATH",
+    "HOME",
+    "XDG_RUNTIME_DIR",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "CONTAINER_HOST",
+];
 
 /// The contract folders.
 #[derive(Debug, Clone)]
@@ -21,8 +46,10 @@ pub struct WorkloadDirs {
 }
 
 impl WorkloadDirs {
+    /// Makes the work folder under `vm_dir`. Its paths are absolute: the workload's
+    /// working directory is elsewhere, and its contract paths must still resolve.
     pub fn create(vm_dir: &Path) -> std::io::Result<Self> {
-        let root = crate::run::work_root(vm_dir);
+        let root = std::path::absolute(crate::run::work_root(vm_dir))?;
         let dirs = WorkloadDirs {
             checkpoints: root.join("checkpoints"),
             inputs: root.join("input"),
@@ -34,6 +61,14 @@ impl WorkloadDirs {
         }
         Ok(dirs)
     }
+
+    /// The spec's `working_dir`, relative ones inside the work folder.
+    fn cwd(&self, spec: &JobSpec) -> PathBuf {
+        match &spec.working_dir {
+            Some(wd) => self.root.join(wd),
+            None => self.root.clone(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -42,6 +77,7 @@ pub struct Workload {
     pgid: Option<Pid>,
     /// A container's name, to stop it through the runtime.
     container: Option<(String, String)>,
+    sandboxed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +142,28 @@ fn contract_env(
     env
 }
 
+/// The whole environment of a command workload: the allow-list, HOME, the job's
+/// variables and secrets, the contract (set last, so nothing overrides it).
+fn process_env(
+    spec: &JobSpec,
+    secrets: &BTreeMap<String, String>,
+    args: &Args,
+    dirs: &WorkloadDirs,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = PASS_ENV
+        .iter()
+        .filter_map(|k| Some((OsString::from(k), std::env::var_os(k)?)))
+        .collect();
+    env.push(("HOME".into(), dirs.root.clone().into()));
+    env.extend(secrets.iter().map(|(k, v)| (k.into(), v.into())));
+    env.extend(
+        contract_env(spec, args, dirs, None)
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into())),
+    );
+    env
+}
+
 impl Workload {
     pub fn spawn(
         spec: &JobSpec,
@@ -113,6 +171,7 @@ impl Workload {
         args: &Args,
         dirs: &WorkloadDirs,
     ) -> Result<Self, Error> {
+        let sandbox = Sandbox::from_arg(&args.sandbox);
         let (mut cmd, container) = match &spec.image {
             Some(image) => {
                 let rt = args
@@ -130,15 +189,35 @@ impl Workload {
             None => {
                 let argv = spec.argv();
                 let (program, rest) = argv.split_first().ok_or(Error::NoCommand)?;
-                let mut cmd = Command::new(program);
-                cmd.args(rest)
-                    .envs(contract_env(spec, args, dirs, None))
-                    .envs(secrets);
-                cmd.current_dir(
-                    spec.working_dir
-                        .as_deref()
-                        .map_or(dirs.root.clone(), PathBuf::from),
-                );
+                let cwd = dirs.cwd(spec);
+                let mut cmd = match &sandbox {
+                    Sandbox::Bwrap(bwrap) => {
+                        let mounts = Mounts {
+                            work: dirs.root.clone(),
+                            read_only: args.read_only.clone(),
+                            cwd,
+                        };
+                        let mut cmd = Command::new(bwrap);
+                        cmd.args(sandbox::bwrap_args(&mounts));
+                        cmd
+                    }
+                    Sandbox::None => {
+                        let launcher = std::env::current_exe().map_err(|source| Error::Spawn {
+                            program: program.clone(),
+                            source,
+                        })?;
+                        let mut cmd = Command::new(launcher);
+                        cmd.arg(LAUNCH)
+                            .arg(std::process::id().to_string())
+                            .arg("--")
+                            .current_dir(cwd);
+                        cmd
+                    }
+                };
+                cmd.arg(program)
+                    .args(rest)
+                    .env_clear()
+                    .envs(process_env(spec, secrets, args, dirs));
                 (cmd, None)
             }
         };
@@ -162,6 +241,7 @@ impl Workload {
             child,
             pgid,
             container,
+            sandboxed: !sandbox.is_none() && spec.image.is_none(),
         })
     }
 
@@ -181,11 +261,24 @@ impl Workload {
     pub fn terminate(&mut self) {
         if let Some((rt, name)) = &self.container {
             let _ = std::process::Command::new(rt)
-                .args(["kill", "--signal", "TERM", name])
+                .args(["kill", "--signal=TERM", "--", name])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-        } else if let Some(pgid) = self.pgid {
+            return;
+        }
+        if self.sandboxed {
+            // Not the group: bubblewrap itself is in it, and a signalled bubblewrap
+            // takes the sandbox down at once, leaving the workload no grace.
+            let pids = sandbox::workload_pids(self.pid());
+            if !pids.is_empty() {
+                for pid in pids {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+                return;
+            }
+        }
+        if let Some(pgid) = self.pgid {
             let _ = killpg(pgid, Signal::SIGTERM);
         }
     }
@@ -203,8 +296,10 @@ impl Workload {
     }
 }
 
-/// Secrets reach the container through the environment of `docker run` (`-e NAME`
-/// without a value), never its command line, where `ps` would show them.
+/// Secrets reach the container through the environment of `docker run` (`--env
+/// NAME` without a value), never its command line, where `ps` would show them.
+/// Every option is `--name=value` and `--` ends them, so that no value from the spec
+/// can become an option of its own.
 fn container_command(
     rt: &str,
     name: &str,
@@ -216,38 +311,187 @@ fn container_command(
 ) -> Command {
     let inside = Path::new("/respawn");
     let mut cmd = Command::new(rt);
-    cmd.args(["run", "--rm", "--name", name]);
-    for (host, guest) in [
-        (&dirs.checkpoints, "checkpoints"),
-        (&dirs.inputs, "input"),
-        (&dirs.outputs, "output"),
-    ] {
-        cmd.arg("-v").arg(format!(
-            "{}:{}",
-            host.display(),
-            inside.join(guest).display()
-        ));
+    cmd.env_clear();
+    for k in RUNTIME_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
     }
-    cmd.arg("-v").arg(format!(
-        "{}:{}",
-        dirs.root.join("hostfile").display(),
-        inside.join("hostfile").display()
-    ));
+    cmd.args(["run", "--rm", &format!("--name={name}")]);
+    let mut volume = |host: &Path, guest: &str| {
+        let mut v = OsString::from("--volume=");
+        v.push(host);
+        v.push(":");
+        v.push(inside.join(guest));
+        cmd.arg(v);
+    };
+    volume(&dirs.checkpoints, "checkpoints");
+    volume(&dirs.inputs, "input");
+    volume(&dirs.outputs, "output");
+    volume(&dirs.root.join("hostfile"), "hostfile");
     for (k, v) in contract_env(spec, args, dirs, Some(inside)) {
-        cmd.arg("-e").arg(format!("{k}={v}"));
+        cmd.arg(format!("--env={k}={v}"));
     }
     if let Ok(gpus) = std::env::var("CUDA_VISIBLE_DEVICES")
         && spec.resources.gpus > 0
     {
-        cmd.arg("--gpus").arg(format!("\"device={gpus}\""));
+        cmd.arg(format!("--gpus=\"device={gpus}\""));
     }
     for (k, v) in secrets {
-        cmd.arg("-e").arg(k).env(k, v);
+        cmd.arg(format!("--env={k}")).env(k, v);
     }
     if let Some(wd) = &spec.working_dir {
-        cmd.args(["-w", wd]);
+        cmd.arg(format!("--workdir={wd}"));
     }
-    cmd.arg(image);
+    cmd.arg("--").arg(image);
     cmd.args(spec.argv());
     cmd
+}
+
+/// `respawn-agent __launch <agent pid> -- PROGRAM ARGS…`: the parent of an
+/// unsandboxed workload, doing what a VM's end (or a sandbox's pid namespace) would:
+/// when the agent dies, or when the workload's main process exits, every process the
+/// workload started dies too — even those that left its process group, since the
+/// launcher adopts orphans (it is their subreaper). SIGTERM from the agent reaches
+/// the workload through their shared process group; the launcher itself outlives it.
+pub fn launch() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(2).collect();
+    let fail = |msg: String| {
+        eprintln!("respawn-agent: {msg}");
+        ExitCode::from(127)
+    };
+    let usage = || fail("usage: respawn-agent __launch <agent pid> -- PROGRAM [ARGS…]".into());
+    let (Some(parent), Some(dashes)) = (args.first(), args.get(1)) else {
+        return usage();
+    };
+    if dashes != "--" || args.len() < 3 {
+        return usage();
+    }
+    let parent = parent.to_str().and_then(|p| p.parse::<i32>().ok());
+    match orphanage::run(parent, &args[2], &args[3..]) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => fail(e),
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod orphanage {
+    use std::ffi::OsString;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use nix::sys::signal::{Signal, kill};
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use nix::unistd::Pid;
+
+    /// Runs the workload to its end; its exit code (128 + signal when killed).
+    pub fn run(parent: Option<i32>, program: &OsString, args: &[OsString]) -> Result<u8, String> {
+        let agent_gone = Arc::new(AtomicBool::new(false));
+        // SIGHUP is the agent's death (below); SIGTERM is the preemption notice,
+        // meant for the workload, which gets it through the process group.
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, agent_gone.clone())
+            .map_err(|e| format!("cannot watch for the agent's death: {e}"))?;
+        signal_hook::flag::register(
+            signal_hook::consts::SIGTERM,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| format!("cannot adopt the workload's orphans: {e}"))?;
+        nix::sys::prctl::set_pdeathsig(Signal::SIGHUP)
+            .map_err(|e| format!("cannot tie the workload to its agent: {e}"))?;
+        // The agent may have died before the line above: then no SIGHUP would come.
+        if parent != Some(nix::unistd::getppid().as_raw()) {
+            return Ok(137);
+        }
+        let child = std::process::Command::new(program)
+            .args(args)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))?;
+        let main = Pid::from_raw(child.id() as i32);
+        loop {
+            if agent_gone.load(Ordering::SeqCst) {
+                kill_descendants();
+                return Ok(137);
+            }
+            // Reap whatever ended, the main process or an adopted orphan.
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == main => {
+                    kill_descendants();
+                    return Ok(u8::try_from(code).unwrap_or(1));
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
+                    kill_descendants();
+                    return Ok(128u8.saturating_add(sig as u8));
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// SIGKILL to every process below this one, until none is left.
+    fn kill_descendants() {
+        let me = std::process::id();
+        for _ in 0..20 {
+            let mut found = Vec::new();
+            let mut stack = vec![me];
+            while let Some(pid) = stack.pop() {
+                for child in children(pid) {
+                    found.push(child);
+                    stack.push(child);
+                }
+            }
+            if found.is_empty() {
+                return;
+            }
+            for pid in found {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            // Reap them, so that they leave /proc and the next round sees new ones only.
+            while let Ok(status) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                if status == WaitStatus::StillAlive {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn children(pid: u32) -> Vec<u32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    }
+}
+
+/// Elsewhere (no parent-death signal, no subreapers) the launcher only becomes
+/// the workload.
+#[cfg(not(target_os = "linux"))]
+mod orphanage {
+    use std::ffi::OsString;
+
+    pub fn run(_parent: Option<i32>, program: &OsString, args: &[OsString]) -> Result<u8, String> {
+        let argv: Result<Vec<CString>, _> = std::iter::once(program)
+            .chain(args)
+            .map(|a| CString::new(a.as_encoded_bytes()))
+            .collect();
+        let argv = argv.map_err(|_| "an argument holds a NUL byte".to_owned())?;
+        match nix::unistd::execvp(&argv[0], &argv) {
+            Err(e) => Err(format!("cannot start {}: {e}", program.to_string_lossy())),
+            Ok(never) => match never {},
+        }
+    }
 }

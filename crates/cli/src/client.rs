@@ -7,7 +7,22 @@ use serde_json::Value;
 pub struct Client {
     base: String,
     token: Option<String>,
+    /// Where the admin token was looked for, to say so when the broker wants one.
+    data: std::path::PathBuf,
     http: reqwest::Client,
+}
+
+/// The data folder when `--data` is not given: `.respawn` in the working directory
+/// or the nearest parent that has one (as git finds `.git`), else `./.respawn`.
+pub fn find_data_folder() -> std::path::PathBuf {
+    let here = std::path::PathBuf::from(".respawn");
+    let Ok(cwd) = std::env::current_dir() else {
+        return here;
+    };
+    cwd.ancestors()
+        .map(|d| d.join(".respawn"))
+        .find(|d| d.is_dir())
+        .unwrap_or(here)
 }
 
 /// The token to call with: `--token` / `RESPAWN_TOKEN`, else the admin token of the
@@ -23,10 +38,11 @@ pub fn resolve_token(flag: Option<String>, data: &std::path::Path) -> Option<Str
 }
 
 impl Client {
-    pub fn new(endpoint: &str, token: Option<String>) -> Self {
+    pub fn new(endpoint: &str, token: Option<String>, data: &std::path::Path) -> Self {
         Client {
             base: endpoint.trim_end_matches('/').to_owned(),
             token,
+            data: data.to_owned(),
             http: reqwest::Client::new(),
         }
     }
@@ -59,6 +75,13 @@ impl Client {
             .map_err(|e| format!("unreadable answer ({status}): {e}"))?;
         if status.is_success() {
             serde_json::from_value(body).map_err(|e| format!("unexpected answer: {e}"))
+        } else if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
+            Err(format!(
+                "{}\nno API token found: `respawn up` keeps its admin token in {} (run this from the \
+                 project folder or below it, or pass --data), or pass --token / set RESPAWN_TOKEN",
+                describe_error(&body),
+                crate::up::api::admin_token_path(&self.data).display()
+            ))
         } else {
             Err(describe_error(&body))
         }

@@ -34,11 +34,62 @@ fn say(msg: &str) {
     println!("\x1b[1m▶\x1b[0m {msg}");
 }
 
-pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> {
+/// Left in a folder the demo made, so that it empties only folders of its own.
+const MARKER: &str = ".respawn-demo";
+
+/// Empties `data` for a fresh run, if the demo made it (or it is empty or missing).
+fn fresh_folder(data: &Path) -> Result<(), String> {
+    let made_by_demo = data.join(MARKER).is_file();
+    let empty = std::fs::read_dir(data).map_or(true, |mut d| d.next().is_none());
+    if data.exists() && !made_by_demo && !empty {
+        return Err(format!(
+            "{} exists and was not made by respawn demo; refusing to empty it (pass another --data, or remove it yourself)",
+            data.display()
+        ));
+    }
     if data.exists() {
-        std::fs::remove_dir_all(&data)
+        std::fs::remove_dir_all(data)
             .map_err(|e| format!("cannot empty {}: {e}", data.display()))?;
     }
+    std::fs::create_dir_all(data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+    std::fs::write(
+        data.join(MARKER),
+        "made by respawn demo; emptied by the next run\n",
+    )
+    .map_err(|e| format!("cannot write in {}: {e}", data.display()))
+}
+
+/// The broker's own log goes to a file: the terminal tells the story.
+fn log_to(path: &Path) -> Result<(), String> {
+    let file = std::fs::File::create(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RESPAWN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
+/// `path` as the user would type it from here: relative when it is below the
+/// working directory.
+fn shown(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_owned())
+        .display()
+        .to_string()
+}
+
+pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> {
+    let data = std::path::absolute(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+    fresh_folder(&data)?;
+    let log = data.join("respawn.log");
+    log_to(&log)?;
     let triggers = data.join("triggers");
     std::fs::create_dir_all(&triggers).map_err(|e| e.to_string())?;
     std::fs::write(triggers.join("train-on-csv.yaml"), RULE).map_err(|e| e.to_string())?;
@@ -54,13 +105,16 @@ pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> 
         notice: NOTICE,
         chaos: None,
         heartbeat_secs: 1,
+        isolation: up::Isolation::Auto,
+        allow_private_notify: false,
     };
     let stack = up::open(config).await.map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(up::run(stack.clone(), stop_rx));
     say(&format!(
-        "local stack up: data in {}, API on http://{listen}",
-        data.display()
+        "local stack up: data in {}, API on http://{listen}, broker log in {}",
+        shown(&data),
+        shown(&log)
     ));
 
     let csv =
@@ -192,11 +246,12 @@ fn summary(data: &Path, job: &JobRecord) {
         .join("bucket")
         .join(respawn_core::layout::outputs(&job.id).to_string());
     let metrics = std::fs::read_to_string(outputs.join("metrics.json")).unwrap_or_default();
-    say(&format!("model: {}", outputs.join("model.txt").display()));
+    say(&format!("model: {}", shown(&outputs.join("model.txt"))));
     say(&format!("metrics: {}", metrics.trim()));
     say(&format!(
-        "logs of every attempt: respawn logs {} (with respawn up --data {})",
+        "logs of every attempt: respawn logs {} --data {} (while respawn up --data {} runs)",
         job.id,
-        data.display()
+        shown(data),
+        shown(data)
     ));
 }

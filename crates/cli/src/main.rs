@@ -27,9 +27,10 @@ struct Cli {
     /// API token (default: the local data folder's admin token, then ~/.config/respawn/token).
     #[arg(long, global = true, env = "RESPAWN_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The local data folder: store, bucket (`<data>/bucket`), VMs, admin token.
-    #[arg(long, global = true, default_value = ".respawn")]
-    data: PathBuf,
+    /// The local data folder: store, bucket (`<data>/bucket`), VMs, admin token
+    /// [default: `.respawn` in this folder or the nearest parent folder that has one].
+    #[arg(long, global = true)]
+    data: Option<PathBuf>,
     /// `table` for people, `json` for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -75,6 +76,15 @@ struct UpArgs {
     /// Seconds between agent heartbeats.
     #[arg(long, default_value_t = 2)]
     heartbeat_secs: u64,
+    /// How workloads are isolated: `auto` sandboxes them where bubblewrap works (and
+    /// otherwise runs only the local admin's jobs), `sandbox` requires it, `none`
+    /// runs them unsandboxed and allows tokens for others anyway.
+    #[arg(long, value_enum, default_value = "auto")]
+    isolation: up::Isolation,
+    /// Let notify URLs reach loopback, link-local and private addresses (local
+    /// development; refused otherwise).
+    #[arg(long)]
+    allow_private_notify: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,9 +183,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { files, print } => return validate::run(&files, print),
         Command::Schema { write } => return schema(write),
-        _ => {}
+        // The demo logs to a file in its data folder, once it has one.
+        Command::Demo { .. } => {}
+        _ => init_logs(),
     }
-    init_logs();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -186,10 +197,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let token = client::resolve_token(cli.token.clone(), &cli.data);
-    let client = client::Client::new(&cli.endpoint, token);
+    let data = match cli.data.clone() {
+        Some(d) => d,
+        None => client::find_data_folder(),
+    };
+    let data = match std::path::absolute(&data) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: cannot resolve {}: {e}", data.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = client::resolve_token(cli.token.clone(), &data);
+    let client = client::Client::new(&cli.endpoint, token, &data);
     let out = cli.output;
-    let data = cli.data.clone();
     let result = rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up_command(a, data).await,
@@ -260,6 +281,8 @@ async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
         templates: a
             .templates
             .or_else(|| Some(data_templates).filter(|p| p.is_dir())),
+        isolation: a.isolation,
+        allow_private_notify: a.allow_private_notify,
     };
     let stack = up::open(config).await.map_err(|e| e.to_string())?;
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -52,30 +52,6 @@ fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// Files under `dir`, relative, sorted; skips names starting with `.`.
-fn walk(dir: &FsPath) -> Result<Vec<PathBuf>, Error> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let abs = dir.join(&rel);
-        for entry in std::fs::read_dir(&abs).map_err(io(&abs))? {
-            let entry = entry.map_err(io(&abs))?;
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let child = rel.join(&name);
-            let kind = entry.file_type().map_err(io(&abs))?;
-            if kind.is_dir() {
-                stack.push(child);
-            } else if kind.is_file() {
-                out.push(child);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 fn rel_key(p: &FsPath) -> String {
     p.components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -93,9 +69,10 @@ pub async fn upload(
 ) -> Result<Manifest, Error> {
     let base = layout::checkpoint_dir(job, seq);
     let mut files = Vec::new();
-    for rel in walk(dir)? {
+    // The workload wrote this folder: links in it are not followed out of it.
+    for rel in crate::beneath::files(dir, true).map_err(io(dir))? {
         let abs = dir.join(&rel);
-        let bytes = tokio::fs::read(&abs).await.map_err(io(&abs))?;
+        let bytes = crate::beneath::read(dir, &rel).map_err(io(&abs))?;
         let key = rel_key(&rel);
         files.push(FileEntry {
             path: key.clone(),
@@ -289,6 +266,28 @@ mod tests {
         );
         assert!(dst.path().join("100/.complete").exists());
         assert_eq!(m.files.len(), 2, "dot files are not part of a checkpoint");
+    }
+
+    #[tokio::test]
+    async fn links_in_a_checkpoint_are_not_uploaded() {
+        let store = Arc::new(InMemory::new());
+        let job = JobId::generate(Timestamp(1));
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("admin-token"), b"secret").unwrap();
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("w"), b"one").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("admin-token"), src.path().join("token"))
+            .unwrap();
+        std::os::unix::fs::symlink(outside.path(), src.path().join("up")).unwrap();
+        let m = upload(store.as_ref(), &job, 1, 1, src.path())
+            .await
+            .unwrap();
+        let paths: Vec<_> = m.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["w"]);
+        // A checkpoint folder that is itself a link is refused outright.
+        let link = src.path().join("linked");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        assert!(upload(store.as_ref(), &job, 1, 2, &link).await.is_err());
     }
 
     #[tokio::test]

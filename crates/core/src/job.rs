@@ -224,6 +224,14 @@ pub struct JobRecord {
     pub failures: u32,
     /// Infrastructure losses absorbed (preemptions, lost VMs, no capacity).
     pub infra_losses: u32,
+    /// Of those, the ones that were not preemptions (lost VMs, agents that could not
+    /// start, VM requests never answered): `retry.max_lost` bounds them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost: u32,
+    /// Times in a row the current attempt found no capacity; it waits (no budget
+    /// spent) and is dispatched again after a backoff that grows with this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub capacity_waits: u32,
     /// The newest complete checkpoint, which the next attempt restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
@@ -303,6 +311,8 @@ impl JobRecord {
             attempts: Vec::new(),
             failures: 0,
             infra_losses: 0,
+            lost: 0,
+            capacity_waits: 0,
             checkpoint: None,
             created_at: now,
             updated_at: now,

@@ -4,6 +4,8 @@
 //! Nothing here does I/O of its own; hosts (the `respawn` CLI, Lambda functions)
 //! build [`ports::Ports`] from adapters and call [`handlers`].
 
+pub mod attempt_auth;
+pub mod beneath;
 pub mod checkpoint;
 #[cfg(feature = "conformance")]
 pub mod conformance;

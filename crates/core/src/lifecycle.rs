@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! Pending ─Dispatch→ Allocating ─VmAllocated→ Starting ─WorkloadStarted→ Running ─exit 0→ Succeeded
-//!    ↑                   │                        │                         │
-//!    └── new attempt ←── infrastructure loss (preemption, lost VM, no capacity)
+//!    ↑     ↑             │                        │                         │
+//!    │     └─ same attempt, after a backoff ←─ no capacity (nothing spent)  │
+//!    └── new attempt ←── infrastructure loss (preemption; lost VM, while `retry.max_lost` lasts)
 //!    └── new attempt ←── user failure (non-zero exit), while `retry.max_failures` lasts → else Failed
 //! any non-terminal ─CancelRequested→ Cancelled;  ─past limits.max_wait→ Failed
 //! ```
@@ -27,13 +28,18 @@ pub enum Event {
     /// The scheduler took the attempt off the dispatch queue: request a VM.
     Dispatch {
         attempt: u32,
+        /// The capacity waits the attempt had when this dispatch was sent: a
+        /// dispatch from before a later wait is stale, as one of an older attempt is.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        waits: u32,
     },
     /// The provider accepted the request for a VM.
     VmAllocated {
         attempt: u32,
         vm: String,
     },
-    /// The provider has no capacity for this attempt right now.
+    /// The provider has no capacity for this attempt right now: the attempt waits
+    /// and is dispatched again later, without spending a budget.
     AllocationFailed {
         attempt: u32,
         reason: String,
@@ -46,6 +52,12 @@ pub enum Event {
     /// The agent on the attempt's VM is alive.
     Heartbeat {
         attempt: u32,
+    },
+    /// The agent could not set the attempt up (job spec unreadable, work folder or
+    /// checkpoint restore failed): the VM is lost for this attempt.
+    StartFailed {
+        attempt: u32,
+        reason: String,
     },
     /// The agent restored the checkpoint (if any) and started the workload.
     WorkloadStarted {
@@ -84,11 +96,12 @@ impl Event {
     /// The attempt the event concerns, if it concerns one.
     pub fn attempt(&self) -> Option<u32> {
         match self {
-            Event::Dispatch { attempt }
+            Event::Dispatch { attempt, .. }
             | Event::VmAllocated { attempt, .. }
             | Event::AllocationFailed { attempt, .. }
             | Event::Unschedulable { attempt, .. }
             | Event::Heartbeat { attempt }
+            | Event::StartFailed { attempt, .. }
             | Event::WorkloadStarted { attempt, .. }
             | Event::CheckpointCommitted { attempt, .. }
             | Event::PreemptionNotice { attempt, .. }
@@ -106,6 +119,7 @@ impl Event {
             Event::AllocationFailed { .. } => "allocation_failed",
             Event::Unschedulable { .. } => "unschedulable",
             Event::Heartbeat { .. } => "heartbeat",
+            Event::StartFailed { .. } => "start_failed",
             Event::WorkloadStarted { .. } => "workload_started",
             Event::CheckpointCommitted { .. } => "checkpoint_committed",
             Event::PreemptionNotice { .. } => "preemption_notice",
@@ -127,6 +141,9 @@ pub enum Command {
         attempt: u32,
         priority: u8,
         delay_ms: u64,
+        /// See [`Event::Dispatch`].
+        #[serde(default, skip_serializing_if = "is_zero")]
+        waits: u32,
     },
     /// Ask the compute provider for the attempt's VM(s).
     Allocate { attempt: u32 },
@@ -135,6 +152,8 @@ pub enum Command {
     /// Tell the job's notify URLs that it entered `state`. Added by the handlers
     /// (not by [`apply`]) to every transition of a job that has notify URLs.
     Notify { state: JobState, at: Timestamp },
+    /// Delete the job's secret values: it has ended and no attempt will need them.
+    DeleteSecrets,
 }
 
 /// Deadlines the operator sets (not the user): how long each stage may take before
@@ -153,8 +172,13 @@ pub struct Timeouts {
     pub preempt_slack: Duration,
     /// Delay before retrying after a user-code failure, doubled per failure.
     pub failure_backoff: Duration,
-    /// Delay before retrying after an infrastructure loss.
+    /// Delay before retrying after an infrastructure loss other than a preemption
+    /// (which resumes at once), doubled per loss.
     pub infra_backoff: Duration,
+    /// Delay before asking again for capacity, doubled per miss in a row …
+    pub capacity_backoff: Duration,
+    /// … up to this.
+    pub capacity_backoff_max: Duration,
 }
 
 impl Default for Timeouts {
@@ -166,7 +190,9 @@ impl Default for Timeouts {
             heartbeat: Duration::from_secs(90),
             preempt_slack: Duration::from_secs(30),
             failure_backoff: Duration::from_secs(10),
-            infra_backoff: Duration::ZERO,
+            infra_backoff: Duration::from_secs(10),
+            capacity_backoff: Duration::from_secs(5),
+            capacity_backoff_max: Duration::from_secs(60),
         }
     }
 }
@@ -188,6 +214,9 @@ pub fn apply(record: &JobRecord, event: &Event, at: Timestamp, t: &Timeouts) -> 
     if !record.state.is_terminal() {
         step(&mut next, event, at, t, &mut cmds);
     }
+    if !record.state.is_terminal() && next.state.is_terminal() && !next.spec.secrets.is_empty() {
+        cmds.push(Command::DeleteSecrets);
+    }
     let changed = next != *record;
     if changed {
         next.updated_at = next.updated_at.max(at);
@@ -208,7 +237,11 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
         return;
     }
     match event {
-        Event::Dispatch { .. } => on_dispatch(r, at, cmds),
+        Event::Dispatch { waits, .. } => {
+            if *waits == r.capacity_waits {
+                on_dispatch(r, at, cmds);
+            }
+        }
         Event::VmAllocated { vm, .. } => {
             if r.state == JobState::Allocating {
                 if let Some(a) = r.current_mut() {
@@ -217,12 +250,15 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
                 enter(r, JobState::Starting, at);
             }
         }
-        Event::AllocationFailed { reason, .. } => {
+        Event::AllocationFailed { .. } => {
             if r.state == JobState::Allocating {
-                let outcome = AttemptOutcome::AllocationFailed {
-                    reason: reason.clone(),
-                };
-                end_attempt(r, outcome, at, t, cmds);
+                wait_for_capacity(r, at, t, cmds);
+            }
+        }
+        Event::StartFailed { reason, .. } => {
+            if matches!(r.state, JobState::Allocating | JobState::Starting) {
+                let reason = format!("the agent could not start the attempt: {reason}");
+                end_attempt(r, AttemptOutcome::Lost { reason }, at, t, cmds);
             }
         }
         Event::Unschedulable { reason, .. } => {
@@ -314,6 +350,31 @@ fn on_dispatch(r: &mut JobRecord, at: Timestamp, cmds: &mut Vec<Command>) {
     cmds.push(Command::Allocate { attempt: r.attempt });
 }
 
+/// No VM for the attempt now: it never started, so it is taken back (the next
+/// dispatch makes it again under the same number) and waits, spending nothing.
+/// Waiting is a delayed dispatch, not a tight loop: a provider out of capacity
+/// would otherwise be asked again at once, forever.
+fn wait_for_capacity(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
+    if r.current().is_some_and(|a| a.vm.is_none()) {
+        r.attempts.pop();
+    }
+    let shift = r.capacity_waits.min(16);
+    let delay = t
+        .capacity_backoff
+        .saturating_mul(1 << shift)
+        .min(t.capacity_backoff_max);
+    r.capacity_waits = r.capacity_waits.saturating_add(1);
+    r.dispatched_at = Some(at);
+    r.redispatches = 0;
+    enter(r, JobState::Pending, at);
+    cmds.push(Command::Dispatch {
+        attempt: r.attempt,
+        priority: r.spec.priority.level(),
+        delay_ms: delay.as_millis() as u64,
+        waits: r.capacity_waits,
+    });
+}
+
 fn on_checkpoint(r: &mut JobRecord, seq: u64) {
     if !r.state.has_live_attempt() {
         return;
@@ -367,19 +428,31 @@ fn end_attempt(
 ) {
     let n = r.attempt;
     let infra = outcome.is_infra_loss();
-    let give_up = if infra {
+    let preempted = outcome == AttemptOutcome::Preempted;
+    let give_up = if preempted {
         r.infra_losses += 1;
+        let preemptions = r.infra_losses - r.lost;
         r.spec
             .retry
             .max_preemptions
-            .filter(|max| r.infra_losses > *max)
+            .filter(|max| preemptions > *max)
             .map(|max| {
                 format!(
-                    "{outcome_desc} (infrastructure losses: {}, retry.max_preemptions: {max})",
-                    r.infra_losses,
-                    outcome_desc = describe(&outcome)
+                    "{} (preemptions: {preemptions}, retry.max_preemptions: {max})",
+                    describe(&outcome)
                 )
             })
+    } else if infra {
+        r.infra_losses += 1;
+        r.lost += 1;
+        let max = r.spec.retry.max_lost;
+        (r.lost > max).then(|| {
+            format!(
+                "{} (lost: {}, retry.max_lost: {max})",
+                describe(&outcome),
+                r.lost
+            )
+        })
     } else {
         r.failures += 1;
         let max = r.spec.retry.max_failures;
@@ -404,8 +477,12 @@ fn end_attempt(
         enter(r, JobState::Failed, at);
         return;
     }
-    let delay = if infra {
-        t.infra_backoff
+    let delay = if preempted {
+        // Resuming at once is the point: the checkpoint is fresh.
+        Duration::ZERO
+    } else if infra {
+        let shift = r.lost.saturating_sub(1).min(16);
+        (t.infra_backoff * (1u32 << shift)).min(Duration::from_secs(600))
     } else {
         // 1×, 2×, 4× … the backoff, capped so a retry is never more than an hour away.
         let shift = r.failures.saturating_sub(1).min(16);
@@ -414,11 +491,13 @@ fn end_attempt(
     r.attempt = n + 1;
     r.dispatched_at = Some(at);
     r.redispatches = 0;
+    r.capacity_waits = 0;
     enter(r, JobState::Pending, at);
     cmds.push(Command::Dispatch {
         attempt: r.attempt,
         priority: r.spec.priority.level(),
         delay_ms: delay.as_millis() as u64,
+        waits: 0,
     });
 }
 
@@ -488,6 +567,7 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
                     attempt: r.attempt,
                     priority: r.spec.priority.level(),
                     delay_ms: 0,
+                    waits: r.capacity_waits,
                 });
             }
         }
@@ -540,4 +620,8 @@ pub fn clear_outbox(record: &mut JobRecord, done: &[Command]) -> bool {
     let before = record.outbox.len();
     record.outbox.retain(|c| !done.contains(c));
     record.outbox.len() != before
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

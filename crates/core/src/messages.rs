@@ -11,7 +11,13 @@ use crate::time::Timestamp;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
     /// An attempt waiting for capacity (dispatch queue).
-    Dispatch { job: JobId, attempt: u32 },
+    Dispatch {
+        job: JobId,
+        attempt: u32,
+        /// See [`Event::Dispatch`].
+        #[serde(default, skip_serializing_if = "is_zero")]
+        waits: u32,
+    },
     /// Something that happened to a job (events queue).
     Event {
         job: JobId,
@@ -52,4 +58,8 @@ impl Notification {
     pub fn id(&self) -> String {
         format!("{}-{}-{}", self.job, self.state, self.at.0)
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -36,9 +36,12 @@ const HOUR: u64 = 60 * MINUTE;
 struct SpecParams {
     max_failures: u32,
     max_preemptions: Option<u32>,
+    max_lost: u32,
     infra_exit_codes: Vec<i32>,
     max_wait_s: u64,
     max_runtime_s: Option<u64>,
+    /// A job with secrets must have them deleted when it ends.
+    secrets: bool,
 }
 
 impl SpecParams {
@@ -50,10 +53,14 @@ impl SpecParams {
         if let Some(p) = self.max_preemptions {
             y += &format!("  max_preemptions: {p}\n");
         }
+        y += &format!("  max_lost: {}\n", self.max_lost);
         y += &format!("  infra_exit_codes: {:?}\n", self.infra_exit_codes);
         y += &format!("limits:\n  max_wait: {}s\n", self.max_wait_s);
         if let Some(r) = self.max_runtime_s {
             y += &format!("  max_runtime: {r}s\n");
+        }
+        if self.secrets {
+            y += "secrets:\n  TOKEN: t0ps3cret\n";
         }
         y
     }
@@ -73,15 +80,27 @@ fn spec_params() -> impl Strategy<Value = SpecParams> {
         // Short enough that the liveness check's one-minute ticks stay cheap.
         (10 * 60u64)..=(4 * 3600),
         prop::option::of(60u64..=3600),
+        0u32..=4,
+        any::<bool>(),
     )
         .prop_map(
-            |(max_failures, max_preemptions, infra_exit_codes, max_wait_s, max_runtime_s)| {
+            |(
+                max_failures,
+                max_preemptions,
+                infra_exit_codes,
+                max_wait_s,
+                max_runtime_s,
+                max_lost,
+                secrets,
+            )| {
                 SpecParams {
                     max_failures,
                     max_preemptions,
+                    max_lost,
                     infra_exit_codes,
                     max_wait_s,
                     max_runtime_s,
+                    secrets,
                 }
             },
         )
@@ -93,10 +112,12 @@ enum Template {
     /// Whatever moves the current attempt along in its present state.
     Progress,
     Dispatch,
+    StaleDispatch,
     VmAllocated,
     AllocationFailed,
     Unschedulable,
     Heartbeat,
+    StartFailed,
     WorkloadStarted {
         restore: bool,
     },
@@ -129,12 +150,14 @@ fn template() -> impl Strategy<Value = Template> {
     prop_oneof![
         24 => Just(Template::Progress),
         12 => Just(Template::Dispatch),
+        2 => Just(Template::StaleDispatch),
         8 => Just(Template::VmAllocated),
         4 => Just(Template::AllocationFailed),
         // These two end the job at once: rare, or few runs would get anywhere.
         1 => Just(Template::Unschedulable),
         1 => Just(Template::Cancel),
         12 => Just(Template::Heartbeat),
+        3 => Just(Template::StartFailed),
         8 => any::<bool>().prop_map(|restore| Template::WorkloadStarted { restore }),
         12 => (0u64..20).prop_map(|seq| Template::Checkpoint { seq }),
         8 => (-60_000i64..=180_000)
@@ -168,7 +191,10 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
     let attempt = u32::try_from(i64::from(r.attempt) + step.offset).unwrap_or(0);
     match &step.template {
         Template::Progress => match r.state {
-            JobState::Pending => Event::Dispatch { attempt },
+            JobState::Pending => Event::Dispatch {
+                attempt,
+                waits: r.capacity_waits,
+            },
             JobState::Allocating => Event::VmAllocated {
                 attempt,
                 vm: format!("vm-{attempt}"),
@@ -185,7 +211,15 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
             },
             _ => Event::ReconcileTick,
         },
-        Template::Dispatch => Event::Dispatch { attempt },
+        Template::Dispatch => Event::Dispatch {
+            attempt,
+            waits: r.capacity_waits,
+        },
+        // A dispatch sent before the attempt's last capacity wait, redelivered.
+        Template::StaleDispatch => Event::Dispatch {
+            attempt,
+            waits: r.capacity_waits.saturating_sub(1),
+        },
         Template::VmAllocated => Event::VmAllocated {
             attempt,
             vm: format!("vm-{attempt}"),
@@ -199,6 +233,10 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
             reason: "too many GPUs".into(),
         },
         Template::Heartbeat => Event::Heartbeat { attempt },
+        Template::StartFailed => Event::StartFailed {
+            attempt,
+            reason: "work folder not creatable".into(),
+        },
         Template::WorkloadStarted { restore } => Event::WorkloadStarted {
             attempt,
             restored_checkpoint: r.checkpoint.filter(|_| *restore),
@@ -284,8 +322,18 @@ fn check_record(r: &JobRecord) -> Result<(), TestCaseError> {
         .collect();
     let user = outcomes.iter().filter(|o| is_user_failure(o)).count();
     let infra = outcomes.iter().filter(|o| o.is_infra_loss()).count();
+    let preempted = outcomes
+        .iter()
+        .filter(|o| ***o == AttemptOutcome::Preempted)
+        .count();
     prop_assert_eq!(r.failures as usize, user, "outcomes {:?}", outcomes);
     prop_assert_eq!(r.infra_losses as usize, infra, "outcomes {:?}", outcomes);
+    prop_assert_eq!(
+        r.lost as usize,
+        infra - preempted,
+        "outcomes {:?}",
+        outcomes
+    );
 
     // A spent budget fails the job, on the first loss past it.
     let max_failures = r.spec.retry.max_failures;
@@ -297,15 +345,24 @@ fn check_record(r: &JobRecord) -> Result<(), TestCaseError> {
         max_failures,
         r.state
     );
+    let preemptions = preempted as u32;
     if let Some(max) = r.spec.retry.max_preemptions {
         prop_assert!(
-            r.infra_losses <= max || (r.state == JobState::Failed && r.infra_losses == max + 1),
-            "infra losses {} of {} in state {}",
-            r.infra_losses,
+            preemptions <= max || (r.state == JobState::Failed && preemptions == max + 1),
+            "preemptions {} of {} in state {}",
+            preemptions,
             max,
             r.state
         );
     }
+    let max_lost = r.spec.retry.max_lost;
+    prop_assert!(
+        r.lost <= max_lost || (r.state == JobState::Failed && r.lost == max_lost + 1),
+        "lost {} of {} in state {}",
+        r.lost,
+        max_lost,
+        r.state
+    );
 
     // Every ended job says why, except a successful one.
     match r.state {
@@ -412,6 +469,10 @@ fn check_step(
                     "apply never emits notifications; the handlers add them"
                 );
             }
+            Command::DeleteSecrets => {
+                prop_assert!(!before.state.is_terminal() && after.state.is_terminal());
+                prop_assert!(!after.spec.secrets.is_empty());
+            }
         }
     }
 
@@ -436,11 +497,16 @@ fn check_step(
         after.failures,
         before.state
     );
+    // No capacity is a wait: no attempt made, nothing spent.
+    if matches!(ev, Event::AllocationFailed { .. }) {
+        prop_assert_eq!(user_spent + infra_spent, 0);
+        prop_assert!(after.attempts.len() <= before.attempts.len());
+    }
     if infra_spent == 1 {
         prop_assert!(
             matches!(
                 ev,
-                Event::AllocationFailed { .. }
+                Event::StartFailed { .. }
                     | Event::VmTerminated { .. }
                     | Event::WorkloadExited { .. }
                     | Event::ReconcileTick
@@ -580,7 +646,10 @@ impl Script {
     fn start_attempt(&mut self) {
         let n = self.r.attempt;
         assert_eq!(
-            self.on(Event::Dispatch { attempt: n }),
+            self.on(Event::Dispatch {
+                attempt: n,
+                waits: self.r.capacity_waits
+            }),
             vec![Command::Allocate { attempt: n }]
         );
         self.on(Event::VmAllocated {
@@ -648,7 +717,8 @@ fn preemptions_do_not_spend_the_failure_budget() {
                 Command::Dispatch {
                     attempt: attempt + 1,
                     priority: 5,
-                    delay_ms: 0
+                    delay_ms: 0,
+                    waits: 0
                 }
             ]
         );
@@ -678,7 +748,8 @@ fn exhausted_failure_budget_fails_the_job() {
             Command::Dispatch {
                 attempt: 2,
                 priority: 5,
-                delay_ms: 10_000
+                delay_ms: 10_000,
+                waits: 0
             }
         ]
     );
@@ -749,7 +820,10 @@ fn events_of_an_older_attempt_are_ignored() {
     assert_eq!(s.r.attempt, 2);
     let before = s.r.clone();
     let stale = [
-        Event::Dispatch { attempt: 1 },
+        Event::Dispatch {
+            attempt: 1,
+            waits: 0,
+        },
         Event::VmAllocated {
             attempt: 1,
             vm: "vm-1".into(),
@@ -798,4 +872,110 @@ fn a_redelivered_tick_does_not_judge_a_later_state() {
     s.exit(0);
     assert_eq!(s.r.state, JobState::Succeeded);
     assert_eq!(s.r.infra_losses, 0);
+}
+
+#[test]
+fn no_capacity_waits_without_a_new_attempt_or_spending() {
+    let mut s = Script::new("retry:\n  max_failures: 0\n  max_preemptions: 0\n  max_lost: 0\n");
+    for wait in 0..8u32 {
+        // A dispatch from before this wait changes nothing.
+        if wait > 0 {
+            assert!(
+                s.on(Event::Dispatch {
+                    attempt: 1,
+                    waits: wait - 1
+                })
+                .is_empty()
+            );
+        }
+        assert_eq!(
+            s.on(Event::Dispatch {
+                attempt: 1,
+                waits: wait
+            }),
+            vec![Command::Allocate { attempt: 1 }]
+        );
+        let cmds = s.on(Event::AllocationFailed {
+            attempt: 1,
+            reason: "all CPU slots busy".into(),
+        });
+        // Backoff doubles from 5 s and stops at a minute.
+        let delay_ms = (5_000u64 << wait).min(60_000);
+        assert_eq!(
+            cmds,
+            vec![Command::Dispatch {
+                attempt: 1,
+                priority: 5,
+                delay_ms,
+                waits: wait + 1
+            }]
+        );
+        assert_eq!(s.r.state, JobState::Pending);
+        assert!(s.r.attempts.is_empty(), "{:?}", s.r.attempts);
+        assert_eq!((s.r.failures, s.r.infra_losses, s.r.lost), (0, 0, 0));
+    }
+    s.start_attempt();
+    // The attempt that ran is still number 1; the record says how often it waited.
+    assert_eq!((s.r.attempt, s.r.capacity_waits), (1, 8));
+    s.exit(0);
+    assert_eq!(s.r.state, JobState::Succeeded);
+}
+
+#[test]
+fn start_failures_spend_the_lost_budget_with_a_growing_backoff() {
+    let mut s = Script::new("retry:\n  max_lost: 2\n");
+    for (n, delay_ms) in [(1u32, 10_000u64), (2, 20_000)] {
+        s.on(Event::Dispatch {
+            attempt: n,
+            waits: 0,
+        });
+        s.on(Event::VmAllocated {
+            attempt: n,
+            vm: format!("vm-{n}"),
+        });
+        let cmds = s.on(Event::StartFailed {
+            attempt: n,
+            reason: "cannot read the job spec".into(),
+        });
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Release { attempt: n },
+                Command::Dispatch {
+                    attempt: n + 1,
+                    priority: 5,
+                    delay_ms,
+                    waits: 0
+                }
+            ]
+        );
+    }
+    s.on(Event::Dispatch {
+        attempt: 3,
+        waits: 0,
+    });
+    s.on(Event::StartFailed {
+        attempt: 3,
+        reason: "cannot read the job spec".into(),
+    });
+    assert_eq!(s.r.state, JobState::Failed);
+    let reason = s.r.reason.clone().unwrap();
+    assert!(reason.contains("cannot read the job spec"), "{reason}");
+    assert!(reason.contains("retry.max_lost: 2"), "{reason}");
+    assert_eq!((s.r.failures, s.r.lost), (0, 3));
+}
+
+#[test]
+fn an_ended_job_with_secrets_deletes_them() {
+    let mut s = Script::new("secrets:\n  TOKEN: x\n");
+    s.start_attempt();
+    assert_eq!(
+        s.exit(0),
+        vec![Command::Release { attempt: 1 }, Command::DeleteSecrets]
+    );
+    let mut c = Script::new("secrets:\n  TOKEN: x\n");
+    let cmds = c.on(Event::CancelRequested {
+        reason: "not needed".into(),
+    });
+    assert_eq!(cmds, vec![Command::DeleteSecrets]);
 }

@@ -7,6 +7,11 @@
 //! The spot simulator preempts VMs the way a cloud does: it writes a notice with a
 //! deadline (`vms/<id>/notice.json`, which the agent polls as it would poll EC2's
 //! instance metadata), and kills the VM at the deadline if it is still there.
+//!
+//! Agents run with none of the broker's environment and no access to its store:
+//! each gets a credential for its own attempt only (a 0600 file in its VM folder,
+//! never on its command line) and reports through the broker's API. Workloads run in
+//! a [`Sandbox`] that hides the data folder from them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,13 +22,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::lifecycle::Event;
 use respawn_core::messages::Message;
 use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, Error, Vm, VmState};
 use respawn_core::ports::queue::{Outgoing, Queue};
 use respawn_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tracing::{info, warn};
+
+use super::durable;
+use super::sandbox::Sandbox;
 
 use respawn_core::time::{Clock, SystemClock};
 
@@ -32,23 +42,58 @@ use respawn_core::time::{Clock, SystemClock};
 pub struct LocalComputeConfig {
     /// Folder for `vms/<id>/`.
     pub data_dir: PathBuf,
-    /// The broker's store folder, passed to agents (they report on its queue).
-    pub store_dir: PathBuf,
     pub bucket_dir: PathBuf,
     pub agent_bin: PathBuf,
-    /// Prepended to the agents' PATH (so workloads find respawn's example binaries).
+    /// Prepended to the agents' PATH (so workloads find respawn's example binaries),
+    /// and readable inside the sandbox.
     pub extra_path: Option<PathBuf>,
     pub cpu_slots: usize,
     /// GPU indices; empty on a machine without GPUs.
     pub gpus: Vec<u32>,
     /// `docker` or `podman` when one works here; jobs with an image need one.
     pub container_runtime: Option<String>,
+    /// Where the provider itself reports VMs that went away.
     pub events_queue: String,
-    /// The queue server agents report to (amqp://…); `None`: the local store.
-    pub queue_url: Option<String>,
+    /// The broker's API, where agents report (`http://127.0.0.1:7878`).
+    pub api: String,
+    /// Signs each agent's credential for its own attempt.
+    pub attempt_key: AttemptKey,
     pub heartbeat_secs: u64,
     /// The notice period the simulator gives, told to workloads as RESPAWN_GRACE_SECONDS.
     pub notice: Duration,
+    /// How workloads are isolated.
+    pub sandbox: Sandbox,
+}
+
+/// Variables of the broker's environment an agent gets; nothing else (tokens, queue
+/// URLs with passwords, webhook secrets) reaches it or its workload.
+const AGENT_ENV: [&str; 12] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "RESPAWN_LOG",
+    "XDG_RUNTIME_DIR",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "CONTAINER_HOST",
+];
+
+/// What an agent reads from `<vm dir>/credentials` (mode 0600) and then deletes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentCredentials {
+    /// The broker's API.
+    pub api: String,
+    /// The attempt credential (see [`respawn_core::attempt_auth`]).
+    pub token: String,
+}
+
+/// The file an agent finds its credentials in.
+pub fn credentials_path(vm_dir: &std::path::Path) -> PathBuf {
+    vm_dir.join("credentials")
 }
 
 /// GPUs `nvidia-smi` reports, by index; empty when it is missing or fails.
@@ -122,6 +167,11 @@ pub struct LocalCompute {
     /// Agents this process started and has not yet reaped, by VM id: their pids
     /// cannot have been reused, even before their command line shows.
     children: Mutex<BTreeMap<String, u32>>,
+    /// Held while a VM record is written, so writes land in the order of the
+    /// changes they carry.
+    writes: Mutex<()>,
+    /// Woken whenever a slot frees.
+    freed: Notify,
     this: Weak<LocalCompute>,
 }
 
@@ -153,6 +203,8 @@ impl LocalCompute {
             queue,
             vms: Mutex::new(vms),
             children: Mutex::new(BTreeMap::new()),
+            writes: Mutex::new(()),
+            freed: Notify::new(),
             this: this.clone(),
         });
         compute.adopt().await;
@@ -167,16 +219,24 @@ impl LocalCompute {
         self.cfg.data_dir.join("vms").join(id)
     }
 
-    fn persist(&self, r: &VmRecord) {
-        let dir = self.vm_dir(&r.id);
-        let tmp = dir.join("vm.json.tmp");
-        // Write-then-rename: a crash leaves the old record or the new one, never half.
-        let result = std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(r).unwrap_or_default()))
-            .and_then(|()| std::fs::rename(&tmp, dir.join("vm.json")));
-        if let Err(e) = result {
-            warn!(vm = %r.id, error = %e, "cannot persist vm record");
+    /// Writes the VM record of `key` as it is now. One writer at a time, each
+    /// writing the latest state: two changes racing (a release and the watcher's
+    /// termination) can never leave the older one on disk.
+    fn persist(&self, key: &AllocationKey) {
+        let _one = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = self.lock().get(key).cloned() else {
+            return;
+        };
+        let path = self.vm_dir(&r.id).join("vm.json");
+        let body = serde_json::to_vec_pretty(&r).unwrap_or_default();
+        if let Err(e) = durable::write(&path, &body, 0o644) {
+            warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, error = %e, "cannot persist vm record");
         }
+    }
+
+    /// Waits until a slot frees (or `timeout` passes).
+    pub async fn slot_freed(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.freed.notified()).await;
     }
 
     /// Running VMs from before a restart: watch the live ones, report the dead.
@@ -236,7 +296,7 @@ impl LocalCompute {
             r.notice_deadline = Some(deadline);
             r.clone()
         };
-        self.persist(&rec);
+        self.persist(&rec.key);
         let notice_file = self.vm_dir(&rec.id).join("notice.json");
         let body = serde_json::json!({ "deadline_ms": deadline.0, "action": "terminate" });
         if let Err(e) = std::fs::write(&notice_file, body.to_string()) {
@@ -333,7 +393,9 @@ impl LocalCompute {
             return;
         };
         self.kill_workload(&r.id);
-        self.persist(&r);
+        self.persist(key);
+        self.clean_up(&r);
+        self.freed.notify_one();
         let reason = if r.released {
             "released".to_owned()
         } else if r.notice_deadline.is_some() {
@@ -360,6 +422,19 @@ impl LocalCompute {
         {
             // Reconcile finds the job's agent silent and ends the attempt anyway.
             warn!(job_id = %key.job, attempt = key.attempt, error = %e, "cannot report vm termination");
+        }
+    }
+
+    /// A gone VM's work folder (inputs, checkpoints, outputs, already uploaded by
+    /// its agent) and credentials; its record and agent log stay for `respawn show`.
+    fn clean_up(&self, r: &VmRecord) {
+        let dir = self.vm_dir(&r.id);
+        let _ = std::fs::remove_file(credentials_path(&dir));
+        match std::fs::remove_dir_all(dir.join("work")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, error = %e, "cannot remove the vm's work folder");
+            }
+            _ => {}
         }
     }
 
@@ -417,36 +492,44 @@ impl LocalCompute {
     fn spawn_agent(&self, r: &VmRecord) -> std::io::Result<tokio::process::Child> {
         let dir = self.vm_dir(&r.id);
         std::fs::create_dir_all(&dir)?;
+        let credentials = AgentCredentials {
+            api: self.cfg.api.clone(),
+            token: self.cfg.attempt_key.credential(&r.key.job, r.key.attempt),
+        };
+        let body = serde_json::to_vec(&credentials).map_err(std::io::Error::other)?;
+        durable::write(&credentials_path(&dir), &body, 0o600)?;
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
-        cmd.arg("--store")
-            .arg(&self.cfg.store_dir)
-            .arg("--bucket")
+        cmd.arg("--bucket")
             .arg(&self.cfg.bucket_dir)
             .arg("--vm-dir")
             .arg(&dir)
             .args(["--vm", &r.id, "--job", r.key.job.as_str()])
             .args(["--attempt", &r.key.attempt.to_string()])
-            .args(["--events-queue", &self.cfg.events_queue])
             .args(["--heartbeat-secs", &self.cfg.heartbeat_secs.to_string()])
             .args(["--grace-secs", &self.cfg.notice.as_secs().to_string()])
+            .arg("--sandbox")
+            .arg(self.cfg.sandbox.to_arg())
             .args(
                 self.cfg
                     .container_runtime
                     .iter()
                     .flat_map(|rt| ["--container-runtime", rt.as_str()]),
             )
-            .args(
-                self.cfg
-                    .queue_url
-                    .iter()
-                    .flat_map(|u| ["--queue-url", u.as_str()]),
-            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             // Its own group: the VM's processes are killed together.
-            .process_group(0);
+            .process_group(0)
+            .env_clear();
+        if let Some(extra) = &self.cfg.extra_path {
+            cmd.arg("--read-only").arg(extra);
+        }
+        for name in AGENT_ENV {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
         if !r.gpus.is_empty() {
             let list: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
             cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
@@ -506,7 +589,7 @@ impl Compute for LocalCompute {
             vms.insert(req.key.clone(), rec.clone());
         }
         // On disk before the process exists: a restarted broker then knows the VM.
-        self.persist(&rec);
+        self.persist(&req.key);
         let child = self.spawn_agent(&rec).map_err(|e| {
             Error::Unavailable(Box::new(std::io::Error::new(
                 e.kind(),
@@ -535,7 +618,7 @@ impl Compute for LocalCompute {
             });
             r.unwrap_or(rec)
         };
-        self.persist(&rec);
+        self.persist(&req.key);
         self.watch(req.key.clone(), Some(child), pid);
         Ok(rec.vm())
     }
@@ -545,14 +628,15 @@ impl Compute for LocalCompute {
             r.released = true;
             r.clone()
         });
-        if let Some(mut r) = rec.filter(|r| r.state != VmState::Terminated) {
+        if let Some(r) = rec.filter(|r| r.state != VmState::Terminated) {
             self.kill_vm(&r);
             // SIGKILL is final: the VM is gone now, whenever its watcher notices.
-            r.state = VmState::Terminated;
             if let Some(stored) = self.lock().get_mut(key) {
                 stored.state = VmState::Terminated;
             }
-            self.persist(&r);
+            self.persist(key);
+            self.clean_up(&r);
+            self.freed.notify_one();
         }
         Ok(())
     }

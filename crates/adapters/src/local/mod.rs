@@ -8,8 +8,10 @@
 //! writer.
 
 mod compute;
+pub mod durable;
 mod ledger;
 mod queue;
+pub mod sandbox;
 mod secrets;
 mod tokens;
 mod writer;
@@ -18,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use compute::{
-    LocalCompute, LocalComputeConfig, detect_container_runtime, detect_gpus, sibling_binary,
-    spawn_spot_chaos, vm_process_alive,
+    AgentCredentials, LocalCompute, LocalComputeConfig, credentials_path, detect_container_runtime,
+    detect_gpus, sibling_binary, spawn_spot_chaos, vm_process_alive,
 };
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;

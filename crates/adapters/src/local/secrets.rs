@@ -2,8 +2,7 @@
 //! 0600, in a 0700 folder, apart from the ledger.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -38,17 +37,7 @@ impl Secrets for LocalSecrets {
             .create(&self.dir)
             .map_err(unavailable)?;
         let body = serde_json::to_vec(values).map_err(|e| unavailable(std::io::Error::other(e)))?;
-        let tmp = self.dir.join(format!(".{job}.json.partial"));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(unavailable)?;
-        f.write_all(&body).map_err(unavailable)?;
-        f.sync_all().map_err(unavailable)?;
-        std::fs::rename(&tmp, self.path(job)).map_err(unavailable)
+        super::durable::write(&self.path(job), &body, 0o600).map_err(unavailable)
     }
 
     async fn get(&self, job: &JobId) -> Result<BTreeMap<String, String>, Error> {

@@ -4,7 +4,9 @@
 
 pub mod api;
 mod bucket;
+mod egress;
 mod intake;
+mod keys;
 mod loops;
 mod notify;
 mod replies;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::local::LocalFileSystem;
+use respawn_adapters::local::sandbox::{self, Sandbox};
 use respawn_adapters::local::{
     LocalCompute, LocalComputeConfig, LocalSecrets, LocalStore, detect_container_runtime,
     detect_gpus, sibling_binary, spawn_spot_chaos,
@@ -46,6 +49,24 @@ pub struct UpConfig {
     pub queue_prefix: String,
     /// A folder of job templates for queue submissions.
     pub templates: Option<PathBuf>,
+    /// How workloads are isolated from the broker and each other.
+    pub isolation: Isolation,
+    /// Lets notify URLs reach loopback, link-local and private addresses (local
+    /// development); off, such URLs are refused.
+    pub allow_private_notify: bool,
+}
+
+/// `respawn up --isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Isolation {
+    /// The sandbox where this machine has one; else unsandboxed, with only the
+    /// local admin's own jobs (no tokens for others).
+    #[default]
+    Auto,
+    /// The sandbox, or refuse to start.
+    Sandbox,
+    /// No sandbox, knowingly: workloads can read what the broker's user can.
+    None,
 }
 
 /// The running stack's handles, shared by the loops and the API.
@@ -58,6 +79,10 @@ pub struct Stack {
     pub tokens: Arc<dyn respawn_core::ports::Tokens>,
     pub compute: Arc<LocalCompute>,
     pub config: UpConfig,
+    /// Checks the credentials agents report with.
+    pub attempt_key: respawn_core::attempt_auth::AttemptKey,
+    /// Whether workloads run sandboxed.
+    pub sandboxed: bool,
     pub rules: Arc<std::sync::RwLock<Vec<respawn_core::trigger::TriggerRule>>>,
 }
 
@@ -69,7 +94,7 @@ pub enum Error {
 
 /// Operator deadlines for the local stack: agents heartbeat every few seconds and
 /// VMs start in well under a second, so losses are noticed quickly.
-fn local_timeouts(heartbeat_secs: u64) -> Timeouts {
+pub(crate) fn local_timeouts(heartbeat_secs: u64) -> Timeouts {
     Timeouts {
         redispatch: Duration::from_secs(30),
         allocate: Duration::from_secs(60),
@@ -77,21 +102,61 @@ fn local_timeouts(heartbeat_secs: u64) -> Timeouts {
         heartbeat: Duration::from_secs((heartbeat_secs * 10).max(20)),
         preempt_slack: Duration::from_secs(10),
         failure_backoff: Duration::from_secs(1),
-        infra_backoff: Duration::ZERO,
+        infra_backoff: Duration::from_secs(1),
+        // A slot frees when a local VM ends, and the dispatcher wakes on that; the
+        // backoff only covers a job that fits no slot free at the time.
+        capacity_backoff: Duration::from_millis(250),
+        capacity_backoff_max: Duration::from_secs(2),
+    }
+}
+
+/// The sandbox `isolation` asks for, or why it cannot be had.
+fn choose_sandbox(isolation: Isolation) -> Result<Sandbox, Error> {
+    if isolation == Isolation::None {
+        warn!("--isolation none: workloads run unsandboxed and can read what this user can");
+        return Ok(Sandbox::None);
+    }
+    match sandbox::detect() {
+        Some(bwrap) => {
+            info!(bwrap = %bwrap.display(), "workloads run sandboxed");
+            Ok(Sandbox::Bwrap(bwrap))
+        }
+        None if isolation == Isolation::Sandbox => Err(Error::Setup(
+            "--isolation sandbox: bubblewrap (bwrap) is missing or cannot make a sandbox here \
+             (install the bubblewrap package; user namespaces must be enabled)"
+                .into(),
+        )),
+        None => {
+            warn!(
+                "no sandbox on this machine (bubblewrap missing or user namespaces disabled): \
+                 workloads run as this user and can read its files, so only the local admin's \
+                 own jobs run; tokens for others need --isolation none"
+            );
+            Ok(Sandbox::None)
+        }
     }
 }
 
 /// Builds the stack on the data folder.
-pub async fn open(config: UpConfig) -> Result<Stack, Error> {
+pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
     let setup = |what: &str, e: &dyn std::fmt::Display| Error::Setup(format!("{what}: {e}"));
+    // Absolute once, here: agents and workloads run in other working directories,
+    // and the file watcher reports absolute paths.
+    config.data = std::path::absolute(&config.data)
+        .map_err(|e| setup("cannot resolve the data folder", &e))?;
     let bucket_dir = config.data.join("bucket");
     std::fs::create_dir_all(&bucket_dir)
         .map_err(|e| setup("cannot create the bucket folder", &e))?;
     let store = LocalStore::open(&config.data).map_err(|e| setup("cannot open the store", &e))?;
+    // fsync'd: a job in the ledger always has its spec.json, even after a power loss.
     let blobs: Blobs = Arc::new(
         LocalFileSystem::new_with_prefix(&bucket_dir)
-            .map_err(|e| setup("cannot open the bucket", &e))?,
+            .map_err(|e| setup("cannot open the bucket", &e))?
+            .with_fsync(true),
     );
+    let sandbox = choose_sandbox(config.isolation)?;
+    let attempt_key = keys::attempt_key(&config.data)
+        .map_err(|e| setup("cannot read or create the agent key", &e))?;
     let queues = QueueNames::with_prefix(&config.queue_prefix);
     let (queue, replies) = open_queue(&config, &store).await?;
     let agent_bin = sibling_binary("respawn-agent").ok_or_else(|| {
@@ -103,7 +168,6 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
     let compute = LocalCompute::open(
         LocalComputeConfig {
             data_dir: config.data.clone(),
-            store_dir: config.data.clone(),
             bucket_dir,
             extra_path: agent_bin.parent().map(PathBuf::from),
             agent_bin,
@@ -111,9 +175,11 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
             gpus: gpus.clone(),
             container_runtime: detect_container_runtime(),
             events_queue: queues.events.clone(),
-            queue_url: config.queue_url.clone(),
+            api: api_url(config.listen),
+            attempt_key: attempt_key.clone(),
             heartbeat_secs: config.heartbeat_secs,
             notice: config.notice,
+            sandbox: sandbox.clone(),
         },
         queue.clone(),
     )
@@ -131,6 +197,7 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
         queues,
     };
     let rules = load_rules(config.triggers.as_deref());
+    make_rule_folders(&config.data.join("bucket"), &rules);
     let hooks = match &config.hooks {
         Some(path) => respawn_core::webhook::load_hooks(path)
             .map_err(|e| Error::Setup(format!("hooks in {}:\n{e}", path.display())))?,
@@ -149,7 +216,35 @@ pub async fn open(config: UpConfig) -> Result<Stack, Error> {
         compute,
         config,
         rules: Arc::new(std::sync::RwLock::new(rules)),
+        attempt_key,
+        sandboxed: !sandbox.is_none(),
     })
+}
+
+/// Where agents reach the API: the listen address, loopback when it listens on all.
+fn api_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
+/// Makes the folders trigger rules watch (`incoming/` for `prefix: incoming/`), so
+/// that a user can copy files into them as soon as the stack is up.
+fn make_rule_folders(bucket: &std::path::Path, rules: &[respawn_core::trigger::TriggerRule]) {
+    for r in rules {
+        let prefix = r.when.prefix.as_str();
+        // `incoming/img` watches names starting with `img` in `incoming/`.
+        let folder = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
+        if folder.is_empty() || folder.split('/').any(|p| p == ".." || p.is_empty()) {
+            continue;
+        }
+        if let Err(e) = std::fs::create_dir_all(bucket.join(folder)) {
+            warn!(rule = %r.name, folder, error = %e, "cannot create the rule's bucket folder");
+        }
+    }
 }
 
 /// The broker's queue backend: RabbitMQ for `amqp://` URLs, else the local store.
@@ -261,6 +356,7 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
         stack.ports.clone(),
         Arc::new(notify_secret),
         stack.replies.clone(),
+        stack.config.allow_private_notify,
         stop_rx.clone(),
     )));
     tasks.push(tokio::spawn(intake::run(

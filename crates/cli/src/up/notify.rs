@@ -10,6 +10,7 @@ use std::time::Duration;
 use respawn_core::handlers::update_job;
 use respawn_core::job::{MAX_NOTIFICATIONS, NotificationAttempt, REPLY_SCHEME};
 
+use super::egress;
 use super::replies::Replies;
 use respawn_core::messages::Notification;
 use respawn_core::ports::Ports;
@@ -25,8 +26,6 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The stack's signing secret, `<data>/notify-secret` (`whsec_…`), made on first use.
 pub fn load_or_create_secret(data: &Path) -> std::io::Result<(Secret, String)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data.join("notify-secret");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let text = text.trim().to_owned();
@@ -41,19 +40,20 @@ pub fn load_or_create_secret(data: &Path) -> std::io::Result<(Secret, String)> {
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(key)
     );
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
-    f.write_all(text.as_bytes())?;
+    respawn_adapters::local::durable::write(&path, text.as_bytes(), 0o600)?;
     Ok((Secret::from_bytes(key.to_vec()), text))
 }
 
-/// Consumes the notify queue until `stop`.
-pub async fn run(ports: Ports, secret: Arc<Secret>, replies: Replies, stop: watch::Receiver<bool>) {
-    let http = match reqwest::Client::builder().timeout(TIMEOUT).build() {
+/// Consumes the notify queue until `stop`. Job-chosen URLs go through the
+/// [`egress`] policy: public addresses only unless `allow_private`.
+pub async fn run(
+    ports: Ports,
+    secret: Arc<Secret>,
+    replies: Replies,
+    allow_private: bool,
+    stop: watch::Receiver<bool>,
+) {
+    let http = match egress::client(allow_private, TIMEOUT) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "notifications disabled: no HTTP client");
@@ -96,7 +96,11 @@ pub async fn run(ports: Ports, secret: Arc<Secret>, replies: Replies, stop: watc
             };
             let (ports, http, secret) = (ports.clone(), http.clone(), secret.clone());
             tokio::spawn(async move {
-                deliver(&ports, &http, &secret, &d, &n).await;
+                if let Err(why) = egress::check_url(&n.url, allow_private) {
+                    refuse(&ports, &d, &n, why).await;
+                } else {
+                    deliver(&ports, &http, &secret, &d, &n).await;
+                }
                 drop(permit);
             });
         }
@@ -197,11 +201,11 @@ async fn deliver(
         .body(body)
         .send()
         .await;
-    let (status, error) = match &sent {
-        Ok(r) => (Some(r.status().as_u16()), None),
-        Err(e) => (None, Some(e.to_string())),
+    // The status only, never the answer's body: the log is the job owner's to read.
+    let (status, error, delivered) = match sent {
+        Ok(r) => (Some(r.status().as_u16()), None, r.status().is_success()),
+        Err(e) => (None, Some(describe(e)), false),
     };
-    let delivered = sent.as_ref().is_ok_and(|r| r.status().is_success());
     let attempt = NotificationAttempt {
         url: n.url.clone(),
         state: n.state,
@@ -213,15 +217,48 @@ async fn deliver(
     };
     record(ports, n, attempt).await;
     let settled = if delivered {
-        info!(job_id = %n.job, url = %n.url, state = %n.state, "notification delivered");
+        info!(job_id = %n.job, url = %egress::redact(&n.url), state = %n.state, "notification delivered");
         ports.queue.ack(d).await
     } else {
         // 2 s, 4 s, 8 s …: the queue dead-letters it after its delivery limit.
         let backoff = Duration::from_secs(1u64 << d.deliveries.min(9));
-        warn!(job_id = %n.job, url = %n.url, try_number = d.deliveries, ?status, "notification failed; will retry");
+        warn!(job_id = %n.job, url = %egress::redact(&n.url), try_number = d.deliveries, ?status, "notification failed; will retry");
         ports.queue.retry_later(d, backoff).await
     };
     if let Err(e) = settled {
+        warn!(job_id = %n.job, error = %e, "cannot settle notification");
+    }
+}
+
+/// An error without the URL it names (URLs carry credentials), with its causes:
+/// "error sending request: … resolves to a private address".
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A URL the policy refuses: recorded on the job, dead-lettered, never retried
+/// (it cannot start to succeed).
+async fn refuse(ports: &Ports, d: &Delivery, n: &Notification, why: String) {
+    warn!(job_id = %n.job, url = %egress::redact(&n.url), %why, "notification refused");
+    let attempt = NotificationAttempt {
+        url: n.url.clone(),
+        state: n.state,
+        try_number: d.deliveries,
+        at: ports.clock.now(),
+        status: None,
+        error: Some(why.clone()),
+        delivered: false,
+    };
+    record(ports, n, attempt).await;
+    if let Err(e) = ports.queue.dead_letter(d, &why).await {
         warn!(job_id = %n.job, error = %e, "cannot settle notification");
     }
 }

@@ -139,8 +139,14 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
             attempt,
             priority,
             delay_ms,
+            waits,
         } => {
-            send_dispatch(ports, rec, *attempt, *priority, *delay_ms).await?;
+            let msg = Message::Dispatch {
+                job: rec.id.clone(),
+                attempt: *attempt,
+                waits: *waits,
+            };
+            send_dispatch(ports, rec, msg, *priority, *delay_ms).await?;
             Ok(None)
         }
         Command::Allocate { attempt } => allocate(ports, rec, *attempt).await,
@@ -161,6 +167,11 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
             }
             Ok(None)
         }
+        Command::DeleteSecrets => {
+            ports.secrets.delete(&rec.id).await?;
+            debug!(job_id = %rec.id, attempt = rec.attempt, "secrets deleted");
+            Ok(None)
+        }
         Command::Release { attempt } => {
             let key = AllocationKey {
                 job: rec.id.clone(),
@@ -173,23 +184,19 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
     }
 }
 
-/// Puts an attempt on the dispatch queue.
+/// Puts an attempt's dispatch message on the dispatch queue.
 pub(crate) async fn send_dispatch(
     ports: &Ports,
     rec: &JobRecord,
-    attempt: u32,
+    msg: Message,
     priority: u8,
     delay_ms: u64,
 ) -> Result<(), Error> {
-    let msg = Message::Dispatch {
-        job: rec.id.clone(),
-        attempt,
-    };
     let out = Outgoing::new(msg.to_bytes())
         .priority(priority)
         .delay(std::time::Duration::from_millis(delay_ms));
     ports.queue.send(&ports.queues.dispatch, out).await?;
-    debug!(job_id = %rec.id, attempt, "attempt queued for dispatch");
+    debug!(job_id = %rec.id, attempt = rec.attempt, delay_ms, "attempt queued for dispatch");
     Ok(())
 }
 

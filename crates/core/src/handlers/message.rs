@@ -30,14 +30,16 @@ pub async fn handle_delivery(ports: &Ports, d: &Delivery) -> Disposition {
         }
     };
     let result = match &msg {
-        Message::Dispatch { job, attempt } => {
-            job_event(
-                ports,
-                job,
-                &Event::Dispatch { attempt: *attempt },
-                ports.clock.now(),
-            )
-            .await
+        Message::Dispatch {
+            job,
+            attempt,
+            waits,
+        } => {
+            let event = Event::Dispatch {
+                attempt: *attempt,
+                waits: *waits,
+            };
+            job_event(ports, job, &event, ports.clock.now()).await
         }
         Message::Event { job, at, event } => job_event(ports, job, event, *at).await,
     };

@@ -82,6 +82,7 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
             attempt: 1,
             priority,
             delay_ms: 0,
+            waits: 0,
         });
     }
     let stored = match ports.ledger.create(rec).await {
@@ -96,7 +97,12 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
         // Otherwise the dispatch is sent straight away, saving a ledger write per
         // job: if this process dies before sending it, reconcile finds the job
         // pending with no dispatch since `dispatched_at` and sends it again.
-        send_dispatch(ports, &stored, 1, priority, 0).await?;
+        let msg = crate::messages::Message::Dispatch {
+            job: stored.id.clone(),
+            attempt: 1,
+            waits: 0,
+        };
+        send_dispatch(ports, &stored, msg, priority, 0).await?;
         stored
     };
     Ok(Submitted { job, created: true })

@@ -6,6 +6,7 @@
 //! problem comes back as a [`SpecError`] naming the field path.
 
 mod de;
+pub mod image;
 mod parse;
 mod validate;
 
@@ -217,13 +218,18 @@ pub struct RetryPolicy {
     /// Exit codes that mean "the machine was lost", not "the code failed" (e.g. 137 from an OOM-killed host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub infra_exit_codes: Vec<i32>,
-    /// Preemptions and other infrastructure losses to absorb; absent means unlimited (bounded by `limits.max_wait`).
+    /// Spot preemptions to absorb; absent means unlimited (bounded by `limits.max_wait`).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "de::opt_count"
     )]
     pub max_preemptions: Option<u32>,
+    /// Other infrastructure losses to absorb (a VM that vanished or went silent, an
+    /// agent that could not start the attempt, an exit code listed in
+    /// `infra_exit_codes`), each retried after a growing backoff.
+    #[serde(default = "five", deserialize_with = "de::count")]
+    pub max_lost: u32,
 }
 
 impl Default for RetryPolicy {
@@ -232,6 +238,7 @@ impl Default for RetryPolicy {
             max_failures: 2,
             infra_exit_codes: Vec::new(),
             max_preemptions: None,
+            max_lost: 5,
         }
     }
 }
@@ -289,6 +296,10 @@ fn default_cpus() -> f64 {
 fn one() -> u32 {
     1
 }
+fn five() -> u32 {
+    5
+}
+
 fn two() -> u32 {
     2
 }

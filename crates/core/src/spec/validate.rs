@@ -94,11 +94,11 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         errs.push("command[0]", format!("expected a program name, got {c:?}"));
     }
     if let Some(img) = &spec.image
-        && (img.trim().is_empty() || img.chars().any(char::is_whitespace))
+        && let Err(why) = super::image::check(img)
     {
         errs.push(
             "image",
-            format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?}"),
+            format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?} ({why})"),
         );
     }
     for k in spec.env.keys() {

@@ -34,6 +34,17 @@ pub async fn create_token(
     axum::Json(body): axum::Json<NewToken>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    if !stack.sandboxed && stack.config.isolation != crate::up::Isolation::None {
+        // A token is for someone else, whose jobs could then read this user's
+        // files (the admin token among them): not without a sandbox, unless the
+        // operator says so.
+        return Err(ApiError::Forbidden(
+            "workloads run unsandboxed on this stack (no bubblewrap), so tokens for others \
+             cannot be created; install bubblewrap, or restart respawn up with --isolation none \
+             to accept that their jobs can read this user's files"
+                .into(),
+        ));
+    }
     let scopes = body
         .scopes
         .iter()

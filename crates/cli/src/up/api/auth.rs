@@ -88,20 +88,8 @@ pub async fn ensure_admin_token(stack: &Stack) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let path = admin_token_path(&stack.config.data);
-    write_private(&path, &secret).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    respawn_adapters::local::durable::write(&path, format!("{secret}\n").as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), token_id = %record.id, "admin token created");
     Ok(())
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.write_all(b"\n")
 }

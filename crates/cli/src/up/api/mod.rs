@@ -3,6 +3,7 @@
 //! needs a bearer token; a token sees only its project.
 
 mod admin;
+mod agent;
 mod arrays;
 mod auth;
 mod error;
@@ -38,6 +39,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/tokens/{id}"),
     ("POST", "/v1/preempt"),
     ("GET", "/v1/vms"),
+    ("POST", "/v1/agent/events"),
+    ("GET", "/v1/agent/secrets"),
 ];
 
 pub fn app(stack: Stack) -> Router {
@@ -59,5 +62,7 @@ pub fn app(stack: Stack) -> Router {
         .route("/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/v1/preempt", post(admin::preempt))
         .route("/v1/vms", get(admin::vms))
+        .route("/v1/agent/events", post(agent::report))
+        .route("/v1/agent/secrets", get(agent::secrets))
         .with_state(stack)
 }

@@ -9,8 +9,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use respawn_adapters::local::sandbox::Sandbox;
 use respawn_adapters::local::{LocalCompute, LocalComputeConfig};
 use respawn_adapters::memory::{MemoryLedger, MemoryQueue, MemorySecrets, MemoryTokens};
+use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::ports::tokens::{Scope, mint};
 use respawn_core::ports::{Ports, QueueNames};
 use respawn_core::time::{SystemClock, Timestamp};
@@ -32,7 +34,6 @@ async fn fixture() -> Fixture {
     let compute = LocalCompute::open(
         LocalComputeConfig {
             data_dir: dir.path().to_owned(),
-            store_dir: dir.path().to_owned(),
             bucket_dir: dir.path().join("bucket"),
             agent_bin: dir.path().join("no-agent"),
             extra_path: None,
@@ -40,9 +41,11 @@ async fn fixture() -> Fixture {
             gpus: Vec::new(),
             container_runtime: None,
             events_queue: "events".into(),
-            queue_url: None,
+            api: "http://127.0.0.1:9".into(),
+            attempt_key: AttemptKey::generate().unwrap(),
             heartbeat_secs: 1,
             notice: Duration::from_secs(1),
+            sandbox: Sandbox::None,
         },
         queue.clone(),
     )
@@ -70,6 +73,8 @@ async fn fixture() -> Fixture {
         notice: Duration::from_secs(1),
         chaos: None,
         heartbeat_secs: 1,
+        isolation: crate::up::Isolation::None,
+        allow_private_notify: false,
     };
     let stack = Stack {
         replies: Default::default(),
@@ -80,6 +85,8 @@ async fn fixture() -> Fixture {
         compute,
         config,
         rules: Default::default(),
+        attempt_key: AttemptKey::generate().unwrap(),
+        sandboxed: false,
     };
     Fixture { stack, _dir: dir }
 }
@@ -325,7 +332,7 @@ async fn serves_over_a_real_socket() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(axum::serve(listener, app(f.stack.clone())).into_future());
-    let client = crate::client::Client::new(&format!("http://{addr}"), Some(t));
+    let client = crate::client::Client::new(&format!("http://{addr}"), Some(t), Path::new("."));
     let job: Value = client.post_text("/v1/jobs", SPEC.to_owned()).await.unwrap();
     let id = job["id"].as_str().unwrap();
     let got: Value = client.get(&format!("/v1/jobs/{id}")).await.unwrap();

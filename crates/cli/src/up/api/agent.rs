@@ -1,0 +1,135 @@
+//! The agents' channel: reports and secrets, each for the caller's own attempt.
+//!
+//! An agent's credential names one job and one attempt (see
+//! [`respawn_core::attempt_auth`]); a report on anything else is refused and logged,
+//! so a workload that steals its agent's credential can at worst speak for its own
+//! attempt. Accepted reports go onto the events queue, where the broker's events
+//! loop (or function) applies them like any other.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use respawn_core::attempt_auth::AttemptRef;
+use respawn_core::lifecycle::Event;
+use respawn_core::messages::Message;
+use respawn_core::ports::queue::Outgoing;
+use serde::Deserialize;
+use serde_json::json;
+use tracing::warn;
+
+use super::ApiError;
+use crate::up::Stack;
+
+/// An agent, by the attempt its credential names.
+#[derive(Debug, Clone)]
+pub struct Agent(AttemptRef);
+
+impl FromRequestParts<Stack> for Agent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, stack: &Stack) -> Result<Self, Self::Rejection> {
+        let credential = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::Unauthorized("missing agent credential (Authorization: Bearer …)".into())
+            })?;
+        stack
+            .attempt_key
+            .verify(credential)
+            .map(Agent)
+            .ok_or_else(|| ApiError::Unauthorized("invalid agent credential".into()))
+    }
+}
+
+/// What agents may report; the rest (allocation, termination, cancel, ticks) is
+/// the broker's own word.
+fn agents_may_report(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Heartbeat { .. }
+            | Event::StartFailed { .. }
+            | Event::WorkloadStarted { .. }
+            | Event::CheckpointCommitted { .. }
+            | Event::PreemptionNotice { .. }
+            | Event::WorkloadExited { .. }
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Report {
+    event: Event,
+}
+
+pub async fn report(
+    State(stack): State<Stack>,
+    Agent(me): Agent,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Report { event } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"event\": …}}: {e}")))?;
+    if !agents_may_report(&event) {
+        warn!(job_id = %me.job, attempt = me.attempt, event = event.kind(), "refused an agent report: not an agent's event");
+        return Err(ApiError::Forbidden(format!(
+            "agents do not report {} events",
+            event.kind()
+        )));
+    }
+    if event.attempt() != Some(me.attempt) {
+        warn!(job_id = %me.job, attempt = me.attempt, reported_attempt = ?event.attempt(), "refused an agent report on another attempt");
+        return Err(ApiError::Forbidden(format!(
+            "this credential reports on attempt {} of job {} only",
+            me.attempt, me.job
+        )));
+    }
+    let msg = Message::Event {
+        job: me.job.clone(),
+        // The broker's clock, not the VM's: a report is dated when it arrives.
+        at: stack.ports.clock.now(),
+        event,
+    };
+    stack
+        .ports
+        .queue
+        .send(
+            &stack.ports.queues.events,
+            Outgoing::new(msg.to_bytes()).priority(9),
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot queue a report: {e}")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "accepted": true })),
+    )
+        .into_response())
+}
+
+pub async fn secrets(State(stack): State<Stack>, Agent(me): Agent) -> Result<Response, ApiError> {
+    let not_live = || {
+        warn!(job_id = %me.job, attempt = me.attempt, "refused secrets to an attempt that is not live");
+        ApiError::Forbidden(format!(
+            "attempt {} of job {} is not live",
+            me.attempt, me.job
+        ))
+    };
+    let rec = match stack.ports.ledger.get(&me.job).await {
+        Ok(rec) => rec,
+        Err(respawn_core::ports::ledger::Error::NotFound { .. }) => return Err(not_live()),
+        Err(e) => return Err(e.into()),
+    };
+    if rec.attempt != me.attempt || !rec.state.has_live_attempt() {
+        return Err(not_live());
+    }
+    let values = stack
+        .ports
+        .secrets
+        .get(&me.job)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot read secrets: {e}")))?;
+    Ok(axum::Json(json!({ "secrets": values })).into_response())
+}

@@ -1,0 +1,126 @@
+//! Attempt credentials: what an agent shows the broker when it reports.
+//!
+//! An agent runs next to untrusted code, so its credential must be worth as little
+//! as possible if the workload steals it: it names one job and one attempt, and the
+//! broker accepts with it only reports on that attempt (and the attempt's secrets
+//! while it is live). It is an HMAC of `job/attempt` under the broker's key, so any
+//! host of the broker (the local process, a cloud function) checks it without
+//! storing one per VM.
+//!
+//! Format: `rat1.<job id>.<attempt>.<hex HMAC-SHA256>`.
+
+use hmac::Mac;
+
+use crate::job::JobId;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+const PREFIX: &str = "rat1";
+/// Bytes of a freshly generated key.
+pub const KEY_BYTES: usize = 32;
+
+/// The broker's key for attempt credentials. Its `Debug` shows no key material.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AttemptKey(Vec<u8>);
+
+impl std::fmt::Debug for AttemptKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttemptKey(<redacted>)")
+    }
+}
+
+/// What a valid credential names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRef {
+    pub job: JobId,
+    pub attempt: u32,
+}
+
+impl AttemptKey {
+    /// A key from stored bytes; `None` when too short to be one of ours.
+    pub fn from_bytes(bytes: &[u8]) -> Option<AttemptKey> {
+        (bytes.len() >= 16).then(|| AttemptKey(bytes.to_vec()))
+    }
+
+    /// A new random key.
+    pub fn generate() -> Result<AttemptKey, getrandom::Error> {
+        let mut key = vec![0u8; KEY_BYTES];
+        getrandom::fill(&mut key)?;
+        Ok(AttemptKey(key))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn mac(&self, job: &JobId, attempt: u32) -> HmacSha256 {
+        // HMAC takes keys of any length, so this cannot fail.
+        let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(format!("{PREFIX}/{job}/{attempt}").as_bytes());
+        mac
+    }
+
+    /// The credential of `job`'s attempt `attempt`.
+    pub fn credential(&self, job: &JobId, attempt: u32) -> String {
+        let tag = hex::encode(self.mac(job, attempt).finalize().into_bytes());
+        format!("{PREFIX}.{job}.{attempt}.{tag}")
+    }
+
+    /// The attempt a credential names, if this key made it (compared in constant time).
+    pub fn verify(&self, credential: &str) -> Option<AttemptRef> {
+        let mut parts = credential.trim().split('.');
+        let (prefix, job, attempt, tag) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if prefix != PREFIX || parts.next().is_some() {
+            return None;
+        }
+        let job: JobId = job.parse().ok()?;
+        let attempt: u32 = attempt.parse().ok()?;
+        let tag = hex::decode(tag).ok()?;
+        self.mac(&job, attempt).verify_slice(&tag).ok()?;
+        Some(AttemptRef { job, attempt })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::time::Timestamp;
+
+    #[test]
+    fn a_credential_names_exactly_its_attempt() {
+        let key = AttemptKey::generate().unwrap();
+        let job = JobId::generate(Timestamp(1));
+        let cred = key.credential(&job, 3);
+        assert_eq!(
+            key.verify(&cred),
+            Some(AttemptRef {
+                job: job.clone(),
+                attempt: 3
+            })
+        );
+        // Another attempt's number, another job, another key, a changed tag: refused.
+        let other = JobId::generate(Timestamp(2));
+        let forged = [
+            cred.replacen(".3.", ".4.", 1),
+            cred.replace(job.as_str(), other.as_str()),
+            AttemptKey::generate().unwrap().credential(&job, 3),
+            flip_last(&cred),
+            format!("{cred}.x"),
+            String::new(),
+            "rat1...".into(),
+        ];
+        for f in forged {
+            assert_eq!(key.verify(&f), None, "{f}");
+        }
+        assert!(!format!("{key:?}").contains(&hex::encode(key.as_bytes())));
+    }
+
+    fn flip_last(s: &str) -> String {
+        let (head, last) = s.split_at(s.len() - 1);
+        format!("{head}{}", if last == "0" { "1" } else { "0" })
+    }
+}
