@@ -51,11 +51,30 @@ impl Up {
 
     /// [`Up::start`], with variables added to the broker's environment.
     pub async fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Up {
+        Up::start_wrapped(data, extra, env, &[]).await
+    }
+
+    /// [`Up::start_with_env`], run under `wrapper` (e.g. `strace -f -o FILE`).
+    pub async fn start_wrapped(
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Up {
         let port = free_port();
         let log = data.join(format!("up-{port}.log"));
         std::fs::create_dir_all(data).unwrap();
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary("respawn"))
+        let respawn = binary("respawn");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&respawn);
+                c
+            }
+            None => Command::new(&respawn),
+        };
+        let child = cmd
             .arg("up")
             .arg("--data")
             .arg(data)

@@ -495,3 +495,69 @@ mod orphanage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use respawn_core::spec::{Format, parse};
+    use respawn_core::time::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn no_spec_value_becomes_a_container_runtime_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = WorkloadDirs::create(dir.path()).unwrap();
+        let spec = parse(
+            "name: c\nimage: ubuntu:24.04\ncommand: ['--privileged', '-v', '/:/host']\n\
+             working_dir: '-v'\nenv: { A: '--rm' }\nsecrets: { TOKEN: s3cret }\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        let args = Args {
+            bucket: dir.path().join("bucket"),
+            vm_dir: dir.path().to_owned(),
+            vm: "vm-1".into(),
+            job: respawn_core::JobId::generate(Timestamp(1)),
+            attempt: 1,
+            heartbeat_secs: 1,
+            container_runtime: Some("docker".into()),
+            grace_secs: 5,
+            sandbox: "none".into(),
+            read_only: Vec::new(),
+        };
+        let secrets = BTreeMap::from([("TOKEN".to_owned(), "s3cret".to_owned())]);
+        let cmd = container_command(
+            "docker",
+            "respawn-vm-1",
+            "ubuntu:24.04",
+            &spec,
+            &secrets,
+            &args,
+            &dirs,
+        );
+        let argv: Vec<String> = cmd
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let end = argv.iter().position(|a| a == "--").unwrap();
+        assert_eq!(argv[0], "run");
+        for opt in &argv[1..end] {
+            // Every option carries its value: none can take the next word as one.
+            assert!(
+                opt.starts_with("--") && (opt.contains('=') || opt == "--rm"),
+                "{opt}"
+            );
+        }
+        assert_eq!(argv[end + 1], "ubuntu:24.04", "{argv:?}");
+        assert_eq!(&argv[end + 2..], ["--privileged", "-v", "/:/host"]);
+        assert!(argv.contains(&"--workdir=-v".to_owned()));
+        assert!(
+            !argv.iter().any(|a| a.contains("s3cret")),
+            "a secret on the command line"
+        );
+        assert!(argv.contains(&"--env=TOKEN".to_owned()));
+    }
+}

@@ -31,7 +31,12 @@ const PREEMPT_AT: [u64; 2] = [900, 1900];
 const NOTICE: Duration = Duration::from_secs(3);
 
 fn say(msg: &str) {
-    println!("\x1b[1m▶\x1b[0m {msg}");
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("\x1b[1m▶\x1b[0m {msg}");
+    } else {
+        println!("▶ {msg}");
+    }
 }
 
 /// Left in a folder the demo made, so that it empties only folders of its own.

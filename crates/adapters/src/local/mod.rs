@@ -135,7 +135,40 @@ fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// How durably a store connection writes, as SQLite reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durability {
+    /// `wal`.
+    pub journal_mode: String,
+    /// 2 is `FULL`: every commit fsync'd before it returns.
+    pub synchronous: i64,
+}
+
+fn durability_of(c: &rusqlite::Connection) -> rusqlite::Result<Durability> {
+    Ok(Durability {
+        journal_mode: c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
+        synchronous: c.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
+    })
+}
+
 impl LocalStore {
+    /// The settings of the writer's connection and of a reader's (which must not
+    /// differ: a reader may be the one that checkpoints the WAL).
+    pub async fn durability(&self) -> Result<(Durability, Durability), String> {
+        let writer = self
+            .writer
+            .call(durability_of)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let reader = self
+            .readers
+            .read(durability_of)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((writer, reader))
+    }
+
     /// Runs SQLite's integrity check; `Ok` when the file is sound.
     pub async fn check(&self) -> Result<(), String> {
         let verdict = self

@@ -11,6 +11,8 @@ mod hooks;
 mod jobs;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_agent;
 
 use axum::Router;
 use axum::routing::{delete, get, post};

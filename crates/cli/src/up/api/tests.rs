@@ -22,12 +22,12 @@ use tower::ServiceExt;
 use super::{ROUTES, app};
 use crate::up::{Stack, UpConfig};
 
-struct Fixture {
-    stack: Stack,
+pub(super) struct Fixture {
+    pub(super) stack: Stack,
     _dir: tempfile::TempDir,
 }
 
-async fn fixture() -> Fixture {
+pub(super) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let queue = Arc::new(MemoryQueue::default());
     // The spot simulator needs a provider; this one never gets to start a VM.
@@ -91,13 +91,13 @@ async fn fixture() -> Fixture {
     Fixture { stack, _dir: dir }
 }
 
-async fn token(stack: &Stack, project: &str, scopes: &[Scope]) -> String {
+pub(super) async fn token(stack: &Stack, project: &str, scopes: &[Scope]) -> String {
     let (record, secret) = mint("t", project, scopes.to_vec(), Timestamp(1));
     stack.tokens.create(&record).await.unwrap();
     secret
 }
 
-async fn call(
+pub(super) async fn call(
     stack: &Stack,
     method: Method,
     path: &str,

@@ -1,0 +1,197 @@
+//! The agents' channel: a credential speaks for its own attempt only.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use respawn_core::handlers::{self, Submission};
+use respawn_core::job::JobId;
+use respawn_core::lifecycle::{self, Event};
+use respawn_core::messages::Message;
+use respawn_core::ports::queue::Receive;
+use respawn_core::spec::{Format, parse};
+use serde_json::json;
+
+use super::tests::{call, fixture, token};
+use crate::up::Stack;
+
+/// A job with a secret, dispatched and allocated (attempt 1 is live).
+async fn live_job(stack: &Stack) -> JobId {
+    let spec = parse(
+        "name: a\ncommand: [train]\nsecrets: { API_KEY: v4lue }\n",
+        Format::Yaml,
+    )
+    .unwrap();
+    let sub = Submission {
+        spec,
+        project: "default".into(),
+        reply_to: None,
+    };
+    let id = handlers::submit(&stack.ports, sub).await.unwrap().job.id;
+    // Straight into the ledger (the fixture has no slots for a real allocation).
+    let rec = stack.ports.ledger.get(&id).await.unwrap();
+    let dispatch = Event::Dispatch {
+        attempt: 1,
+        waits: 0,
+    };
+    let mut next = lifecycle::apply(
+        &rec,
+        &dispatch,
+        stack.ports.clock.now(),
+        &Default::default(),
+    )
+    .record;
+    next.outbox.clear();
+    stack.ports.ledger.update(next).await.unwrap();
+    id
+}
+
+async fn queued_events(stack: &Stack) -> Vec<Message> {
+    let opts = Receive {
+        max: 100,
+        lease: Duration::from_secs(30),
+        wait: Duration::ZERO,
+    };
+    stack
+        .ports
+        .queue
+        .receive(&stack.ports.queues.events, opts)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_slice(&d.body).unwrap())
+        .collect()
+}
+
+fn report(event: Event) -> String {
+    json!({ "event": event }).to_string()
+}
+
+#[tokio::test]
+async fn a_credential_reports_on_its_own_attempt_only() {
+    let f = fixture().await;
+    let s = &f.stack;
+    let job = live_job(s).await;
+    let other = live_job(s).await;
+    let mine = s.attempt_key.credential(&job, 1);
+    let path = "/v1/agent/events";
+
+    let (status, _) = call(
+        s,
+        Method::POST,
+        path,
+        Some(&mine),
+        &report(Event::Heartbeat { attempt: 1 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    // Another attempt of the same job, an event only the broker may send, no
+    // credential, a user's API token, a credential of another key: refused.
+    let refused = [
+        (
+            Some(mine.clone()),
+            Event::Heartbeat { attempt: 2 },
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Some(mine.clone()),
+            Event::CancelRequested {
+                reason: "forged".into(),
+            },
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Some(mine.clone()),
+            Event::VmTerminated {
+                attempt: 1,
+                reason: "forged".into(),
+            },
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            None,
+            Event::Heartbeat { attempt: 1 },
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Some(token(s, "default", &[respawn_core::ports::tokens::Scope::Admin]).await),
+            Event::Heartbeat { attempt: 1 },
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Some(
+                respawn_core::attempt_auth::AttemptKey::generate()
+                    .unwrap()
+                    .credential(&job, 1),
+            ),
+            Event::Heartbeat { attempt: 1 },
+            StatusCode::UNAUTHORIZED,
+        ),
+    ];
+    for (cred, event, want) in refused {
+        let kind = event.kind();
+        let (status, body) = call(s, Method::POST, path, cred.as_deref(), &report(event)).await;
+        assert_eq!(status, want, "{kind}: {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let (status, _) = call(s, Method::POST, path, Some(&mine), "not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Only the accepted report reached the events queue, for its own job: the
+    // credential names the job, the body cannot.
+    let queued = queued_events(s).await;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert!(matches!(
+        &queued[0],
+        Message::Event { job: j, event: Event::Heartbeat { attempt: 1 }, .. } if *j == job
+    ));
+    assert_ne!(job, other);
+}
+
+#[tokio::test]
+async fn secrets_go_to_the_live_attempt_only() {
+    let f = fixture().await;
+    let s = &f.stack;
+    let job = live_job(s).await;
+    let path = "/v1/agent/secrets";
+    let (status, body) = call(
+        s,
+        Method::GET,
+        path,
+        Some(&s.attempt_key.credential(&job, 1)),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let values: BTreeMap<String, String> = serde_json::from_value(body["secrets"].clone()).unwrap();
+    assert_eq!(values.get("API_KEY").map(String::as_str), Some("v4lue"));
+
+    // A later attempt's credential before it exists, and this one's once the job
+    // has ended: no secrets.
+    let (status, _) = call(
+        s,
+        Method::GET,
+        path,
+        Some(&s.attempt_key.credential(&job, 2)),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let cancel = Event::CancelRequested {
+        reason: "done".into(),
+    };
+    handlers::job_event(&s.ports, &job, &cancel, s.ports.clock.now())
+        .await
+        .unwrap();
+    let (status, body) = call(
+        s,
+        Method::GET,
+        path,
+        Some(&s.attempt_key.credential(&job, 1)),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
