@@ -311,6 +311,90 @@ async fn a_connection_lost_mid_stream_loses_and_duplicates_nothing() {
     cleanup(&ch, &p).await;
 }
 
+/// Submissions without an AMQP `message_id`, with the broker's connection cut while
+/// hundreds are in flight (the process frozen meanwhile): each message still makes exactly one job. (The queue
+/// adapter gives such a message an id once, atomically, before handing it out, and
+/// the id is the job's idempotency key; without that, a message whose job was made
+/// but whose ack was lost with the connection made a second job.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_without_a_message_id_make_one_job_each_across_a_connection_loss() {
+    let _serial = SERIAL.lock().await;
+    let (_conn, ch) = client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = prefix();
+    let up = start(&dir.path().join("data"), &p, &["--slots", "0"]).await;
+    const N: usize = 4000;
+    let name = format!("respawn-up-{}", p.trim_end_matches('.'));
+    let submit = format!("{p}submit");
+    let pid = connection_pid(&name).expect("the broker's connection is listed");
+    // All at once, confirms awaited at the end: the broker then has a backlog, and
+    // a full prefetch of messages in flight when its connection is cut.
+    let mut confirms = Vec::with_capacity(N);
+    for i in 0..N {
+        let body = format!(r#"{{"spec": {{"name": "anon-{i}", "command": ["true"]}}}}"#);
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                submit.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap();
+        confirms.push(confirm);
+    }
+    for c in confirms {
+        c.await.unwrap();
+    }
+    let submitted = |up: &Up| up.log_text().matches("job submitted").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while submitted(&up) < N / 10 {
+        assert!(Instant::now() < deadline, "no jobs:\n{}", up.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Frozen while its connection is cut, `respawn up` has hundreds of submissions
+    // half done when it wakes up to the loss, however long rabbitmqctl takes.
+    nix::sys::signal::kill(up.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let at_cut = submitted(&up);
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &pid, "e2e: connection loss"])
+        .status();
+    nix::sys::signal::kill(up.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(status.unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut jobs = all_jobs(&up).await;
+    while jobs.len() < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        jobs = all_jobs(&up).await;
+    }
+    // A little longer: a duplicate would show up now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let jobs = all_jobs(&up).await;
+    let names: HashSet<String> = jobs
+        .iter()
+        .map(|j| j["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        at_cut < N,
+        "the cut came while submissions were still in flight ({at_cut} of {N} made)"
+    );
+    let log = up.log_text();
+    assert!(
+        log.contains("reconnected to the broker"),
+        "the cut happened and was recovered from:\n{log}"
+    );
+    assert_eq!(names.len(), N, "every submission made a job");
+    assert_eq!(
+        jobs.len(),
+        N,
+        "and only one: {} duplicates",
+        jobs.len().saturating_sub(N)
+    );
+    cleanup(&ch, &p).await;
+}
+
 async fn all_jobs(up: &Up) -> Vec<Value> {
     let mut out = Vec::new();
     let mut after = String::new();

@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use futures::{Stream, StreamExt};
@@ -15,10 +15,13 @@ use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
 
 use super::lock;
+use super::tx::Tx;
 
 pub(super) struct QueueConsumer {
     pub queue: String,
     channel: Channel,
+    /// The channel's transaction: every ack on it goes through this.
+    tx: Arc<Tx>,
     prefetch: u16,
     tag: String,
     /// Receivers take turns driving the stream: the one holding this waits for the
@@ -84,6 +87,7 @@ impl QueueConsumer {
         channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
+        let tx = Arc::new(Tx::select(channel.clone()).await?);
         let tag = format!(
             "respawn-{}",
             ulid::Ulid::generate().to_string().to_lowercase()
@@ -100,12 +104,17 @@ impl QueueConsumer {
         Ok(QueueConsumer {
             queue: queue.to_owned(),
             channel,
+            tx,
             prefetch,
             tag,
             stream: tokio::sync::Mutex::new(consumer),
             buffer: Mutex::new(Buffer::default()),
             ended: AtomicBool::new(false),
         })
+    }
+
+    pub fn tx(&self) -> Arc<Tx> {
+        self.tx.clone()
     }
 
     pub fn alive(&self) -> bool {

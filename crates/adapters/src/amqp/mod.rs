@@ -2,7 +2,8 @@
 //!
 //! Each logical queue `Q` is a durable classic queue with `x-max-priority: 9`,
 //! declared on first use; its dead letters go to the durable queue `Q.dead`.
-//! Messages are persistent, and every publish waits for the broker's confirm.
+//! Messages are persistent, and every publish waits for the broker's confirm (or, on
+//! a consumer's channel, for the commit of its transaction).
 //!
 //! - **Delay**: a delayed message waits in `Q.delay.<ms>`, a queue whose
 //!   `x-message-ttl` dead-letters it into `Q` when the delay is over. One queue per
@@ -13,13 +14,26 @@
 //!   ends expired leases here: it republishes the message with its delivery count and
 //!   then acks the original. Classic queues do not count deliveries, so the count
 //!   travels in the `x-respawn-deliveries` header.
-//! - **At least once**: every republish (retry, dead-letter, expired lease) is
-//!   confirmed before the original is acked; a crash in between duplicates a message
-//!   but never loses one.
+//! - **Transactions**: each consumer's channel runs in an AMQP transaction, so that a
+//!   copy published back to the message's own queue and the ack of the original take
+//!   effect together (expired leases, retries without delay, and the rewrites below).
+//!   An ack returns once the broker committed it; commits are shared by the acks
+//!   sent meanwhile.
+//! - **Ids and redeliveries**: a message is handed out only if it carries a
+//!   `message_id` and the broker did not flag it as redelivered. One without an id
+//!   (from another client) is first rewritten with a new one, atomically, so it has
+//!   exactly one id however often its connection is lost. One the broker redelivers
+//!   was with a consumer whose connection or channel ended before it was acked (a
+//!   crashed process, say): it is rewritten with that delivery added to its count, so
+//!   a message that keeps killing its consumer reaches the dead-letter queue after
+//!   `max_deliveries`. A rewritten message goes to the back of its queue.
+//! - **At least once**: every republish to another queue (a delay queue, the
+//!   dead-letter queue) is confirmed before the original is acked; a crash in between
+//!   duplicates a message but never loses one.
 //! - **Connection loss**: the next operation reconnects (back-off 100 ms to 5 s).
 //!   Leases taken on the old connection are lost (the broker requeues those
-//!   messages), and a message the broker redelivers counts one delivery more, so that
-//!   a message that kills its worker's process still reaches its dead-letter queue.
+//!   messages, and they count one delivery more, as above; so do messages that were
+//!   pushed ahead to this process and never handed out).
 //!   [`AmqpQueue::close`] puts back what was prefetched but never handed out, so a
 //!   clean shutdown does not count deliveries that never happened.
 //! - **Ordering**: highest priority first, then oldest, among the messages the broker
@@ -32,6 +46,7 @@ mod lease;
 mod message;
 mod session;
 mod settle;
+mod tx;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -153,7 +168,7 @@ impl AmqpQueue {
             futures::future::join_all(
                 pushed
                     .into_iter()
-                    .map(|p| self.inner.put_back(&consumer.queue, session.conn_no, p)),
+                    .map(|p| self.inner.put_back(&consumer.queue, &consumer, p)),
             )
             .await;
             tracing::info!(queue = %consumer.queue, put_back = back, "consumer stopped");
@@ -255,7 +270,7 @@ impl Queue for AmqpQueue {
                 .map_err(|e| declare_error(queue, e))?;
             for pushed in consumer.take(opts.max - out.len()) {
                 if let Some(d) = inner
-                    .hand_out(queue, session.conn_no, pushed, opts.lease)
+                    .hand_out(queue, session.conn_no, &consumer, pushed, opts.lease)
                     .await
                 {
                     out.push(d);

@@ -6,6 +6,7 @@
 #![cfg(feature = "amqp")]
 #![allow(clippy::unwrap_used)]
 
+mod redelivery;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,7 +186,8 @@ async fn foreign_messages_and_vanished_queues() {
         let raw = raw_channel().await;
         assert!(q.receive(&queue, lease(0)).await.unwrap().is_empty());
 
-        // Published by someone else: no id, no headers. Read with defaults, no panic.
+        // Published by someone else: no id, no headers. Read with defaults, no panic,
+        // and given an id of its own.
         raw.basic_publish(
             "".into(),
             queue.as_str().into(),
@@ -200,9 +202,14 @@ async fn foreign_messages_and_vanished_queues() {
         assert_eq!(&got[0].body[..], b"foreign");
         assert_eq!(got[0].deliveries, 1);
         assert!(
-            got[0].id.starts_with("tag-"),
-            "id from the delivery tag: {}",
+            ulid::Ulid::from_string(&got[0].id).is_ok(),
+            "a fresh id: {}",
             got[0].id
+        );
+        assert_eq!(
+            got[0].attributes.get("message_id"),
+            Some(&got[0].id),
+            "consumers see it as the message's id"
         );
         q.retry_later(&got[0], Duration::ZERO).await.unwrap();
         let again = q.receive(&queue, lease(2_000)).await.unwrap();
