@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use respawn_e2e::Up;
 use serde_json::Value;
@@ -145,6 +145,14 @@ async fn a_plain_amqp_client_submits_and_follows_its_job_to_the_end() {
         props().with_correlation_id("corr-junk".into()),
     )
     .await;
+    // Over the 1 MiB limit: dead-lettered as it arrives, never buffered whole.
+    publish(
+        &ch,
+        &format!("{p}submit"),
+        &vec![b' '; 3 << 20],
+        props().with_correlation_id("corr-big".into()),
+    )
+    .await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut events, mut rejected) = (Vec::new(), Vec::new());
@@ -213,19 +221,38 @@ async fn a_plain_amqp_client_submits_and_follows_its_job_to_the_end() {
             .iter()
             .any(|(c, v)| c == "corr-junk" && v["type"] == "rejected")
     );
-    // Both bad messages sit on the dead-letter queue with their reason.
-    let dead = ch
-        .queue_declare(
+    // The bad messages sit on the dead-letter queue with their reasons.
+    let mut reasons = Vec::new();
+    while let Some(d) = ch
+        .basic_get(
             format!("{p}submit.dead").as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
+            BasicGetOptions { no_ack: true },
         )
         .await
-        .unwrap();
-    assert_eq!(dead.message_count(), 2, "bad messages are dead-lettered");
+        .unwrap()
+    {
+        let reason = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-respawn-reason").cloned());
+        match reason {
+            Some(AMQPValue::LongString(r)) => {
+                reasons.push(String::from_utf8_lossy(r.as_bytes()).into_owned());
+            }
+            other => panic!("a dead letter without its reason: {other:?}"),
+        }
+    }
+    assert_eq!(
+        reasons.len(),
+        3,
+        "bad messages are dead-lettered: {reasons:?}"
+    );
+    let big = format!("message is {} bytes; the limit is 1048576", 3 << 20);
+    assert!(
+        reasons.iter().any(|r| r.starts_with(&big)),
+        "the oversized one says its size: {reasons:?}"
+    );
     assert_eq!(up.jobs().await.len(), 1, "only the good message made a job");
     cleanup(&ch, &p).await;
 }

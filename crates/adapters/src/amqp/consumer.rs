@@ -14,6 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
 
+use super::limit::Oversized;
 use super::lock;
 use super::tx::Tx;
 
@@ -31,6 +32,8 @@ pub(super) struct QueueConsumer {
     buffer: Mutex<Buffer>,
     /// The stream ended: the channel died or the broker cancelled the consumer.
     ended: AtomicBool,
+    /// The connection's record of deliveries whose bodies were dropped.
+    oversized: Arc<Oversized>,
 }
 
 /// Pushed deliveries by priority, oldest first within one. The broker sends in
@@ -80,6 +83,7 @@ impl QueueConsumer {
         conn: &Connection,
         queue: &str,
         prefetch: u16,
+        oversized: Arc<Oversized>,
     ) -> Result<QueueConsumer, lapin::Error> {
         // A channel of its own: prefetch is per channel here, and a channel error on
         // one queue's consumer leaves the others (and their leases) alone.
@@ -110,11 +114,18 @@ impl QueueConsumer {
             stream: tokio::sync::Mutex::new(consumer),
             buffer: Mutex::new(Buffer::default()),
             ended: AtomicBool::new(false),
+            oversized,
         })
     }
 
     pub fn tx(&self) -> Arc<Tx> {
         self.tx.clone()
+    }
+
+    /// The size announced for a delivery of this consumer whose body was dropped
+    /// unread, being over the limit.
+    pub fn dropped_body(&self, delivery_tag: u64) -> Option<u64> {
+        self.oversized.take(self.channel.id(), delivery_tag)
     }
 
     pub fn alive(&self) -> bool {

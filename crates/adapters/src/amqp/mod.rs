@@ -27,6 +27,9 @@
 //!   crashed process, say): it is rewritten with that delivery added to its count, so
 //!   a message that keeps killing its consumer reaches the dead-letter queue after
 //!   `max_deliveries`. A rewritten message goes to the back of its queue.
+//! - **Size**: a received message larger than `AmqpOptions::max_message_bytes` goes
+//!   to the dead-letter queue with a reason naming its size. Over `amqp://` its body
+//!   frames are dropped as they arrive, so it is never buffered (see `limit.rs`).
 //! - **At least once**: every republish to another queue (a delay queue, the
 //!   dead-letter queue) is confirmed before the original is acked; a crash in between
 //!   duplicates a message but never loses one.
@@ -43,6 +46,7 @@
 mod consumer;
 mod declare;
 mod lease;
+mod limit;
 mod message;
 mod session;
 mod settle;
@@ -75,6 +79,11 @@ pub struct AmqpOptions {
     pub prefetch: u16,
     /// Shown by the broker (`rabbitmqctl list_connections client_properties`).
     pub connection_name: String,
+    /// A received message with a larger body goes to its dead-letter queue instead of
+    /// being handed out, with a reason naming its size. Over `amqp://` its body is
+    /// dropped as it arrives, never buffered (so the dead letter has an empty body);
+    /// over `amqps://` it is checked once received.
+    pub max_message_bytes: usize,
 }
 
 impl Default for AmqpOptions {
@@ -83,6 +92,7 @@ impl Default for AmqpOptions {
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             prefetch: 64,
             connection_name: "respawn".into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -105,6 +115,10 @@ pub(crate) struct Inner {
     declaring: tokio::sync::Mutex<()>,
 }
 
+/// The default for [`AmqpOptions::max_message_bytes`]: 1 MiB, the submit queue's
+/// limit; the broker's own messages are far smaller.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = respawn_core::intake::MAX_MESSAGE_BYTES;
+
 /// Consumers a single `receive` may reopen (a queue deleted under it, a dropped
 /// channel) before it gives up.
 const MAX_REOPENS: u32 = 3;
@@ -119,7 +133,11 @@ impl AmqpQueue {
             prefetch: options.prefetch.max(1),
             ..options
         };
-        let link = Link::new(url, &options.connection_name);
+        let uri: lapin::uri::AMQPUri = url
+            .parse()
+            .map_err(|e| Error::Invalid(format!("{}: {e}", redact(url))))?;
+        let max_bytes = u64::try_from(options.max_message_bytes).unwrap_or(u64::MAX);
+        let link = Link::new(uri, &options.connection_name, max_bytes);
         link.connect_once().await?;
         let leases = Arc::new(Leases::default());
         let inner = Arc::new(Inner {
@@ -165,11 +183,10 @@ impl AmqpQueue {
         for consumer in session.take_consumers() {
             let pushed = consumer.stop().await;
             let back = pushed.len();
-            futures::future::join_all(
-                pushed
-                    .into_iter()
-                    .map(|p| self.inner.put_back(&consumer.queue, &consumer, p)),
-            )
+            futures::future::join_all(pushed.into_iter().map(|p| {
+                self.inner
+                    .put_back(&consumer.queue, session.conn_no, &consumer, p)
+            }))
             .await;
             tracing::info!(queue = %consumer.queue, put_back = back, "consumer stopped");
         }

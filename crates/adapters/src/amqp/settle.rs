@@ -18,6 +18,7 @@
 //! The copy goes to the back of its queue (within its priority).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,6 +111,11 @@ impl Inner {
         }
         let tx = consumer.tx();
         let seen = message::read(&pushed.properties);
+        if let Some(reason) = self.too_large(consumer, &pushed) {
+            self.dead_letter_pushed(queue, conn_no, tx, pushed, seen, &reason)
+                .await;
+            return None;
+        }
         // Deliveries known to have happened. A message the broker flags as
         // redelivered was with a consumer whose channel closed without acking it:
         // that delivery counts too, since it may have been handed out (a handler that
@@ -117,31 +123,16 @@ impl Inner {
         let before = seen
             .deliveries
             .saturating_add(u32::from(pushed.redelivered));
-        let body = Bytes::from(pushed.data);
         if before >= self.options.max_deliveries {
             let mut reason = format!("delivered {before} times without being acknowledged");
             if pushed.redelivered {
                 reason.push_str("; the last delivery ended with its consumer's connection");
             }
-            tracing::info!(queue, id = ?seen.id, deliveries = before, "dead-lettering after too many deliveries");
-            let lease = Lease {
-                queue: queue.to_owned(),
-                id: seen.id.unwrap_or_else(new_id),
-                conn_no,
-                until: Instant::now(),
-                acker: pushed.acker,
-                tx,
-                body,
-                priority: seen.priority,
-                deliveries: 0,
-                reason: None,
-                attributes: seen.attributes,
-            };
-            let dlq = dead_letter_queue(queue);
-            self.replace_or_requeue(&lease, &dlq, 0, Some(&reason))
+            self.dead_letter_pushed(queue, conn_no, tx, pushed, seen, &reason)
                 .await;
             return None;
         }
+        let body = Bytes::from(pushed.data);
         let id = match (&seen.id, pushed.redelivered) {
             (Some(id), false) => id.clone(),
             _ => {
@@ -182,6 +173,7 @@ impl Inner {
     pub(super) async fn put_back(
         &self,
         queue: &str,
+        conn_no: u64,
         consumer: &QueueConsumer,
         pushed: lapin::message::Delivery,
     ) {
@@ -189,11 +181,63 @@ impl Inner {
             return;
         }
         let seen = message::read(&pushed.properties);
+        if let Some(reason) = self.too_large(consumer, &pushed) {
+            // Not back to its queue: its body may be gone (see `limit.rs`).
+            self.dead_letter_pushed(queue, conn_no, consumer.tx(), pushed, seen, &reason)
+                .await;
+            return;
+        }
         let before = seen
             .deliveries
             .saturating_add(u32::from(pushed.redelivered));
         let body = Bytes::from(pushed.data);
         rewrite(queue, &consumer.tx(), &pushed.acker, &body, seen, before).await;
+    }
+
+    /// Why a pushed message is over the size limit, if it is: its body dropped as it
+    /// arrived (plain connections), or received whole (TLS ones).
+    fn too_large(
+        &self,
+        consumer: &QueueConsumer,
+        pushed: &lapin::message::Delivery,
+    ) -> Option<String> {
+        let limit = self.options.max_message_bytes;
+        if let Some(bytes) = consumer.dropped_body(pushed.delivery_tag) {
+            return Some(format!(
+                "message is {bytes} bytes; the limit is {limit} (its body was dropped unread)"
+            ));
+        }
+        let bytes = pushed.data.len();
+        (bytes > limit).then(|| format!("message is {bytes} bytes; the limit is {limit}"))
+    }
+
+    /// Moves a pushed message, never handed out, to its dead-letter queue with
+    /// `reason`.
+    async fn dead_letter_pushed(
+        &self,
+        queue: &str,
+        conn_no: u64,
+        tx: Arc<Tx>,
+        pushed: lapin::message::Delivery,
+        seen: Received,
+        reason: &str,
+    ) {
+        tracing::info!(queue, id = ?seen.id, %reason, "dead-lettering a received message");
+        let lease = Lease {
+            queue: queue.to_owned(),
+            id: seen.id.unwrap_or_else(new_id),
+            conn_no,
+            until: Instant::now(),
+            acker: pushed.acker,
+            tx,
+            body: Bytes::from(pushed.data),
+            priority: seen.priority,
+            deliveries: 0,
+            reason: None,
+            attributes: seen.attributes,
+        };
+        let dlq = dead_letter_queue(queue);
+        self.replace_or_requeue(&lease, &dlq, 0, Some(reason)).await;
     }
 
     /// Publishes a copy of a leased message to `target` and acks the original: in one

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod redelivery;
+mod size;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
