@@ -50,6 +50,8 @@ const FRAME_HEADER: usize = 7;
 const METHOD: u8 = 1;
 const CONTENT_HEADER: u8 = 2;
 const BODY: u8 = 3;
+const CHANNEL: u16 = 20;
+const CHANNEL_OPEN_OK: u16 = 11;
 const BASIC: u16 = 60;
 const BASIC_RETURN: u16 = 50;
 const BASIC_DELIVER: u16 = 60;
@@ -65,6 +67,12 @@ pub(super) struct Oversized(Mutex<HashMap<(u16, u64), u64>>);
 impl Oversized {
     fn record(&self, channel: u16, delivery_tag: u64, bytes: u64) {
         lock(&self.0).insert((channel, delivery_tag), bytes);
+    }
+
+    /// Forgets a channel's deliveries: its number is being reused, and delivery tags
+    /// start over on the new channel.
+    fn forget_channel(&self, channel: u16) {
+        lock(&self.0).retain(|&(c, _), _| c != channel);
     }
 
     /// The announced size of a delivery whose body was dropped (once).
@@ -167,6 +175,12 @@ impl<S> Limited<S> {
                     }
                     (Some(BASIC), Some(BASIC_RETURN)) => {
                         self.content_for.insert(channel, None);
+                    }
+                    (Some(CHANNEL), Some(CHANNEL_OPEN_OK)) => {
+                        // A delivery of the channel's last life that was never looked
+                        // up must not be taken for one of this life.
+                        self.content_for.remove(&channel);
+                        self.oversized.forget_channel(channel);
                     }
                     _ => {}
                 }
@@ -421,6 +435,23 @@ mod tests {
         .concat();
         assert_eq!(out, expected);
         assert_eq!(oversized.take(1, 1), Some(20));
+    }
+
+    #[test]
+    fn a_reopened_channel_starts_with_a_clean_record() {
+        let mut open_ok = Vec::new();
+        open_ok.extend_from_slice(&CHANNEL.to_be_bytes());
+        open_ok.extend_from_slice(&CHANNEL_OPEN_OK.to_be_bytes());
+        open_ok.extend_from_slice(&[0, 0, 0, 0]); // channel-id (long string, empty)
+        let input = [
+            message(3, 1, &[b'x'; 50], 50),
+            message(4, 1, &[b'x'; 50], 50),
+            frame(METHOD, 3, &open_ok),
+        ]
+        .concat();
+        let (_, oversized) = through(input, 7, 10);
+        assert_eq!(oversized.take(3, 1), None, "channel 3 was opened again");
+        assert_eq!(oversized.take(4, 1), Some(50));
     }
 
     #[test]
