@@ -88,9 +88,10 @@ pub(super) struct Limited<S> {
     inner: S,
     limit: u64,
     oversized: Arc<Oversized>,
-    /// Bytes read from the socket: the first `ready` are checked and go to lapin as
-    /// they are; the rest is the start of a frame not yet complete.
+    /// Bytes read from the socket: `buf[given..ready]` are checked and go to lapin as
+    /// they are, `buf[ready..]` is the start of a frame not yet complete.
     buf: Vec<u8>,
+    given: usize,
     ready: usize,
     read_chunk: Box<[u8]>,
     /// Per channel: the delivery tag of content announced by the last method frame.
@@ -109,6 +110,7 @@ impl<S> Limited<S> {
             limit,
             oversized,
             buf: Vec::new(),
+            given: 0,
             ready: 0,
             read_chunk: vec![0; 64 * 1024].into_boxed_slice(),
             content_for: HashMap::new(),
@@ -232,12 +234,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
-            if this.ready > 0 {
-                let n = this.ready.min(out.len());
-                out[..n].copy_from_slice(&this.buf[..n]);
-                this.buf.drain(..n);
-                this.ready -= n;
+            if this.ready > this.given {
+                let n = (this.ready - this.given).min(out.len());
+                out[..n].copy_from_slice(&this.buf[this.given..this.given + n]);
+                this.given += n;
                 return Poll::Ready(Ok(n));
+            }
+            if this.given > 0 {
+                // Everything checked was given: drop it, once, rather than shifting
+                // the buffer on every read.
+                this.buf.drain(..this.given);
+                this.ready -= this.given;
+                this.given = 0;
             }
             if this.scan()? {
                 continue;
