@@ -1,6 +1,7 @@
 //! `respawn up --queue amqp://…` against the machine's RabbitMQ: submission by a
 //! plain AMQP client with status replies, bad messages, and a consumer whose
-//! connection is force-closed in the middle of 1,000 submissions.
+//! connection is force-closed in the middle of 1,000 submissions. RabbitMQ must be
+//! running there (it is in CI): without it these tests fail, they do not skip.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
@@ -8,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use respawn_e2e::Up;
 use serde_json::Value;
@@ -31,7 +32,12 @@ fn prefix() -> String {
 async fn client() -> (Connection, Channel) {
     let conn = Connection::connect(URL, ConnectionProperties::default())
         .await
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "these tests need RabbitMQ at 127.0.0.1:5672 (guest/guest); \
+                 start it with `rabbitmq-server -detached`: {e}"
+            )
+        });
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -81,8 +87,8 @@ async fn a_plain_amqp_client_submits_and_follows_its_job_to_the_end() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let p = prefix();
-    let up = start(&dir.path().join("data"), &p, &[]).await;
     let (_conn, ch) = client().await;
+    let up = start(&dir.path().join("data"), &p, &[]).await;
     // The client's own reply queue, as any AMQP RPC client makes one.
     let reply = ch
         .queue_declare(
@@ -137,6 +143,14 @@ async fn a_plain_amqp_client_submits_and_follows_its_job_to_the_end() {
         &format!("{p}submit"),
         b"not json at all",
         props().with_correlation_id("corr-junk".into()),
+    )
+    .await;
+    // Over the 1 MiB limit: dead-lettered as it arrives, never buffered whole.
+    publish(
+        &ch,
+        &format!("{p}submit"),
+        &vec![b' '; 3 << 20],
+        props().with_correlation_id("corr-big".into()),
     )
     .await;
 
@@ -207,19 +221,38 @@ async fn a_plain_amqp_client_submits_and_follows_its_job_to_the_end() {
             .iter()
             .any(|(c, v)| c == "corr-junk" && v["type"] == "rejected")
     );
-    // Both bad messages sit on the dead-letter queue with their reason.
-    let dead = ch
-        .queue_declare(
+    // The bad messages sit on the dead-letter queue with their reasons.
+    let mut reasons = Vec::new();
+    while let Some(d) = ch
+        .basic_get(
             format!("{p}submit.dead").as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
+            BasicGetOptions { no_ack: true },
         )
         .await
-        .unwrap();
-    assert_eq!(dead.message_count(), 2, "bad messages are dead-lettered");
+        .unwrap()
+    {
+        let reason = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-respawn-reason").cloned());
+        match reason {
+            Some(AMQPValue::LongString(r)) => {
+                reasons.push(String::from_utf8_lossy(r.as_bytes()).into_owned());
+            }
+            other => panic!("a dead letter without its reason: {other:?}"),
+        }
+    }
+    assert_eq!(
+        reasons.len(),
+        3,
+        "bad messages are dead-lettered: {reasons:?}"
+    );
+    let big = format!("message is {} bytes; the limit is 1048576", 3 << 20);
+    assert!(
+        reasons.iter().any(|r| r.starts_with(&big)),
+        "the oversized one says its size: {reasons:?}"
+    );
     assert_eq!(up.jobs().await.len(), 1, "only the good message made a job");
     cleanup(&ch, &p).await;
 }
@@ -241,19 +274,19 @@ async fn a_connection_lost_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let p = prefix();
-    let up = start(&dir.path().join("data"), &p, &["--slots", "0"]).await;
     let (_conn, ch) = client().await;
+    let up = start(&dir.path().join("data"), &p, &["--slots", "0"]).await;
     const N: usize = 1000;
     let name = format!("respawn-up-{}", p.trim_end_matches('.'));
     let submit = format!("{p}submit");
-    let mut closed = false;
+    let mut closed = None;
     for i in 0..N {
         let body = format!(r#"{{"spec": {{"name": "n-{i}", "command": ["true"]}}}}"#);
         let props = BasicProperties::default()
             .with_message_id(format!("m-{i}").as_str().into())
             .with_delivery_mode(2);
         publish(&ch, &submit, body.as_bytes(), props).await;
-        if i == N / 3 && !closed {
+        if i == N / 3 && closed.is_none() {
             // Let the consumer get going, then cut its connection from the server side.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let pid = connection_pid(&name).expect("the broker's connection is listed");
@@ -262,7 +295,7 @@ async fn a_connection_lost_mid_stream_loses_and_duplicates_nothing() {
                 .status()
                 .unwrap();
             assert!(status.success());
-            closed = true;
+            closed = Some(pid);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -291,7 +324,101 @@ async fn a_connection_lost_mid_stream_loses_and_duplicates_nothing() {
         "exactly {N} jobs (none lost, none duplicated)"
     );
     assert_eq!(names.len(), N);
-    assert!(up.log_text().contains("queue") || closed);
+    // The loss really happened and was recovered from: `respawn up` saw its connection
+    // go and opened another, which the broker lists under the same name.
+    let log = up.log_text();
+    assert!(
+        log.contains("connection to the broker lost; reconnecting")
+            && log.contains("reconnected to the broker"),
+        "the broker's log shows the lost connection and the reconnect:\n{log}"
+    );
+    let old = closed.expect("the connection was closed mid-stream");
+    let now = connection_pid(&name).expect("respawn up is connected again");
+    assert_ne!(now, old, "a new connection, not the closed one");
+    cleanup(&ch, &p).await;
+}
+
+/// Submissions without an AMQP `message_id`, with the broker's connection cut while
+/// hundreds are in flight (the process frozen meanwhile): each message still makes exactly one job. (The queue
+/// adapter gives such a message an id once, atomically, before handing it out, and
+/// the id is the job's idempotency key; without that, a message whose job was made
+/// but whose ack was lost with the connection made a second job.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_without_a_message_id_make_one_job_each_across_a_connection_loss() {
+    let _serial = SERIAL.lock().await;
+    let (_conn, ch) = client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = prefix();
+    let up = start(&dir.path().join("data"), &p, &["--slots", "0"]).await;
+    const N: usize = 4000;
+    let name = format!("respawn-up-{}", p.trim_end_matches('.'));
+    let submit = format!("{p}submit");
+    let pid = connection_pid(&name).expect("the broker's connection is listed");
+    // All at once, confirms awaited at the end: the broker then has a backlog, and
+    // a full prefetch of messages in flight when its connection is cut.
+    let mut confirms = Vec::with_capacity(N);
+    for i in 0..N {
+        let body = format!(r#"{{"spec": {{"name": "anon-{i}", "command": ["true"]}}}}"#);
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                submit.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap();
+        confirms.push(confirm);
+    }
+    for c in confirms {
+        c.await.unwrap();
+    }
+    let submitted = |up: &Up| up.log_text().matches("job submitted").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while submitted(&up) < N / 10 {
+        assert!(Instant::now() < deadline, "no jobs:\n{}", up.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Frozen while its connection is cut, `respawn up` has hundreds of submissions
+    // half done when it wakes up to the loss, however long rabbitmqctl takes.
+    nix::sys::signal::kill(up.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let at_cut = submitted(&up);
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &pid, "e2e: connection loss"])
+        .status();
+    nix::sys::signal::kill(up.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(status.unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut jobs = all_jobs(&up).await;
+    while jobs.len() < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        jobs = all_jobs(&up).await;
+    }
+    // A little longer: a duplicate would show up now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let jobs = all_jobs(&up).await;
+    let names: HashSet<String> = jobs
+        .iter()
+        .map(|j| j["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        at_cut < N,
+        "the cut came while submissions were still in flight ({at_cut} of {N} made)"
+    );
+    let log = up.log_text();
+    assert!(
+        log.contains("reconnected to the broker"),
+        "the cut happened and was recovered from:\n{log}"
+    );
+    assert_eq!(names.len(), N, "every submission made a job");
+    assert_eq!(
+        jobs.len(),
+        N,
+        "and only one: {} duplicates",
+        jobs.len().saturating_sub(N)
+    );
     cleanup(&ch, &p).await;
 }
 

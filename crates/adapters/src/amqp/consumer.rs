@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use futures::{Stream, StreamExt};
@@ -14,11 +14,15 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
 
+use super::limit::Oversized;
 use super::lock;
+use super::tx::Tx;
 
 pub(super) struct QueueConsumer {
     pub queue: String,
     channel: Channel,
+    /// The channel's transaction: every ack on it goes through this.
+    tx: Arc<Tx>,
     prefetch: u16,
     tag: String,
     /// Receivers take turns driving the stream: the one holding this waits for the
@@ -28,6 +32,8 @@ pub(super) struct QueueConsumer {
     buffer: Mutex<Buffer>,
     /// The stream ended: the channel died or the broker cancelled the consumer.
     ended: AtomicBool,
+    /// The connection's record of deliveries whose bodies were dropped.
+    oversized: Arc<Oversized>,
 }
 
 /// Pushed deliveries by priority, oldest first within one. The broker sends in
@@ -77,6 +83,7 @@ impl QueueConsumer {
         conn: &Connection,
         queue: &str,
         prefetch: u16,
+        oversized: Arc<Oversized>,
     ) -> Result<QueueConsumer, lapin::Error> {
         // A channel of its own: prefetch is per channel here, and a channel error on
         // one queue's consumer leaves the others (and their leases) alone.
@@ -84,6 +91,7 @@ impl QueueConsumer {
         channel
             .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
+        let tx = Arc::new(Tx::select(channel.clone()).await?);
         let tag = format!(
             "respawn-{}",
             ulid::Ulid::generate().to_string().to_lowercase()
@@ -100,12 +108,24 @@ impl QueueConsumer {
         Ok(QueueConsumer {
             queue: queue.to_owned(),
             channel,
+            tx,
             prefetch,
             tag,
             stream: tokio::sync::Mutex::new(consumer),
             buffer: Mutex::new(Buffer::default()),
             ended: AtomicBool::new(false),
+            oversized,
         })
+    }
+
+    pub fn tx(&self) -> Arc<Tx> {
+        self.tx.clone()
+    }
+
+    /// The size announced for a delivery of this consumer whose body was dropped
+    /// unread, being over the limit.
+    pub fn dropped_body(&self, delivery_tag: u64) -> Option<u64> {
+        self.oversized.take(self.channel.id(), delivery_tag)
     }
 
     pub fn alive(&self) -> bool {

@@ -14,6 +14,7 @@ use lapin::Acker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::tx::Tx;
 use super::{Inner, lock};
 
 /// A handed-out message, with what it takes to republish it.
@@ -25,6 +26,8 @@ pub(super) struct Lease {
     pub conn_no: u64,
     pub until: Instant,
     pub acker: Acker,
+    /// The transaction of the channel it was delivered on: acks go through it.
+    pub tx: std::sync::Arc<Tx>,
     pub body: Bytes,
     pub priority: u8,
     /// As handed out: 1 on first delivery.

@@ -112,7 +112,9 @@ pub(super) fn properties(
 /// (a message published by another client) gets defaults rather than an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Received {
-    pub id: String,
+    /// The AMQP `message_id`; None when the publisher gave none (the adapter then
+    /// gives the message one before handing it out, see `settle.rs`).
+    pub id: Option<String>,
     pub priority: u8,
     /// Deliveries before this one, from our header (0 when absent).
     pub deliveries: u32,
@@ -121,20 +123,16 @@ pub(super) struct Received {
     pub attributes: BTreeMap<String, String>,
 }
 
-pub(super) fn read(props: &BasicProperties, delivery_tag: u64) -> Received {
+pub(super) fn read(props: &BasicProperties) -> Received {
     let headers = props.headers().as_ref();
     let get = |key: &str| headers.and_then(|h| h.inner().get(key));
+    let attributes = attributes(props);
     Received {
-        id: props
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_owned())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| format!("tag-{delivery_tag}")),
+        id: attributes.get(MESSAGE_ID).cloned(),
         priority: props.priority().unwrap_or(0).min(9),
         deliveries: get(DELIVERIES).and_then(count).unwrap_or(0),
         reason: get(REASON).and_then(text),
-        attributes: attributes(props),
+        attributes,
     }
 }
 
@@ -207,11 +205,11 @@ mod tests {
 
     #[test]
     fn foreign_messages_read_with_defaults() {
-        let got = read(&BasicProperties::default(), 7);
+        let got = read(&BasicProperties::default());
         assert_eq!(
             got,
             Received {
-                id: "tag-7".into(),
+                id: None,
                 priority: 0,
                 deliveries: 0,
                 reason: None,
@@ -224,7 +222,7 @@ mod tests {
         let props = BasicProperties::default()
             .with_headers(h)
             .with_priority(200);
-        let got = read(&props, 1);
+        let got = read(&props);
         assert_eq!((got.deliveries, got.priority, got.reason), (0, 9, None));
     }
 
@@ -232,12 +230,12 @@ mod tests {
     fn our_properties_read_back() {
         let attrs = BTreeMap::from([(REPLY_TO.to_owned(), "amq.gen-1".to_owned())]);
         let props = properties("01ID", 5, 3, Some("bad spec"), &attrs).expect("props");
-        let got = read(&props, 1);
+        let got = read(&props);
         assert_eq!(
             got.attributes[REPLY_TO], "amq.gen-1",
             "attributes survive a republish"
         );
-        assert_eq!(got.id, "01ID");
+        assert_eq!(got.id.as_deref(), Some("01ID"));
         assert_eq!(got.priority, 5);
         assert_eq!(got.deliveries, 3);
         assert_eq!(got.reason.as_deref(), Some("bad spec"));

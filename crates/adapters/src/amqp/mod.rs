@@ -2,7 +2,8 @@
 //!
 //! Each logical queue `Q` is a durable classic queue with `x-max-priority: 9`,
 //! declared on first use; its dead letters go to the durable queue `Q.dead`.
-//! Messages are persistent, and every publish waits for the broker's confirm.
+//! Messages are persistent, and every publish waits for the broker's confirm (or, on
+//! a consumer's channel, for the commit of its transaction).
 //!
 //! - **Delay**: a delayed message waits in `Q.delay.<ms>`, a queue whose
 //!   `x-message-ttl` dead-letters it into `Q` when the delay is over. One queue per
@@ -13,13 +14,29 @@
 //!   ends expired leases here: it republishes the message with its delivery count and
 //!   then acks the original. Classic queues do not count deliveries, so the count
 //!   travels in the `x-respawn-deliveries` header.
-//! - **At least once**: every republish (retry, dead-letter, expired lease) is
-//!   confirmed before the original is acked; a crash in between duplicates a message
-//!   but never loses one.
+//! - **Transactions**: each consumer's channel runs in an AMQP transaction, so that a
+//!   copy published back to the message's own queue and the ack of the original take
+//!   effect together (expired leases, retries without delay, and the rewrites below).
+//!   An ack returns once the broker committed it; commits are shared by the acks
+//!   sent meanwhile.
+//! - **Ids and redeliveries**: a message is handed out only if it carries a
+//!   `message_id` and the broker did not flag it as redelivered. One without an id
+//!   (from another client) is first rewritten with a new one, atomically, so it has
+//!   exactly one id however often its connection is lost. One the broker redelivers
+//!   was with a consumer whose connection or channel ended before it was acked (a
+//!   crashed process, say): it is rewritten with that delivery added to its count, so
+//!   a message that keeps killing its consumer reaches the dead-letter queue after
+//!   `max_deliveries`. A rewritten message goes to the back of its queue.
+//! - **Size**: a received message larger than `AmqpOptions::max_message_bytes` goes
+//!   to the dead-letter queue with a reason naming its size. Over `amqp://` its body
+//!   frames are dropped as they arrive, so it is never buffered (see `limit.rs`).
+//! - **At least once**: every republish to another queue (a delay queue, the
+//!   dead-letter queue) is confirmed before the original is acked; a crash in between
+//!   duplicates a message but never loses one.
 //! - **Connection loss**: the next operation reconnects (back-off 100 ms to 5 s).
 //!   Leases taken on the old connection are lost (the broker requeues those
-//!   messages), and a message the broker redelivers counts one delivery more, so that
-//!   a message that kills its worker's process still reaches its dead-letter queue.
+//!   messages, and they count one delivery more, as above; so do messages that were
+//!   pushed ahead to this process and never handed out).
 //!   [`AmqpQueue::close`] puts back what was prefetched but never handed out, so a
 //!   clean shutdown does not count deliveries that never happened.
 //! - **Ordering**: highest priority first, then oldest, among the messages the broker
@@ -29,9 +46,11 @@
 mod consumer;
 mod declare;
 mod lease;
+mod limit;
 mod message;
 mod session;
 mod settle;
+mod tx;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -60,6 +79,11 @@ pub struct AmqpOptions {
     pub prefetch: u16,
     /// Shown by the broker (`rabbitmqctl list_connections client_properties`).
     pub connection_name: String,
+    /// A received message with a larger body goes to its dead-letter queue instead of
+    /// being handed out, with a reason naming its size. Over `amqp://` its body is
+    /// dropped as it arrives, never buffered (so the dead letter has an empty body);
+    /// over `amqps://` it is checked once received.
+    pub max_message_bytes: usize,
 }
 
 impl Default for AmqpOptions {
@@ -68,6 +92,7 @@ impl Default for AmqpOptions {
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             prefetch: 64,
             connection_name: "respawn".into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -90,6 +115,10 @@ pub(crate) struct Inner {
     declaring: tokio::sync::Mutex<()>,
 }
 
+/// The default for [`AmqpOptions::max_message_bytes`]: 1 MiB, the submit queue's
+/// limit; the broker's own messages are far smaller.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = respawn_core::intake::MAX_MESSAGE_BYTES;
+
 /// Consumers a single `receive` may reopen (a queue deleted under it, a dropped
 /// channel) before it gives up.
 const MAX_REOPENS: u32 = 3;
@@ -104,7 +133,11 @@ impl AmqpQueue {
             prefetch: options.prefetch.max(1),
             ..options
         };
-        let link = Link::new(url, &options.connection_name);
+        let uri: lapin::uri::AMQPUri = url
+            .parse()
+            .map_err(|e| Error::Invalid(format!("{}: {e}", redact(url))))?;
+        let max_bytes = u64::try_from(options.max_message_bytes).unwrap_or(u64::MAX);
+        let link = Link::new(uri, &options.connection_name, max_bytes);
         link.connect_once().await?;
         let leases = Arc::new(Leases::default());
         let inner = Arc::new(Inner {
@@ -150,11 +183,10 @@ impl AmqpQueue {
         for consumer in session.take_consumers() {
             let pushed = consumer.stop().await;
             let back = pushed.len();
-            futures::future::join_all(
-                pushed
-                    .into_iter()
-                    .map(|p| self.inner.put_back(&consumer.queue, session.conn_no, p)),
-            )
+            futures::future::join_all(pushed.into_iter().map(|p| {
+                self.inner
+                    .put_back(&consumer.queue, session.conn_no, &consumer, p)
+            }))
             .await;
             tracing::info!(queue = %consumer.queue, put_back = back, "consumer stopped");
         }
@@ -255,7 +287,7 @@ impl Queue for AmqpQueue {
                 .map_err(|e| declare_error(queue, e))?;
             for pushed in consumer.take(opts.max - out.len()) {
                 if let Some(d) = inner
-                    .hand_out(queue, session.conn_no, pushed, opts.lease)
+                    .hand_out(queue, session.conn_no, &consumer, pushed, opts.lease)
                     .await
                 {
                     out.push(d);

@@ -9,11 +9,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use respawn_core::ports::queue::Error;
 use tokio::time::Instant;
 
 use super::consumer::QueueConsumer;
+use super::limit::{self, Oversized};
 use super::{lock, unavailable};
 
 /// First wait after a failed connection attempt; doubled after each failure.
@@ -41,6 +43,8 @@ pub(super) struct Session {
     consumers: Mutex<HashMap<String, Arc<QueueConsumer>>>,
     /// Single-flight for opening consumers, so concurrent receives open one each.
     opening: tokio::sync::Mutex<()>,
+    /// Deliveries on this connection whose bodies were too large to take in.
+    oversized: Arc<Oversized>,
 }
 
 /// What became of a publish the broker confirmed.
@@ -52,9 +56,25 @@ pub(super) enum Published {
 }
 
 impl Session {
-    async fn open(url: &str, name: &str, conn_no: u64) -> Result<Session, lapin::Error> {
-        let props = ConnectionProperties::default().with_connection_name(name.into());
-        let conn = Connection::connect(url, props).await?;
+    async fn open(link: &Link, conn_no: u64) -> Result<Session, lapin::Error> {
+        let props = ConnectionProperties::default().with_connection_name(link.name.as_str().into());
+        let oversized = Arc::new(Oversized::default());
+        let conn = match link.uri.scheme {
+            AMQPScheme::AMQP => {
+                // Frames of at most `limit::FRAME_MAX`, which the size limit relies on
+                // (a smaller maximum in the URL stays).
+                let mut uri = link.uri.clone();
+                uri.query.frame_max = Some(match uri.query.frame_max {
+                    Some(n) if n > 0 => n.min(limit::FRAME_MAX),
+                    _ => limit::FRAME_MAX,
+                });
+                let runtime = limit::runtime(link.max_message_bytes, oversized.clone());
+                Connection::connect_uri_with_runtime(uri, props, runtime).await?
+            }
+            // TLS sits between the socket and lapin, so the frames cannot be read
+            // where the stream can be wrapped: the limit applies after buffering.
+            AMQPScheme::AMQPS => Connection::connect_uri(link.uri.clone(), props).await?,
+        };
         let publisher = conn.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -66,6 +86,7 @@ impl Session {
             publish_order: Mutex::new(()),
             consumers: Mutex::new(HashMap::new()),
             opening: tokio::sync::Mutex::new(()),
+            oversized,
         })
     }
 
@@ -140,7 +161,9 @@ impl Session {
         if let Some(c) = self.live_consumer(queue) {
             return Ok(c);
         }
-        let c = Arc::new(QueueConsumer::open(&self.conn, queue, prefetch).await?);
+        let c = Arc::new(
+            QueueConsumer::open(&self.conn, queue, prefetch, self.oversized.clone()).await?,
+        );
         tracing::debug!(queue, conn_no = self.conn_no, "consumer opened");
         lock(&self.consumers).insert(queue.to_owned(), c.clone());
         Ok(c)
@@ -166,8 +189,10 @@ impl Session {
 
 /// The current session and how to replace it.
 pub(super) struct Link {
-    url: String,
+    uri: AMQPUri,
     name: String,
+    /// Bodies larger than this are not taken in (see `limit.rs`).
+    max_message_bytes: u64,
     current: Mutex<Option<Arc<Session>>>,
     /// Held while reconnecting, so one task reconnects and the others wait for it;
     /// keeps the back-off across operations, so that many callers do not hammer a
@@ -182,10 +207,11 @@ struct Backoff {
 }
 
 impl Link {
-    pub fn new(url: &str, name: &str) -> Link {
+    pub fn new(uri: AMQPUri, name: &str, max_message_bytes: u64) -> Link {
         Link {
-            url: url.to_owned(),
+            uri,
             name: name.to_owned(),
+            max_message_bytes,
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(Backoff {
                 delay: BACKOFF_MIN,
@@ -212,7 +238,7 @@ impl Link {
     /// One connection attempt, for `AmqpQueue::connect`: fail fast there.
     pub async fn connect_once(&self) -> Result<(), Error> {
         let conn_no = self.conn_nos.fetch_add(1, Ordering::Relaxed);
-        let session = attempt(&self.url, &self.name, conn_no).await?;
+        let session = attempt(self, conn_no).await?;
         tracing::info!(connection_name = %self.name, conn_no, "connected to the broker");
         *self.slot() = Some(Arc::new(session));
         Ok(())
@@ -263,7 +289,7 @@ impl Link {
                 tokio::time::sleep_until(at).await;
             }
             let conn_no = self.conn_nos.fetch_add(1, Ordering::Relaxed);
-            match attempt(&self.url, &self.name, conn_no).await {
+            match attempt(self, conn_no).await {
                 Ok(session) => {
                     tracing::info!(connection_name = %self.name, conn_no, "reconnected to the broker");
                     backoff.delay = BACKOFF_MIN;
@@ -290,8 +316,8 @@ impl Link {
     }
 }
 
-async fn attempt(url: &str, name: &str, conn_no: u64) -> Result<Session, Error> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, Session::open(url, name, conn_no)).await {
+async fn attempt(link: &Link, conn_no: u64) -> Result<Session, Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Session::open(link, conn_no)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(unavailable(e)),
         Err(_) => Err(Error::Unavailable(

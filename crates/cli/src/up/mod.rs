@@ -264,6 +264,8 @@ async fn open_queue(
             // Enough unacked submissions in flight for the store's group commits to
             // fill up; each message waits only for its own job to be durable.
             prefetch: 256,
+            // Larger submissions are dead-lettered before their bodies are buffered.
+            max_message_bytes: respawn_core::intake::MAX_MESSAGE_BYTES,
             ..AmqpOptions::default()
         };
         let q = AmqpQueue::connect(url, options)
