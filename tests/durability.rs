@@ -19,22 +19,21 @@ async fn a_jobs_spec_is_fsynced_with_its_folder_before_the_api_answers() {
     let trace = dir.path().join("fsyncs.txt");
     let trace_arg = trace.display().to_string();
     // No slots: the job stays pending, and the trace holds the submission only.
-    let up = Up::start_wrapped(
-        &data,
-        &["--slots", "0"],
-        &[],
-        &[
-            strace,
-            "-f",
-            "-qq",
-            "-y",
-            "-e",
-            "trace=fsync,fdatasync",
-            "-o",
-            &trace_arg,
-        ],
-    )
-    .await;
+    let wrapper = [
+        strace,
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=fsync,fdatasync",
+        "-o",
+        &trace_arg,
+    ];
+    let how = How {
+        wrapper: &wrapper,
+        ..How::default()
+    };
+    let up = Up::start_how(&data, &["--slots", "0"], how).await;
     let id = up.submit("name: durable\ncommand: ['true']\n").await["id"]
         .as_str()
         .unwrap()

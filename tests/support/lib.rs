@@ -32,6 +32,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// How to start `respawn up`, besides its arguments.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct How<'a> {
+    /// Variables added to the broker's environment.
+    pub env: &'a [(&'a str, &'a str)],
+    /// A command to run it under (e.g. `strace -f -o FILE`).
+    pub wrapper: &'a [&'a str],
+    /// Run it in this folder, with `--data` relative to it (as users type it).
+    pub relative_to: Option<&'a Path>,
+}
+
 /// A running `respawn up`.
 #[derive(Debug)]
 pub struct Up {
@@ -51,16 +62,20 @@ impl Up {
 
     /// [`Up::start`], with variables added to the broker's environment.
     pub async fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Up {
-        Up::start_wrapped(data, extra, env, &[]).await
+        let how = How {
+            env,
+            ..How::default()
+        };
+        Up::start_how(data, extra, how).await
     }
 
-    /// [`Up::start_with_env`], run under `wrapper` (e.g. `strace -f -o FILE`).
-    pub async fn start_wrapped(
-        data: &Path,
-        extra: &[&str],
-        env: &[(&str, &str)],
-        wrapper: &[&str],
-    ) -> Up {
+    /// [`Up::start`], the way `how` says.
+    pub async fn start_how(data: &Path, extra: &[&str], how: How<'_>) -> Up {
+        let How {
+            env,
+            wrapper,
+            relative_to,
+        } = how;
         let port = free_port();
         let log = data.join(format!("up-{port}.log"));
         std::fs::create_dir_all(data).unwrap();
@@ -74,10 +89,16 @@ impl Up {
             }
             None => Command::new(&respawn),
         };
+        if let Some(cwd) = relative_to {
+            cmd.current_dir(cwd);
+        }
+        let data_arg = relative_to
+            .and_then(|cwd| data.strip_prefix(cwd).ok())
+            .unwrap_or(data);
         let child = cmd
             .arg("up")
             .arg("--data")
-            .arg(data)
+            .arg(data_arg)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),

@@ -12,7 +12,7 @@ mod jobs;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_agent;
+mod tests_isolation;
 
 use axum::Router;
 use axum::routing::{delete, get, post};

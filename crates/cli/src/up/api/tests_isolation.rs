@@ -1,4 +1,4 @@
-//! The agents' channel: a credential speaks for its own attempt only.
+//! What the API gives agents and workloads: a credential speaks for its own attempt only; tokens for others need a sandbox.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -194,4 +194,32 @@ async fn secrets_go_to_the_live_attempt_only() {
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
+#[tokio::test]
+async fn without_a_sandbox_no_tokens_for_others_unless_the_operator_says_so() {
+    use respawn_core::ports::tokens::Scope;
+    let mut f = fixture().await;
+    let body = r#"{"name": "ci", "scopes": ["submit", "read"]}"#;
+    f.stack.sandboxed = false;
+    f.stack.config.isolation = crate::up::Isolation::Auto;
+    let admin = token(&f.stack, "default", &[Scope::Admin]).await;
+    let (status, answer) = call(&f.stack, Method::POST, "/v1/tokens", Some(&admin), body).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("--isolation none"),
+        "{answer}"
+    );
+    // --isolation none: the operator accepted it.
+    f.stack.config.isolation = crate::up::Isolation::None;
+    let (status, answer) = call(&f.stack, Method::POST, "/v1/tokens", Some(&admin), body).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    // And a sandboxed stack never asks.
+    f.stack.config.isolation = crate::up::Isolation::Auto;
+    f.stack.sandboxed = true;
+    let (status, answer) = call(&f.stack, Method::POST, "/v1/tokens", Some(&admin), body).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
 }
