@@ -61,6 +61,16 @@ impl AttemptKey {
         mac
     }
 
+    /// A key for another purpose (`label`), derived from this one, so that one
+    /// secret on disk serves several without any two sharing a key.
+    pub fn derive(&self, label: &str) -> Vec<u8> {
+        let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(b"derive/");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// The credential of `job`'s attempt `attempt`.
     pub fn credential(&self, job: &JobId, attempt: u32) -> String {
         let tag = hex::encode(self.mac(job, attempt).finalize().into_bytes());

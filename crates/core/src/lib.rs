@@ -18,6 +18,7 @@ pub mod messages;
 pub mod ports;
 pub mod project;
 pub mod schema;
+pub mod seal;
 pub mod spec;
 pub mod sweep;
 pub mod time;

@@ -24,6 +24,7 @@ use respawn_adapters::local::{
 };
 use respawn_core::lifecycle::Timeouts;
 use respawn_core::ports::{Blobs, Ports, QueueNames};
+use respawn_core::seal::SealedQueue;
 use respawn_core::time::SystemClock;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -159,6 +160,17 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
         .map_err(|e| setup("cannot read or create the agent key", &e))?;
     let queues = QueueNames::with_prefix(&config.queue_prefix);
     let (queue, replies) = open_queue(&config, &store).await?;
+    // Only the broker writes its own queues: what it did not seal is dead-lettered
+    // unread (the queue server may be reachable by workloads, on loopback).
+    let queue: Arc<dyn respawn_core::ports::Queue> = Arc::new(SealedQueue::new(
+        queue,
+        &attempt_key.derive("respawn queue seal"),
+        [
+            queues.dispatch.clone(),
+            queues.events.clone(),
+            queues.notify.clone(),
+        ],
+    ));
     let agent_bin = sibling_binary("respawn-agent").ok_or_else(|| {
         Error::Setup(
             "respawn-agent not found next to respawn; build the workspace (cargo build)".into(),
