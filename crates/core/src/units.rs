@@ -116,9 +116,9 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_size(s).map(ByteSize).ok_or_else(|| {
-            format!("expected a size such as 16GiB or 512MB (at most 6 digits before the unit), got {s:?}")
-        })
+        parse_size(s)
+            .map(ByteSize)
+            .ok_or_else(|| format!("expected a size such as 16GiB or 512MB, got {s:?}"))
     }
 }
 
@@ -308,9 +308,9 @@ impl FromStr for HumanDuration {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_duration(s).map(HumanDuration).ok_or_else(|| {
-            format!("expected a duration above zero such as 30m or 1h30m, got {s:?}")
-        })
+        parse_duration(s)
+            .map(HumanDuration)
+            .ok_or_else(|| format!("expected a duration such as 30m or 1h30m, got {s:?}"))
     }
 }
 

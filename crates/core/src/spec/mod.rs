@@ -21,7 +21,7 @@ use crate::units::{ByteSize, HumanDuration};
 
 pub(crate) use de::whole;
 pub use parse::{Format, parse, parse_file, parse_json_value};
-pub use validate::{FieldError, SpecError};
+pub use validate::{FieldError, SpecError, check_idempotency_key};
 
 /// A training job, as submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -158,17 +158,10 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             );
         }
     }
-    if let Some(k) = &spec.idempotency_key {
-        let len = k.chars().count();
-        if !(1..=grammar::MAX_IDEMPOTENCY_KEY).contains(&len) {
-            errs.push(
-                "idempotency_key",
-                format!(
-                    "expected 1 to {} characters, got {len}",
-                    grammar::MAX_IDEMPOTENCY_KEY
-                ),
-            );
-        }
+    if let Some(k) = &spec.idempotency_key
+        && let Err(e) = check_idempotency_key(k)
+    {
+        errs.0.extend(e.errors);
     }
     for (i, url) in spec.notify.iter().enumerate() {
         if !grammar::is_url(url) {
@@ -182,6 +175,22 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         Ok(())
     } else {
         Err(SpecError { errors: errs.0 })
+    }
+}
+
+/// An idempotency key's length: 1 to 255 characters.
+pub fn check_idempotency_key(k: &str) -> Result<(), SpecError> {
+    let len = k.chars().count();
+    if (1..=grammar::MAX_IDEMPOTENCY_KEY).contains(&len) {
+        Ok(())
+    } else {
+        Err(SpecError::one(
+            "idempotency_key",
+            format!(
+                "expected 1 to {} characters, got {len}",
+                grammar::MAX_IDEMPOTENCY_KEY
+            ),
+        ))
     }
 }
 

@@ -6,10 +6,13 @@ mod admin;
 mod arrays;
 mod auth;
 mod error;
+mod extract;
 mod hooks;
 mod jobs;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_access;
 
 use axum::Router;
 use axum::routing::{delete, get, post};
@@ -59,5 +62,9 @@ pub fn app(stack: Stack) -> Router {
         .route("/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/v1/preempt", post(admin::preempt))
         .route("/v1/vms", get(admin::vms))
+        // Every answer is JSON, the router's own 404 and 405 included (axum adds
+        // the Allow header to the 405).
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { ApiError::NotFound("no such route; see schemas/openapi.json".into()) })
         .with_state(stack)
 }
