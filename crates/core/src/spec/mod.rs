@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::{ByteSize, HumanDuration};
 
 pub(crate) use de::whole;
-pub use parse::{Format, parse, parse_file, parse_json_value};
+pub use parse::{Format, parse, parse_file, parse_json_value, yaml_document};
 pub use validate::{FieldError, SpecError, check_idempotency_key};
 
 /// A training job, as submitted.

@@ -76,9 +76,17 @@ pub async fn submit(
     caller.require(Scope::Submit)?;
     let mut spec = spec::parse(&body.text, body.format).map_err(ApiError::Invalid)?;
     if let Some(key) = headers.get("idempotency-key") {
+        // Visible ASCII, spaces only inside: what the OpenAPI document's pattern says.
         let key = key
             .to_str()
-            .map_err(|_| ApiError::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
+            .ok()
+            .filter(|k| k.chars().all(|c| (' '..='~').contains(&c)))
+            .filter(|k| !k.starts_with(' ') && !k.ends_with(' '))
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "Idempotency-Key must be visible ASCII, with spaces only inside".into(),
+                )
+            })?;
         match &spec.idempotency_key {
             Some(k) if k != key => {
                 return Err(ApiError::BadRequest(format!(
@@ -194,9 +202,9 @@ pub struct LogParams {
     attempt: Option<u32>,
     stream: Option<String>,
     /// The chunk to start in (the previous answer's `next`).
-    after: Option<u64>,
+    after: Option<u32>,
     /// Bytes of that chunk already read (the previous answer's `offset`).
-    offset: Option<u64>,
+    offset: Option<u32>,
     /// At most this many bytes of text in the answer.
     max_bytes: Option<u64>,
 }
@@ -235,8 +243,8 @@ pub async fn logs(
         )));
     }
     let from = Cursor {
-        chunk: p.after.unwrap_or(0),
-        offset: p.offset.unwrap_or(0),
+        chunk: p.after.map_or(0, u64::from),
+        offset: p.offset.map_or(0, u64::from),
     };
     let page = read_log(&stack, &id, attempt, stream, from, budget).await?;
     let live = rec

@@ -142,6 +142,13 @@ async fn every_rejection_is_a_json_error() {
             StatusCode::BAD_REQUEST,
         ),
         (
+            Method::POST,
+            "/v1/jobs",
+            vec![auth, ("idempotency-key", "a\tb")],
+            SPEC.as_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
             Method::GET,
             "/v1/nothing-here",
             vec![auth],
@@ -507,4 +514,56 @@ async fn log_pages_are_bounded_and_page_through_every_byte() {
     .await;
     assert_eq!(s, StatusCode::OK);
     assert!(page["text"].as_str().unwrap().len() as u64 <= super::jobs::DEFAULT_LOG_BYTES);
+}
+
+/// Each operation of `schemas/openapi.json` documents the errors the router can
+/// give it, each as the JSON `Error`: 401 and 403 where a token is needed, 400
+/// where there is a path, query or body to get wrong, 413 and 422 for bodies and
+/// 415 for JSON-only bodies.
+#[test]
+fn the_document_promises_every_error_status() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/openapi.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let resolve = |r: &Value| -> Value {
+        match r["$ref"].as_str() {
+            Some(name) => doc["components"]["responses"][name.rsplit('/').next().unwrap()].clone(),
+            None => r.clone(),
+        }
+    };
+    for (route, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let label = format!("{} {route}", method.to_uppercase());
+            let responses = op["responses"].as_object().unwrap();
+            let has = |code: &str| responses.contains_key(code);
+            let secured = op
+                .get("security")
+                .is_none_or(|s| !s.as_array().unwrap().is_empty());
+            if secured {
+                assert!(has("401") && has("403"), "{label}: 401 and 403");
+            }
+            let params = op["parameters"].as_array().is_some_and(|p| !p.is_empty());
+            if let Some(body) = op.get("requestBody") {
+                assert!(
+                    has("400") && has("413") && has("422"),
+                    "{label}: body errors"
+                );
+                let types: Vec<_> = body["content"].as_object().unwrap().keys().collect();
+                if types == ["application/json"] && route != "/v1/hooks/{name}" {
+                    assert!(has("415"), "{label}: 415");
+                }
+            } else if params && route != "/v1/hooks/{name}" && route != "/v1/tokens/{id}" {
+                assert!(has("400"), "{label}: 400");
+            }
+            for (code, response) in responses {
+                if code.starts_with('2') {
+                    continue;
+                }
+                let schema = &resolve(response)["content"]["application/json"]["schema"];
+                assert_eq!(
+                    schema["$ref"], "#/components/schemas/Error",
+                    "{label} {code}"
+                );
+            }
+        }
+    }
 }
