@@ -201,15 +201,8 @@ async fn a_project_cannot_see_or_touch_another_projects_jobs() {
     );
     let (_, list) = call(&f.stack, Method::GET, "/v1/jobs", Some(&a), "").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
-    let (s, _) = call(
-        &f.stack,
-        Method::POST,
-        "/v1/preempt",
-        Some(&b),
-        &format!("{{\"target\": \"{id}\"}}"),
-    )
-    .await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "B cannot preempt A's job");
+    // Preempting needs a running VM, which this fixture has none of: see
+    // tests/projects.rs for B's preempt and cancel against A's running job.
     let reach = "name: b\ncommand: [\"true\"]\ninputs: [bucket://projects/proj-a/data.csv]\noutputs: s3://models/projects/proj-a/out/\n";
     let (s, body) = call(&f.stack, Method::POST, "/v1/jobs", Some(&b), reach).await;
     assert_eq!(
