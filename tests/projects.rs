@@ -131,3 +131,66 @@ async fn another_project_cannot_touch_a_running_job() {
         .await;
     assert_eq!(status, 200, "{cancelled}");
 }
+
+/// `respawn logs -f` follows a job across a preemption: what it prints is every
+/// attempt's output, in order, and it ends when the job does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_a_job_across_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let csv = dir.path().join("x.csv");
+    generate_csv(200, &csv);
+    drop_file(
+        &data.join("bucket/data/x.csv"),
+        &std::fs::read(&csv).unwrap(),
+    );
+    let up = Up::start(&data, &["--slots", "2", "--notice", "2s"]).await;
+    let job = up
+        .submit(
+            "name: followed\ncommand: [respawn-trainer, --steps, \"600\", --checkpoint-every, \"50\", \
+             --step-delay-ms, \"5\", --log-every, \"1\"]\ninputs: [bucket://data/x.csv]\n",
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let follower = tokio::process::Command::new(binary("respawn"))
+        .args([
+            "logs",
+            &id,
+            "-f",
+            "--endpoint",
+            &up.base,
+            "--token",
+            &up.token(),
+        ])
+        .output();
+    let follower = tokio::spawn(follower);
+    up.wait_job(&id, Duration::from_secs(60), "running", |j| {
+        j["state"] == "running"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(up.preempt(&id, Duration::from_secs(1)).await, "preempted");
+    let done = up
+        .wait_job(&id, Duration::from_secs(120), "the end", |j| {
+            j["state"] == "succeeded" || j["state"] == "failed"
+        })
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    let attempts = done["attempts"].as_array().unwrap().len() as u64;
+    assert!(attempts >= 2, "{done:#}");
+    let out = tokio::time::timeout(Duration::from_secs(30), follower)
+        .await
+        .expect("respawn logs -f ends with the job")
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let shipped: String = (1..=attempts).map(|n| up.attempt_stdout(&id, n)).collect();
+    assert_eq!(printed, shipped, "every attempt's output, in order");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--- attempt 2 ---"), "{stderr}");
+}
