@@ -237,6 +237,16 @@ mod tests {
     }
 
     #[test]
+    fn only_templates_may_name_local_files() {
+        // A spec sent whole is the submitter's text; a template is the operator's.
+        let body =
+            br#"{"spec": {"name": "j", "command": ["true"], "inputs": ["file:///etc/passwd"]}}"#;
+        assert!(!read(body, None, None, &templates()).unwrap().local_files);
+        let body = br#"{"template": "mlp", "params": {"lr": 0.01}}"#;
+        assert!(read(body, None, None, &templates()).unwrap().local_files);
+    }
+
+    #[test]
     fn a_template_message_fills_its_params() {
         let body = br#"{"template": "mlp", "params": {"lr": 0.01}}"#;
         let sub = read(body, None, None, &templates()).unwrap();
