@@ -113,6 +113,7 @@ impl World {
             spec,
             project: "default".into(),
             reply_to: None,
+            local_files: false,
         };
         let id = handlers::submit(&ports, sub).await.unwrap().job.id;
         World {

@@ -63,7 +63,7 @@ async fn all_jobs(ports: &Ports) -> Vec<JobRecord> {
 #[tokio::test]
 async fn a_grid_makes_one_job_per_combination() {
     let ports = ports();
-    let out = submit_array(&ports, &sweep(SWEEP), "default")
+    let out = submit_array(&ports, &sweep(SWEEP), "default", false)
         .await
         .unwrap();
     assert_eq!(out.jobs.len(), 6);
@@ -96,8 +96,8 @@ async fn a_grid_makes_one_job_per_combination() {
 async fn resubmitting_with_the_key_returns_the_same_array() {
     let ports = ports();
     let s = sweep(SWEEP);
-    let first = submit_array(&ports, &s, "default").await.unwrap();
-    let again = submit_array(&ports, &s, "default").await.unwrap();
+    let first = submit_array(&ports, &s, "default", false).await.unwrap();
+    let again = submit_array(&ports, &s, "default", false).await.unwrap();
     assert_eq!(again.created, 0);
     assert_eq!(again.array, first.array);
     assert_eq!(again.jobs, first.jobs);
@@ -106,7 +106,9 @@ async fn resubmitting_with_the_key_returns_the_same_array() {
     // The same key in another project is another array (the input is left out:
     // it is outside that project's prefix).
     let elsewhere = sweep(&SWEEP.replace("  inputs: [\"bucket://incoming/blobs.csv\"]\n", ""));
-    let other = submit_array(&ports, &elsewhere, "research").await.unwrap();
+    let other = submit_array(&ports, &elsewhere, "research", false)
+        .await
+        .unwrap();
     assert_eq!(other.created, 6);
     assert_ne!(other.array, first.array);
 }
@@ -114,7 +116,7 @@ async fn resubmitting_with_the_key_returns_the_same_array() {
 #[tokio::test]
 async fn progress_counts_the_array_in_index_order() {
     let ports = ports();
-    let out = submit_array(&ports, &sweep(SWEEP), "default")
+    let out = submit_array(&ports, &sweep(SWEEP), "default", false)
         .await
         .unwrap();
     let progress = array_progress(&ports, &out.array).await.unwrap();
@@ -135,8 +137,8 @@ async fn progress_counts_the_array_in_index_order() {
 async fn without_a_key_each_submission_is_a_new_array() {
     let ports = ports();
     let s = sweep(&SWEEP.replace("idempotency_key: sweep-2026-11-26", ""));
-    let a = submit_array(&ports, &s, "default").await.unwrap();
-    let b = submit_array(&ports, &s, "default").await.unwrap();
+    let a = submit_array(&ports, &s, "default", false).await.unwrap();
+    let b = submit_array(&ports, &s, "default", false).await.unwrap();
     assert_eq!((a.created, b.created), (6, 6));
     assert_ne!(a.array, b.array);
     assert!(a.jobs.iter().all(|id| !b.jobs.contains(id)));
@@ -159,7 +161,7 @@ async fn progress_pages_through_large_arrays() {
         a.join(","),
         b.join(",")
     );
-    let out = submit_array(&ports, &sweep(&text), "default")
+    let out = submit_array(&ports, &sweep(&text), "default", false)
         .await
         .unwrap();
     assert_eq!(out.created, 1050);
@@ -174,10 +176,10 @@ async fn a_job_outside_the_project_refuses_the_sweep_whole() {
     let ports = ports();
     // Job 0 stays in the project's prefix, job 1 reaches into another project's.
     let text = "name: s\ntemplate: { name: j, command: [x], inputs: [\"bucket://projects/${param.p}/data.csv\"] }\ngrid: { p: [vision, other] }\n";
-    let err = submit_array(&ports, &sweep(text), "vision")
+    let err = submit_array(&ports, &sweep(text), "vision", false)
         .await
         .unwrap_err();
-    assert!(matches!(err, handlers::Error::Spec(_)), "{err}");
+    assert!(matches!(err, handlers::Error::Denied(_)), "{err}");
     let text = err.to_string();
     assert!(
         text.contains("template.inputs[0].uri") && text.contains("(job 1)"),
@@ -191,7 +193,7 @@ async fn a_sweep_with_a_bad_job_makes_none() {
     let ports = ports();
     // The first job is valid (so the sweep parses); the second is not.
     let text = "name: s\ntemplate: { name: j, command: [x], inputs: [\"${param.uri}\"] }\nlist: [{ uri: \"bucket://a\" }, { uri: nope }]\n";
-    let err = submit_array(&ports, &sweep(text), "default")
+    let err = submit_array(&ports, &sweep(text), "default", false)
         .await
         .unwrap_err();
     assert!(matches!(err, handlers::Error::Spec(_)), "{err}");

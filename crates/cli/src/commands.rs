@@ -159,8 +159,15 @@ async fn wait_for(client: &Client, id: &str, quiet: bool) -> Result<ExitCode, St
 
 pub async fn token(client: &Client, action: TokenAction, out: Output) -> Result<ExitCode, String> {
     let answer: Value = match action {
-        TokenAction::Create { name, scopes } => {
-            let body = json!({ "name": name, "scopes": scopes });
+        TokenAction::Create {
+            name,
+            scopes,
+            project,
+        } => {
+            let mut body = json!({ "name": name, "scopes": scopes });
+            if let Some(p) = project {
+                body["project"] = json!(p);
+            }
             let created: Value = client.post_json("/v1/tokens", &body).await?;
             if out == Output::Table {
                 eprintln!(
@@ -172,7 +179,13 @@ pub async fn token(client: &Client, action: TokenAction, out: Output) -> Result<
             }
             created
         }
-        TokenAction::List => client.get("/v1/tokens").await?,
+        TokenAction::List { project } => {
+            let path = match project {
+                Some(p) => format!("/v1/tokens?project={p}"),
+                None => "/v1/tokens".to_owned(),
+            };
+            client.get(&path).await?
+        }
         TokenAction::Revoke { id } => client.delete(&format!("/v1/tokens/{id}")).await?,
     };
     if out == Output::Json {
@@ -350,18 +363,26 @@ pub async fn logs(
     attempt: Option<u32>,
     stderr: bool,
 ) -> Result<ExitCode, String> {
+    use std::io::Write;
     let stream = if stderr { "stderr" } else { "stdout" };
     let mut attempt = attempt;
-    let mut after = 0u64;
+    let (mut after, mut offset) = (0u64, 0u64);
     loop {
-        let mut path = format!("/v1/jobs/{id}/logs?stream={stream}&after={after}");
+        let mut path = format!("/v1/jobs/{id}/logs?stream={stream}&after={after}&offset={offset}");
         if let Some(a) = attempt {
             path.push_str(&format!("&attempt={a}"));
         }
         let page: Value = client.get(&path).await?;
         print!("{}", page["text"].as_str().unwrap_or_default());
+        let _ = std::io::stdout().flush();
         after = page["next"].as_u64().unwrap_or(after);
+        offset = page["offset"].as_u64().unwrap_or(0);
         let this = page["attempt"].as_u64().unwrap_or(1) as u32;
+        attempt = Some(this);
+        if page["more"].as_bool().unwrap_or(false) {
+            // Each answer is bounded; what is already there comes page by page.
+            continue;
+        }
         if !follow {
             return Ok(ExitCode::SUCCESS);
         }
@@ -372,14 +393,13 @@ pub async fn logs(
                 // Follow across attempts: the job moved on; show the next one.
                 eprintln!("--- attempt {} ---", this + 1);
                 attempt = Some(this + 1);
-                after = 0;
+                (after, offset) = (0, 0);
                 continue;
             }
             if state.is_some_and(JobState::is_terminal) {
                 return Ok(ExitCode::SUCCESS);
             }
         }
-        attempt = Some(this);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -122,7 +122,7 @@ enum Command {
     },
     /// A job with its attempt history.
     Show { id: String },
-    /// API tokens of your project.
+    /// API tokens of your project (the stack owner: of any project).
     Token {
         #[command(subcommand)]
         action: TokenAction,
@@ -171,8 +171,16 @@ enum TokenAction {
         /// Comma-separated: submit, read, cancel, admin.
         #[arg(long, value_delimiter = ',', default_value = "submit,read")]
         scopes: Vec<String>,
+        /// The project the token is for (default: your token's). Only the stack
+        /// owner (an admin of the default project) mints for other projects.
+        #[arg(long)]
+        project: Option<String>,
     },
-    List,
+    List {
+        /// Only this project's tokens (the stack owner sees every project by default).
+        #[arg(long)]
+        project: Option<String>,
+    },
     Revoke {
         id: String,
     },

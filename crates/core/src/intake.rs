@@ -60,13 +60,15 @@ pub enum Rejection {
     UnknownTemplate { name: String, known: String },
     #[error("invalid job spec:\n{0}")]
     Invalid(SpecError),
+    #[error("not allowed:\n{0}")]
+    Denied(SpecError),
 }
 
 impl Rejection {
     /// The field errors, for a machine-readable reply.
     pub fn errors(&self) -> &[FieldError] {
         match self {
-            Rejection::Malformed(e) | Rejection::Invalid(e) => &e.errors,
+            Rejection::Malformed(e) | Rejection::Invalid(e) | Rejection::Denied(e) => &e.errors,
             _ => &[],
         }
     }
@@ -148,9 +150,11 @@ pub fn read(
     let mut de = serde_json::Deserializer::from_str(text);
     let msg: SubmitMessage = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| Rejection::Malformed(SpecError::from_path_error(e)))?;
-    let value = match (msg.spec, msg.template) {
-        (Some(spec), None) => spec,
-        (None, Some(name)) => render(templates, &name, &msg.params)?,
+    // A template is the operator's file; a spec sent whole is the submitter's own
+    // text and may not name the broker host's files.
+    let (value, local_files) = match (msg.spec, msg.template) {
+        (Some(spec), None) => (spec, false),
+        (None, Some(name)) => (render(templates, &name, &msg.params)?, true),
         _ => {
             let e = SpecError::one("", "expected exactly one of `spec` and `template`");
             return Err(Rejection::Malformed(e));
@@ -171,6 +175,7 @@ pub fn read(
             .project
             .unwrap_or_else(|| crate::project::DEFAULT.to_owned()),
         reply_to,
+        local_files,
     })
 }
 
@@ -229,6 +234,16 @@ mod tests {
         let sub = read(body, Some("m-1"), None, &templates()).unwrap();
         assert_eq!(sub.spec.idempotency_key.as_deref(), Some("amqp:m-1"));
         assert_eq!(sub.project, "default");
+    }
+
+    #[test]
+    fn only_templates_may_name_local_files() {
+        // A spec sent whole is the submitter's text; a template is the operator's.
+        let body =
+            br#"{"spec": {"name": "j", "command": ["true"], "inputs": ["file:///etc/passwd"]}}"#;
+        assert!(!read(body, None, None, &templates()).unwrap().local_files);
+        let body = br#"{"template": "mlp", "params": {"lr": 0.01}}"#;
+        assert!(read(body, None, None, &templates()).unwrap().local_files);
     }
 
     #[test]

@@ -1,14 +1,24 @@
 //! Projects: who may touch which part of the bucket.
 //!
 //! Project `P` owns the keys under `projects/P/` in every bucket its jobs name
-//! (`bucket://projects/P/…`, `s3://<bucket>/projects/P/…`). The `default` project
-//! owns everything outside `projects/`. A job may read inputs from and write outputs
-//! and checkpoints to its own project's keys only; local files (`file://`) only in the
-//! `default` project, which is the single user's local stack.
+//! (`bucket://projects/P/…`, `s3://<bucket>/projects/P/…`). `jobs/` belongs to the
+//! broker: it holds every job's spec, checkpoints, logs and outputs, so no job may
+//! name it — except its own outputs, `jobs/<its id>/outputs/…`, once its id is
+//! known. The `default` project owns the rest, outside `projects/` and `jobs/`.
+//!
+//! Local files (`file://`) are read and written on the host by the agent, as the
+//! broker's user, who can read every token and secret of the stack. They are only
+//! for the `default` project, and only for specs whose text the operator wrote
+//! (trigger rules, hook templates, queue templates from the operator's folders) or
+//! an admin token sent; see [`crate::handlers::Submission::local_files`].
 
+use crate::job::JobId;
 use crate::spec::{FieldError, JobSpec, SpecError};
 
 pub const DEFAULT: &str = "default";
+
+/// The broker's own prefix in the bucket.
+pub const BROKER_PREFIX: &str = "jobs/";
 
 /// Whether `name` can be a project: 1–64 of `a-z`, `0-9`, `-`, `_`.
 pub fn valid_name(name: &str) -> bool {
@@ -40,7 +50,26 @@ fn key_of(uri: &str) -> Option<(&str, &str)> {
     Some((scheme, key.trim_start_matches('/')))
 }
 
-fn check_uri(project: &str, path: &str, uri: &str, errs: &mut Vec<FieldError>) {
+/// Who is submitting, as far as the bucket is concerned.
+#[derive(Debug, Clone, Copy)]
+pub struct Submitter<'a> {
+    pub project: &'a str,
+    /// The job's id when known: its own outputs may be named under `jobs/<id>/outputs/`.
+    pub job: Option<&'a JobId>,
+    /// Whether `file://` may be named (the spec's text is the operator's).
+    pub local_files: bool,
+}
+
+/// Which field names a URI: what may be there differs for outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Input,
+    Outputs,
+    Checkpoint,
+}
+
+fn check_uri(who: Submitter<'_>, field: Field, path: &str, uri: &str, errs: &mut Vec<FieldError>) {
+    let project = who.project;
     let mut deny = |message: String| {
         errs.push(FieldError {
             path: path.to_owned(),
@@ -58,6 +87,23 @@ fn check_uri(project: &str, path: &str, uri: &str, errs: &mut Vec<FieldError>) {
             deny(format!(
                 "file:// URIs are only for the default project; project {project} uses its bucket prefix projects/{project}/"
             ));
+        } else if !who.local_files {
+            deny(
+                "file:// URIs are read and written on the broker's host, so only specs from the operator (trigger rules, hook and queue templates) or an admin token may name them; use the bucket (bucket://…)"
+                    .to_owned(),
+            );
+        }
+        return;
+    }
+    if key.starts_with(BROKER_PREFIX) || key == "jobs" {
+        let own_outputs = who
+            .job
+            .map(|id| format!("{BROKER_PREFIX}{id}/outputs/"))
+            .filter(|own| field == Field::Outputs && key.starts_with(own.as_str()));
+        if own_outputs.is_none() {
+            deny(format!(
+                "{uri} is in jobs/, which belongs to the broker (every job's spec, checkpoints, logs and outputs); a job may name only its own jobs/<id>/outputs/"
+            ));
         }
         return;
     }
@@ -73,23 +119,24 @@ fn check_uri(project: &str, path: &str, uri: &str, errs: &mut Vec<FieldError>) {
     }
 }
 
-/// Rejects a spec whose URIs reach outside `project`'s keys.
-pub fn check_access(spec: &JobSpec, project: &str) -> Result<(), SpecError> {
+/// Rejects a spec whose URIs reach outside what `who` may touch, naming each field.
+pub fn check_access(spec: &JobSpec, who: Submitter<'_>) -> Result<(), SpecError> {
     let mut errs = Vec::new();
-    if let Err(message) = check_name(project) {
+    if let Err(message) = check_name(who.project) {
         errs.push(FieldError {
             path: String::new(),
             message: format!("project: {message}"),
         });
     }
     for (i, input) in spec.inputs.iter().enumerate() {
-        check_uri(project, &format!("inputs[{i}].uri"), &input.uri, &mut errs);
+        let path = format!("inputs[{i}].uri");
+        check_uri(who, Field::Input, &path, &input.uri, &mut errs);
     }
     if let Some(o) = &spec.outputs {
-        check_uri(project, "outputs", o, &mut errs);
+        check_uri(who, Field::Outputs, "outputs", o, &mut errs);
     }
     if let Some(c) = &spec.checkpoint.uri {
-        check_uri(project, "checkpoint.uri", c, &mut errs);
+        check_uri(who, Field::Checkpoint, "checkpoint.uri", c, &mut errs);
     }
     if errs.is_empty() {
         Ok(())
@@ -106,12 +153,12 @@ mod tests {
     use crate::spec::{Format, parse};
 
     fn spec(inputs: &[&str], outputs: Option<&str>) -> JobSpec {
-        let mut text = String::from("name: j\ncommand: [x]\ninputs:\n");
+        let mut text = String::from("name: j\ncommand: [x]\n");
+        if !inputs.is_empty() {
+            text.push_str("inputs:\n");
+        }
         for i in inputs {
             text.push_str(&format!("  - {i}\n"));
-        }
-        if inputs.is_empty() {
-            text = String::from("name: j\ncommand: [x]\n");
         }
         if let Some(o) = outputs {
             text.push_str(&format!("outputs: {o}\n"));
@@ -119,42 +166,100 @@ mod tests {
         parse(&text, Format::Yaml).unwrap()
     }
 
+    fn api(project: &str) -> Submitter<'_> {
+        Submitter {
+            project,
+            job: None,
+            local_files: false,
+        }
+    }
+
+    fn operator(project: &str) -> Submitter<'_> {
+        Submitter {
+            local_files: true,
+            ..api(project)
+        }
+    }
+
     #[test]
     fn projects_stay_in_their_prefix() {
-        assert!(
-            check_access(
-                &spec(
-                    &["bucket://projects/a/data.csv"],
-                    Some("s3://b/projects/a/out/")
-                ),
-                "a"
-            )
-            .is_ok()
+        let ok = spec(
+            &["bucket://projects/a/data.csv"],
+            Some("s3://b/projects/a/out/"),
         );
-        let e = check_access(&spec(&["bucket://projects/b/data.csv"], None), "a").unwrap_err();
+        assert!(check_access(&ok, api("a")).is_ok());
+        let e = check_access(&spec(&["bucket://projects/b/data.csv"], None), api("a")).unwrap_err();
         assert_eq!(e.errors[0].path, "inputs[0].uri");
         assert!(e.errors[0].message.contains("outside project a"));
-        let e = check_access(&spec(&[], Some("s3://b/projects/ab/x")), "a").unwrap_err();
+        let e = check_access(&spec(&[], Some("s3://b/projects/ab/x")), api("a")).unwrap_err();
         assert_eq!(
             e.errors[0].path, "outputs",
             "a prefix of another project's name is not the project"
         );
-        assert!(check_access(&spec(&["file:///etc/passwd"], None), "a").is_err());
+        assert!(check_access(&spec(&["file:///etc/passwd"], None), operator("a")).is_err());
         assert!(
-            check_access(&spec(&["bucket://projects/a"], None), "a").is_err(),
+            check_access(&spec(&["bucket://projects/a"], None), api("a")).is_err(),
             "the folder itself, no slash"
         );
     }
 
     #[test]
-    fn the_default_project_owns_all_but_projects() {
-        assert!(
-            check_access(
-                &spec(&["bucket://incoming/x.csv", "file:///data/x"], None),
-                DEFAULT
+    fn the_default_project_owns_all_but_projects_and_jobs() {
+        let mine = spec(&["bucket://incoming/x.csv", "s3://b/data/y"], None);
+        assert!(check_access(&mine, api(DEFAULT)).is_ok());
+        assert!(check_access(&spec(&["bucket://projects/a/x.csv"], None), api(DEFAULT)).is_err());
+    }
+
+    #[test]
+    fn jobs_belongs_to_the_broker_but_for_a_jobs_own_outputs() {
+        let id: JobId = "01hzzzzzzzzzzzzzzzzzzzzzzz".parse().unwrap();
+        let other: JobId = "01hyyyyyyyyyyyyyyyyyyyyyyy".parse().unwrap();
+        for project in [DEFAULT, "a"] {
+            let reach = spec(
+                &[&format!(
+                    "bucket://jobs/{other}/attempts/1/stdout/0000000000"
+                )],
+                Some(&format!("s3://b/jobs/{other}/outputs/")),
+            );
+            let e = check_access(&reach, operator(project)).unwrap_err();
+            let paths: Vec<_> = e.errors.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(paths, ["inputs[0].uri", "outputs"], "{project}: {e}");
+            let ckpt = parse(
+                "name: j\ncommand: [x]\ncheckpoint: { uri: bucket://jobs/x/checkpoints/ }\n",
+                Format::Yaml,
             )
-            .is_ok()
+            .unwrap();
+            let e = check_access(&ckpt, operator(project)).unwrap_err();
+            assert_eq!(e.errors[0].path, "checkpoint.uri");
+        }
+        let own = spec(&[], Some(&format!("bucket://jobs/{id}/outputs/model/")));
+        let known = Submitter {
+            job: Some(&id),
+            ..api(DEFAULT)
+        };
+        assert!(
+            check_access(&own, known).is_ok(),
+            "its own outputs, id known"
         );
-        assert!(check_access(&spec(&["bucket://projects/a/x.csv"], None), DEFAULT).is_err());
+        assert!(
+            check_access(&own, api(DEFAULT)).is_err(),
+            "id not yet known"
+        );
+        let own_input = spec(&[&format!("bucket://jobs/{id}/outputs/x")], None);
+        assert!(
+            check_access(&own_input, known).is_err(),
+            "outputs only, not inputs"
+        );
+    }
+
+    #[test]
+    fn local_files_only_from_the_operator_in_the_default_project() {
+        let local = spec(&["file:///data/x"], Some("file:///data/out/"));
+        assert!(check_access(&local, operator(DEFAULT)).is_ok());
+        let e = check_access(&local, api(DEFAULT)).unwrap_err();
+        let paths: Vec<_> = e.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["inputs[0].uri", "outputs"]);
+        assert!(e.errors[0].message.contains("operator"), "{e}");
+        assert!(check_access(&local, operator("a")).is_err());
     }
 }

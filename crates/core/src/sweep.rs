@@ -73,27 +73,50 @@ const MAX_QUOTED: usize = 40;
 #[serde(deny_unknown_fields)]
 #[schemars(
     title = "respawn parameter sweep",
-    extend("oneOf" = [{ "required": ["grid"] }, { "required": ["list"] }])
+    // Exactly one of them, and not null (which reads as absent).
+    extend("oneOf" = [
+        { "required": ["grid"], "properties": { "grid": { "type": "object" } } },
+        { "required": ["list"], "properties": { "list": { "type": "array" } } }
+    ])
 )]
 pub struct SweepSpec {
     /// The sweep's name: letters, digits, `.`, `_`, `-`; at most 64 characters. It starts the array's id.
     #[schemars(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9._-]+$"))]
     pub name: String,
     /// A job spec whose strings may hold `${param.<name>}` and `${index}`; `$${` is a literal `${`.
-    #[schemars(with = "JobSpec")]
+    #[schemars(schema_with = "template_schema")]
     pub template: Value,
     /// Parameter name → values; the sweep makes every combination. Names: a letter, then letters, digits, `_`; at most 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("propertyNames" = { "pattern": "^[A-Za-z][A-Za-z0-9_]{0,31}$" }, "minProperties" = 1))]
+    #[schemars(extend(
+        "propertyNames" = { "pattern": "^[A-Za-z][A-Za-z0-9_]{0,31}$" },
+        "minProperties" = 1,
+        "additionalProperties" = { "type": "array", "minItems": 1, "items": { "$ref": "#/$defs/ParamValue" } }
+    ))]
     pub grid: Option<BTreeMap<String, Vec<ParamValue>>>,
     /// The parameter sets one by one, each with the same parameter names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 10000))]
+    #[schemars(
+        length(min = 1, max = 10000),
+        extend("items" = {
+            "type": "object",
+            "propertyNames": { "pattern": "^[A-Za-z][A-Za-z0-9_]{0,31}$" },
+            "additionalProperties": { "$ref": "#/$defs/ParamValue" }
+        })
+    )]
     pub list: Option<Vec<BTreeMap<String, ParamValue>>>,
     /// Submitting the same key again (in the same project, with the same name) returns the same array instead of making another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     pub idempotency_key: Option<String>,
+}
+
+/// A job spec, less `idempotency_key`, which the sweep sets for each job.
+fn template_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let spec = generator.subschema_for::<JobSpec>();
+    schemars::json_schema!({
+        "allOf": [spec, { "not": { "required": ["idempotency_key"] } }]
+    })
 }
 
 /// One value of a parameter: a string, a number or a boolean.
@@ -129,8 +152,9 @@ pub fn parse_sweep(text: &str, format: Format) -> Result<SweepSpec, SpecError> {
             sweep
         }
         Format::Yaml => {
-            let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(SpecError::from_path_error)?
+            // As for job specs: the JSON document the YAML stands for.
+            let doc = spec::yaml_document(text)?;
+            serde_path_to_error::deserialize(doc).map_err(SpecError::from_path_error)?
         }
     };
     sweep.check()?;
@@ -223,11 +247,14 @@ impl SweepSpec {
             );
         }
         if let Some(k) = &self.idempotency_key
-            && (k.is_empty() || k.len() > MAX_KEY)
+            && !(1..=MAX_KEY).contains(&k.chars().count())
         {
             errs.push(
                 "idempotency_key",
-                format!("expected 1 to {MAX_KEY} characters, got {}", k.len()),
+                format!(
+                    "expected 1 to {MAX_KEY} characters, got {}",
+                    k.chars().count()
+                ),
             );
         }
         match (&self.grid, &self.list) {

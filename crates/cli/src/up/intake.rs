@@ -90,6 +90,9 @@ async fn handle(ports: &Ports, templates: &Templates, replies: &Replies, d: &Del
         Err(respawn_core::handlers::Error::Spec(e)) => {
             reject(ports, replies, d, reply.as_ref(), &Rejection::Invalid(e)).await;
         }
+        Err(respawn_core::handlers::Error::Denied(e)) => {
+            reject(ports, replies, d, reply.as_ref(), &Rejection::Denied(e)).await;
+        }
         Err(e) => {
             let reason = e.to_string();
             warn!(message_id = %d.id, %reason, "submission refused");

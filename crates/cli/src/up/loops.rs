@@ -164,6 +164,7 @@ mod tests {
             spec,
             project: "default".into(),
             reply_to: None,
+            local_files: false,
         };
         submit(ports, sub).await.unwrap().job.id
     }

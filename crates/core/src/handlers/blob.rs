@@ -57,6 +57,8 @@ pub async fn blob_created(
                 spec,
                 project: rule.project.clone(),
                 reply_to: None,
+                // Trigger rules are the operator's files.
+                local_files: true,
             },
         )
         .await?;

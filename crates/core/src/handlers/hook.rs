@@ -58,7 +58,7 @@ impl From<Error> for HookError {
     fn from(e: Error) -> Self {
         match e {
             // Submission refused the rendered spec: the template's doing.
-            Error::Spec(e) => HookError::BadTemplate(e),
+            Error::Spec(e) | Error::Denied(e) => HookError::BadTemplate(e),
             e => HookError::Failed(e),
         }
     }
@@ -122,6 +122,8 @@ pub async fn webhook(
             spec,
             project: hook.project.clone(),
             reply_to: None,
+            // The template is the operator's; a delivery fills only its placeholders.
+            local_files: true,
         },
     )
     .await?;

@@ -36,6 +36,10 @@ pub enum Error {
     Secrets(#[from] secrets::Error),
     #[error("invalid job spec:\n{0}")]
     Spec(#[from] SpecError),
+    /// A valid spec naming what its submitter may not touch (another project's
+    /// keys, the broker's `jobs/`, local files).
+    #[error("not allowed:\n{0}")]
+    Denied(SpecError),
     #[error("malformed message: {0}")]
     BadMessage(String),
     #[error("object store: {0}")]
@@ -51,7 +55,7 @@ impl Retryable for Error {
             Error::Queue(e) => e.is_retryable(),
             Error::Compute(e) => e.is_retryable(),
             Error::Secrets(e) => e.is_retryable(),
-            Error::Spec(_) | Error::BadMessage(_) => false,
+            Error::Spec(_) | Error::Denied(_) | Error::BadMessage(_) => false,
             Error::Contended(_) | Error::Blobs(_) => true,
         }
     }

@@ -20,6 +20,11 @@ pub struct Submission {
     pub project: String,
     /// Where to send the job's status events (a queue reply address).
     pub reply_to: Option<ReplyTo>,
+    /// Whether the spec may name `file://` URIs, which the agent reads and writes on
+    /// the host as the broker's user: `true` only when the spec's text comes from the
+    /// operator (trigger rules, hook templates, queue templates from the operator's
+    /// folder) or from an admin token; never for a spec sent whole by a submitter.
+    pub local_files: bool,
 }
 
 /// The job a submission made, or found.
@@ -34,9 +39,15 @@ pub struct Submitted {
 /// on the dispatch queue. Safe to call again with the same submission.
 pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> {
     // Whatever the way in (API, trigger, hook, queue), a job touches only its
-    // project's part of the bucket.
-    crate::project::check_access(&sub.spec, &sub.project)?;
+    // project's part of the bucket; with its id known, it may name its own outputs.
     let now = ports.clock.now();
+    let id = JobId::generate(now);
+    let who = crate::project::Submitter {
+        project: &sub.project,
+        job: Some(&id),
+        local_files: sub.local_files,
+    };
+    crate::project::check_access(&sub.spec, who).map_err(Error::Denied)?;
     if let Some(key) = &sub.spec.idempotency_key
         && let Some(id) = ports
             .ledger
@@ -45,7 +56,6 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
     {
         return existing(ports, &id).await;
     }
-    let id = JobId::generate(now);
     // Secret values go to the secret store, and only their names to the ledger.
     let values: BTreeMap<String, String> = sub
         .spec

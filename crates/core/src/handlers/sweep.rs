@@ -69,18 +69,24 @@ pub async fn submit_array(
     ports: &Ports,
     sweep: &SweepSpec,
     project: &str,
+    local_files: bool,
 ) -> Result<ArraySubmitted, Error> {
     let array = array_id(sweep, project, ports.clock.now());
     let specs = sweep.expand_as(&array)?;
     // `submit` checks this too, but job by job: checked here first, a parameter
     // that points one job outside the project refuses the sweep whole.
+    let who = crate::project::Submitter {
+        project,
+        job: None,
+        local_files,
+    };
     for (i, spec) in specs.iter().enumerate() {
-        crate::project::check_access(spec, project).map_err(|e| {
+        crate::project::check_access(spec, who).map_err(|e| {
             let mut e = e.nested("template");
             for err in &mut e.errors {
                 err.message = format!("{} (job {i})", err.message);
             }
-            e
+            Error::Denied(e)
         })?;
     }
     let submitted: Vec<_> = futures::stream::iter(specs)
@@ -91,6 +97,7 @@ pub async fn submit_array(
                     spec,
                     project: project.to_owned(),
                     reply_to: None,
+                    local_files,
                 },
             )
         })

@@ -5,10 +5,15 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 
-use super::{Input, Priority, PriorityName, Secret};
+use super::{Input, Priority, PriorityName, Secret, grammar};
 
 fn got_str(v: &str) -> String {
     format!("{v:?}")
+}
+
+/// `v` if it is a whole number: what JSON Schema's `integer` admits of a float.
+pub(crate) fn whole(v: f64) -> Option<f64> {
+    (v.is_finite() && v.fract() == 0.0).then_some(v)
 }
 
 struct Count;
@@ -29,9 +34,13 @@ impl Visitor<'_> for Count {
         u32::try_from(v).map_err(|_| E::custom(format!("expected a non-negative integer, got {v}")))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<u32, E> {
-        Err(E::custom(format!(
-            "expected a non-negative integer, got {v}"
-        )))
+        // JSON Schema counts 2.0 as an integer; so does this.
+        match whole(v) {
+            Some(w) if (0.0..=f64::from(u32::MAX)).contains(&w) => Ok(w as u32),
+            _ => Err(E::custom(format!(
+                "expected a non-negative integer, got {v}"
+            ))),
+        }
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<u32, E> {
         Err(E::custom(format!(
@@ -53,8 +62,40 @@ pub(super) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     d.deserialize_any(Count)
 }
 
+/// A count or null; null is the same as leaving the field out.
 pub(super) fn opt_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    d.deserialize_any(Count).map(Some)
+    struct OptCount;
+    impl<'de> Visitor<'de> for OptCount {
+        type Value = Option<u32>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a non-negative integer or null")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<u32>, D::Error> {
+            d.deserialize_any(Count).map(Some)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<u32>, E> {
+            Count.visit_u64(v).map(Some)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<u32>, E> {
+            Count.visit_i64(v).map(Some)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<u32>, E> {
+            Count.visit_f64(v).map(Some)
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Option<u32>, E> {
+            Count.visit_bool(v).map(Some)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<u32>, E> {
+            Count.visit_str(v).map(Some)
+        }
+    }
+    d.deserialize_any(OptCount)
 }
 
 struct PositiveF64;
@@ -111,7 +152,10 @@ impl<'de> Deserialize<'de> for Priority {
                 Err(E::custom(format!("{EXPECTED}, got {v}")))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Priority, E> {
-                Err(E::custom(format!("{EXPECTED}, got {v}")))
+                match whole(v) {
+                    Some(w) if (0.0..=9.0).contains(&w) => Ok(Priority::Level(w as u8)),
+                    _ => Err(E::custom(format!("{EXPECTED}, got {v}"))),
+                }
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Priority, E> {
                 Err(E::custom(format!("{EXPECTED}, got {v}")))
@@ -186,11 +230,21 @@ impl<'de> Deserialize<'de> for Secret {
                 Ok(Secret::new(v))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Secret, A::Error> {
-                // The stored form `{"redacted": true}` reads back as a secret without a value.
-                while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
-                    if k != "redacted" {
-                        return Err(de::Error::custom("expected a secret value as a string"));
+                // The stored form `{"redacted": true}`, and only it, reads back as a
+                // secret without a value.
+                let mut redacted = false;
+                while let Some(k) = map.next_key::<String>()? {
+                    if k != "redacted" || redacted || !map.next_value::<bool>()? {
+                        return Err(de::Error::custom(
+                            "expected a secret value as a string (or the stored form {\"redacted\": true})",
+                        ));
                     }
+                    redacted = true;
+                }
+                if !redacted {
+                    return Err(de::Error::custom(
+                        "expected a secret value as a string, got an empty map",
+                    ));
                 }
                 Ok(Secret(None))
             }
@@ -234,15 +288,16 @@ impl schemars::JsonSchema for Input {
         "Input".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let uri = serde_json::json!({ "type": "string", "pattern": grammar::URI, "not": { "pattern": grammar::DOTDOT } });
         schemars::json_schema!({
             "description": "An input to stage into RESPAWN_INPUT_DIR: a URI, or {uri, path}.",
             "oneOf": [
-                { "type": "string", "minLength": 1 },
+                uri.clone(),
                 {
                     "type": "object",
                     "properties": {
-                        "uri": { "type": "string", "minLength": 1 },
-                        "path": { "type": "string" }
+                        "uri": uri,
+                        "path": { "type": "string", "pattern": grammar::RELATIVE, "not": { "pattern": grammar::DOTDOT } }
                     },
                     "required": ["uri"],
                     "additionalProperties": false
@@ -250,4 +305,48 @@ impl schemars::JsonSchema for Input {
             ]
         })
     }
+}
+
+/// Exit codes: 32-bit integers (whole floats included, as JSON Schema reads them).
+pub(super) fn exit_codes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i32>, D::Error> {
+    struct Code(i32);
+    impl<'de> Deserialize<'de> for Code {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            const EXPECTED: &str = "expected an exit code (a 32-bit integer)";
+            impl Visitor<'_> for V {
+                type Value = Code;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an exit code")
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Code, E> {
+                    i32::try_from(v)
+                        .map(Code)
+                        .map_err(|_| E::custom(format!("{EXPECTED}, got {v}")))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Code, E> {
+                    i32::try_from(v)
+                        .map(Code)
+                        .map_err(|_| E::custom(format!("{EXPECTED}, got {v}")))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Code, E> {
+                    match whole(v) {
+                        Some(w) if (f64::from(i32::MIN)..=f64::from(i32::MAX)).contains(&w) => {
+                            Ok(Code(w as i32))
+                        }
+                        _ => Err(E::custom(format!("{EXPECTED}, got {v}"))),
+                    }
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Code, E> {
+                    Err(E::custom(format!("{EXPECTED}, got {}", got_str(v))))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Code, E> {
+                    Err(E::custom(format!("{EXPECTED}, got {v}")))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    let codes: Vec<Code> = Deserialize::deserialize(d)?;
+    Ok(codes.into_iter().map(|c| c.0).collect())
 }

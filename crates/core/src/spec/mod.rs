@@ -6,7 +6,8 @@
 //! problem comes back as a [`SpecError`] naming the field path.
 
 mod de;
-pub mod image;
+pub mod examples;
+pub mod grammar;
 mod parse;
 mod validate;
 
@@ -18,21 +19,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{ByteSize, HumanDuration};
 
-pub use parse::{Format, parse, parse_file, parse_json_value};
-pub use validate::{FieldError, SpecError};
+pub(crate) use de::whole;
+pub use parse::{Format, parse, parse_file, parse_json_value, yaml_document};
+pub use validate::{FieldError, SpecError, check_idempotency_key};
 
 /// A training job, as submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "respawn job spec")]
+#[schemars(
+    title = "respawn job spec",
+    // `command` may be left out only when the image has an entrypoint to run.
+    extend("anyOf" = [
+        { "required": ["image"], "properties": { "image": { "type": "string" } } },
+        { "required": ["command"], "properties": { "command": { "minItems": 1 } } }
+    ]),
+    example = examples::minimal(),
+    example = examples::full()
+)]
 pub struct JobSpec {
     /// A name for people: letters, digits, `.`, `_`, `-`; at most 128 characters.
+    #[schemars(extend("pattern" = grammar::NAME))]
     pub name: String,
     /// Container image to run the command in. Without it the command runs as a process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = grammar::IMAGE))]
     pub image: Option<String>,
     /// The program and its arguments (`["python", "train.py"]`). May be omitted when the image has an entrypoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("prefixItems" = [{ "type": "string", "pattern": grammar::PROGRAM }]))]
     pub command: Vec<String>,
     /// Extra arguments appended to `command`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -42,9 +56,11 @@ pub struct JobSpec {
     pub working_dir: Option<String>,
     /// Environment variables. Names starting with `RESPAWN_` are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": grammar::ENV_NAME, "not": { "pattern": grammar::RESERVED_ENV } }))]
     pub env: BTreeMap<String, String>,
-    /// Secret environment variables: their values never appear in logs, API output or the ledger.
+    /// Secret environment variables: their values never appear in logs, API output or the ledger. A secret overrides an `env` entry of the same name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": grammar::ENV_NAME, "not": { "pattern": grammar::RESERVED_ENV } }))]
     pub secrets: BTreeMap<String, Secret>,
     #[serde(default)]
     pub resources: Resources,
@@ -57,6 +73,7 @@ pub struct JobSpec {
     pub inputs: Vec<Input>,
     /// Where `RESPAWN_OUTPUT_DIR` is synced to (default: the job's `outputs/` prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = grammar::URI, "not" = { "type": "string", "pattern": grammar::DOTDOT }))]
     pub outputs: Option<String>,
     #[serde(default)]
     pub checkpoint: CheckpointPolicy,
@@ -66,18 +83,29 @@ pub struct JobSpec {
     pub limits: Limits,
     /// Free-form key/value labels, for listing and filtering.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "propertyNames" = { "pattern": grammar::LABEL_KEY },
+        "additionalProperties" = { "type": "string", "maxLength": grammar::MAX_LABEL_VALUE }
+    ))]
     pub labels: BTreeMap<String, String>,
     /// Submitting the same key twice returns the first job instead of making a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
     pub idempotency_key: Option<String>,
     /// URLs that receive the job's state changes (signed webhooks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = { "type": "string", "pattern": grammar::URL }))]
     pub notify: Vec<String>,
 }
 
 /// What the job needs per node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend(
+    // A GPU model without GPUs is a mistake worth catching.
+    "if" = { "required": ["gpu_type"], "properties": { "gpu_type": { "type": "string" } } },
+    "then" = { "required": ["gpus"], "properties": { "gpus": { "minimum": 1 } } }
+))]
 pub struct Resources {
     /// GPUs per node.
     #[serde(default, deserialize_with = "de::count")]
@@ -88,6 +116,7 @@ pub struct Resources {
     pub gpu_type: Option<String>,
     /// CPU cores per node; fractions allowed.
     #[serde(default = "default_cpus", deserialize_with = "de::positive_f64")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub cpus: f64,
     /// Memory per node (`16GiB`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +142,11 @@ impl Default for Resources {
 /// Where the job may run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend(
+    // On-demand fallbacks and spot prices mean nothing off spot.
+    "if" = { "required": ["spot"], "properties": { "spot": { "const": false } } },
+    "then" = { "properties": { "on_demand_after": { "type": "null" }, "max_price": { "type": "null" } } }
+))]
 pub struct Placement {
     /// Run on spot / low-priority capacity.
     #[serde(default = "yes")]
@@ -122,6 +156,7 @@ pub struct Placement {
     pub on_demand_after: Option<HumanDuration>,
     /// Highest price per node-hour to pay for spot capacity, in the provider's currency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub max_price: Option<f64>,
     /// Provider region or zone, when it matters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,10 +227,11 @@ pub struct Input {
 pub struct CheckpointPolicy {
     /// Where checkpoints go (default: the job's `checkpoints/` prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = grammar::URI, "not" = { "type": "string", "pattern": grammar::DOTDOT }))]
     pub uri: Option<String>,
     /// Complete checkpoints to keep; older ones are deleted.
     #[serde(default = "three", deserialize_with = "de::count")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4_294_967_295u32))]
     pub keep_last: u32,
 }
 
@@ -214,9 +250,17 @@ impl Default for CheckpointPolicy {
 pub struct RetryPolicy {
     /// Attempts that may fail by the workload's own exit code before the job fails.
     #[serde(default = "two", deserialize_with = "de::count")]
+    #[schemars(range(max = 4_294_967_295u32))]
     pub max_failures: u32,
     /// Exit codes that mean "the machine was lost", not "the code failed" (e.g. 137 from an OOM-killed host).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "de::exit_codes"
+    )]
+    #[schemars(extend("items" = {
+        "type": "integer", "minimum": i32::MIN, "maximum": i32::MAX, "not": { "const": 0 }
+    }))]
     pub infra_exit_codes: Vec<i32>,
     /// Spot preemptions to absorb; absent means unlimited (bounded by `limits.max_wait`).
     #[serde(
@@ -224,6 +268,7 @@ pub struct RetryPolicy {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "de::opt_count"
     )]
+    #[schemars(range(max = 4_294_967_295u32))]
     pub max_preemptions: Option<u32>,
     /// Other infrastructure losses to absorb (a VM that vanished or went silent, an
     /// agent that could not start the attempt, an exit code listed in

@@ -41,12 +41,21 @@ pub fn parse(text: &str, format: Format) -> Result<JobSpec, SpecError> {
             spec
         }
         Format::Yaml => {
-            let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(path_error)?
+            // Read as the JSON document the YAML stands for (`0` is a number, `null`
+            // is null), so that a YAML spec means what the same spec in JSON means
+            // and the JSON Schema judges both alike; serde_yaml alone would take
+            // `name: 0` as the string "0".
+            let doc = yaml_document(text)?;
+            serde_path_to_error::deserialize(doc).map_err(path_error)?
         }
     };
     super::validate::validate(&spec)?;
     Ok(spec)
+}
+
+/// A YAML text as the JSON value it stands for.
+pub fn yaml_document(text: &str) -> Result<serde_json::Value, SpecError> {
+    serde_yaml_ng::from_str(text).map_err(|e| SpecError::one("", e.to_string()))
 }
 
 /// Parses a spec already decoded into JSON (e.g. from a queue message or request body).

@@ -157,3 +157,273 @@ proptest! {
         let _ = parse(&yaml, Format::Yaml);
     }
 }
+
+/// The published schema and the validator give the same verdict: on the schema's
+/// own examples, on the example specs, on the broken specs of `tests/fixtures`, and
+/// on generated specs with any field changed to any value.
+mod agreement {
+    use std::path::{Path, PathBuf};
+
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn schema() -> Value {
+        serde_json::from_str(&crate::schema::job_spec()).unwrap()
+    }
+
+    fn validator() -> &'static jsonschema::Validator {
+        static V: std::sync::LazyLock<jsonschema::Validator> =
+            std::sync::LazyLock::new(|| jsonschema::validator_for(&schema()).unwrap());
+        &V
+    }
+
+    fn repo(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel)
+    }
+
+    /// (schema says valid, validator says valid) for a spec file's text.
+    fn verdicts(v: &jsonschema::Validator, path: &Path) -> (bool, bool) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let format = Format::from_path(path);
+        let ours = parse(&text, format).is_ok();
+        let value: Option<Value> = match format {
+            Format::Json => serde_json::from_str(&text).ok(),
+            Format::Yaml => serde_yaml_ng::from_str(&text).ok(),
+        };
+        // Text that is not YAML or JSON at all has no document for the schema to admit.
+        (value.is_some_and(|d| v.is_valid(&d)), ours)
+    }
+
+    #[test]
+    fn the_schemas_examples_pass_both() {
+        let v = validator();
+        let examples = schema()["examples"].as_array().cloned().unwrap();
+        assert!(examples.len() >= 2);
+        for ex in examples {
+            let errors: Vec<String> = v.iter_errors(&ex).map(|e| e.to_string()).collect();
+            assert!(
+                errors.is_empty(),
+                "schema refuses its example {ex}: {errors:?}"
+            );
+            parse_json_value(ex.clone()).unwrap_or_else(|e| panic!("validator refuses {ex}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_example_specs_pass_both() {
+        let v = validator();
+        let mut seen = 0;
+        for entry in std::fs::read_dir(repo("examples/specs")).unwrap() {
+            let path = entry.unwrap().path();
+            assert_eq!(verdicts(v, &path), (true, true), "{}", path.display());
+            seen += 1;
+        }
+        assert!(seen > 0);
+    }
+
+    #[test]
+    fn the_bad_specs_fail_both() {
+        let v = validator();
+        let mut seen = 0;
+        for entry in std::fs::read_dir(repo("tests/fixtures/bad-specs")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "txt") {
+                continue;
+            }
+            assert_eq!(verdicts(v, &path), (false, false), "{}", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 15);
+    }
+
+    const PATHS: [&str; 34] = [
+        "name",
+        "image",
+        "command",
+        "command.0",
+        "args",
+        "working_dir",
+        "env",
+        "env.SEED",
+        "secrets",
+        "secrets.TOKEN",
+        "resources.gpus",
+        "resources.gpu_type",
+        "resources.cpus",
+        "resources.memory",
+        "resources.nodes",
+        "placement.spot",
+        "placement.on_demand_after",
+        "placement.max_price",
+        "placement.region",
+        "priority",
+        "inputs",
+        "inputs.0",
+        "outputs",
+        "checkpoint.uri",
+        "checkpoint.keep_last",
+        "retry.max_failures",
+        "retry.infra_exit_codes",
+        "retry.max_preemptions",
+        "limits.max_runtime",
+        "limits.max_wait",
+        "labels",
+        "idempotency_key",
+        "notify",
+        "notify.0",
+    ];
+
+    const STRINGS: [&str; 40] = [
+        "",
+        " ",
+        "x",
+        "a b",
+        "mlp-1.0_x",
+        "python",
+        " python",
+        "\tpython",
+        "pytorch/pytorch:2.4",
+        "-img",
+        "RESPAWN_X",
+        "SEED",
+        "9LIVES",
+        "s3://b/k",
+        "s3://",
+        "s3://b/../k",
+        "s3://b/..",
+        "s3://b/x\ny",
+        "bucket://projects/a/x",
+        "file:///etc/passwd",
+        "ftp://x/y",
+        "data.csv",
+        "../up",
+        "/abs",
+        "https://ci.example.com/h?x=1",
+        "http://[::1]:8080/",
+        "https://a",
+        "http://a b",
+        "https://h:99999/x",
+        "16GiB",
+        "0.5 kb",
+        "0B",
+        "30m",
+        "1h 30m",
+        "0s",
+        "1.5h",
+        "low",
+        "urgent",
+        "team",
+        "${x}",
+    ];
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            prop::sample::select(vec![
+                0i64,
+                1,
+                2,
+                9,
+                10,
+                63,
+                64,
+                65,
+                137,
+                1024,
+                1025,
+                -1,
+                4_294_967_295,
+                4_294_967_296,
+                -2_147_483_649,
+                1 << 60,
+                (1 << 60) + 1,
+            ])
+            .prop_map(Value::from),
+            prop::sample::select(vec![
+                0.0f64, -0.0, 0.0005, 0.001, 0.5, 1.0, 2.0, 8.5, -3.0, 1e17, 1e18
+            ])
+            .prop_map(Value::from),
+            prop::sample::select(STRINGS.to_vec()).prop_map(Value::from),
+            "[ -~]{0,6}".prop_map(Value::from),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::btree_map(
+                    prop::sample::select(STRINGS.to_vec()).prop_map(str::to_owned),
+                    inner,
+                    0..3
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn base() -> Value {
+        json!({
+            "name": "p",
+            "command": ["x"],
+            "env": {"SEED": "7"},
+            "secrets": {"TOKEN": "t"},
+            "inputs": ["s3://b/in"],
+            "notify": ["https://example.com/h"],
+        })
+    }
+
+    /// Sets `path` (dots; numbers index arrays) in `doc` to `value`; a path through
+    /// something that is not a map or a long enough list is left alone.
+    fn set(doc: &mut Value, path: &str, value: Value) {
+        let mut cursor = doc;
+        let parts: Vec<&str> = path.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            let next = match (part.parse::<usize>(), cursor) {
+                (Ok(i), Value::Array(a)) => a.get_mut(i),
+                (Err(_), Value::Object(m)) => Some(m.entry(*part).or_insert_with(|| json!({}))),
+                _ => None,
+            };
+            let Some(next) = next else { return };
+            cursor = next;
+        }
+        let last = parts[parts.len() - 1];
+        match (last.parse::<usize>(), cursor) {
+            (Ok(i), Value::Array(a)) if i < a.len() => a[i] = value,
+            (Err(_), Value::Object(m)) => {
+                m.insert(last.to_owned(), value);
+            }
+            _ => {}
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+        #[test]
+        fn any_change_gets_the_same_verdict(
+            changes in prop::collection::vec((prop::sample::select(PATHS.to_vec()), value()), 1..3)
+        ) {
+            let v = validator();
+            let mut doc = base();
+            for (path, value) in changes {
+                set(&mut doc, path, value);
+            }
+            let schema_ok = v.is_valid(&doc);
+            let ours = parse_json_value(doc.clone());
+            prop_assert_eq!(
+                schema_ok,
+                ours.is_ok(),
+                "{} — schema: {:?}; validator: {:?}",
+                doc,
+                v.iter_errors(&doc).map(|e| e.to_string()).collect::<Vec<_>>(),
+                ours.err().map(|e| e.to_string())
+            );
+        }
+    }
+}

@@ -76,11 +76,14 @@ impl Errors {
     }
 }
 
-const MAX_NAME: usize = 128;
+use super::grammar;
+
 const MAX_GPUS: u32 = 64;
 const MAX_NODES: u32 = 1024;
-const URI_SCHEMES: [&str; 6] = ["s3", "az", "azure", "gs", "file", "bucket"];
 
+/// Every rule here is one `schemas/job-spec.schema.json` states too (a pattern, a
+/// bound, an `if`/`then`), so whatever the schema admits this admits, and the
+/// other way round; `spec/tests.rs` holds them to it.
 pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     let mut errs = Errors(Vec::new());
     check_name(&mut errs, &spec.name);
@@ -90,28 +93,27 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             "required unless `image` is set (a job must run something)",
         );
     }
-    if let Some(c) = spec.command.first().filter(|c| c.trim().is_empty()) {
+    if let Some(c) = spec.command.first().filter(|c| !grammar::is_program(c)) {
         errs.push("command[0]", format!("expected a program name, got {c:?}"));
     }
     if let Some(img) = &spec.image
-        && let Err(why) = super::image::check(img)
+        && !grammar::is_image(img)
     {
         errs.push(
             "image",
-            format!("expected an image reference such as pytorch/pytorch:2.4, got {img:?} ({why})"),
+            format!(
+                "expected an image reference such as pytorch/pytorch:2.4 (letters, digits and \
+                 ._/:@-, starting with a letter or digit), got {img:?}"
+            ),
         );
     }
     for k in spec.env.keys() {
         check_env_name(&mut errs, &format!("env.{k}"), k);
     }
+    // A name in both `env` and `secrets` gets the secret's value (the agent sets
+    // secrets last); no JSON Schema could refuse the pair, so neither does this.
     for k in spec.secrets.keys() {
         check_env_name(&mut errs, &format!("secrets.{k}"), k);
-        if spec.env.contains_key(k) {
-            errs.push(
-                format!("secrets.{k}"),
-                "also set in `env`: a name may be in one of them only",
-            );
-        }
     }
     check_resources(&mut errs, spec);
     check_placement(&mut errs, spec);
@@ -133,14 +135,6 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
             "expected at least 1, got 0 (the newest checkpoint is needed to resume)",
         );
     }
-    if spec.limits.max_wait.get().is_zero() {
-        errs.push("limits.max_wait", "expected a duration above zero");
-    }
-    if let Some(r) = spec.limits.max_runtime
-        && r.get().is_zero()
-    {
-        errs.push("limits.max_runtime", "expected a duration above zero");
-    }
     for (i, code) in spec.retry.infra_exit_codes.iter().enumerate() {
         if *code == 0 {
             errs.push(
@@ -150,37 +144,33 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
         }
     }
     for (k, v) in &spec.labels {
-        if k.is_empty()
-            || k.len() > 63
-            || !k
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
-        {
+        if !grammar::is_label_key(k) {
             errs.push(
                 format!("labels.{k}"),
-                "expected a label name of at most 63 letters, digits, `.`, `_`, `-`, `/`",
+                "expected a label name of 1 to 63 letters, digits, `.`, `_`, `-`, `/`",
             );
         }
-        if v.len() > 256 {
+        let len = v.chars().count();
+        if len > grammar::MAX_LABEL_VALUE {
             errs.push(
                 format!("labels.{k}"),
-                format!("expected at most 256 characters, got {}", v.len()),
+                format!(
+                    "expected at most {} characters, got {len}",
+                    grammar::MAX_LABEL_VALUE
+                ),
             );
         }
     }
     if let Some(k) = &spec.idempotency_key
-        && (k.is_empty() || k.len() > 255)
+        && let Err(e) = check_idempotency_key(k)
     {
-        errs.push(
-            "idempotency_key",
-            format!("expected 1 to 255 characters, got {}", k.len()),
-        );
+        errs.0.extend(e.errors);
     }
     for (i, url) in spec.notify.iter().enumerate() {
-        if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10 {
+        if !grammar::is_url(url) {
             errs.push(
                 format!("notify[{i}]"),
-                format!("expected an http(s) URL, got {url:?}"),
+                format!("expected an http(s) URL such as https://example.com/hook, got {url:?}"),
             );
         }
     }
@@ -191,18 +181,32 @@ pub(super) fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     }
 }
 
+/// An idempotency key's length: 1 to 255 characters.
+pub fn check_idempotency_key(k: &str) -> Result<(), SpecError> {
+    let len = k.chars().count();
+    if (1..=grammar::MAX_IDEMPOTENCY_KEY).contains(&len) {
+        Ok(())
+    } else {
+        Err(SpecError::one(
+            "idempotency_key",
+            format!(
+                "expected 1 to {} characters, got {len}",
+                grammar::MAX_IDEMPOTENCY_KEY
+            ),
+        ))
+    }
+}
+
 fn check_name(errs: &mut Errors, name: &str) {
+    let max = grammar::MAX_NAME;
     if name.is_empty() {
         errs.push("name", "expected a name, got an empty string");
-    } else if name.len() > MAX_NAME {
+    } else if name.len() > max {
         errs.push(
             "name",
-            format!("expected at most {MAX_NAME} characters, got {}", name.len()),
+            format!("expected at most {max} characters, got {}", name.len()),
         );
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
+    } else if !grammar::is_name(name) {
         errs.push(
             "name",
             format!("expected letters, digits, `.`, `_` or `-`, got {name:?}"),
@@ -211,10 +215,7 @@ fn check_name(errs: &mut Errors, name: &str) {
 }
 
 fn check_env_name(errs: &mut Errors, path: &str, name: &str) {
-    let valid = !name.is_empty()
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid {
+    if !grammar::is_env_name(name) {
         errs.push(
             path,
             format!("expected a variable name of letters, digits and `_`, got {name:?}"),
@@ -244,11 +245,6 @@ fn check_resources(errs: &mut Errors, spec: &JobSpec) {
     if r.gpu_type.is_some() && r.gpus == 0 {
         errs.push("resources.gpu_type", "set, but `resources.gpus` is 0");
     }
-    if let Some(m) = r.memory
-        && m.bytes() == 0
-    {
-        errs.push("resources.memory", "expected a size above zero");
-    }
 }
 
 fn check_placement(errs: &mut Errors, spec: &JobSpec) {
@@ -273,25 +269,15 @@ fn check_placement(errs: &mut Errors, spec: &JobSpec) {
 }
 
 fn check_uri(errs: &mut Errors, path: &str, uri: &str) {
-    match uri.split_once("://") {
-        Some((scheme, rest)) if URI_SCHEMES.contains(&scheme) && !rest.is_empty() => {
-            if rest.split('/').any(|seg| seg == "..") {
-                errs.push(path, format!("`..` is not allowed in URIs, got {uri:?}"));
-            }
-        }
-        Some((scheme, _)) if !URI_SCHEMES.contains(&scheme) => errs.push(
-            path,
-            format!("unsupported scheme {scheme:?}; expected one of s3, az, gs, file, bucket"),
-        ),
-        _ => errs.push(
-            path,
-            format!("expected a URI such as s3://bucket/key, got {uri:?}"),
-        ),
+    if let Some(problem) = grammar::uri_problem(uri) {
+        errs.push(path, problem);
+    } else if grammar::has_dotdot(uri) {
+        errs.push(path, format!("`..` is not allowed in URIs, got {uri:?}"));
     }
 }
 
 fn check_relative(errs: &mut Errors, path: &str, p: &str) {
-    if p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.is_empty() {
+    if !grammar::is_relative(p) {
         errs.push(
             path,
             format!("expected a relative path without `..`, got {p:?}"),

@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use respawn_core::ports::tokens::{self, Scope};
+use respawn_core::project;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::extract::{Json, Path, Query};
 use super::{ApiError, Caller};
 use crate::up::Stack;
 
@@ -22,16 +24,51 @@ pub async fn triggers(State(stack): State<Stack>, caller: Caller) -> Result<Resp
     Ok(axum::Json(json!({ "triggers": mine })).into_response())
 }
 
+/// The most seconds of notice the spot simulator gives on request (a day).
+const MAX_NOTICE_SECS: f64 = 86_400.0;
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewToken {
     name: String,
     scopes: Vec<String>,
+    /// The project the token is for; the caller's own when absent.
+    #[serde(default)]
+    project: Option<String>,
+}
+
+/// Whether a token name is 1–64 letters, digits, `.`, `_` or `-`.
+fn valid_token_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// The project whose tokens the caller may manage: `wanted`, if the caller may.
+/// An admin manages its own project's tokens; only the stack owner (an admin of
+/// `default`) manages other projects' too, so no project's admin can hand out
+/// access to a project that is not theirs.
+fn managed_project(caller: &Caller, wanted: Option<&str>) -> Result<String, ApiError> {
+    caller.require(Scope::Admin)?;
+    let Some(wanted) = wanted else {
+        return Ok(caller.project().to_owned());
+    };
+    project::check_name(wanted).map_err(|m| ApiError::BadRequest(format!("project: {m}")))?;
+    if wanted == caller.project() || caller.is_owner() {
+        Ok(wanted.to_owned())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "an admin of project {} manages only its own tokens; tokens of project {wanted} come from the stack owner (an admin of the default project)",
+            caller.project()
+        )))
+    }
 }
 
 pub async fn create_token(
     State(stack): State<Stack>,
     caller: Caller,
-    axum::Json(body): axum::Json<NewToken>,
+    Json(body): Json<NewToken>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     if !stack.sandboxed && stack.config.isolation != crate::up::Isolation::None {
@@ -45,25 +82,25 @@ pub async fn create_token(
                 .into(),
         ));
     }
+    let project = managed_project(&caller, body.project.as_deref())?;
     let scopes = body
         .scopes
         .iter()
         .map(|s| s.parse::<Scope>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(ApiError::BadRequest)?;
-    if scopes.is_empty() || body.name.trim().is_empty() {
+    if scopes.is_empty() {
         return Err(ApiError::BadRequest(
-            "a token needs a name and at least one scope".into(),
+            "a token needs at least one scope".into(),
         ));
     }
-    // Tokens are minted in the caller's own project: an admin of one project
-    // cannot hand out access to another.
-    let (record, secret) = tokens::mint(
-        &body.name,
-        caller.project(),
-        scopes,
-        stack.ports.clock.now(),
-    );
+    if !valid_token_name(&body.name) {
+        return Err(ApiError::BadRequest(format!(
+            "a token's name is 1 to 64 letters, digits, `.`, `_` or `-`, got {:?}",
+            body.name
+        )));
+    }
+    let (record, secret) = tokens::mint(&body.name, &project, scopes, stack.ports.clock.now());
     stack
         .tokens
         .create(&record)
@@ -80,11 +117,26 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
-pub async fn list_tokens(State(stack): State<Stack>, caller: Caller) -> Result<Response, ApiError> {
-    caller.require(Scope::Admin)?;
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFilter {
+    /// One project's tokens; without it, the caller's project (the owner: every project).
+    project: Option<String>,
+}
+
+pub async fn list_tokens(
+    State(stack): State<Stack>,
+    caller: Caller,
+    Query(filter): Query<TokenFilter>,
+) -> Result<Response, ApiError> {
+    let project = match filter.project.as_deref() {
+        Some(p) => Some(managed_project(&caller, Some(p))?),
+        None if caller.is_owner() => None,
+        None => Some(managed_project(&caller, None)?),
+    };
     let all = stack
         .tokens
-        .list(Some(caller.project()))
+        .list(project.as_deref())
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let shown: Vec<_> = all
@@ -103,9 +155,12 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    // The owner may revoke any token; another admin only its project's. A token
+    // of another project answers as unknown: its existence is not theirs to learn.
+    let scope = (!caller.is_owner()).then(|| caller.project());
     let own = stack
         .tokens
-        .list(Some(caller.project()))
+        .list(scope)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .into_iter()
@@ -123,6 +178,7 @@ pub async fn revoke_token(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PreemptBody {
     /// A job id (its live VM) or a VM id.
     target: String,
@@ -132,16 +188,18 @@ pub struct PreemptBody {
 pub async fn preempt(
     State(stack): State<Stack>,
     caller: Caller,
-    axum::Json(b): axum::Json<PreemptBody>,
+    Json(b): Json<PreemptBody>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
-    let notice = b
-        .notice_secs
-        .map(|s| {
-            Duration::try_from_secs_f64(s)
-                .map_err(|e| ApiError::BadRequest(format!("notice_secs: {e}")))
-        })
-        .transpose()?;
+    let notice = match b.notice_secs {
+        Some(s) if (0.0..=MAX_NOTICE_SECS).contains(&s) => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return Err(ApiError::BadRequest(format!(
+                "notice_secs must be 0 to {MAX_NOTICE_SECS}, got {s}"
+            )));
+        }
+        None => None,
+    };
     let vm = stack
         .compute
         .running()

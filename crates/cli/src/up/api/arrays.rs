@@ -1,24 +1,25 @@
 //! Parameter sweeps: one request, an array of jobs.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use respawn_core::handlers;
 use respawn_core::ports::tokens::Scope;
-use respawn_core::spec::Format;
 use respawn_core::sweep;
 
+use super::extract::{Path, SpecText};
 use super::{ApiError, Caller, Summary};
 use crate::up::Stack;
 
 pub async fn submit(
     State(stack): State<Stack>,
     caller: Caller,
-    body: String,
+    body: SpecText,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Submit)?;
-    let spec = sweep::parse_sweep(&body, Format::sniff(&body)).map_err(ApiError::Invalid)?;
-    let done = handlers::submit_array(&stack.ports, &spec, caller.project()).await?;
+    let spec = sweep::parse_sweep(&body.text, body.format).map_err(ApiError::Invalid)?;
+    let done =
+        handlers::submit_array(&stack.ports, &spec, caller.project(), caller.is_admin()).await?;
     let status = if done.created > 0 {
         StatusCode::CREATED
     } else {

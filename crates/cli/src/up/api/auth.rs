@@ -20,6 +20,17 @@ impl Caller {
         &self.token.project
     }
 
+    /// An admin token: everything in its project.
+    pub fn is_admin(&self) -> bool {
+        self.token.allows(Scope::Admin)
+    }
+
+    /// The stack owner's token: an admin of the `default` project, who may manage
+    /// every project's tokens.
+    pub fn is_owner(&self) -> bool {
+        self.is_admin() && self.project() == respawn_core::project::DEFAULT
+    }
+
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
         if self.token.allows(scope) {
             Ok(())

@@ -13,7 +13,14 @@ pub enum ApiError {
     Invalid(SpecError),
     Unauthorized(String),
     Forbidden(String),
+    /// A valid spec that reaches outside what the caller may touch: 403, with paths.
+    Denied(SpecError),
     NotFound(String),
+    /// The route exists, not with this method.
+    MethodNotAllowed,
+    /// One of axum's extractors refused the request (bad JSON, query, path, size or
+    /// content type); its status and message, in the API's JSON shape.
+    Rejected(StatusCode, String),
     /// A passing failure: the caller should retry.
     Unavailable(String),
     Internal(String),
@@ -25,14 +32,23 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({ "error": m })),
             ApiError::Invalid(e) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({
-                    "error": "invalid job spec",
-                    "errors": e.errors.iter().map(|f| json!({"path": f.path, "message": f.message})).collect::<Vec<_>>(),
-                }),
+                json!({ "error": "invalid job spec", "errors": field_errors(&e) }),
             ),
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!({ "error": m })),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!({ "error": m })),
+            ApiError::Denied(e) => (
+                StatusCode::FORBIDDEN,
+                json!({
+                    "error": "the spec reaches outside what this token's project may use",
+                    "errors": field_errors(&e),
+                }),
+            ),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({ "error": m })),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({ "error": "method not allowed; the Allow header lists this route's methods" }),
+            ),
+            ApiError::Rejected(status, m) => (status, json!({ "error": m })),
             ApiError::Unavailable(m) => {
                 tracing::warn!(error = %m, "request failed; the caller may retry");
                 (
@@ -52,6 +68,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn field_errors(e: &SpecError) -> Vec<serde_json::Value> {
+    e.errors
+        .iter()
+        .map(|f| json!({"path": f.path, "message": f.message}))
+        .collect()
+}
+
 impl From<handlers::Error> for ApiError {
     fn from(e: handlers::Error) -> Self {
         match e {
@@ -59,6 +82,7 @@ impl From<handlers::Error> for ApiError {
                 ApiError::NotFound(format!("no job {id}"))
             }
             handlers::Error::Spec(s) => ApiError::Invalid(s),
+            handlers::Error::Denied(s) => ApiError::Denied(s),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -1,7 +1,6 @@
 //! Inbound webhooks (signed by the sender, no bearer token) and the hooks list.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use respawn_core::handlers::{self, HookError, HookOutcome};
@@ -10,6 +9,7 @@ use respawn_core::ports::tokens::Scope;
 use respawn_core::webhook::HookRequest;
 use serde_json::json;
 
+use super::extract::{Path, RawBody};
 use super::{ApiError, Caller};
 use crate::up::Stack;
 
@@ -17,7 +17,7 @@ pub async fn receive(
     State(stack): State<Stack>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let Some(hook) = stack.hooks.iter().find(|h| h.name == name) else {
         return Err(ApiError::NotFound(format!("no hook {name:?}")));

@@ -1,9 +1,8 @@
 //! Jobs: submit, list, show, cancel, logs — each within the caller's project.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use respawn_core::handlers::{self, Submission};
 use respawn_core::job::{JobId, JobRecord, JobState};
@@ -11,10 +10,11 @@ use respawn_core::layout::{self, Stream};
 use respawn_core::lifecycle::Event;
 use respawn_core::ports::ledger::ListQuery;
 use respawn_core::ports::tokens::Scope;
-use respawn_core::spec::{self, Format};
+use respawn_core::spec;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::extract::{Path, Query, SpecText};
 use super::{ApiError, Caller};
 use crate::up::Stack;
 
@@ -71,14 +71,22 @@ pub async fn submit(
     State(stack): State<Stack>,
     caller: Caller,
     headers: HeaderMap,
-    body: String,
+    body: SpecText,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Submit)?;
-    let mut spec = spec::parse(&body, Format::sniff(&body)).map_err(ApiError::Invalid)?;
+    let mut spec = spec::parse(&body.text, body.format).map_err(ApiError::Invalid)?;
     if let Some(key) = headers.get("idempotency-key") {
+        // Visible ASCII, spaces only inside: what the OpenAPI document's pattern says.
         let key = key
             .to_str()
-            .map_err(|_| ApiError::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
+            .ok()
+            .filter(|k| k.chars().all(|c| (' '..='~').contains(&c)))
+            .filter(|k| !k.starts_with(' ') && !k.ends_with(' '))
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "Idempotency-Key must be visible ASCII, with spaces only inside".into(),
+                )
+            })?;
         match &spec.idempotency_key {
             Some(k) if k != key => {
                 return Err(ApiError::BadRequest(format!(
@@ -87,11 +95,14 @@ pub async fn submit(
             }
             _ => spec.idempotency_key = Some(key.to_owned()),
         }
+        // The header bypassed the spec's own check of the key.
+        spec::check_idempotency_key(key).map_err(ApiError::Invalid)?;
     }
     let sub = Submission {
         spec,
         project: caller.project().to_owned(),
         reply_to: None,
+        local_files: caller.is_admin(),
     };
     let done = handlers::submit(&stack.ports, sub).await?;
     let status = if done.created {
@@ -102,12 +113,16 @@ pub async fn submit(
     Ok((status, axum::Json(done.job)).into_response())
 }
 
+/// The largest page of `GET /v1/jobs`, as the OpenAPI document says.
+const MAX_LIMIT: u32 = 1000;
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     state: Option<String>,
     label: Option<String>,
     after: Option<String>,
-    limit: Option<usize>,
+    limit: Option<u32>,
 }
 
 pub async fn list(
@@ -131,12 +146,18 @@ pub async fn list(
                 .ok_or_else(|| ApiError::BadRequest(format!("label must be key=value, got {l:?}")))
         })
         .transpose()?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_LIMIT}, got {limit}"
+        )));
+    }
     let query = ListQuery {
         state,
         label,
         project: Some(caller.project().to_owned()),
         after: p.after.as_deref().map(job_id).transpose()?,
-        limit: p.limit.unwrap_or(100),
+        limit: limit as usize,
     };
     let page = stack.ports.ledger.list(&query).await?;
     let jobs: Vec<Summary> = page.jobs.iter().map(Summary::from).collect();
@@ -167,14 +188,30 @@ pub async fn cancel(
     Ok(axum::Json(rec).into_response())
 }
 
+/// Bytes of log one request returns unless it asks for fewer.
+pub const DEFAULT_LOG_BYTES: u64 = 256 * 1024;
+/// The most bytes of log one request may ask for: what a request holds in memory.
+pub const MAX_LOG_BYTES: u64 = 1024 * 1024;
+/// The most chunks one request looks at (chunks are never empty when the agent
+/// writes them, but anyone with the bucket could write empty ones).
+const MAX_LOG_CHUNKS: u64 = 1024;
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogParams {
     attempt: Option<u32>,
     stream: Option<String>,
-    /// First chunk to return (the previous answer's `next`).
-    after: Option<u64>,
+    /// The chunk to start in (the previous answer's `next`).
+    after: Option<u32>,
+    /// Bytes of that chunk already read (the previous answer's `offset`).
+    offset: Option<u32>,
+    /// At most this many bytes of text in the answer.
+    max_bytes: Option<u64>,
 }
 
+/// A page of an attempt's output: whole chunks where they fit in the budget, and
+/// a part of the chunk that does not, so one request never holds more than
+/// `max_bytes` of log however large the log or any chunk of it is.
 pub async fn logs(
     State(stack): State<Stack>,
     caller: Caller,
@@ -187,6 +224,9 @@ pub async fn logs(
     let attempt = p
         .attempt
         .unwrap_or(rec.attempts.last().map_or(1, |a| a.number));
+    if attempt == 0 {
+        return Err(ApiError::BadRequest("attempt counts from 1".into()));
+    }
     let stream = match p.stream.as_deref() {
         None | Some("stdout") => Stream::Stdout,
         Some("stderr") => Stream::Stderr,
@@ -196,36 +236,17 @@ pub async fn logs(
             )));
         }
     };
-    let from = p.after.unwrap_or(0);
-    let prefix = layout::log_prefix(&id, attempt, stream);
-    let metas: Vec<_> = stack
-        .ports
-        .blobs
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut chunks: Vec<(u64, object_store::path::Path)> = metas
-        .into_iter()
-        .filter_map(|m| Some((m.location.filename()?.parse().ok()?, m.location)))
-        .filter(|(n, _)| *n >= from)
-        .collect();
-    chunks.sort();
-    let mut text = Vec::new();
-    let mut next = from;
-    for (n, path) in chunks {
-        let bytes = stack
-            .ports
-            .blobs
-            .get(&path)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .bytes()
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        text.extend_from_slice(&bytes);
-        next = n + 1;
+    let budget = p.max_bytes.unwrap_or(DEFAULT_LOG_BYTES);
+    if !(1..=MAX_LOG_BYTES).contains(&budget) {
+        return Err(ApiError::BadRequest(format!(
+            "max_bytes must be 1 to {MAX_LOG_BYTES}, got {budget}"
+        )));
     }
+    let from = Cursor {
+        chunk: p.after.map_or(0, u64::from),
+        offset: p.offset.map_or(0, u64::from),
+    };
+    let page = read_log(&stack, &id, attempt, stream, from, budget).await?;
     let live = rec
         .current()
         .is_some_and(|a| a.number == attempt && a.is_live());
@@ -234,10 +255,100 @@ pub async fn logs(
         "attempt": attempt,
         "attempts": rec.attempts.len(),
         "stream": stream.as_str(),
-        "text": String::from_utf8_lossy(&text),
-        "next": next,
+        "text": String::from_utf8_lossy(&page.text),
+        "next": page.next.chunk,
+        "offset": page.next.offset,
+        "more": page.more,
         "live": live,
         "state": rec.state,
     }))
     .into_response())
+}
+
+/// Where a log read starts: a chunk, and bytes into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    chunk: u64,
+    offset: u64,
+}
+
+#[derive(Debug)]
+struct LogPage {
+    text: Vec<u8>,
+    next: Cursor,
+    /// More text is there now: the caller may ask again straight away.
+    more: bool,
+}
+
+async fn read_log(
+    stack: &Stack,
+    id: &respawn_core::JobId,
+    attempt: u32,
+    stream: Stream,
+    from: Cursor,
+    budget: u64,
+) -> Result<LogPage, ApiError> {
+    let blobs = &stack.ports.blobs;
+    let mut text = Vec::new();
+    let mut at = from;
+    let mut more = false;
+    for _ in 0..MAX_LOG_CHUNKS {
+        let path = layout::log_chunk(id, attempt, stream, at.chunk);
+        // Chunks are numbered from 0 without gaps: the first missing one is the end.
+        let size = match blobs.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => break,
+            Err(e) => return Err(ApiError::Internal(e.to_string())),
+        };
+        let left = budget - text.len() as u64;
+        if at.offset >= size {
+            at = Cursor {
+                chunk: at.chunk + 1,
+                offset: 0,
+            };
+            continue;
+        }
+        if left == 0 {
+            more = true;
+            break;
+        }
+        let end = size.min(at.offset + left);
+        let bytes = blobs
+            .get_range(&path, at.offset..end)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut take = bytes.len();
+        if end < size {
+            // Cut inside a chunk: end on a whole character, and the next read
+            // starts with the rest of it.
+            take -= incomplete_tail(&bytes);
+            if take == 0 && text.is_empty() {
+                // A budget smaller than one character still has to make progress.
+                take = bytes.len();
+            }
+        }
+        text.extend_from_slice(&bytes[..take]);
+        at.offset += take as u64;
+        if at.offset < size {
+            more = true;
+            break;
+        }
+        at = Cursor {
+            chunk: at.chunk + 1,
+            offset: 0,
+        };
+    }
+    Ok(LogPage {
+        text,
+        next: at,
+        more,
+    })
+}
+
+/// Bytes at the end of `b` that begin a UTF-8 character without finishing it.
+fn incomplete_tail(b: &[u8]) -> usize {
+    match std::str::from_utf8(b) {
+        Err(e) if e.error_len().is_none() => b.len() - e.valid_up_to(),
+        _ => 0,
+    }
 }

@@ -7,10 +7,13 @@ mod agent;
 mod arrays;
 mod auth;
 mod error;
+mod extract;
 mod hooks;
 mod jobs;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_access;
 #[cfg(test)]
 mod tests_isolation;
 
@@ -66,5 +69,9 @@ pub fn app(stack: Stack) -> Router {
         .route("/v1/vms", get(admin::vms))
         .route("/v1/agent/events", post(agent::report))
         .route("/v1/agent/secrets", get(agent::secrets))
+        // Every answer is JSON, the router's own 404 and 405 included (axum adds
+        // the Allow header to the 405).
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { ApiError::NotFound("no such route; see schemas/openapi.json".into()) })
         .with_state(stack)
 }

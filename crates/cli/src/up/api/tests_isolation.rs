@@ -27,6 +27,7 @@ async fn live_job(stack: &Stack) -> JobId {
         spec,
         project: "default".into(),
         reply_to: None,
+        local_files: false,
     };
     let id = handlers::submit(&stack.ports, sub).await.unwrap().job.id;
     // Straight into the ledger (the fixture has no slots for a real allocation).
