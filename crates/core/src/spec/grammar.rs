@@ -20,8 +20,11 @@ pub const RESERVED_ENV: &str = r"^RESPAWN_";
 /// A label's name.
 pub const LABEL_KEY: &str = r"^[A-Za-z0-9._/-]{1,63}$";
 pub const MAX_LABEL_VALUE: usize = 256;
-/// An object-store URI: a known scheme and a key without control characters.
-pub const URI: &str = r"^(?:s3|az|azure|gs|file|bucket)://[^\u0000-\u001f\u007f]+$";
+/// An object-store URI: a known scheme and a key without control characters;
+/// `file://` takes an absolute path (`file:///data/x`): a relative one would be read
+/// from wherever the agent happens to run.
+pub const URI: &str =
+    r"^(?:(?:s3|az|azure|gs|bucket)://[^\u0000-\u001f\u007f]+|file:///[^\u0000-\u001f\u007f]*)$";
 /// A `..` segment, refused in URIs and relative paths.
 pub const DOTDOT: &str = r"(?:^|/)\.\.(?:/|$)";
 /// A path relative to `RESPAWN_INPUT_DIR`.
@@ -73,6 +76,9 @@ pub fn has_dotdot(s: &str) -> bool {
 /// Why `uri` is not an object-store URI, if it is not. `..` is checked apart.
 pub fn uri_problem(uri: &str) -> Option<String> {
     match uri.split_once("://") {
+        Some(("file", rest)) if !rest.starts_with('/') => Some(format!(
+            "file:// takes an absolute path (file:///data/x), got {uri:?}"
+        )),
         Some((scheme, rest)) if URI_SCHEMES.contains(&scheme) && !rest.is_empty() => rest
             .contains(is_control)
             .then(|| format!("expected a URI without control characters, got {uri:?}")),
