@@ -274,6 +274,7 @@ pub struct RetryPolicy {
     /// agent that could not start the attempt, an exit code listed in
     /// `infra_exit_codes`), each retried after a growing backoff.
     #[serde(default = "five", deserialize_with = "de::count")]
+    #[schemars(range(max = 4_294_967_295u32))]
     pub max_lost: u32,
 }
 

@@ -111,7 +111,7 @@ fn json_leaf() -> impl Strategy<Value = serde_json::Value> {
     ]
 }
 
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 17] = [
     "name",
     "command",
     "env",
@@ -126,6 +126,7 @@ const FIELDS: [&str; 16] = [
     "checkpoint.keep_last",
     "retry.max_failures",
     "retry.max_preemptions",
+    "retry.max_lost",
     "limits.max_runtime",
     "limits.max_wait",
 ];
@@ -240,7 +241,7 @@ mod agreement {
         assert!(seen >= 15);
     }
 
-    const PATHS: [&str; 34] = [
+    const PATHS: [&str; 35] = [
         "name",
         "image",
         "command",
@@ -269,6 +270,7 @@ mod agreement {
         "retry.max_failures",
         "retry.infra_exit_codes",
         "retry.max_preemptions",
+        "retry.max_lost",
         "limits.max_runtime",
         "limits.max_wait",
         "labels",
