@@ -316,7 +316,8 @@ async fn agents_get_their_attempt_credential_in_a_private_file_and_nothing_of_th
     let job = JobId::generate(Timestamp(1));
     let vm = compute.allocate(&request(&job, 2)).await.expect("allocate");
     let vm_dir = dir.path().join(format!("data/vms/{}", vm.id));
-    appears(&vm_dir.join("env")).await;
+    // The stand-in writes `cuda` last, after argv and env are whole.
+    appears(&vm_dir.join("cuda")).await;
 
     let file = vm_dir.join("credentials");
     let mode = std::fs::metadata(&file)
