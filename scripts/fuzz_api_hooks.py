@@ -8,11 +8,18 @@
    states them in words. For each, a *positive* case (one the fuzzer expects to be
    accepted) is brought within the rule here, changing no more than the rule needs.
    Negative cases are left alone, so the server is still tested for refusing them.
+
+3. YAML bodies are written as YAML 1.2 reads them. Schemathesis dumps YAML with
+   PyYAML, which speaks YAML 1.1: it leaves a string like `1e100` unquoted, and a
+   YAML 1.2 parser (respawn's) rightly reads that as a number. Every string is
+   therefore written double-quoted, which both versions read the same way.
 """
 
 import json
 
 import schemathesis
+import yaml
+from schemathesis.transport.serialization import serialize_yaml
 
 MAX_JOBS = 10_000
 SWEEP_LABELS = ("respawn.array", "respawn.array_index")
@@ -88,6 +95,26 @@ def _sweep_rules(body):
             if isinstance(template.get(field), dict):
                 for key in taken:
                     template[field].pop(key, None)
+
+
+class _QuotedDumper(yaml.SafeDumper):
+    pass
+
+
+_QuotedDumper.add_representer(
+    str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+)
+
+
+def yaml_1_2(value):
+    if isinstance(value, (dict, list, str)):
+        return yaml.dump(value, Dumper=_QuotedDumper, allow_unicode=False).encode()
+    return serialize_yaml(value)["data"]
+
+
+schemathesis.serializer(
+    "text/yaml", "text/x-yaml", "text/vnd.yaml", "text/yml", "application/yaml", "application/x-yaml"
+)(lambda ctx, value: yaml_1_2(value))
 
 
 @schemathesis.hook
