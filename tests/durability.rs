@@ -1,7 +1,8 @@
-//! What "durable" means for the files the broker writes into the bucket: on disk
-//! (fsync'd, file and folder) before the API answers, so a job in the ledger never
-//! lacks its spec after a power loss. A crash test cannot show fsync (the kernel
-//! keeps what a killed process wrote), so this one watches the system calls.
+//! What "durable" means for the broker's writes: a submission is in the ledger
+//! (fsync'd) before the API answers, and the spec's copy in the bucket, which agents
+//! read, is on disk (fsync'd, file and folder) before a VM is allocated for it. A
+//! crash test cannot show fsync (the kernel keeps what a killed process wrote), so
+//! this one watches the system calls.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use respawn_e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jobs_spec_is_fsynced_with_its_folder_before_the_api_answers() {
+async fn the_ledger_and_a_jobs_spec_are_fsynced() {
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
         .find(|p| std::path::Path::new(p).is_file())
@@ -18,14 +19,13 @@ async fn a_jobs_spec_is_fsynced_with_its_folder_before_the_api_answers() {
     let data = dir.path().join("data");
     let trace = dir.path().join("fsyncs.txt");
     let trace_arg = trace.display().to_string();
-    // No slots: the job stays pending, and the trace holds the submission only.
     let wrapper = [
         strace,
         "-f",
         "-qq",
         "-y",
         "-e",
-        "trace=fsync,fdatasync",
+        "trace=fsync,fdatasync,execve",
         "-o",
         &trace_arg,
     ];
@@ -33,26 +33,41 @@ async fn a_jobs_spec_is_fsynced_with_its_folder_before_the_api_answers() {
         wrapper: &wrapper,
         ..How::default()
     };
-    let up = Up::start_how(&data, &["--slots", "0"], how).await;
+    // Unsandboxed: bubblewrap's namespaces and strace's ptrace do not mix everywhere.
+    let up = Up::start_how(&data, &["--isolation", "none"], how).await;
     let id = up.submit("name: durable\ncommand: ['true']\n").await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    // strace writes as the calls return; the submission's have returned by now.
+    up.wait_job(&id, Duration::from_secs(60), "succeeded", |j| {
+        j["state"] == "succeeded"
+    })
+    .await;
+    // strace writes as the calls return; the job's have returned by now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let calls = std::fs::read_to_string(&trace).unwrap();
     let synced = |needle: &str| {
         calls
             .lines()
-            .any(|l| (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(needle))
+            .position(|l| (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(needle))
     };
+    let spec = synced(&format!("jobs/{id}/spec.json"));
+    let folder = synced(&format!("jobs/{id}>"));
+    let agent = calls
+        .lines()
+        .position(|l| l.contains("execve(") && l.contains("respawn-agent"));
+    assert!(spec.is_some(), "spec.json was not fsync'd:\n{calls}");
     assert!(
-        synced(&format!("jobs/{id}/spec.json")),
-        "spec.json was not fsync'd:\n{calls}"
-    );
-    assert!(
-        synced(&format!("jobs/{id}>")),
+        folder.is_some(),
         "the job's folder (the spec's name in it) was not fsync'd:\n{calls}"
     );
-    assert!(synced("respawn.db"), "the ledger was not fsync'd:\n{calls}");
+    assert!(agent.is_some(), "no agent was started:\n{calls}");
+    assert!(
+        spec < agent && folder < agent,
+        "the agent started before its spec was on disk:\n{calls}"
+    );
+    assert!(
+        synced("respawn.db").is_some(),
+        "the ledger was not fsync'd:\n{calls}"
+    );
 }

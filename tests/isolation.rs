@@ -220,7 +220,7 @@ async fn an_agent_that_cannot_start_the_attempt_reports_why_within_a_budget() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let up = Up::start(&data, &["--slots", "1"]).await;
-    // Hold the only slot, so the next job waits for dispatch while its spec goes.
+    // Hold the only slot, so the next job waits for dispatch while its spec is spoilt.
     let blocker = up.submit("name: blocker\ncommand: [sleep, '60']\n").await["id"]
         .as_str()
         .unwrap()
@@ -230,12 +230,16 @@ async fn an_agent_that_cannot_start_the_attempt_reports_why_within_a_budget() {
     })
     .await;
     let id = up
-        .submit("name: no-spec\ncommand: ['true']\nretry: { max_lost: 1 }\n")
+        .submit("name: bad-spec\ncommand: ['true']\nretry: { max_lost: 1 }\n")
         .await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    std::fs::remove_file(data.join(format!("bucket/jobs/{id}/spec.json"))).unwrap();
+    // The broker writes the spec for agents before the first VM, unless it is there:
+    // one that is not JSON makes every attempt's start fail.
+    let job_dir = data.join(format!("bucket/jobs/{id}"));
+    std::fs::create_dir_all(&job_dir).unwrap();
+    std::fs::write(job_dir.join("spec.json"), "not a spec").unwrap();
     let cancel = reqwest::Client::new()
         .post(format!("{}/v1/jobs/{blocker}/cancel", up.base))
         .bearer_auth(up.token())

@@ -2,7 +2,7 @@
 //! `jobs/<id>/`, so any S3 / Azure tool can inspect or delete it.
 //!
 //! ```text
-//! jobs/<id>/spec.json                          the spec as submitted (secrets redacted)
+//! jobs/<id>/spec.json                          the spec as submitted (secrets redacted), written before the first VM
 //! jobs/<id>/state                              the ledger record (object-store ledger only)
 //! jobs/<id>/attempts/<n>/stdout/<chunk>        log chunks, numbered from 0, in order
 //! jobs/<id>/attempts/<n>/stderr/<chunk>

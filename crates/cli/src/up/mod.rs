@@ -149,7 +149,7 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
     std::fs::create_dir_all(&bucket_dir)
         .map_err(|e| setup("cannot create the bucket folder", &e))?;
     let store = LocalStore::open(&config.data).map_err(|e| setup("cannot open the store", &e))?;
-    // fsync'd: a job in the ledger always has its spec.json, even after a power loss.
+    // fsync'd: what an agent or a user reads from the bucket survives a power loss.
     let blobs: Blobs = Arc::new(
         LocalFileSystem::new_with_prefix(&bucket_dir)
             .map_err(|e| setup("cannot open the bucket", &e))?

@@ -7,11 +7,9 @@ use tracing::info;
 use super::Error;
 use super::apply::{flush_outbox, send_dispatch};
 use crate::job::{JobId, JobRecord, ReplyTo};
-use crate::layout;
 use crate::lifecycle::Command;
 use crate::ports::{Ports, ledger};
 use crate::spec::JobSpec;
-use object_store::ObjectStoreExt;
 
 /// A validated spec on its way in.
 #[derive(Debug, Clone)]
@@ -66,17 +64,11 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
     if !values.is_empty() {
         ports.secrets.put(&id, &values).await?;
     }
+    // The record holds the spec; its copy in the bucket, which agents read, is
+    // written before the first VM is allocated (`apply::allocate`), so that a
+    // submission costs one ledger commit and no bucket fsync.
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
     rec.reply_to = sub.reply_to;
-    // The spec goes into the job's prefix first, where agents read it; written
-    // before the record, it is there whenever the record is.
-    let body =
-        serde_json::to_vec_pretty(&rec.spec).map_err(|e| Error::BadMessage(e.to_string()))?;
-    ports
-        .blobs
-        .put(&layout::spec(&rec.id), body.into())
-        .await
-        .map_err(|e| Error::Blobs(e.to_string()))?;
     rec.dispatched_at = Some(now);
     let priority = rec.spec.priority.level();
     let follow = rec.reply_to.is_some();
