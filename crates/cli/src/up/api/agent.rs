@@ -30,14 +30,7 @@ impl FromRequestParts<Stack> for Agent {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, stack: &Stack) -> Result<Self, Self::Rejection> {
-        let credential = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthorized("missing agent credential (Authorization: Bearer …)".into())
-            })?;
+        let credential = super::auth::bearer(parts, "agent credential")?;
         stack
             .attempt_key
             .verify(credential)

@@ -42,20 +42,25 @@ impl Caller {
     }
 }
 
+/// The credential of an `Authorization: Bearer …` header; `what` names it in errors.
+pub(super) fn bearer<'a>(parts: &'a Parts, what: &str) -> Result<&'a str, ApiError> {
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(format!("missing {what} (Authorization: Bearer …)"))
+        })?;
+    header
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| ApiError::Unauthorized(format!("expected Authorization: Bearer <{what}>")))
+}
+
 impl FromRequestParts<Stack> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, stack: &Stack) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                ApiError::Unauthorized("missing bearer token (Authorization: Bearer …)".into())
-            })?;
-        let secret = header.strip_prefix("Bearer ").ok_or_else(|| {
-            ApiError::Unauthorized("expected Authorization: Bearer <token>".into())
-        })?;
+        let secret = bearer(parts, "token")?;
         let found = stack
             .tokens
             .find_by_hash(&tokens::hash_secret(secret.trim()))
