@@ -366,6 +366,9 @@ fn every_readme_command_works_from_a_fresh_clone() {
         if line.contains("respawn demo") {
             assert!(
                 out.contains("succeeded after 3 attempts, 2 preemptions")
+                    && out.contains("▶ attempt 1: preempted")
+                    && out.contains("▶ attempt 2: preempted")
+                    && out.contains("▶ attempt 3: succeeded")
                     && out.contains("▶ model: "),
                 "the demo's story:\n{out}"
             );

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use respawn_adapters::local::sibling_binary;
-use respawn_core::job::{JobRecord, JobState};
+use respawn_core::job::{AttemptOutcome, JobRecord, JobState};
 use respawn_core::ports::ledger::ListQuery;
 use tokio::sync::watch;
 
@@ -165,6 +165,9 @@ fn drop_csv(bucket: &Path) -> std::io::Result<PathBuf> {
 async fn follow(stack: &Stack) -> Result<JobRecord, String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let mut last: Option<(JobState, u32, Option<u64>)> = None;
+    // Attempts whose end was told: an attempt can end and the next start between
+    // two looks at the job, so ends are read from the attempts, not the state.
+    let mut ended = 0;
     let mut preempted = 0;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -188,14 +191,20 @@ async fn follow(stack: &Stack) -> Result<JobRecord, String> {
                 job.id, job.spec.name
             ));
         }
-        if last.map(|l| (l.0, l.1)) != Some((now.0, now.1)) {
-            let restored = job.current().and_then(|a| a.restored_checkpoint);
-            let from = match (job.state, restored) {
-                (JobState::Running, Some(c)) => format!(", resumed from checkpoint {c}"),
-                (JobState::Running, None) => ", from scratch".to_owned(),
-                _ => String::new(),
+        for a in &job.attempts {
+            if a.number <= ended {
+                continue;
+            }
+            let Some(outcome) = &a.outcome else { break };
+            say(&format!("attempt {}: {}", a.number, outcome_text(outcome)));
+            ended = a.number;
+        }
+        if job.state == JobState::Running && last.map(|l| (l.0, l.1)) != Some((now.0, now.1)) {
+            let from = match job.current().and_then(|a| a.restored_checkpoint) {
+                Some(c) => format!("resumed from checkpoint {c}"),
+                None => "from scratch".to_owned(),
             };
-            say(&format!("attempt {}: {}{from}", job.attempt, job.state));
+            say(&format!("attempt {}: running, {from}", job.attempt));
         }
         last = Some(now);
         if job.state == JobState::Running
@@ -225,6 +234,18 @@ async fn follow(stack: &Stack) -> Result<JobRecord, String> {
         }
     }
     Err("the demo job did not finish within 3 minutes".into())
+}
+
+fn outcome_text(outcome: &AttemptOutcome) -> String {
+    match outcome {
+        AttemptOutcome::Succeeded => "succeeded".into(),
+        AttemptOutcome::Failed { exit_code } => format!("failed with exit code {exit_code}"),
+        AttemptOutcome::TimedOut => "ran past limits.max_runtime".into(),
+        AttemptOutcome::Preempted => "preempted".into(),
+        AttemptOutcome::Lost { reason } => format!("lost: {reason}"),
+        AttemptOutcome::AllocationFailed { reason } => format!("no VM: {reason}"),
+        AttemptOutcome::Stopped { reason } => format!("stopped: {reason}"),
+    }
 }
 
 fn summary(data: &Path, job: &JobRecord) {
