@@ -7,6 +7,7 @@
 pub mod attempt_auth;
 pub mod beneath;
 pub mod checkpoint;
+pub mod cloud;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod handlers;
