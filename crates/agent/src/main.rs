@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use respawn_core::JobId;
 
+mod notice;
 mod report;
 mod run;
 mod ship;
@@ -51,9 +52,21 @@ pub struct Args {
     /// Folders the workload may read besides the system's (e.g. respawn's binaries).
     #[arg(long)]
     pub read_only: Vec<PathBuf>,
+    /// The instance metadata service to poll for spot interruptions (IMDSv2), e.g.
+    /// `http://169.254.169.254` on EC2; without it, the local simulator's notice file.
+    #[arg(long)]
+    pub imds: Option<String>,
 }
 
 impl Args {
+    /// Where the preemption notice comes from on this VM.
+    pub fn notice_source(&self) -> notice::Source {
+        match &self.imds {
+            Some(base) => notice::Source::Imds(notice::Imds::new(base, notice::IMDS_EVERY)),
+            None => notice::Source::File(self.vm_dir.join("notice.json")),
+        }
+    }
+
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs.max(1))
     }

@@ -10,9 +10,8 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use respawn_adapters::local::AgentCredentials;
 use respawn_core::lifecycle::Event;
 use respawn_core::spec::JobSpec;
-use respawn_core::time::{Clock, SystemClock, Timestamp};
+use respawn_core::time::{Clock, SystemClock};
 use respawn_core::{checkpoint, layout};
-use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::Args;
@@ -30,17 +29,6 @@ const SECRETS_PATIENCE: Duration = Duration::from_secs(120);
 pub enum Error {
     #[error("cannot open {what}: {message}")]
     Open { what: &'static str, message: String },
-}
-
-/// The provider's preemption notice, as the local spot simulator writes it.
-#[derive(Debug, Deserialize)]
-struct Notice {
-    deadline_ms: u64,
-}
-
-fn read_notice(vm_dir: &Path) -> Option<Notice> {
-    let bytes = std::fs::read(vm_dir.join("notice.json")).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 /// Reads the agent's credentials and removes the file: a workload that escaped
@@ -275,6 +263,7 @@ async fn supervise(
 ) -> i32 {
     let mut heartbeat = tokio::time::interval(args.heartbeat());
     let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut notices = args.notice_source();
     let mut noticed = false;
     loop {
         tokio::select! {
@@ -282,7 +271,7 @@ async fn supervise(
             _ = heartbeat.tick() => reporter.heartbeat(),
             _ = poll.tick() => {
                 if !noticed
-                    && let Some(notice) = read_notice(&args.vm_dir) {
+                    && let Some(notice) = notices.poll().await {
                         noticed = true;
                         on_notice(args, reporter, workload, notice).await;
                     }
@@ -292,8 +281,13 @@ async fn supervise(
     }
 }
 
-async fn on_notice(args: &Args, reporter: &Reporter, workload: &mut Workload, notice: Notice) {
-    let deadline = Timestamp(notice.deadline_ms);
+async fn on_notice(
+    args: &Args,
+    reporter: &Reporter,
+    workload: &mut Workload,
+    notice: crate::notice::Notice,
+) {
+    let deadline = notice.deadline;
     let left = deadline.since(SystemClock.now());
     info!(job_id = %args.job, attempt = args.attempt, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
     workload.terminate();

@@ -526,6 +526,7 @@ mod tests {
             grace_secs: 5,
             sandbox: "none".into(),
             read_only: Vec::new(),
+            imds: None,
         };
         let secrets = BTreeMap::from([("TOKEN".to_owned(), "s3cret".to_owned())]);
         let cmd = container_command(
