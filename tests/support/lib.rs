@@ -2,6 +2,8 @@
 //! to its API, and look at what it left on disk and in the process table.
 #![allow(clippy::unwrap_used)]
 
+pub mod aws;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -134,16 +134,14 @@ impl Imds {
         };
         let action: InstanceAction = serde_json::from_str(&body)
             .map_err(|e| format!("spot/instance-action is not what EC2 sends ({e}): {body:?}"))?;
-        let at = humantime::parse_rfc3339_weak(&action.time)
-            .map_err(|e| format!("spot/instance-action time {:?}: {e}", action.time))?;
-        let ms = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?
-            .as_millis();
+        let deadline = Timestamp::parse_rfc3339(&action.time).ok_or_else(|| {
+            format!(
+                "spot/instance-action time {:?} is not RFC 3339",
+                action.time
+            )
+        })?;
         info!(action = %action.action, time = %action.time, "spot interruption scheduled");
-        Ok(Some(Notice {
-            deadline: Timestamp(u64::try_from(ms).unwrap_or(u64::MAX)),
-        }))
+        Ok(Some(Notice { deadline }))
     }
 
     /// GETs `latest/<path>` with a session token; `None` on 404 (nothing scheduled).

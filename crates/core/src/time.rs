@@ -56,6 +56,14 @@ impl Timestamp {
     pub fn to_system_time(self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.0)
     }
+
+    /// An RFC 3339 time as clouds write them (`2026-12-01T08:22:00Z`, fractions
+    /// allowed); `None` for anything else or a time before 1970.
+    pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+        let t = humantime::parse_rfc3339_weak(s).ok()?;
+        let ms = t.duration_since(UNIX_EPOCH).ok()?.as_millis();
+        Some(Timestamp(u64::try_from(ms).unwrap_or(u64::MAX)))
+    }
 }
 
 impl fmt::Display for Timestamp {

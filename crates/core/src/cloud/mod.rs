@@ -2,6 +2,7 @@
 //! functions, the local stack) take a message body off their queue and hand it here;
 //! nothing in this module does I/O.
 
+pub mod ec2;
 pub mod s3;
 
 /// A payload that is not what it should be, and where: `path` is a JSON path
@@ -35,4 +36,14 @@ impl EventError {
         };
         self
     }
+}
+
+/// A payload kept under `schemas/fixtures/aws/`.
+#[cfg(test)]
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../../schemas/fixtures/aws/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }

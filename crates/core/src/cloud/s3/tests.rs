@@ -1,14 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../../schemas/fixtures/aws/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
+use crate::cloud::fixture;
 
 fn created(body: &[u8]) -> Vec<S3Object> {
     match decode(body) {

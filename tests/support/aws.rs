@@ -1,0 +1,78 @@
+//! The local AWS emulator (`localstack/aws-start`, moto server) for one test, and
+//! the boto3 drivers under `tests/aws/` that act on it as AWS's own tools would.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The emulator on a free port, stopped when dropped. Installs it on first use
+/// (python3 and PyPI needed); fails, never skips, when it cannot start.
+#[derive(Debug)]
+pub struct Emulator {
+    dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl Emulator {
+    pub fn start() -> Emulator {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let out = Command::new(root().join("localstack/aws-start"))
+            .arg(port.to_string())
+            .arg(dir.path())
+            .output()
+            .expect("localstack/aws-start runs");
+        assert!(
+            out.status.success(),
+            "localstack/aws-start failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Emulator {
+            dir,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Runs `tests/aws/<script>` with the endpoint and `args`; returns the message
+    /// bodies it printed (one JSON string a line).
+    pub fn drive(&self, script: &str, args: &[&str]) -> Vec<String> {
+        let out = Command::new(root().join(".venv-aws/bin/python"))
+            .arg(root().join("tests/aws").join(script))
+            .arg(&self.endpoint)
+            .args(args)
+            .output()
+            .expect("the boto3 driver runs");
+        assert!(
+            out.status.success(),
+            "tests/aws/{script} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON string a line"))
+            .collect()
+    }
+
+    /// A file of `schemas/fixtures/aws/`, as a path a driver can read.
+    pub fn fixture(name: &str) -> String {
+        root()
+            .join("schemas/fixtures/aws")
+            .join(name)
+            .display()
+            .to_string()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("localstack/aws-stop"))
+            .arg(self.dir.path())
+            .status();
+    }
+}
