@@ -4,8 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+/// The repository's root: the first folder up from this crate with `localstack/`
+/// (this file is also compiled into crates' own tests, by path).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|d| d.join("localstack/aws-start").is_file())
+        .expect("the repository's localstack/ folder")
+        .to_owned()
 }
 
 /// The emulator on a free port, stopped when dropped. Installs it on first use

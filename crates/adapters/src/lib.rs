@@ -6,6 +6,7 @@
 //! - [`objstore`]: a ledger on any `object_store` (S3, Azure Blob, GCS, in-memory),
 //!   compare-and-swap by conditional put.
 //! - [`amqp`] (feature `amqp`): a queue on RabbitMQ.
+//! - [`sqs`] (feature `aws`): a queue on Amazon SQS.
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
@@ -13,3 +14,5 @@ pub mod amqp;
 pub mod local;
 pub mod memory;
 pub mod objstore;
+#[cfg(feature = "aws")]
+pub mod sqs;

@@ -9,12 +9,18 @@ use super::unique_queue;
 
 /// Runs every check. `max_deliveries` is the adapter's dead-letter threshold.
 pub async fn run(q: &dyn Queue, max_deliveries: u32) {
+    run_with(q, max_deliveries, Duration::ZERO).await;
+}
+
+/// [`run`] for a broker that keeps leases and delays in coarser units: `tick` is
+/// its unit (one second for SQS), added to every wait for a lease or delay to end.
+pub async fn run_with(q: &dyn Queue, max_deliveries: u32, tick: Duration) {
     send_receive_ack(q).await;
     priority_then_fifo(q).await;
     receive_caps_at_max(q).await;
-    delayed_messages_wait(q).await;
-    expired_leases_redeliver(q).await;
-    retry_later_redelivers_after_delay(q).await;
+    delayed_messages_wait(q, tick).await;
+    expired_leases_redeliver(q, tick).await;
+    retry_later_redelivers_after_delay(q, tick).await;
     explicit_dead_letter(q).await;
     dead_letter_after_max_deliveries(q, max_deliveries).await;
     receive_waits_for_a_message(q).await;
@@ -126,7 +132,7 @@ async fn receive_caps_at_max(q: &dyn Queue) {
     }
 }
 
-async fn delayed_messages_wait(q: &dyn Queue) {
+async fn delayed_messages_wait(q: &dyn Queue, tick: Duration) {
     let name = unique_queue("conf-delay");
     q.send(
         &name,
@@ -138,18 +144,18 @@ async fn delayed_messages_wait(q: &dyn Queue) {
         recv(q, &name, lease(30_000)).await.is_empty(),
         "a delayed message is invisible before its delay"
     );
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    tokio::time::sleep(Duration::from_millis(1_100) + tick).await;
     let got = recv(q, &name, lease(30_000)).await;
     assert_eq!(got.len(), 1, "a delayed message is visible after its delay");
     q.ack(&got[0]).await.expect("ack");
 }
 
-async fn expired_leases_redeliver(q: &dyn Queue) {
+async fn expired_leases_redeliver(q: &dyn Queue, tick: Duration) {
     let name = unique_queue("conf-lease");
     q.send(&name, Outgoing::new("work")).await.expect("send");
     let first = recv(q, &name, lease(400)).await;
     assert_eq!(first.len(), 1);
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    tokio::time::sleep(Duration::from_millis(1_000) + tick).await;
     let second = recv(q, &name, lease(30_000)).await;
     assert_eq!(
         second.len(),
@@ -166,7 +172,7 @@ async fn expired_leases_redeliver(q: &dyn Queue) {
     assert!(recv(q, &name, lease(30_000)).await.is_empty());
 }
 
-async fn retry_later_redelivers_after_delay(q: &dyn Queue) {
+async fn retry_later_redelivers_after_delay(q: &dyn Queue, tick: Duration) {
     let name = unique_queue("conf-retry");
     q.send(&name, Outgoing::new("flaky")).await.expect("send");
     let first = recv(q, &name, lease(30_000)).await;
@@ -177,7 +183,7 @@ async fn retry_later_redelivers_after_delay(q: &dyn Queue) {
         recv(q, &name, lease(30_000)).await.is_empty(),
         "retried message waits for its delay"
     );
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    tokio::time::sleep(Duration::from_millis(1_100) + tick).await;
     let again = recv(q, &name, lease(30_000)).await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].deliveries, 2);
