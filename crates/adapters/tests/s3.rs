@@ -1,0 +1,98 @@
+//! The object-store ledger and blobs on S3, against the local AWS emulator
+//! (`localstack/aws-start`, moto server, which enforces `If-Match` and
+//! `If-None-Match` as S3 does), started for this test: it fails, never skips, when
+//! the emulator cannot run.
+#![cfg(feature = "aws")]
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use respawn_adapters::objstore::ObjectStoreLedger;
+use respawn_core::ports::Blobs;
+
+#[path = "../../../tests/support/aws.rs"]
+#[allow(dead_code)]
+mod aws;
+
+use aws::{Emulator, root};
+
+fn bucket(aws: &Emulator, name: &str) -> Blobs {
+    let script = format!(
+        "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+         aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{name}')",
+        aws.endpoint
+    );
+    let out = Command::new(root().join(".venv-aws/bin/python"))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Arc::new(
+        AmazonS3Builder::new()
+            .with_endpoint(&aws.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(name)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_passes_its_conformance_suite_on_s3() {
+    let aws = Emulator::start();
+    let ledger = ObjectStoreLedger::new(bucket(&aws, "respawn-ledger"));
+    respawn_core::conformance::ledger::run(&ledger).await;
+}
+
+/// What the ledger's compare-and-swap stands on: S3 refuses a create over an
+/// existing key and an update from a stale ETag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_are_enforced() {
+    let aws = Emulator::start();
+    let blobs = bucket(&aws, "respawn-conditional");
+    let path = object_store::path::Path::from("jobs/x/state");
+    let create = PutOptions::from(PutMode::Create);
+    let first = blobs
+        .put_opts(&path, PutPayload::from("v1"), create.clone())
+        .await
+        .unwrap();
+    let again = blobs
+        .put_opts(&path, PutPayload::from("v1"), create)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(again, object_store::Error::AlreadyExists { .. }),
+        "{again}"
+    );
+    let update = |e_tag: Option<String>| {
+        PutOptions::from(PutMode::Update(object_store::UpdateVersion {
+            e_tag,
+            version: None,
+        }))
+    };
+    let second = blobs
+        .put_opts(&path, PutPayload::from("v2"), update(first.e_tag.clone()))
+        .await
+        .unwrap();
+    assert_ne!(second.e_tag, first.e_tag);
+    let stale = blobs
+        .put_opts(&path, PutPayload::from("v3"), update(first.e_tag))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, object_store::Error::Precondition { .. }),
+        "{stale}"
+    );
+    let now = blobs.get(&path).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&now[..], b"v2");
+}
