@@ -10,24 +10,16 @@ until one per event has come (or 30 s pass).
 
 import json
 import sys
-import time
 
-import boto3
+from emulator import client, drain, queue
 
-endpoint, queue, files = sys.argv[1], sys.argv[2], sys.argv[3:]
-kw = dict(
-    endpoint_url=endpoint,
-    region_name="us-east-1",
-    aws_access_key_id="test",
-    aws_secret_access_key="test",
-)
-sqs = boto3.client("sqs", **kw)
-events = boto3.client("events", **kw)
+endpoint, name, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+sqs = client("sqs", endpoint)
+events = client("events", endpoint)
 
-url = sqs.create_queue(QueueName=queue)["QueueUrl"]
-arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-events.put_rule(Name=f"{queue}-ec2", EventPattern=json.dumps({"source": ["aws.ec2"]}))
-events.put_targets(Rule=f"{queue}-ec2", Targets=[{"Id": "queue", "Arn": arn}])
+url, arn = queue(sqs, name)
+events.put_rule(Name=f"{name}-ec2", EventPattern=json.dumps({"source": ["aws.ec2"]}))
+events.put_targets(Rule=f"{name}-ec2", Targets=[{"Id": "queue", "Arn": arn}])
 for path in files:
     with open(path) as f:
         e = json.load(f)
@@ -44,13 +36,6 @@ for path in files:
     if out.get("FailedEntryCount"):
         sys.exit(f"PutEvents refused {path}: {out}")
 
-seen = 0
-deadline = time.time() + 30
-while seen < len(files) and time.time() < deadline:
-    got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
-    for m in got.get("Messages", []):
-        print(json.dumps(m["Body"]), flush=True)
-        sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-        seen += 1
+seen = drain(sqs, url, len(files))
 if seen < len(files):
     sys.exit(f"only {seen} of {len(files)} events arrived")

@@ -65,6 +65,20 @@ impl Emulator {
             .collect()
     }
 
+    /// Runs a Python snippet with boto3 at hand; `{endpoint}` in it is the
+    /// emulator's address. Panics with its stderr when it fails.
+    pub fn python(&self, script: &str) {
+        let out = Command::new(root().join(".venv-aws/bin/python"))
+            .args(["-c", &script.replace("{endpoint}", &self.endpoint)])
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A file of `schemas/fixtures/aws/`, as a path a driver can read.
     pub fn fixture(name: &str) -> String {
         root()

@@ -5,7 +5,6 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::sync::Arc;
 
 use object_store::aws::AmazonS3Builder;
@@ -17,23 +16,13 @@ use respawn_core::ports::Blobs;
 #[allow(dead_code)]
 mod aws;
 
-use aws::{Emulator, root};
+use aws::Emulator;
 
 fn bucket(aws: &Emulator, name: &str) -> Blobs {
-    let script = format!(
-        "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
-         aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{name}')",
-        aws.endpoint
-    );
-    let out = Command::new(root().join(".venv-aws/bin/python"))
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    aws.python(&format!(
+        "import boto3; boto3.client('s3', endpoint_url='{{endpoint}}', region_name='us-east-1', \
+         aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{name}')"
+    ));
     Arc::new(
         AmazonS3Builder::new()
             .with_endpoint(&aws.endpoint)

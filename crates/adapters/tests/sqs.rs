@@ -4,7 +4,6 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
@@ -16,7 +15,7 @@ use respawn_core::ports::queue::{Outgoing, Queue, Receive, dead_letter_queue};
 #[allow(dead_code)]
 mod aws;
 
-use aws::{Emulator, root};
+use aws::Emulator;
 
 fn queue(aws: &Emulator, max_deliveries: u32) -> SqsQueue {
     let config = aws_sdk_sqs::Config::builder()
@@ -102,26 +101,16 @@ async fn messages_from_other_clients_are_read_too() {
     let q = queue(&aws, 3);
     let name = unique_queue("sqs-foreign");
     q.declare(&name).await.unwrap();
-    let script = format!(
+    aws.python(&format!(
         r#"
 import boto3
-sqs = boto3.client("sqs", endpoint_url="{}", region_name="us-east-1",
+sqs = boto3.client("sqs", endpoint_url="{{endpoint}}", region_name="us-east-1",
                    aws_access_key_id="test", aws_secret_access_key="test")
-url = sqs.get_queue_url(QueueName="respawn-test-{}-lo")["QueueUrl"]
+url = sqs.get_queue_url(QueueName="respawn-test-{name}-lo")["QueueUrl"]
 sqs.send_message(QueueUrl=url, MessageBody='{{"spec": "not yet"}}',
                  MessageAttributes={{"reply_to": {{"DataType": "String", "StringValue": "replies-7"}}}})
-"#,
-        aws.endpoint, name
-    );
-    let out = Command::new(root().join(".venv-aws/bin/python"))
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+"#
+    ));
     let got = q.receive(&name, lease(30)).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].body[..], br#"{"spec": "not yet"}"#);
