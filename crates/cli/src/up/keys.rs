@@ -4,6 +4,7 @@ use std::path::Path;
 
 use respawn_adapters::local::durable;
 use respawn_core::attempt_auth::AttemptKey;
+use respawn_core::webhook::standard::Secret;
 
 /// The key agents' attempt credentials are signed with, `<data>/agent-key`.
 pub fn attempt_key(data: &Path) -> std::io::Result<AttemptKey> {
@@ -22,4 +23,24 @@ pub fn attempt_key(data: &Path) -> std::io::Result<AttemptKey> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The stack's signing secret, `<data>/notify-secret` (`whsec_…`), made on first use.
+pub fn notify_secret(data: &Path) -> std::io::Result<(Secret, String)> {
+    let path = data.join("notify-secret");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = text.trim().to_owned();
+        if let Ok(s) = Secret::parse(&text) {
+            return Ok((s, text));
+        }
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+    use base64::Engine;
+    let text = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    durable::write(&path, text.as_bytes(), 0o600)?;
+    Ok((Secret::from_bytes(key.to_vec()), text))
 }

@@ -4,12 +4,10 @@
 
 pub mod api;
 mod bucket;
-mod egress;
-mod intake;
+mod dispatch;
 mod keys;
-mod loops;
-mod notify;
-mod replies;
+
+use respawn_host::{intake, loops, notify, replies};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -364,7 +362,7 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
         tokio::spawn(loops::reconcile(stack.ports.clone(), stop_rx.clone())),
         tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
     ];
-    let (notify_secret, _) = notify::load_or_create_secret(&stack.config.data)
+    let (notify_secret, _) = keys::notify_secret(&stack.config.data)
         .map_err(|e| Error::Setup(format!("cannot read or create the notify secret: {e}")))?;
     tasks.push(tokio::spawn(notify::run(
         stack.ports.clone(),
@@ -379,7 +377,7 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
         stack.replies.clone(),
         stop_rx.clone(),
     )));
-    let dispatch = tokio::spawn(loops::dispatch(
+    let dispatch = tokio::spawn(dispatch::dispatch(
         stack.ports.clone(),
         stack.compute.clone(),
         stop_rx.clone(),

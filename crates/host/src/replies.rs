@@ -2,7 +2,7 @@
 
 use respawn_core::job::ReplyTo;
 use serde_json::Value;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Where replies can go: nowhere without a queue server, else through it.
 #[derive(Debug, Clone, Default)]
@@ -17,17 +17,20 @@ impl Replies {
     /// Sends `body` to the submitter; a reply that cannot be delivered is logged,
     /// never an error for the job (the submitter may be gone).
     pub async fn send(&self, to: &ReplyTo, body: &Value) {
-        let bytes = body.to_string().into_bytes();
         match self {
-            Replies::None => debug!(queue = %to.queue, "no queue server for replies"),
+            Replies::None => debug!(queue = %to.queue, body = %body, "no queue server for replies"),
             #[cfg(feature = "amqp")]
             Replies::Amqp(q) => match q
-                .reply(&to.queue, to.correlation_id.as_deref(), &bytes)
+                .reply(
+                    &to.queue,
+                    to.correlation_id.as_deref(),
+                    body.to_string().as_bytes(),
+                )
                 .await
             {
                 Ok(true) => {}
                 Ok(false) => debug!(queue = %to.queue, "reply queue is gone"),
-                Err(e) => warn!(queue = %to.queue, error = %e, "cannot send a reply"),
+                Err(e) => tracing::warn!(queue = %to.queue, error = %e, "cannot send a reply"),
             },
         }
     }

@@ -3,15 +3,14 @@
 //! with exponential backoff through the notify queue, and never on the path of the
 //! broker's own work. Every try is recorded on the job (`respawn show`).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use respawn_core::handlers::update_job;
 use respawn_core::job::{MAX_NOTIFICATIONS, NotificationAttempt, REPLY_SCHEME};
 
-use super::egress;
-use super::replies::Replies;
+use crate::egress;
+use crate::replies::Replies;
 use respawn_core::messages::Notification;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::{Delivery, Receive};
@@ -23,26 +22,6 @@ use tracing::{info, warn};
 /// POSTs in flight at once.
 const PARALLEL: usize = 8;
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The stack's signing secret, `<data>/notify-secret` (`whsec_…`), made on first use.
-pub fn load_or_create_secret(data: &Path) -> std::io::Result<(Secret, String)> {
-    let path = data.join("notify-secret");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let text = text.trim().to_owned();
-        if let Ok(s) = Secret::parse(&text) {
-            return Ok((s, text));
-        }
-    }
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-    use base64::Engine;
-    let text = format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode(key)
-    );
-    respawn_adapters::local::durable::write(&path, text.as_bytes(), 0o600)?;
-    Ok((Secret::from_bytes(key.to_vec()), text))
-}
 
 /// Consumes the notify queue until `stop`. Job-chosen URLs go through the
 /// [`egress`] policy: public addresses only unless `allow_private`.

@@ -1,64 +1,15 @@
-//! The broker's loops: consume events, dispatch attempts to free slots, reconcile.
+//! Dispatch on the local stack: attempts are taken off the dispatch queue only while
+//! a local slot is free.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use respawn_adapters::local::LocalCompute;
-use respawn_core::handlers::{self, handle_delivery, settle};
 use respawn_core::ports::Ports;
-use respawn_core::ports::queue::{Delivery, Receive};
+use respawn_core::ports::queue::Receive;
+use respawn_host::loops::process;
 use tokio::sync::watch;
-use tracing::{debug, warn};
-
-const RECONCILE_EVERY: Duration = Duration::from_secs(5);
-
-async fn process(ports: &Ports, deliveries: Vec<Delivery>) {
-    for d in deliveries {
-        let disposition = handle_delivery(ports, &d).await;
-        if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {
-            // The lease ended or the store hiccupped: the message comes back and
-            // its handler, being idempotent, does nothing new.
-            warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle message");
-        }
-    }
-}
-
-/// Handles what is on the events queue now.
-pub async fn drain_events(ports: &Ports) {
-    let opts = Receive {
-        max: 256,
-        lease: Duration::from_secs(60),
-        wait: Duration::ZERO,
-    };
-    loop {
-        match ports.queue.receive(&ports.queues.events, opts).await {
-            Ok(got) if got.is_empty() => return,
-            Ok(got) => process(ports, got).await,
-            Err(e) => {
-                warn!(error = %e, "cannot read events");
-                return;
-            }
-        }
-    }
-}
-
-/// Reports from agents and the provider.
-pub async fn events(ports: Ports, stop: watch::Receiver<bool>) {
-    let opts = Receive {
-        max: 64,
-        lease: Duration::from_secs(60),
-        wait: Duration::from_millis(500),
-    };
-    while !*stop.borrow() {
-        match ports.queue.receive(&ports.queues.events, opts).await {
-            Ok(got) => process(&ports, got).await,
-            Err(e) => {
-                warn!(error = %e, "cannot read events");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
+use tracing::warn;
 
 /// Takes attempts off the dispatch queue only while a slot is free, so waiting for
 /// capacity is waiting in the queue (by priority), not a failed allocation.
@@ -82,18 +33,6 @@ pub async fn dispatch(ports: Ports, compute: Arc<LocalCompute>, stop: watch::Rec
                 warn!(error = %e, "cannot read the dispatch queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        }
-    }
-}
-
-pub async fn reconcile(ports: Ports, stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(RECONCILE_EVERY);
-    tick.tick().await;
-    while !*stop.borrow() {
-        tick.tick().await;
-        match handlers::reconcile(&ports).await {
-            Ok(report) => debug!(?report, "reconciled"),
-            Err(e) => warn!(error = %e, "reconcile failed"),
         }
     }
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
-use super::replies::Replies;
+use crate::replies::Replies;
 
 /// Messages handled at once: each waits for a group commit, so many in flight is
 /// what makes the store's batching pay.

@@ -1,0 +1,19 @@
+//! The host layer: what every host of respawn's handlers runs around them, over the
+//! same [`respawn_core::ports::Ports`] — `respawn up` in one process today, each
+//! cloud function on its own next.
+//!
+//! - [`loops`]: consume the events queue, settle each message after its handler,
+//!   reconcile on a timer;
+//! - [`intake`]: the submit queue (specs or templates by message, replies in order);
+//! - [`notify`]: state changes POSTed to the jobs' `notify` URLs, signed, retried,
+//!   through the [`egress`] policy (public addresses only, no redirects, redacted);
+//! - [`replies`]: answers to queue submitters.
+//!
+//! Hosts build the ports once and choose where each loop runs; nothing here knows
+//! which compute provider or data folder is behind them.
+
+pub mod egress;
+pub mod intake;
+pub mod loops;
+pub mod notify;
+pub mod replies;

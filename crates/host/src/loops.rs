@@ -1,0 +1,74 @@
+//! The broker's queue loops: consume events, reconcile on a timer. Dispatch is the
+//! host's own (it takes attempts only while its compute has room).
+
+use std::time::Duration;
+
+use respawn_core::handlers::{self, handle_delivery, settle};
+use respawn_core::ports::Ports;
+use respawn_core::ports::queue::{Delivery, Receive};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Handles each delivery and settles it (ack, retry later or dead-letter) as its
+/// handler decided.
+pub async fn process(ports: &Ports, deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        let disposition = handle_delivery(ports, &d).await;
+        if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {
+            // The lease ended or the store hiccupped: the message comes back and
+            // its handler, being idempotent, does nothing new.
+            warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle message");
+        }
+    }
+}
+
+/// Handles what is on the events queue now.
+pub async fn drain_events(ports: &Ports) {
+    let opts = Receive {
+        max: 256,
+        lease: Duration::from_secs(60),
+        wait: Duration::ZERO,
+    };
+    loop {
+        match ports.queue.receive(&ports.queues.events, opts).await {
+            Ok(got) if got.is_empty() => return,
+            Ok(got) => process(ports, got).await,
+            Err(e) => {
+                warn!(error = %e, "cannot read events");
+                return;
+            }
+        }
+    }
+}
+
+/// Reports from agents and the provider.
+pub async fn events(ports: Ports, stop: watch::Receiver<bool>) {
+    let opts = Receive {
+        max: 64,
+        lease: Duration::from_secs(60),
+        wait: Duration::from_millis(500),
+    };
+    while !*stop.borrow() {
+        match ports.queue.receive(&ports.queues.events, opts).await {
+            Ok(got) => process(&ports, got).await,
+            Err(e) => {
+                warn!(error = %e, "cannot read events");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+pub async fn reconcile(ports: Ports, stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.tick().await;
+    while !*stop.borrow() {
+        tick.tick().await;
+        match handlers::reconcile(&ports).await {
+            Ok(report) => debug!(?report, "reconciled"),
+            Err(e) => warn!(error = %e, "reconcile failed"),
+        }
+    }
+}
