@@ -3,10 +3,10 @@
 //! (tests/aws/eventbridge_to_sqs.py, boto3), decoded by `respawn_core::cloud::ec2`.
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use respawn_core::cloud::ec2::{Ec2EventKind, INTERRUPTION_NOTICE, decode};
-use respawn_core::time::Timestamp;
+use respawn_core::time::{Clock, SystemClock};
 use respawn_e2e::aws::Emulator;
 
 #[test]
@@ -20,12 +20,7 @@ fn interruptions_rebalances_and_state_changes_arrive_decodable() {
     .map(Emulator::fixture);
     let mut args = vec!["ec2-events"];
     args.extend(files.iter().map(String::as_str));
-    let now = Timestamp(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64,
-    );
+    let now = SystemClock.now();
     let mut kinds = Vec::new();
     for body in aws.drive("eventbridge_to_sqs.py", &args) {
         let e = decode(body.as_bytes())

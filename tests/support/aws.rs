@@ -29,15 +29,11 @@ impl Emulator {
             .expect("a free port")
             .port();
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let out = Command::new(root().join("localstack/aws-start"))
-            .arg(port.to_string())
-            .arg(dir.path())
-            .output()
-            .expect("localstack/aws-start runs");
-        assert!(
-            out.status.success(),
-            "localstack/aws-start failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        run(
+            Command::new(root().join("localstack/aws-start"))
+                .arg(port.to_string())
+                .arg(dir.path()),
+            "localstack/aws-start",
         );
         Emulator {
             dir,
@@ -48,34 +44,26 @@ impl Emulator {
     /// Runs `tests/aws/<script>` with the endpoint and `args`; returns the message
     /// bodies it printed (one JSON string a line).
     pub fn drive(&self, script: &str, args: &[&str]) -> Vec<String> {
-        let out = Command::new(root().join(".venv-aws/bin/python"))
-            .arg(root().join("tests/aws").join(script))
-            .arg(&self.endpoint)
-            .args(args)
-            .output()
-            .expect("the boto3 driver runs");
-        assert!(
-            out.status.success(),
-            "tests/aws/{script} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run(
+            Command::new(root().join(".venv-aws/bin/python"))
+                .arg(root().join("tests/aws").join(script))
+                .arg(&self.endpoint)
+                .args(args),
+            &format!("tests/aws/{script}"),
         );
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&out)
             .lines()
             .map(|l| serde_json::from_str(l).expect("a JSON string a line"))
             .collect()
     }
 
     /// Runs a Python snippet with boto3 at hand; `{endpoint}` in it is the
-    /// emulator's address. Panics with its stderr when it fails.
+    /// emulator's address.
     pub fn python(&self, script: &str) {
-        let out = Command::new(root().join(".venv-aws/bin/python"))
-            .args(["-c", &script.replace("{endpoint}", &self.endpoint)])
-            .output()
-            .expect("python runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run(
+            Command::new(root().join(".venv-aws/bin/python"))
+                .args(["-c", &script.replace("{endpoint}", &self.endpoint)]),
+            "a boto3 snippet",
         );
     }
 
@@ -95,4 +83,17 @@ impl Drop for Emulator {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// Runs `cmd` to its end; its stdout, or a panic with its stderr when it fails.
+fn run(cmd: &mut Command, what: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what} does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }

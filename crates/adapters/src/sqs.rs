@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
@@ -37,6 +37,7 @@ use bytes::Bytes;
 use respawn_core::ports::queue::{
     DEFAULT_MAX_DELIVERIES, Delivery, Error, Outgoing, Queue, Receive, dead_letter_queue,
 };
+use respawn_core::time::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -131,10 +132,7 @@ impl fmt::Debug for SqsQueue {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    SystemClock.now().as_millis()
 }
 
 /// Whole seconds, rounded up, at most `max`.
@@ -390,7 +388,6 @@ impl SqsQueue {
             .and_then(|a| a.get(META))
             .and_then(|v| v.string_value())
             .and_then(|s| serde_json::from_str::<Meta>(s).ok());
-        let foreign = meta.is_none();
         let meta = meta.unwrap_or_else(|| Meta {
             id: m.message_id().unwrap_or_default().to_owned(),
             priority: band.level(),
@@ -402,53 +399,58 @@ impl SqsQueue {
             ..Meta::default()
         });
         let raw = m.body().unwrap_or_default();
-        let body = if meta.base64 {
-            base64::engine::general_purpose::STANDARD
-                .decode(raw)
-                .map(Bytes::from)
-                .map_err(|e| format!("a base64 body that does not decode: {e}"))
-        } else {
-            Ok(Bytes::copy_from_slice(raw.as_bytes()))
+        // A base64 body that does not decode is dead-lettered as the text it is.
+        let (body, undecodable) = match meta.base64 {
+            true => match base64::engine::general_purpose::STANDARD.decode(raw) {
+                Ok(b) => (Bytes::from(b), None),
+                Err(e) => (
+                    Bytes::copy_from_slice(raw.as_bytes()),
+                    Some(format!("a base64 body that does not decode: {e}")),
+                ),
+            },
+            false => (Bytes::copy_from_slice(raw.as_bytes()), None),
         };
-        if let Some(due) = meta.due_ms
-            && due > now_ms()
+        let now = now_ms();
+        if undecodable.is_none()
+            && let Some(due) = meta.due_ms
+            && due > now
         {
             // Not due: on again, up to SQS's longest delay.
-            let left = Duration::from_millis(due - now_ms());
-            let mut again = meta.clone();
+            let mut again = meta;
             again.due_ms = None;
-            let bytes = body.clone().unwrap_or_default();
-            self.send_meta(queue, &bytes, again, left).await?;
+            self.send_meta(queue, &body, again, Duration::from_millis(due - now))
+                .await?;
             self.delete(queue, band, handle).await?;
             return Ok(None);
         }
+        let dead_queue = queue.ends_with(".dead");
         let deliveries = meta.earlier_deliveries.saturating_add(received);
+        let why = undecodable.or_else(|| {
+            (deliveries > self.max_deliveries && !dead_queue).then(|| {
+                format!(
+                    "delivered {deliveries} times without being settled (max_deliveries {})",
+                    self.max_deliveries
+                )
+            })
+        });
         let delivery = Delivery {
             queue: queue.to_owned(),
-            id: meta.id.clone(),
-            body: body.clone().unwrap_or_default(),
+            id: meta.id,
+            body,
             priority: meta.priority,
             deliveries,
             receipt: Receipt::encode(band, until_ms, handle),
-            reason: meta.reason.clone().or_else(|| {
-                (queue.ends_with(".dead") && foreign).then(|| {
+            // This adapter dead-letters with a reason; a message without one was
+            // moved by the queue's redrive policy.
+            reason: meta.reason.or_else(|| {
+                dead_queue.then(|| {
                     format!(
                         "moved by SQS's redrive policy after more than {} receives",
                         self.max_deliveries + REDRIVE_SLACK
                     )
                 })
             }),
-            attributes: meta.attributes.clone(),
-        };
-        let why = match body {
-            Err(e) => Some(e),
-            Ok(_) if deliveries > self.max_deliveries && !queue.ends_with(".dead") => {
-                Some(format!(
-                    "delivered {deliveries} times without being settled (max_deliveries {})",
-                    self.max_deliveries
-                ))
-            }
-            Ok(_) => None,
+            attributes: meta.attributes,
         };
         if let Some(why) = why {
             warn!(queue, id = %delivery.id, deliveries, reason = %why, "message dead-lettered");
@@ -572,10 +574,7 @@ impl Queue for SqsQueue {
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), Error> {
-        let r = Receipt::decode(&d.receipt)?;
-        if now_ms() >= r.until_ms {
-            return Err(Error::LeaseLost { id: d.id.clone() });
-        }
+        let r = self.leased(d)?;
         let mut meta = Self::meta_of(d);
         meta.reason = Some(reason.to_owned());
         meta.earlier_deliveries = 0;

@@ -36,7 +36,7 @@ pub enum Source {
 
 impl Source {
     /// The notice, once there is one. Cheap to call often: IMDS is asked at most
-    /// every [`Imds::every`].
+    /// once per the period given to [`Imds::new`].
     pub async fn poll(&mut self) -> Option<Notice> {
         match self {
             Source::File(path) => {

@@ -8,9 +8,6 @@ use std::time::Duration;
 
 use respawn_core::handlers::update_job;
 use respawn_core::job::{MAX_NOTIFICATIONS, NotificationAttempt, REPLY_SCHEME};
-
-use crate::egress;
-use crate::replies::Replies;
 use respawn_core::messages::Notification;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::{Delivery, Receive};
@@ -18,6 +15,9 @@ use respawn_core::webhook::standard::{self, Secret};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
+
+use crate::egress;
+use crate::replies::Replies;
 
 /// POSTs in flight at once.
 const PARALLEL: usize = 8;

@@ -3,6 +3,8 @@
 use respawn_core::job::ReplyTo;
 use serde_json::Value;
 use tracing::debug;
+#[cfg(feature = "amqp")]
+use tracing::warn;
 
 /// Where replies can go: nowhere without a queue server, else through it.
 #[derive(Debug, Clone, Default)]
@@ -18,7 +20,10 @@ impl Replies {
     /// never an error for the job (the submitter may be gone).
     pub async fn send(&self, to: &ReplyTo, body: &Value) {
         match self {
-            Replies::None => debug!(queue = %to.queue, body = %body, "no queue server for replies"),
+            Replies::None => {
+                let _ = body;
+                debug!(queue = %to.queue, "no queue server for replies")
+            }
             #[cfg(feature = "amqp")]
             Replies::Amqp(q) => match q
                 .reply(
@@ -30,7 +35,7 @@ impl Replies {
             {
                 Ok(true) => {}
                 Ok(false) => debug!(queue = %to.queue, "reply queue is gone"),
-                Err(e) => tracing::warn!(queue = %to.queue, error = %e, "cannot send a reply"),
+                Err(e) => warn!(queue = %to.queue, error = %e, "cannot send a reply"),
             },
         }
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::EventError;
+use super::{EventError, at, typed, within};
 use crate::time::Timestamp;
 
 /// How long EC2 gives between the interruption warning and the reclaim.
@@ -64,42 +64,38 @@ pub fn decode(body: &[u8]) -> Result<Option<Ec2Event>, EventError> {
     let env: Envelope =
         serde_path_to_error::deserialize(&mut de).map_err(EventError::from_path_error)?;
     if env.source != "aws.ec2" {
-        return Err(EventError::at(
+        return Err(at(
             "source",
             format!("expected \"aws.ec2\", got {:?}", env.source),
         ));
     }
-    let kind = match env.detail_type.as_str() {
-        "EC2 Spot Instance Interruption Warning" => "interruption",
-        "EC2 Instance Rebalance Recommendation" => "rebalance",
-        "EC2 Instance State-change Notification" => "state",
-        _ => return Ok(None),
-    };
-    let at = Timestamp::parse_rfc3339(&env.time).ok_or_else(|| {
-        EventError::at(
+    const INTERRUPTION: &str = "EC2 Spot Instance Interruption Warning";
+    const REBALANCE: &str = "EC2 Instance Rebalance Recommendation";
+    const STATE: &str = "EC2 Instance State-change Notification";
+    if ![INTERRUPTION, REBALANCE, STATE].contains(&env.detail_type.as_str()) {
+        return Ok(None);
+    }
+    let at_time = Timestamp::parse_rfc3339(&env.time).ok_or_else(|| {
+        at(
             "time",
             format!("expected an RFC 3339 time, got {:?}", env.time),
         )
     })?;
-    let detail: Detail = serde_path_to_error::deserialize(env.detail)
-        .map_err(|e| EventError::from_path_error(e).within("detail"))?;
-    let kind = match kind {
-        "interruption" => Ec2EventKind::Interruption {
+    let detail: Detail = typed(env.detail).map_err(|e| within(e, "detail"))?;
+    let missing = |field: &str| at("detail", format!("missing field `{field}`"));
+    let kind = match env.detail_type.as_str() {
+        INTERRUPTION => Ec2EventKind::Interruption {
             action: detail
                 .instance_action
-                .ok_or_else(|| EventError::at("detail", "missing field `instance-action`"))?,
-            deadline: at.plus(INTERRUPTION_NOTICE),
+                .ok_or_else(|| missing("instance-action"))?,
+            deadline: at_time.plus(INTERRUPTION_NOTICE),
         },
-        "rebalance" => Ec2EventKind::Rebalance,
-        _ => Ec2EventKind::State(
-            detail
-                .state
-                .ok_or_else(|| EventError::at("detail", "missing field `state`"))?,
-        ),
+        REBALANCE => Ec2EventKind::Rebalance,
+        _ => Ec2EventKind::State(detail.state.ok_or_else(|| missing("state"))?),
     };
     Ok(Some(Ec2Event {
         instance_id: detail.instance_id,
-        at,
+        at: at_time,
         kind,
     }))
 }

@@ -7,35 +7,29 @@ pub mod s3;
 
 /// A payload that is not what it should be, and where: `path` is a JSON path
 /// (`Records[0].s3.object.key`, or under `Message.` inside an SNS notification).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
-pub struct EventError {
-    pub path: String,
-    pub message: String,
+/// The same field error specs report.
+pub use crate::spec::FieldError as EventError;
+
+fn at(path: impl Into<String>, message: impl Into<String>) -> EventError {
+    EventError {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
-impl EventError {
-    fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
-        EventError {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
+/// `value` as a `T`, or the path and reason it is not one.
+fn typed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, EventError> {
+    serde_path_to_error::deserialize(value).map_err(EventError::from_path_error)
+}
 
-    fn from_path_error(e: serde_path_to_error::Error<serde_json::Error>) -> Self {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        EventError::at(path, e.into_inner().to_string())
-    }
-
-    fn within(mut self, outer: &str) -> Self {
-        self.path = if self.path.is_empty() {
-            outer.to_owned()
-        } else {
-            format!("{outer}.{}", self.path)
-        };
-        self
-    }
+/// `e`, for a payload found at `outer` inside another.
+fn within(mut e: EventError, outer: &str) -> EventError {
+    e.path = if e.path.is_empty() {
+        outer.to_owned()
+    } else {
+        format!("{outer}.{}", e.path)
+    };
+    e
 }
 
 /// A payload kept under `schemas/fixtures/aws/`.

@@ -13,9 +13,8 @@
 
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
-use super::EventError;
+use super::{EventError, at, typed, within};
 use crate::handlers::BlobCreated;
 
 /// What one message body said.
@@ -40,7 +39,7 @@ pub struct S3Object {
 /// Decodes one message body.
 pub fn decode(body: &[u8]) -> Result<S3Message, EventError> {
     let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| EventError::at("", format!("not JSON: {e}")))?;
+        serde_json::from_slice(body).map_err(|e| at("", format!("not JSON: {e}")))?;
     decode_value(value, true)
 }
 
@@ -56,25 +55,21 @@ fn decode_value(value: serde_json::Value, unwrap_sns: bool) -> Result<S3Message,
     }
     if unwrap_sns && field("Type") == Some("Notification") {
         let message = field("Message")
-            .ok_or_else(|| EventError::at("Message", "an SNS notification without a Message"))?;
-        let inner: serde_json::Value = serde_json::from_str(message)
-            .map_err(|e| EventError::at("Message", format!("not JSON: {e}")))?;
+            .ok_or_else(|| at("Message", "an SNS notification without a Message"))?;
+        let inner: serde_json::Value =
+            serde_json::from_str(message).map_err(|e| at("Message", format!("not JSON: {e}")))?;
         // One level: SNS does not wrap SNS.
-        return decode_value(inner, false).map_err(|e| e.within("Message"));
+        return decode_value(inner, false).map_err(|e| within(e, "Message"));
     }
     if field("source") == Some("aws.s3") && value.get("detail-type").is_some() {
         let e: Bridge = typed(value)?;
         return Ok(S3Message::Created(e.object()?.into_iter().collect()));
     }
-    Err(EventError::at(
+    Err(at(
         "",
         "not an S3 notification: expected `Records`, an `s3:TestEvent`, an SNS \
          notification holding one, or an EventBridge event from `aws.s3`",
     ))
-}
-
-fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, EventError> {
-    serde_path_to_error::deserialize(value).map_err(EventError::from_path_error)
 }
 
 #[derive(Deserialize)]
@@ -126,10 +121,10 @@ impl Notification {
     fn objects(self) -> Result<Vec<S3Object>, EventError> {
         let mut out = Vec::new();
         for (i, r) in self.records.into_iter().enumerate() {
-            let at = |field: &str| format!("Records[{i}].{field}");
+            let field = |name: &str| format!("Records[{i}].{name}");
             if r.event_source != "aws:s3" {
-                return Err(EventError::at(
-                    at("eventSource"),
+                return Err(at(
+                    field("eventSource"),
                     format!("expected \"aws:s3\", got {:?}", r.event_source),
                 ));
             }
@@ -137,9 +132,9 @@ impl Notification {
                 continue;
             }
             let o = r.s3.object;
-            let key = decode_key(&o.key).map_err(|m| EventError::at(at("s3.object.key"), m))?;
+            let key = decode_key(&o.key).map_err(|m| at(field("s3.object.key"), m))?;
             let version = version(o.version_id, o.sequencer, o.e_tag)
-                .ok_or_else(|| EventError::at(at("s3.object"), NO_VERSION))?;
+                .ok_or_else(|| at(field("s3.object"), NO_VERSION))?;
             out.push(S3Object {
                 bucket: r.s3.bucket.name,
                 blob: BlobCreated {
@@ -186,7 +181,7 @@ impl Bridge {
         }
         let o = self.detail.object;
         let version = version(o.version_id, o.sequencer, o.etag)
-            .ok_or_else(|| EventError::at("detail.object", NO_VERSION))?;
+            .ok_or_else(|| at("detail.object", NO_VERSION))?;
         Ok(Some(S3Object {
             bucket: self.detail.bucket.name,
             blob: BlobCreated {

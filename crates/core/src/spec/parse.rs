@@ -81,23 +81,30 @@ impl SpecError {
 }
 
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> SpecError {
-    let path = e.path().to_string();
-    // serde_path_to_error writes the document root as ".".
-    let path = if path == "." { String::new() } else { path };
-    // YAML puts (part of) the path in front of its message; it is said once already.
-    let message = e.inner().to_string();
-    let message = match message.split_once(": ") {
-        Some((head, rest))
-            if !head.is_empty()
-                && (path == head
-                    || path.starts_with(&format!("{head}."))
-                    || path.starts_with(&format!("{head}["))) =>
-        {
-            rest.to_owned()
-        }
-        _ => message,
-    };
     SpecError {
-        errors: vec![FieldError { path, message }],
+        errors: vec![FieldError::from_path_error(e)],
+    }
+}
+
+impl FieldError {
+    /// The field path and message of a decoding error, from any JSON or YAML reader.
+    pub fn from_path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> FieldError {
+        let path = e.path().to_string();
+        // serde_path_to_error writes the document root as ".".
+        let path = if path == "." { String::new() } else { path };
+        // YAML puts (part of) the path in front of its message; it is said once already.
+        let message = e.inner().to_string();
+        let message = match message.split_once(": ") {
+            Some((head, rest))
+                if !head.is_empty()
+                    && (path == head
+                        || path.starts_with(&format!("{head}."))
+                        || path.starts_with(&format!("{head}["))) =>
+            {
+                rest.to_owned()
+            }
+            _ => message,
+        };
+        FieldError { path, message }
     }
 }
