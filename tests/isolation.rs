@@ -152,7 +152,17 @@ async fn a_workload_dies_with_its_agent_sandboxed_or_not() {
                 .filter(|(_, cmd)| cmd.starts_with("sleep 300"))
                 .count()
         };
-        assert!(sleepers() >= 1, "the workload runs ({isolation})");
+        // "running" is reported when the workload is spawned, a moment before its
+        // shell has started the sleepers.
+        let mut running = sleepers();
+        for _ in 0..100 {
+            if running >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            running = sleepers();
+        }
+        assert!(running >= 1, "the workload runs ({isolation})");
         // The broker is gone too: nothing but the kernel may clean up after the agent.
         let mut up = up;
         up.kill9();
