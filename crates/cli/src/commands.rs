@@ -9,8 +9,8 @@ use respawn_core::time::{Clock, SystemClock, Timestamp};
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::up::api::Summary;
 use crate::{Output, TokenAction};
+use respawn_host::api::Summary;
 
 fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());

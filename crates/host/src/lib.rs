@@ -2,6 +2,8 @@
 //! same [`respawn_core::ports::Ports`] — `respawn up` in one process today, each
 //! cloud function on its own next.
 //!
+//! - [`api`]: the HTTP API's router over the ports (a socket in `respawn up`,
+//!   `lambda_http` in the `api` function);
 //! - [`loops`]: consume the events queue, settle each message after its handler,
 //!   reconcile on a timer;
 //! - [`intake`]: the submit queue (specs or templates by message, replies in order);
@@ -12,6 +14,7 @@
 //! Hosts build the ports once and choose where each loop runs; nothing here knows
 //! which compute provider or data folder is behind them.
 
+pub mod api;
 pub mod egress;
 pub mod intake;
 pub mod loops;

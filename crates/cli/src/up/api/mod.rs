@@ -1,15 +1,6 @@
-//! The HTTP API: `app(stack) -> Router`, served by `respawn up` (and, with the same
-//! router, by `lambda_http` in the cloud). Every `/v1` route but the signed webhooks
-//! needs a bearer token; a token sees only its project.
+//! The API of `respawn up`: the host layer's router over the local stack, with the
+//! admin token kept in the data folder and preemptions simulated on local VMs.
 
-mod admin;
-mod agent;
-mod arrays;
-mod auth;
-mod error;
-mod extract;
-mod hooks;
-mod jobs;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -17,61 +8,81 @@ mod tests_access;
 #[cfg(test)]
 mod tests_isolation;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use axum::Router;
-use axum::routing::{delete, get, post};
+use respawn_adapters::local::LocalCompute;
+use respawn_core::ports::compute::{self, Vm};
+use respawn_host::api::{self, Api, Operator};
 
-pub use auth::{Caller, admin_token_path, ensure_admin_token};
-pub use error::ApiError;
-pub use jobs::Summary;
+pub use respawn_host::api::ROUTES;
 
-use super::Stack;
-
-/// Every route, as the OpenAPI document lists it: (method, path).
-pub const ROUTES: &[(&str, &str)] = &[
-    ("GET", "/healthz"),
-    ("POST", "/v1/jobs"),
-    ("GET", "/v1/jobs"),
-    ("GET", "/v1/jobs/{id}"),
-    ("POST", "/v1/jobs/{id}/cancel"),
-    ("GET", "/v1/jobs/{id}/logs"),
-    ("POST", "/v1/arrays"),
-    ("GET", "/v1/arrays/{id}"),
-    ("GET", "/v1/triggers"),
-    ("GET", "/v1/hooks"),
-    ("POST", "/v1/hooks/{name}"),
-    ("POST", "/v1/tokens"),
-    ("GET", "/v1/tokens"),
-    ("DELETE", "/v1/tokens/{id}"),
-    ("POST", "/v1/preempt"),
-    ("GET", "/v1/vms"),
-    ("POST", "/v1/agent/events"),
-    ("GET", "/v1/agent/secrets"),
-];
+use super::{Isolation, Stack};
 
 pub fn app(stack: Stack) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::show))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/logs", get(jobs::logs))
-        .route("/v1/arrays", post(arrays::submit))
-        .route("/v1/arrays/{id}", get(arrays::progress))
-        .route("/v1/triggers", get(admin::triggers))
-        .route("/v1/hooks", get(hooks::list))
-        .route("/v1/hooks/{name}", post(hooks::receive))
-        .route(
-            "/v1/tokens",
-            post(admin::create_token).get(admin::list_tokens),
-        )
-        .route("/v1/tokens/{id}", delete(admin::revoke_token))
-        .route("/v1/preempt", post(admin::preempt))
-        .route("/v1/vms", get(admin::vms))
-        .route("/v1/agent/events", post(agent::report))
-        .route("/v1/agent/secrets", get(agent::secrets))
-        // Every answer is JSON, the router's own 404 and 405 included (axum adds
-        // the Allow header to the 405).
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .fallback(|| async { ApiError::NotFound("no such route; see schemas/openapi.json".into()) })
-        .with_state(stack)
+    api::app(stack.api())
+}
+
+impl Stack {
+    /// The API's view of the stack.
+    pub fn api(&self) -> Api {
+        Api {
+            ports: self.ports.clone(),
+            tokens: self.tokens.clone(),
+            hooks: self.hooks.clone(),
+            rules: self.rules.clone(),
+            attempt_key: self.attempt_key.clone(),
+            operator: Arc::new(LocalOperator(self.compute.clone())),
+            // A token is for someone else, whose jobs could then read this user's
+            // files (the admin token among them): not without a sandbox, unless the
+            // operator says so.
+            others_refused: (!self.sandboxed && self.config.isolation != Isolation::None).then(
+                || {
+                    "workloads run unsandboxed on this stack (no bubblewrap), so tokens for \
+                     others cannot be created; install bubblewrap, or restart respawn up with \
+                     --isolation none to accept that their jobs can read this user's files"
+                        .to_owned()
+                },
+            ),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LocalOperator(Arc<LocalCompute>);
+
+#[async_trait]
+impl Operator for LocalOperator {
+    async fn running(&self) -> Result<Vec<Vm>, compute::Error> {
+        Ok(self.0.running())
+    }
+
+    async fn preempt(
+        &self,
+        vm: &str,
+        notice: Option<Duration>,
+    ) -> Result<Option<String>, compute::Error> {
+        Ok(self.0.preempt(vm, notice))
+    }
+}
+
+/// Where `respawn up` leaves the admin token of a new data folder.
+pub fn admin_token_path(data: &Path) -> PathBuf {
+    data.join("admin-token")
+}
+
+/// On a data folder without tokens, mints an admin token for the default project and
+/// writes it (mode 0600) where the CLI finds it.
+pub async fn ensure_admin_token(stack: &Stack) -> Result<(), String> {
+    let Some(secret) = api::mint_first_admin(&stack.api()).await? else {
+        return Ok(());
+    };
+    let path = admin_token_path(&stack.config.data);
+    respawn_adapters::local::durable::write(&path, format!("{secret}\n").as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "admin token written");
+    Ok(())
 }

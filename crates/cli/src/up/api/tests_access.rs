@@ -13,9 +13,9 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 use super::app;
-use super::jobs::MAX_LOG_BYTES;
 use super::tests::{SPEC, call, fixture, token};
 use crate::up::Stack;
+use respawn_host::api::{DEFAULT_LOG_BYTES, MAX_LOG_BYTES};
 
 /// A request with headers of our choosing; the status, the `Content-Type` and the
 /// body (null unless JSON).
@@ -513,7 +513,7 @@ async fn log_pages_are_bounded_and_page_through_every_byte() {
     )
     .await;
     assert_eq!(s, StatusCode::OK);
-    assert!(page["text"].as_str().unwrap().len() as u64 <= super::jobs::DEFAULT_LOG_BYTES);
+    assert!(page["text"].as_str().unwrap().len() as u64 <= DEFAULT_LOG_BYTES);
 }
 
 /// Each operation of `schemas/openapi.json` documents the errors the router can

@@ -1,13 +1,10 @@
 //! Bearer tokens: who is calling, for which project, with which scopes.
 
-use std::path::{Path, PathBuf};
-
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use respawn_core::ports::tokens::{self, Scope, TokenRecord};
 
-use super::ApiError;
-use crate::up::Stack;
+use super::{Api, ApiError};
 
 /// The authenticated caller.
 #[derive(Debug, Clone)]
@@ -56,10 +53,10 @@ pub(super) fn bearer<'a>(parts: &'a Parts, what: &str) -> Result<&'a str, ApiErr
         .ok_or_else(|| ApiError::Unauthorized(format!("expected Authorization: Bearer <{what}>")))
 }
 
-impl FromRequestParts<Stack> for Caller {
+impl FromRequestParts<Api> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, stack: &Stack) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, stack: &Api) -> Result<Self, Self::Rejection> {
         let secret = bearer(parts, "token")?;
         let found = stack
             .tokens
@@ -74,38 +71,30 @@ impl FromRequestParts<Stack> for Caller {
     }
 }
 
-/// Where `respawn up` leaves the admin token of a new data folder.
-pub fn admin_token_path(data: &Path) -> PathBuf {
-    data.join("admin-token")
-}
-
-/// On a data folder without tokens, mints an admin token for the default project and
-/// writes it (mode 0600) where the CLI finds it.
-pub async fn ensure_admin_token(stack: &Stack) -> Result<(), String> {
-    if !stack
+/// On a host without tokens, mints an admin token for the default project and
+/// returns its secret, for the host to hand to its operator; `None` when tokens
+/// exist already.
+pub async fn mint_first_admin(api: &Api) -> Result<Option<String>, String> {
+    if !api
         .tokens
         .list(None)
         .await
         .map_err(|e| e.to_string())?
         .is_empty()
     {
-        return Ok(());
+        return Ok(None);
     }
-    let now = stack.ports.clock.now();
+    let now = api.ports.clock.now();
     let (record, secret) = tokens::mint(
         "admin",
         respawn_core::project::DEFAULT,
         vec![Scope::Admin],
         now,
     );
-    stack
-        .tokens
+    api.tokens
         .create(&record)
         .await
         .map_err(|e| e.to_string())?;
-    let path = admin_token_path(&stack.config.data);
-    respawn_adapters::local::durable::write(&path, format!("{secret}\n").as_bytes(), 0o600)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), token_id = %record.id, "admin token created");
-    Ok(())
+    tracing::info!(token_id = %record.id, "admin token created");
+    Ok(Some(secret))
 }

@@ -7,12 +7,12 @@ use respawn_core::handlers;
 use respawn_core::ports::tokens::Scope;
 use respawn_core::sweep;
 
+use super::Api;
 use super::extract::{Path, SpecText};
 use super::{ApiError, Caller, Summary};
-use crate::up::Stack;
 
 pub async fn submit(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     body: SpecText,
 ) -> Result<Response, ApiError> {
@@ -29,7 +29,7 @@ pub async fn submit(
 }
 
 pub async fn progress(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {

@@ -14,9 +14,9 @@ use respawn_core::spec;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::Api;
 use super::extract::{Path, Query, SpecText};
 use super::{ApiError, Caller};
-use crate::up::Stack;
 
 fn job_id(s: &str) -> Result<JobId, ApiError> {
     s.parse()
@@ -58,7 +58,7 @@ impl From<&JobRecord> for Summary {
 
 /// The caller's job, or 404 (also for another project's job: its existence is not
 /// the caller's to learn).
-async fn own_job(stack: &Stack, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
+async fn own_job(stack: &Api, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
     let id = job_id(id)?;
     match stack.ports.ledger.get(&id).await {
         Ok(rec) if rec.project == caller.project() => Ok(rec),
@@ -68,7 +68,7 @@ async fn own_job(stack: &Stack, caller: &Caller, id: &str) -> Result<JobRecord, 
 }
 
 pub async fn submit(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     headers: HeaderMap,
     body: SpecText,
@@ -126,7 +126,7 @@ pub struct ListParams {
 }
 
 pub async fn list(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Query(p): Query<ListParams>,
 ) -> Result<Response, ApiError> {
@@ -165,7 +165,7 @@ pub async fn list(
 }
 
 pub async fn show(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -175,7 +175,7 @@ pub async fn show(
 }
 
 pub async fn cancel(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -213,7 +213,7 @@ pub struct LogParams {
 /// a part of the chunk that does not, so one request never holds more than
 /// `max_bytes` of log however large the log or any chunk of it is.
 pub async fn logs(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
     Query(p): Query<LogParams>,
@@ -281,7 +281,7 @@ struct LogPage {
 }
 
 async fn read_log(
-    stack: &Stack,
+    stack: &Api,
     id: &respawn_core::JobId,
     attempt: u32,
     stream: Stream,

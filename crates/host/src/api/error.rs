@@ -3,7 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use respawn_core::handlers;
-use respawn_core::ports::ledger;
+use respawn_core::ports::{compute, ledger};
 use respawn_core::spec::SpecError;
 use serde_json::json;
 
@@ -23,6 +23,8 @@ pub enum ApiError {
     Rejected(StatusCode, String),
     /// A passing failure: the caller should retry.
     Unavailable(String),
+    /// This host cannot do it (e.g. simulate a preemption on a cloud's VMs).
+    NotSupported(String),
     Internal(String),
 }
 
@@ -49,6 +51,7 @@ impl IntoResponse for ApiError {
                 json!({ "error": "method not allowed; the Allow header lists this route's methods" }),
             ),
             ApiError::Rejected(status, m) => (status, json!({ "error": m })),
+            ApiError::NotSupported(m) => (StatusCode::NOT_IMPLEMENTED, json!({ "error": m })),
             ApiError::Unavailable(m) => {
                 tracing::warn!(error = %m, "request failed; the caller may retry");
                 (
@@ -83,6 +86,16 @@ impl From<handlers::Error> for ApiError {
             }
             handlers::Error::Spec(s) => ApiError::Invalid(s),
             handlers::Error::Denied(s) => ApiError::Denied(s),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<compute::Error> for ApiError {
+    fn from(e: compute::Error) -> Self {
+        match e {
+            compute::Error::NotSupported(m) => ApiError::NotSupported(m),
+            e @ compute::Error::Unavailable(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

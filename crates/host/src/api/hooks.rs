@@ -9,12 +9,12 @@ use respawn_core::ports::tokens::Scope;
 use respawn_core::webhook::HookRequest;
 use serde_json::json;
 
+use super::Api;
 use super::extract::{Path, RawBody};
 use super::{ApiError, Caller};
-use crate::up::Stack;
 
 pub async fn receive(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     Path(name): Path<String>,
     headers: HeaderMap,
     RawBody(body): RawBody,
@@ -51,7 +51,7 @@ pub async fn receive(
     }
 }
 
-pub async fn list(State(stack): State<Stack>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn list(State(stack): State<Api>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let hooks: Vec<_> = stack
         .hooks

@@ -10,11 +10,11 @@ use respawn_core::project;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::Api;
 use super::extract::{Json, Path, Query};
 use super::{ApiError, Caller};
-use crate::up::Stack;
 
-pub async fn triggers(State(stack): State<Stack>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn triggers(State(stack): State<Api>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let rules = stack.rules.read().map(|r| r.clone()).unwrap_or_default();
     let mine: Vec<_> = rules
@@ -66,21 +66,13 @@ fn managed_project(caller: &Caller, wanted: Option<&str>) -> Result<String, ApiE
 }
 
 pub async fn create_token(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Json(body): Json<NewToken>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
-    if !stack.sandboxed && stack.config.isolation != crate::up::Isolation::None {
-        // A token is for someone else, whose jobs could then read this user's
-        // files (the admin token among them): not without a sandbox, unless the
-        // operator says so.
-        return Err(ApiError::Forbidden(
-            "workloads run unsandboxed on this stack (no bubblewrap), so tokens for others \
-             cannot be created; install bubblewrap, or restart respawn up with --isolation none \
-             to accept that their jobs can read this user's files"
-                .into(),
-        ));
+    if let Some(why) = &stack.others_refused {
+        return Err(ApiError::Forbidden(why.clone()));
     }
     let project = managed_project(&caller, body.project.as_deref())?;
     let scopes = body
@@ -125,7 +117,7 @@ pub struct TokenFilter {
 }
 
 pub async fn list_tokens(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Query(filter): Query<TokenFilter>,
 ) -> Result<Response, ApiError> {
@@ -150,7 +142,7 @@ pub async fn list_tokens(
 }
 
 pub async fn revoke_token(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -186,7 +178,7 @@ pub struct PreemptBody {
 }
 
 pub async fn preempt(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     caller: Caller,
     Json(b): Json<PreemptBody>,
 ) -> Result<Response, ApiError> {
@@ -201,8 +193,9 @@ pub async fn preempt(
         None => None,
     };
     let vm = stack
-        .compute
+        .operator
         .running()
+        .await?
         .into_iter()
         .find(|v| v.id == b.target || v.key.job.as_str() == b.target);
     let not_found = || ApiError::NotFound(format!("no running VM for {:?}", b.target));
@@ -211,7 +204,7 @@ pub async fn preempt(
     if job.project != caller.project() {
         return Err(not_found());
     }
-    match stack.compute.preempt(&vm.id, notice) {
+    match stack.operator.preempt(&vm.id, notice).await? {
         Some(vm) => Ok(axum::Json(json!({ "vm": vm })).into_response()),
         None => Err(ApiError::NotFound(format!(
             "{} already has a preemption notice",
@@ -220,10 +213,10 @@ pub async fn preempt(
     }
 }
 
-pub async fn vms(State(stack): State<Stack>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn vms(State(stack): State<Api>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     let mut mine = Vec::new();
-    for vm in stack.compute.running() {
+    for vm in stack.operator.running().await? {
         if let Ok(job) = stack.ports.ledger.get(&vm.key.job).await
             && job.project == caller.project()
         {

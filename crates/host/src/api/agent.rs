@@ -19,17 +19,17 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::warn;
 
+use super::Api;
 use super::ApiError;
-use crate::up::Stack;
 
 /// An agent, by the attempt its credential names.
 #[derive(Debug, Clone)]
 pub struct Agent(AttemptRef);
 
-impl FromRequestParts<Stack> for Agent {
+impl FromRequestParts<Api> for Agent {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, stack: &Stack) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, stack: &Api) -> Result<Self, Self::Rejection> {
         let credential = super::auth::bearer(parts, "agent credential")?;
         stack
             .attempt_key
@@ -60,7 +60,7 @@ struct Report {
 }
 
 pub async fn report(
-    State(stack): State<Stack>,
+    State(stack): State<Api>,
     Agent(me): Agent,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -102,7 +102,7 @@ pub async fn report(
         .into_response())
 }
 
-pub async fn secrets(State(stack): State<Stack>, Agent(me): Agent) -> Result<Response, ApiError> {
+pub async fn secrets(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
     let not_live = || {
         warn!(job_id = %me.job, attempt = me.attempt, "refused secrets to an attempt that is not live");
         ApiError::Forbidden(format!(
