@@ -10,6 +10,8 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "aws")]
+pub mod ec2;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod memory;

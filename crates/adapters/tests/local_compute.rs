@@ -83,6 +83,7 @@ fn request(job: &JobId, attempt: u32) -> AllocateRequest {
             job: job.clone(),
             attempt,
         },
+        project: "default".into(),
         resources: Resources::default(),
         placement: Placement::default(),
         image: None,

@@ -134,3 +134,12 @@ mod tests {
         format!("{head}{}", if last == "0" { "1" } else { "0" })
     }
 }
+
+/// What an agent reads from `<vm dir>/credentials` (mode 0600) and then deletes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentCredentials {
+    /// The broker's API.
+    pub api: String,
+    /// The attempt credential ([`AttemptKey::credential`]).
+    pub token: String,
+}

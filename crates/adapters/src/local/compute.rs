@@ -82,14 +82,7 @@ const AGENT_ENV: [&str; 12] = [
     "CONTAINER_HOST",
 ];
 
-/// What an agent reads from `<vm dir>/credentials` (mode 0600) and then deletes.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AgentCredentials {
-    /// The broker's API.
-    pub api: String,
-    /// The attempt credential (see [`respawn_core::attempt_auth`]).
-    pub token: String,
-}
+pub use respawn_core::attempt_auth::AgentCredentials;
 
 /// The file an agent finds its credentials in.
 pub fn credentials_path(vm_dir: &std::path::Path) -> PathBuf {

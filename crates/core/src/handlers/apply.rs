@@ -230,6 +230,7 @@ async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option
             job: rec.id.clone(),
             attempt,
         },
+        project: rec.project.clone(),
         resources: rec.spec.resources.clone(),
         placement: rec.spec.placement.clone(),
         image: rec.spec.image.clone(),

@@ -40,6 +40,8 @@ impl fmt::Display for AllocationKey {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllocateRequest {
     pub key: AllocationKey,
+    /// The job's project (cloud providers tag its VMs with it).
+    pub project: String,
     pub resources: Resources,
     pub placement: Placement,
     pub image: Option<String>,

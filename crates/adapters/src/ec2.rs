@@ -1,0 +1,684 @@
+//! A [`Compute`] provider on EC2 spot instances, for the AWS deployment.
+//!
+//! - **One instance per job + attempt.** `RunInstances` carries a `ClientToken`
+//!   derived from stack, job and attempt, so EC2 itself returns the first instance to
+//!   a retried call. Not every EC2 honours it (the local emulator does not), so the
+//!   attempt's instance is first looked up by its tags; should two ever exist, the
+//!   oldest is kept and the others terminated.
+//! - **Tags**: `respawn:stack` (which broker owns it: `list` sees only these),
+//!   `respawn:job`, `respawn:attempt`, `respawn:project`, on the instance and its
+//!   volumes.
+//! - **Spot**: one-time spot requests that terminate on interruption (the job
+//!   resumes on a new instance, from its checkpoint), `MaxPrice` from the job's
+//!   placement. `InsufficientInstanceCapacity`, `SpotMaxPriceTooLow` and the spot
+//!   quota errors are capacity misses: no budget spent, retried with backoff.
+//! - **User data** starts the agent with its attempt's credential (see
+//!   [`user_data`]); IMDSv2 is required and its hop limit is 1, so containers on the
+//!   VM behind a bridge cannot reach the instance's metadata.
+//! - **Why the Query API**: the provider needs five EC2 actions. `aws-sdk-ec2` is
+//!   ~1.2 M lines (minutes and ~9 GB of memory to compile on two cores); signing the
+//!   few form-encoded calls with `aws-sigv4` costs a few hundred lines here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use base64::Engine;
+use respawn_core::attempt_auth::{AgentCredentials, AttemptKey};
+use respawn_core::job::JobId;
+use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, Error, Vm, VmState};
+use respawn_core::spec::Resources;
+use respawn_core::time::Timestamp;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+pub const TAG_STACK: &str = "respawn:stack";
+pub const TAG_JOB: &str = "respawn:job";
+pub const TAG_ATTEMPT: &str = "respawn:attempt";
+pub const TAG_PROJECT: &str = "respawn:project";
+const API_VERSION: &str = "2016-11-15";
+
+/// How the agent on a new instance is started.
+#[derive(Debug, Clone)]
+pub struct AgentBoot {
+    /// The broker's API, where agents report (`/v1/agent/events`).
+    pub api: String,
+    /// The bucket, as the agent addresses it (`s3://name`).
+    pub bucket: String,
+    pub attempt_key: AttemptKey,
+    pub heartbeat_secs: u64,
+    /// SIGTERM → SIGKILL for the workload; under EC2's two-minute notice.
+    pub grace_secs: u64,
+}
+
+/// The instances this broker launches.
+#[derive(Debug, Clone)]
+pub struct Ec2Config {
+    /// The broker's name: tags its instances and scopes `list`.
+    pub stack: String,
+    /// An image with `respawn-agent`, bubblewrap and the container runtime.
+    pub image_id: String,
+    pub cpu_instance_type: String,
+    pub instance_types: InstanceTypes,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Vec<String>,
+    /// The agent's instance profile (the bucket's job prefixes, nothing else).
+    pub instance_profile: Option<String>,
+    pub agent: AgentBoot,
+}
+
+/// GPU instance types by GPU model and count per instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceTypes {
+    /// `(model, gpus) → type`.
+    pub gpu: BTreeMap<(String, u32), String>,
+    /// The model of jobs that name none.
+    pub default_gpu: String,
+}
+
+impl Default for InstanceTypes {
+    fn default() -> Self {
+        let table = [
+            ("t4", 1, "g4dn.xlarge"),
+            ("t4", 4, "g4dn.12xlarge"),
+            ("t4", 8, "g4dn.metal"),
+            ("a10g", 1, "g5.xlarge"),
+            ("a10g", 4, "g5.12xlarge"),
+            ("a10g", 8, "g5.48xlarge"),
+            ("l4", 1, "g6.xlarge"),
+            ("l4", 4, "g6.12xlarge"),
+            ("l4", 8, "g6.48xlarge"),
+            ("v100", 1, "p3.2xlarge"),
+            ("v100", 4, "p3.8xlarge"),
+            ("v100", 8, "p3.16xlarge"),
+            ("a100", 8, "p4d.24xlarge"),
+            ("h100", 8, "p5.48xlarge"),
+        ];
+        InstanceTypes {
+            gpu: table
+                .into_iter()
+                .map(|(m, n, t)| ((m.to_owned(), n), t.to_owned()))
+                .collect(),
+            default_gpu: "a10g".into(),
+        }
+    }
+}
+
+impl InstanceTypes {
+    /// Parses `model:gpus=type,…` (e.g. `t4:1=g4dn.xlarge,a100:8=p4d.24xlarge`),
+    /// replacing the built-in table.
+    pub fn parse(s: &str, default_gpu: &str) -> Result<InstanceTypes, String> {
+        let mut gpu = BTreeMap::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (left, ty) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{entry:?}: expected model:gpus=type"))?;
+            let (model, n) = left
+                .split_once(':')
+                .ok_or_else(|| format!("{entry:?}: expected model:gpus=type"))?;
+            let n: u32 = n
+                .parse()
+                .map_err(|_| format!("{entry:?}: {n:?} is not a GPU count"))?;
+            gpu.insert((model.to_ascii_lowercase(), n), ty.to_owned());
+        }
+        Ok(InstanceTypes {
+            gpu,
+            default_gpu: default_gpu.to_ascii_lowercase(),
+        })
+    }
+
+    /// The smallest instance with enough GPUs of the model asked for.
+    fn choose(&self, r: &Resources, cpu_type: &str) -> Result<String, Error> {
+        if r.gpus == 0 {
+            return Ok(cpu_type.to_owned());
+        }
+        let model = r
+            .gpu_type
+            .as_deref()
+            .unwrap_or(&self.default_gpu)
+            .to_ascii_lowercase();
+        self.gpu
+            .iter()
+            .filter(|((m, n), _)| *m == model && *n >= r.gpus)
+            .min_by_key(|((_, n), _)| *n)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "no EC2 instance type with {} {model} GPU(s) is configured",
+                    r.gpus
+                ))
+            })
+    }
+}
+
+/// The EC2 Query API, signed with the SDK's credentials.
+#[derive(Clone)]
+pub struct Ec2Compute {
+    http: reqwest_aws::Client,
+    endpoint: String,
+    region: String,
+    credentials: SharedCredentialsProvider,
+    cfg: Ec2Config,
+}
+
+impl fmt::Debug for Ec2Compute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ec2Compute")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("stack", &self.cfg.stack)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ec2Compute {
+    /// From the SDK's configuration: its region and credentials, and its endpoint
+    /// (`AWS_ENDPOINT_URL_EC2` / `AWS_ENDPOINT_URL`) where one is set.
+    pub fn new(sdk: &aws_config::SdkConfig, cfg: Ec2Config) -> Result<Ec2Compute, String> {
+        let region = sdk
+            .region()
+            .map(|r| r.to_string())
+            .ok_or("no AWS region configured (AWS_REGION)")?;
+        let credentials = sdk
+            .credentials_provider()
+            .ok_or("no AWS credentials provider configured")?;
+        let endpoint = std::env::var("AWS_ENDPOINT_URL_EC2")
+            .ok()
+            .or_else(|| sdk.endpoint_url().map(str::to_owned))
+            .unwrap_or_else(|| format!("https://ec2.{region}.amazonaws.com"));
+        let http = reqwest_aws::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Ok(Ec2Compute {
+            http,
+            endpoint: endpoint.trim_end_matches('/').to_owned() + "/",
+            region,
+            credentials,
+            cfg,
+        })
+    }
+
+    async fn call(&self, action: &str, params: &[(String, String)]) -> Result<String, Ec2Error> {
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("Action", action)
+                .append_pair("Version", API_VERSION);
+            for (k, v) in params {
+                form.append_pair(k, v);
+            }
+            form.finish()
+        };
+        let creds = self
+            .credentials
+            .provide_credentials()
+            .await
+            .map_err(|e| Ec2Error::transport(format!("no AWS credentials: {e}")))?;
+        let identity = creds.into();
+        let content_type = "application/x-www-form-urlencoded; charset=utf-8";
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("ec2")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| Ec2Error::transport(format!("cannot sign: {e}")))?
+            .into();
+        let signable = SignableRequest::new(
+            "POST",
+            &self.endpoint,
+            [("content-type", content_type)].into_iter(),
+            SignableBody::Bytes(body.as_bytes()),
+        )
+        .map_err(|e| Ec2Error::transport(format!("cannot sign: {e}")))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| Ec2Error::transport(format!("cannot sign: {e}")))?
+            .into_parts();
+        let mut req = self
+            .http
+            .post(&self.endpoint)
+            .header("content-type", content_type)
+            .body(body);
+        for (name, value) in instructions.headers() {
+            req = req.header(name, value);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Ec2Error::transport(format!("{action}: {e}")))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Ec2Error::transport(format!("{action}: {e}")))?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        let parsed: Option<ErrorResponse> = quick_xml::de::from_str(&text).ok();
+        let first = parsed.and_then(|p| p.errors.error.into_iter().next());
+        Err(Ec2Error {
+            status: status.as_u16(),
+            code: first.as_ref().map_or_else(String::new, |e| e.code.clone()),
+            message: first.map_or(text, |e| e.message),
+        })
+    }
+
+    /// The stack's instances matching `filters` (tag name → value), every page.
+    async fn instances(&self, filters: &[(&str, String)]) -> Result<Vec<Instance>, Ec2Error> {
+        let mut params = vec![
+            ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
+            ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
+        ];
+        for (i, (tag, value)) in filters.iter().enumerate() {
+            params.push((format!("Filter.{}.Name", i + 2), format!("tag:{tag}")));
+            params.push((format!("Filter.{}.Value.1", i + 2), value.clone()));
+        }
+        let mut found = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut page = params.clone();
+            if let Some(token) = &next {
+                page.push(("NextToken".to_owned(), token.clone()));
+            }
+            let xml = self.call("DescribeInstances", &page).await?;
+            let parsed: Describe = quick_xml::de::from_str(&xml)
+                .map_err(|e| Ec2Error::transport(format!("DescribeInstances: {e}")))?;
+            for r in parsed.reservations.item {
+                found.extend(r.instances.item);
+            }
+            match parsed.next_token.filter(|t| !t.is_empty()) {
+                Some(t) => next = Some(t),
+                None => return Ok(found),
+            }
+        }
+    }
+
+    /// The attempt's instances, oldest first.
+    async fn of_attempt(&self, key: &AllocationKey) -> Result<Vec<Instance>, Error> {
+        let mut found = self
+            .instances(&[
+                (TAG_JOB, key.job.to_string()),
+                (TAG_ATTEMPT, key.attempt.to_string()),
+            ])
+            .await
+            .map_err(Ec2Error::into_compute)?;
+        found.sort_by(|a, b| (&a.launch_time, &a.id).cmp(&(&b.launch_time, &b.id)));
+        Ok(found)
+    }
+
+    async fn terminate(&self, ids: &[&str]) -> Result<(), Ec2Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let params: Vec<(String, String)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (format!("InstanceId.{}", i + 1), (*id).to_owned()))
+            .collect();
+        match self.call("TerminateInstances", &params).await {
+            Err(e) if e.code.starts_with("InvalidInstanceID.NotFound") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    fn run_params(&self, req: &AllocateRequest) -> Result<Vec<(String, String)>, Error> {
+        let instance_type = self
+            .cfg
+            .instance_types
+            .choose(&req.resources, &self.cfg.cpu_instance_type)?;
+        let mut p: Vec<(String, String)> = vec![
+            ("ImageId".into(), self.cfg.image_id.clone()),
+            ("InstanceType".into(), instance_type),
+            ("MinCount".into(), "1".into()),
+            ("MaxCount".into(), "1".into()),
+            (
+                "ClientToken".into(),
+                client_token(&self.cfg.stack, &req.key),
+            ),
+            (
+                "UserData".into(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(user_data(&self.cfg.agent, &req.key)),
+            ),
+            ("MetadataOptions.HttpTokens".into(), "required".into()),
+            ("MetadataOptions.HttpPutResponseHopLimit".into(), "1".into()),
+            (
+                "InstanceInitiatedShutdownBehavior".into(),
+                "terminate".into(),
+            ),
+        ];
+        let tags = [
+            (TAG_STACK, self.cfg.stack.clone()),
+            (TAG_JOB, req.key.job.to_string()),
+            (TAG_ATTEMPT, req.key.attempt.to_string()),
+            (TAG_PROJECT, req.project.clone()),
+        ];
+        for (s, resource) in ["instance", "volume"].into_iter().enumerate() {
+            let spec = format!("TagSpecification.{}", s + 1);
+            p.push((format!("{spec}.ResourceType"), resource.into()));
+            for (t, (k, v)) in tags.iter().enumerate() {
+                p.push((format!("{spec}.Tag.{}.Key", t + 1), (*k).to_owned()));
+                p.push((format!("{spec}.Tag.{}.Value", t + 1), v.clone()));
+            }
+        }
+        if req.placement.spot {
+            let spot = "InstanceMarketOptions.SpotOptions";
+            p.push(("InstanceMarketOptions.MarketType".into(), "spot".into()));
+            p.push((format!("{spot}.SpotInstanceType"), "one-time".into()));
+            p.push((
+                format!("{spot}.InstanceInterruptionBehavior"),
+                "terminate".into(),
+            ));
+            if let Some(price) = req.placement.max_price {
+                p.push((format!("{spot}.MaxPrice"), format!("{price}")));
+            }
+        }
+        if let Some(subnet) = &self.cfg.subnet_id {
+            p.push(("SubnetId".into(), subnet.clone()));
+        }
+        for (i, sg) in self.cfg.security_group_ids.iter().enumerate() {
+            p.push((format!("SecurityGroupId.{}", i + 1), sg.clone()));
+        }
+        if let Some(profile) = &self.cfg.instance_profile {
+            p.push(("IamInstanceProfile.Name".into(), profile.clone()));
+        }
+        Ok(p)
+    }
+}
+
+#[async_trait]
+impl Compute for Ec2Compute {
+    async fn allocate(&self, req: &AllocateRequest) -> Result<Vm, Error> {
+        if req.resources.nodes > 1 {
+            return Err(Error::NotSupported("multi-node jobs on EC2".into()));
+        }
+        let found = self.of_attempt(&req.key).await?;
+        if let Some(first) = found.first() {
+            // A retried allocation, or a race the ClientToken did not settle: the
+            // oldest instance is the attempt's; the others go.
+            let extra: Vec<&str> = found[1..]
+                .iter()
+                .filter(|i| i.state() != VmState::Terminated)
+                .map(|i| i.id.as_str())
+                .collect();
+            if !extra.is_empty() {
+                warn!(job_id = %req.key.job, attempt = req.key.attempt, extra = ?extra, "terminating duplicate instances of the attempt");
+                self.terminate(&extra)
+                    .await
+                    .map_err(Ec2Error::into_compute)?;
+            }
+            return first.to_vm();
+        }
+        let params = self.run_params(req)?;
+        let xml = self
+            .call("RunInstances", &params)
+            .await
+            .map_err(Ec2Error::into_compute)?;
+        let ran: Reservation = quick_xml::de::from_str(&xml)
+            .map_err(|e| Error::Unavailable(format!("RunInstances: {e}").into()))?;
+        let instance = ran
+            .instances
+            .item
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))?;
+        info!(job_id = %req.key.job, attempt = req.key.attempt, instance = %instance.id, spot = req.placement.spot, "instance launched");
+        let mut vm = instance.to_vm()?;
+        // RunInstances's answer may omit the tags; the key is known.
+        vm.key = req.key.clone();
+        Ok(vm)
+    }
+
+    async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
+        let live: Vec<String> = self
+            .of_attempt(key)
+            .await?
+            .into_iter()
+            .filter(|i| i.state() != VmState::Terminated)
+            .map(|i| i.id)
+            .collect();
+        let ids: Vec<&str> = live.iter().map(String::as_str).collect();
+        self.terminate(&ids).await.map_err(Ec2Error::into_compute)?;
+        if !ids.is_empty() {
+            info!(job_id = %key.job, attempt = key.attempt, instances = ?ids, "instances terminated");
+        }
+        Ok(())
+    }
+
+    async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        self.of_attempt(key)
+            .await?
+            .first()
+            .map(Instance::to_vm)
+            .transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Vm>, Error> {
+        self.instances(&[])
+            .await
+            .map_err(Ec2Error::into_compute)?
+            .iter()
+            // An instance without respawn's tags (made by hand in the stack) is
+            // not a VM of any attempt.
+            .filter_map(|i| i.to_vm().ok())
+            .map(Ok)
+            .collect()
+    }
+}
+
+/// The idempotency token of an attempt's `RunInstances` (at most 64 ASCII characters).
+pub fn client_token(stack: &str, key: &AllocationKey) -> String {
+    let digest = Sha256::digest(format!("{stack}\n{}\n{}", key.job, key.attempt));
+    hex::encode(digest)
+}
+
+/// The script EC2 runs at first boot: reads the instance id from IMDSv2, leaves the
+/// attempt's credential where only root can read it, runs the agent, and shuts the
+/// instance down (so terminates it) when the agent is done.
+pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
+    let credentials = AgentCredentials {
+        api: agent.api.clone(),
+        token: agent.attempt_key.credential(&key.job, key.attempt),
+    };
+    let credentials = serde_json::to_string(&credentials).unwrap_or_default();
+    format!(
+        r#"#!/bin/bash
+# respawn: job {job}, attempt {attempt}
+set -euo pipefail
+imds=http://169.254.169.254
+token=$(curl -sf -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$imds/latest/api/token")
+id=$(curl -sf -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/instance-id")
+dir=/var/lib/respawn/"$id"
+install -d -m 0700 "$dir"
+(umask 077; printf '%s' {credentials} > "$dir/credentials")
+respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$id" --job {job} --attempt {attempt} --imds "$imds" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap || true
+shutdown -h now
+"#,
+        job = key.job,
+        attempt = key.attempt,
+        credentials = shell_quote(&credentials),
+        bucket = shell_quote(&agent.bucket),
+        heartbeat = agent.heartbeat_secs,
+        grace = agent.grace_secs,
+    )
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// An EC2 API error: its code decides capacity miss, passing failure or refusal.
+#[derive(Debug)]
+struct Ec2Error {
+    /// 0: no answer (network, signing).
+    status: u16,
+    code: String,
+    message: String,
+}
+
+impl Ec2Error {
+    fn transport(message: String) -> Ec2Error {
+        Ec2Error {
+            status: 0,
+            code: String::new(),
+            message,
+        }
+    }
+
+    fn into_compute(self) -> Error {
+        const CAPACITY: &[&str] = &[
+            "InsufficientInstanceCapacity",
+            "InsufficientHostCapacity",
+            "InsufficientCapacity",
+            "SpotMaxPriceTooLow",
+            "MaxSpotInstanceCountExceeded",
+            "InstanceLimitExceeded",
+            "VcpuLimitExceeded",
+            "InsufficientFreeAddressesInSubnet",
+        ];
+        const PASSING: &[&str] = &[
+            "RequestLimitExceeded",
+            "Throttling",
+            "InternalError",
+            "InternalFailure",
+            "ServiceUnavailable",
+            "Unavailable",
+            "IdempotentParameterMismatch",
+        ];
+        let what = format!("{}: {}", self.code, self.message);
+        if CAPACITY.contains(&self.code.as_str()) {
+            Error::Capacity(what)
+        } else if self.status == 0
+            || self.status >= 500
+            || PASSING.contains(&self.code.as_str())
+            || self.code.starts_with("InvalidInstanceID.NotFound")
+        {
+            // A new instance is not visible to Describe at once (eventual
+            // consistency): try again, not a refusal.
+            Error::Unavailable(what.into())
+        } else {
+            Error::Invalid(what)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorResponse {
+    #[serde(rename = "Errors")]
+    errors: ErrorList,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorList {
+    #[serde(rename = "Error", default)]
+    error: Vec<ErrorItem>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorItem {
+    #[serde(rename = "Code")]
+    code: String,
+    #[serde(rename = "Message", default)]
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Items<T> {
+    #[serde(default = "Vec::new")]
+    item: Vec<T>,
+}
+
+impl<T> Default for Items<T> {
+    fn default() -> Self {
+        Items { item: Vec::new() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Describe {
+    #[serde(rename = "reservationSet", default)]
+    reservations: Items<Reservation>,
+    #[serde(rename = "nextToken", default)]
+    next_token: Option<String>,
+}
+
+/// A reservation; also the shape of `RunInstances`'s answer.
+#[derive(Debug, Deserialize)]
+struct Reservation {
+    #[serde(rename = "instancesSet", default)]
+    instances: Items<Instance>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Instance {
+    #[serde(rename = "instanceId")]
+    id: String,
+    #[serde(rename = "instanceState")]
+    state: InstanceState,
+    #[serde(rename = "launchTime", default)]
+    launch_time: String,
+    #[serde(rename = "instanceLifecycle", default)]
+    lifecycle: Option<String>,
+    #[serde(rename = "tagSet", default)]
+    tags: Items<Tag>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InstanceState {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Tag {
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+impl Instance {
+    fn tag(&self, key: &str) -> Option<&str> {
+        self.tags
+            .item
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.value.as_str())
+    }
+
+    fn state(&self) -> VmState {
+        match self.state.name.as_str() {
+            "pending" => VmState::Requested,
+            "running" => VmState::Running,
+            // Stopping, stopped, shutting-down, terminated: gone for the attempt
+            // (a spot instance that stops on interruption does not come back).
+            _ => VmState::Terminated,
+        }
+    }
+
+    fn to_vm(&self) -> Result<Vm, Error> {
+        let job = self
+            .tag(TAG_JOB)
+            .and_then(|j| j.parse::<JobId>().ok())
+            .ok_or_else(|| Error::Invalid(format!("{} has no {TAG_JOB} tag", self.id)))?;
+        let attempt = self
+            .tag(TAG_ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| Error::Invalid(format!("{} has no {TAG_ATTEMPT} tag", self.id)))?;
+        Ok(Vm {
+            id: self.id.clone(),
+            key: AllocationKey { job, attempt },
+            state: self.state(),
+            spot: self.lifecycle.as_deref() == Some("spot"),
+            nodes: 1,
+            created_at: Timestamp::parse_rfc3339(&self.launch_time).unwrap_or(Timestamp(0)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,187 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+/// `DescribeInstances`'s answer, trimmed from the EC2 API reference's example.
+const DESCRIBE: &str = r#"<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <requestId>8f7724cf-496f-496e-8fe3-example</requestId>
+  <reservationSet>
+    <item>
+      <reservationId>r-1234567890abcdef0</reservationId>
+      <instancesSet>
+        <item>
+          <instanceId>i-1234567890abcdef0</instanceId>
+          <imageId>ami-bff32ccc</imageId>
+          <instanceState><code>16</code><name>running</name></instanceState>
+          <instanceType>g5.xlarge</instanceType>
+          <launchTime>2026-11-30T12:00:00.000Z</launchTime>
+          <instanceLifecycle>spot</instanceLifecycle>
+          <tagSet>
+            <item><key>respawn:stack</key><value>prod</value></item>
+            <item><key>respawn:job</key><value>01jdz8q7r8v3k2m4n5p6q7r8s9</value></item>
+            <item><key>respawn:attempt</key><value>2</value></item>
+          </tagSet>
+        </item>
+      </instancesSet>
+    </item>
+  </reservationSet>
+  <nextToken>page-2</nextToken>
+</DescribeInstancesResponse>"#;
+
+#[test]
+fn describe_answers_become_vms() {
+    let d: Describe = quick_xml::de::from_str(DESCRIBE).unwrap();
+    assert_eq!(d.next_token.as_deref(), Some("page-2"));
+    let i = &d.reservations.item[0].instances.item[0];
+    let vm = i.to_vm().unwrap();
+    assert_eq!(vm.id, "i-1234567890abcdef0");
+    assert_eq!(vm.key.job.as_str(), "01jdz8q7r8v3k2m4n5p6q7r8s9");
+    assert_eq!(vm.key.attempt, 2);
+    assert_eq!(vm.state, VmState::Running);
+    assert!(vm.spot);
+    assert_eq!(
+        vm.created_at,
+        Timestamp::parse_rfc3339("2026-11-30T12:00:00Z").unwrap()
+    );
+}
+
+#[test]
+fn an_empty_answer_has_no_instances() {
+    let d: Describe = quick_xml::de::from_str(
+        r#"<DescribeInstancesResponse><requestId>x</requestId><reservationSet/></DescribeInstancesResponse>"#,
+    )
+    .unwrap();
+    assert!(d.reservations.item.is_empty());
+    assert!(d.next_token.is_none());
+}
+
+#[test]
+fn an_instance_without_respawn_tags_is_no_vm() {
+    let i = Instance {
+        id: "i-1".into(),
+        state: InstanceState {
+            name: "running".into(),
+        },
+        launch_time: String::new(),
+        lifecycle: None,
+        tags: Items::default(),
+    };
+    assert!(matches!(i.to_vm(), Err(Error::Invalid(_))));
+}
+
+#[test]
+fn error_codes_decide_capacity_passing_or_refusal() {
+    let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code><Message>We currently do not have sufficient g5.xlarge capacity</Message></Error></Errors><RequestID>ea966190</RequestID></Response>"#;
+    let parsed: ErrorResponse = quick_xml::de::from_str(xml).unwrap();
+    assert_eq!(parsed.errors.error[0].code, "InsufficientInstanceCapacity");
+    let err = |status, code: &str| Ec2Error {
+        status,
+        code: code.into(),
+        message: "m".into(),
+    };
+    for code in [
+        "InsufficientInstanceCapacity",
+        "SpotMaxPriceTooLow",
+        "MaxSpotInstanceCountExceeded",
+    ] {
+        assert!(
+            matches!(err(400, code).into_compute(), Error::Capacity(_)),
+            "{code}"
+        );
+    }
+    for (status, code) in [
+        (503, "Unavailable"),
+        (400, "RequestLimitExceeded"),
+        (0, ""),
+        (500, "X"),
+    ] {
+        assert!(
+            matches!(err(status, code).into_compute(), Error::Unavailable(_)),
+            "{code}"
+        );
+    }
+    for code in [
+        "InvalidParameterValue",
+        "InvalidAMIID.NotFound",
+        "UnauthorizedOperation",
+    ] {
+        assert!(
+            matches!(err(400, code).into_compute(), Error::Invalid(_)),
+            "{code}"
+        );
+    }
+}
+
+#[test]
+fn instance_types_by_gpu_model_and_count() {
+    let t = InstanceTypes::default();
+    let r = |gpus, model: Option<&str>| Resources {
+        gpus,
+        gpu_type: model.map(str::to_owned),
+        ..Resources::default()
+    };
+    assert_eq!(t.choose(&r(0, None), "c6i.large").unwrap(), "c6i.large");
+    assert_eq!(t.choose(&r(1, None), "c").unwrap(), "g5.xlarge");
+    assert_eq!(t.choose(&r(2, Some("T4")), "c").unwrap(), "g4dn.12xlarge");
+    assert_eq!(t.choose(&r(8, Some("h100")), "c").unwrap(), "p5.48xlarge");
+    assert!(matches!(
+        t.choose(&r(16, Some("h100")), "c"),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        t.choose(&r(1, Some("tpu")), "c"),
+        Err(Error::Invalid(_))
+    ));
+
+    let custom = InstanceTypes::parse("t4:1=g4dn.2xlarge, a100:8=p4de.24xlarge", "t4").unwrap();
+    assert_eq!(custom.choose(&r(1, None), "c").unwrap(), "g4dn.2xlarge");
+    assert_eq!(
+        custom.choose(&r(4, Some("a100")), "c").unwrap(),
+        "p4de.24xlarge"
+    );
+    for bad in ["t4=g4dn", "t4:x=g4dn", "t4:1"] {
+        assert!(InstanceTypes::parse(bad, "t4").is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn the_client_token_is_per_stack_job_and_attempt_and_fits_ec2() {
+    let job: JobId = "01jdz8q7r8v3k2m4n5p6q7r8s9".parse().unwrap();
+    let key = |attempt| AllocationKey {
+        job: job.clone(),
+        attempt,
+    };
+    let t = client_token("prod", &key(1));
+    assert_eq!(t.len(), 64);
+    assert!(t.is_ascii());
+    assert_eq!(t, client_token("prod", &key(1)));
+    assert_ne!(t, client_token("prod", &key(2)));
+    assert_ne!(t, client_token("dev", &key(1)));
+}
+
+#[test]
+fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
+    let job: JobId = "01jdz8q7r8v3k2m4n5p6q7r8s9".parse().unwrap();
+    let key = AllocationKey {
+        job: job.clone(),
+        attempt: 3,
+    };
+    let attempt_key = AttemptKey::from_bytes(&[7; 32]).unwrap();
+    let agent = AgentBoot {
+        api: "https://api.example/it's".into(),
+        bucket: "s3://bucket".into(),
+        attempt_key: attempt_key.clone(),
+        heartbeat_secs: 30,
+        grace_secs: 100,
+    };
+    let script = user_data(&agent, &key);
+    assert!(script.starts_with("#!/bin/bash\n"));
+    let credential = attempt_key.credential(&job, 3);
+    assert!(script.contains(&credential));
+    // The quote in the URL cannot end the shell's string early.
+    assert!(script.contains(r"it'\''s"));
+    assert!(script.contains(&format!("--job {job} --attempt 3 --imds")));
+    assert!(script.contains("--bucket 's3://bucket'"));
+    assert!(script.trim_end().ends_with("shutdown -h now"));
+}
