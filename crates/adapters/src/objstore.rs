@@ -22,6 +22,8 @@
 //! and InMemory have them; `LocalFileSystem` has no `Update` and answers
 //! `NotSupported` on update (use the local SQLite ledger there).
 
+mod keys;
+
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
@@ -32,6 +34,8 @@ use respawn_core::job::{JobId, JobRecord, JobState, idempotency_scope};
 use respawn_core::ports::Blobs;
 use respawn_core::ports::ledger::{Error, Ledger, ListQuery, Page};
 use sha2::{Digest, Sha256};
+
+pub use keys::{ObjectStoreSecrets, ObjectStoreTokens};
 
 /// The object-store ledger.
 #[derive(Debug, Clone)]

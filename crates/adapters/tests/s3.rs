@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use respawn_adapters::objstore::ObjectStoreLedger;
+use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
 use respawn_core::ports::Blobs;
 
 #[path = "../../../tests/support/aws.rs"]
@@ -41,6 +41,14 @@ async fn the_ledger_passes_its_conformance_suite_on_s3() {
     let aws = Emulator::start();
     let ledger = ObjectStoreLedger::new(bucket(&aws, "respawn-ledger"));
     respawn_core::conformance::ledger::run(&ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_secrets_pass_their_conformance_suites_on_s3() {
+    let aws = Emulator::start();
+    let state = bucket(&aws, "respawn-state");
+    respawn_core::conformance::tokens::run(&ObjectStoreTokens::new(state.clone())).await;
+    respawn_core::conformance::secrets::run(&ObjectStoreSecrets::new(state)).await;
 }
 
 /// What the ledger's compare-and-swap stands on: S3 refuses a create over an
