@@ -299,6 +299,31 @@ impl Ec2Compute {
         }
     }
 
+    /// The job and attempt an instance of this stack runs; `None` for an instance
+    /// that is not the stack's (or no longer known).
+    pub async fn key_of(&self, instance_id: &str) -> Result<Option<AllocationKey>, Error> {
+        let params = vec![
+            ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
+            ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
+            ("InstanceId.1".to_owned(), instance_id.to_owned()),
+        ];
+        let xml = match self.call("DescribeInstances", &params).await {
+            Ok(xml) => xml,
+            Err(e) if e.code.starts_with("InvalidInstanceID") => return Ok(None),
+            Err(e) => return Err(e.into_compute()),
+        };
+        let parsed: Describe = quick_xml::de::from_str(&xml)
+            .map_err(|e| Error::Unavailable(format!("DescribeInstances: {e}").into()))?;
+        Ok(parsed
+            .reservations
+            .item
+            .iter()
+            .flat_map(|r| &r.instances.item)
+            .find(|i| i.id == instance_id)
+            .and_then(|i| i.to_vm().ok())
+            .map(|vm| vm.key))
+    }
+
     /// The attempt's instances, oldest first.
     async fn of_attempt(&self, key: &AllocationKey) -> Result<Vec<Instance>, Error> {
         let mut found = self

@@ -114,6 +114,40 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// A message as SQS hands it to a consumer: by `ReceiveMessage`, or in the records
+/// of a Lambda function's SQS event.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    pub message_id: String,
+    pub receipt_handle: String,
+    pub body: String,
+    /// `ApproximateReceiveCount`.
+    pub receive_count: u32,
+    /// String message attributes by name (respawn's own `respawn` among them).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Received {
+    fn of(m: &aws_sdk_sqs::types::Message) -> Received {
+        Received {
+            message_id: m.message_id().unwrap_or_default().to_owned(),
+            receipt_handle: m.receipt_handle().unwrap_or_default().to_owned(),
+            body: m.body().unwrap_or_default().to_owned(),
+            receive_count: m
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1),
+            attributes: m
+                .message_attributes()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                .collect(),
+        }
+    }
+}
+
 /// A queue on SQS.
 pub struct SqsQueue {
     client: Client,
@@ -208,9 +242,91 @@ impl SqsQueue {
 
     /// With the SDK's configuration from the environment (region, credentials, and
     /// `AWS_ENDPOINT_URL_SQS` or `AWS_ENDPOINT_URL` for an emulator).
+    /// On the SDK configuration a host loaded once.
+    pub fn from_config(sdk: &aws_config::SdkConfig, prefix: &str, max_deliveries: u32) -> SqsQueue {
+        SqsQueue::new(Client::new(sdk), prefix, max_deliveries)
+    }
+
     pub async fn from_env(prefix: &str) -> SqsQueue {
         let config = aws_config::load_from_env().await;
         SqsQueue::new(Client::new(&config), prefix, DEFAULT_MAX_DELIVERIES)
+    }
+
+    /// A message of logical queue `queue` that reached the host by other means than
+    /// [`Queue::receive`] (a Lambda event), from the SQS queue named or ARN'd by
+    /// `source`, leased until `until_ms`. As `receive` would: `None` when it is
+    /// dead-lettered (delivered too often, undecodable) or not due yet (sent on).
+    /// Whether `source` (an SQS queue's name or ARN) is one of logical queue `queue`'s.
+    pub fn is_source(&self, queue: &str, source: &str) -> bool {
+        self.band_of(queue, source).is_some()
+    }
+
+    fn band_of(&self, queue: &str, source: &str) -> Option<Band> {
+        let name = source.rsplit(':').next().unwrap_or(source);
+        Band::ALL
+            .into_iter()
+            .find(|b| self.physical(queue, *b).is_ok_and(|p| p == name))
+    }
+
+    pub async fn delivery(
+        &self,
+        queue: &str,
+        source: &str,
+        m: Received,
+        until_ms: u64,
+    ) -> Result<Option<Delivery>, Error> {
+        let band = self.band_of(queue, source).ok_or_else(|| {
+            Error::Invalid(format!("{source} is not one of queue {queue}'s SQS queues"))
+        })?;
+        self.take(queue, band, m, until_ms).await
+    }
+
+    /// Sends `body` to a submitter's own SQS queue (its URL or name), with
+    /// `correlation_id` as a message attribute; `Ok(false)` when that queue does not
+    /// exist.
+    pub async fn reply(
+        &self,
+        to: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+    ) -> Result<bool, Error> {
+        let url = if to.starts_with("https://") || to.starts_with("http://") {
+            to.to_owned()
+        } else {
+            match self.client.get_queue_url().queue_name(to).send().await {
+                Ok(got) => got.queue_url().unwrap_or_default().to_owned(),
+                Err(e)
+                    if e.code() == Some("AWS.SimpleQueueService.NonExistentQueue")
+                        || e.code() == Some("QueueDoesNotExist") =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => return Err(sdk_error(e)),
+            }
+        };
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(url)
+            .message_body(String::from_utf8_lossy(body));
+        if let Some(id) = correlation_id {
+            let value = MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(id)
+                .build()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            send = send.message_attributes("correlation_id", value);
+        }
+        match send.send().await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.code() == Some("AWS.SimpleQueueService.NonExistentQueue")
+                    || e.code() == Some("QueueDoesNotExist") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(sdk_error(e)),
+        }
     }
 
     fn physical(&self, queue: &str, band: Band) -> Result<String, Error> {
@@ -374,31 +490,30 @@ impl SqsQueue {
         &self,
         queue: &str,
         band: Band,
-        m: &aws_sdk_sqs::types::Message,
+        m: Received,
         until_ms: u64,
     ) -> Result<Option<Delivery>, Error> {
-        let handle = m.receipt_handle().unwrap_or_default();
-        let received = m
-            .attributes()
-            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(1);
-        let attrs = m.message_attributes();
-        let meta = attrs
-            .and_then(|a| a.get(META))
-            .and_then(|v| v.string_value())
+        let handle = m.receipt_handle.as_str();
+        let received = m.receive_count.max(1);
+        let meta = m
+            .attributes
+            .get(META)
             .and_then(|s| serde_json::from_str::<Meta>(s).ok());
-        let meta = meta.unwrap_or_else(|| Meta {
-            id: m.message_id().unwrap_or_default().to_owned(),
-            priority: band.level(),
-            attributes: attrs
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
-                .collect(),
-            ..Meta::default()
+        let meta = meta.unwrap_or_else(|| {
+            // The SQS message id names a message sent once, redelivered or not: a
+            // submission's idempotency key unless the sender chose one.
+            let mut attributes = m.attributes.clone();
+            attributes
+                .entry("message_id".into())
+                .or_insert_with(|| m.message_id.clone());
+            Meta {
+                id: m.message_id.clone(),
+                priority: band.level(),
+                attributes,
+                ..Meta::default()
+            }
         });
-        let raw = m.body().unwrap_or_default();
+        let raw = m.body.as_str();
         // A base64 body that does not decode is dead-lettered as the text it is.
         let (body, undecodable) = match meta.base64 {
             true => match base64::engine::general_purpose::STANDARD.decode(raw) {
@@ -525,7 +640,7 @@ impl Queue for SqsQueue {
                         break;
                     }
                     for m in messages {
-                        if let Some(d) = self.take(queue, *band, m, until_ms).await? {
+                        if let Some(d) = self.take(queue, *band, Received::of(m), until_ms).await? {
                             out.push(d);
                         }
                     }

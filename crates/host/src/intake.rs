@@ -56,6 +56,22 @@ pub async fn run(
     }
 }
 
+/// Handles a batch from the submit queue side by side and settles each message;
+/// returns when all are done.
+pub async fn handle_all(
+    ports: &Ports,
+    templates: &Arc<Templates>,
+    replies: &Replies,
+    got: Vec<Delivery>,
+) {
+    let mut all = tokio::task::JoinSet::new();
+    for d in got {
+        let (ports, templates, replies) = (ports.clone(), templates.clone(), replies.clone());
+        all.spawn(async move { handle(&ports, &templates, &replies, &d).await });
+    }
+    while all.join_next().await.is_some() {}
+}
+
 fn reply_to(d: &Delivery) -> Option<ReplyTo> {
     let queue = d.attributes.get("reply_to").filter(|q| !q.is_empty())?;
     Some(ReplyTo {

@@ -17,6 +17,8 @@
 pub mod api;
 pub mod egress;
 pub mod intake;
+#[cfg(feature = "aws")]
+pub mod lambda;
 pub mod loops;
 pub mod notify;
 pub mod replies;

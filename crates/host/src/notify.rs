@@ -23,8 +23,81 @@ use crate::replies::Replies;
 const PARALLEL: usize = 8;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Consumes the notify queue until `stop`. Job-chosen URLs go through the
-/// [`egress`] policy: public addresses only unless `allow_private`.
+/// What delivers notifications: the HTTP client under the [`egress`] policy, the
+/// signing secret, and the replies to submitters (in order, each once).
+#[derive(Debug)]
+pub struct Notifier {
+    http: reqwest::Client,
+    secret: Arc<Secret>,
+    replies: Replies,
+    allow_private: bool,
+    seen: tokio::sync::Mutex<Recent>,
+}
+
+impl Notifier {
+    /// Job-chosen URLs go through the [`egress`] policy: public addresses only
+    /// unless `allow_private`.
+    pub fn new(
+        secret: Arc<Secret>,
+        replies: Replies,
+        allow_private: bool,
+    ) -> Result<Notifier, String> {
+        Ok(Notifier {
+            http: egress::client(allow_private, TIMEOUT).map_err(|e| e.to_string())?,
+            secret,
+            replies,
+            allow_private,
+            seen: Default::default(),
+        })
+    }
+
+    /// Handles a batch from the notify queue and settles each message: POSTs run
+    /// side by side, replies one at a time in order. Returns when all are done.
+    pub async fn handle(self: &Arc<Self>, ports: &Ports, got: Vec<Delivery>) {
+        let mut posts = tokio::task::JoinSet::new();
+        for d in got {
+            if let Some((d, n)) = self.take(ports, d).await {
+                let (ports, this) = (ports.clone(), self.clone());
+                posts.spawn(async move { this.post(&ports, &d, &n).await });
+            }
+        }
+        while posts.join_next().await.is_some() {}
+    }
+
+    /// Reads a message and settles what needs no POST (replies, in order, one at a
+    /// time: a submitter reads them as the job's story; unreadable messages); the
+    /// rest is returned to be POSTed.
+    async fn take(&self, ports: &Ports, d: Delivery) -> Option<(Delivery, Notification)> {
+        let n = self.read(ports, &d).await?;
+        if n.url.starts_with(REPLY_SCHEME) {
+            let mut seen = self.seen.lock().await;
+            reply(ports, &self.replies, &mut seen, &d, &n).await;
+            return None;
+        }
+        Some((d, n))
+    }
+
+    async fn read(&self, ports: &Ports, d: &Delivery) -> Option<Notification> {
+        match serde_json::from_slice(&d.body) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                let why = format!("not a notification: {e}");
+                let _ = ports.queue.dead_letter(d, &why).await;
+                None
+            }
+        }
+    }
+
+    async fn post(&self, ports: &Ports, d: &Delivery, n: &Notification) {
+        if let Err(why) = egress::check_url(&n.url, self.allow_private) {
+            refuse(ports, d, n, why).await;
+        } else {
+            deliver(ports, &self.http, &self.secret, d, n).await;
+        }
+    }
+}
+
+/// Consumes the notify queue until `stop`.
 pub async fn run(
     ports: Ports,
     secret: Arc<Secret>,
@@ -32,15 +105,14 @@ pub async fn run(
     allow_private: bool,
     stop: watch::Receiver<bool>,
 ) {
-    let http = match egress::client(allow_private, TIMEOUT) {
-        Ok(c) => c,
+    let notifier = match Notifier::new(secret, replies, allow_private) {
+        Ok(n) => Arc::new(n),
         Err(e) => {
             warn!(error = %e, "notifications disabled: no HTTP client");
             return;
         }
     };
     let slots = Arc::new(Semaphore::new(PARALLEL));
-    let mut seen = Recent::default();
     let opts = Receive {
         max: PARALLEL,
         lease: TIMEOUT * 4,
@@ -56,30 +128,16 @@ pub async fn run(
             }
         };
         for d in got {
-            let n: Notification = match serde_json::from_slice(&d.body) {
-                Ok(n) => n,
-                Err(e) => {
-                    let why = format!("not a notification: {e}");
-                    let _ = ports.queue.dead_letter(&d, &why).await;
-                    continue;
-                }
-            };
-            if n.url.starts_with(REPLY_SCHEME) {
-                // Replies go in order, one at a time: a submitter reads them as the
-                // job's story (accepted, then each state).
-                reply(&ports, &replies, &mut seen, &d, &n).await;
+            let Some((d, n)) = notifier.take(&ports, d).await else {
                 continue;
-            }
+            };
+            // A slow endpoint holds one slot, not the queue.
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let (ports, http, secret) = (ports.clone(), http.clone(), secret.clone());
+            let (ports, notifier) = (ports.clone(), notifier.clone());
             tokio::spawn(async move {
-                if let Err(why) = egress::check_url(&n.url, allow_private) {
-                    refuse(&ports, &d, &n, why).await;
-                } else {
-                    deliver(&ports, &http, &secret, &d, &n).await;
-                }
+                notifier.post(&ports, &d, &n).await;
                 drop(permit);
             });
         }
@@ -88,7 +146,7 @@ pub async fn run(
 
 /// Notification ids delivered lately: commands run at least once, so the same
 /// state change can be queued twice; a submitter should hear it once.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Recent {
     ids: std::collections::HashSet<String>,
     order: std::collections::VecDeque<String>,

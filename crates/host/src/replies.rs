@@ -1,9 +1,9 @@
-//! Replies to queue submitters (AMQP `reply_to` + `correlation_id`).
+//! Replies to queue submitters (`reply_to` + `correlation_id`, on RabbitMQ or SQS).
 
 use respawn_core::job::ReplyTo;
 use serde_json::Value;
 use tracing::debug;
-#[cfg(feature = "amqp")]
+#[cfg(any(feature = "amqp", feature = "aws"))]
 use tracing::warn;
 
 /// Where replies can go: nowhere without a queue server, else through it.
@@ -13,6 +13,9 @@ pub enum Replies {
     None,
     #[cfg(feature = "amqp")]
     Amqp(respawn_adapters::amqp::AmqpQueue),
+    /// To the SQS queue (URL or name) the submitter named.
+    #[cfg(feature = "aws")]
+    Sqs(std::sync::Arc<respawn_adapters::sqs::SqsQueue>),
 }
 
 impl Replies {
@@ -26,6 +29,19 @@ impl Replies {
             }
             #[cfg(feature = "amqp")]
             Replies::Amqp(q) => match q
+                .reply(
+                    &to.queue,
+                    to.correlation_id.as_deref(),
+                    body.to_string().as_bytes(),
+                )
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => debug!(queue = %to.queue, "reply queue is gone"),
+                Err(e) => warn!(queue = %to.queue, error = %e, "cannot send a reply"),
+            },
+            #[cfg(feature = "aws")]
+            Replies::Sqs(q) => match q
                 .reply(
                     &to.queue,
                     to.correlation_id.as_deref(),

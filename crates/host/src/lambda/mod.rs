@@ -1,0 +1,434 @@
+//! The AWS host (feature `aws`): the ports a Lambda function builds once from its
+//! environment, and SQS batches handed to the same handlers `respawn up`'s loops
+//! run, answered with partial batch failures.
+//!
+//! An SQS event is turned into deliveries as [`SqsQueue::receive`] would make them
+//! (receive counts, dead-lettering past the limit, long delays sent on), then
+//! opened by the [`SealedQueue`] (a broker queue's unsealed message is
+//! dead-lettered unread), and the handlers settle each one through the queue as
+//! always: ack and dead-letter delete it, retry-later sets its visibility. A record
+//! not deleted by its handler is reported in `batchItemFailures`, so Lambda keeps
+//! it (its visibility set by the handler's backoff) instead of deleting it with the
+//! batch, and one bad message never replays the others.
+//!
+//! # Environment
+//!
+//! | variable | what |
+//! | --- | --- |
+//! | `RESPAWN_STACK` | the broker's name: tags its instances, prefixes its queues |
+//! | `RESPAWN_STATE_BUCKET` | job records, tokens, secrets (no agent can read it) |
+//! | `RESPAWN_BUCKET` | the job bucket: inputs, checkpoints, logs, outputs |
+//! | `RESPAWN_KEY` | the broker's secret, hex (≥ 32 bytes): agent credentials, queue seals, notification signatures |
+//! | `RESPAWN_API_URL` | where agents report |
+//! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
+//! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
+//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE` | where instances run, as whom |
+//! | `RESPAWN_CONFIG` | a folder with `triggers/`, `templates/` and `hooks.yaml` (default: `config/` beside the function) |
+//!
+//! and the AWS SDK's own (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL` for an
+//! emulator).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use object_store::aws::AmazonS3Builder;
+use respawn_adapters::ec2::{AgentBoot, Ec2Compute, Ec2Config, InstanceTypes};
+use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
+use respawn_adapters::sqs::{Received, SqsQueue};
+use respawn_core::attempt_auth::AttemptKey;
+use respawn_core::intake::Templates;
+use respawn_core::lifecycle::Timeouts;
+use respawn_core::ports::queue::{self, Delivery, Outgoing, Queue, Receive};
+use respawn_core::ports::{Blobs, Ports, QueueNames};
+use respawn_core::seal::SealedQueue;
+use respawn_core::time::SystemClock;
+use respawn_core::trigger::TriggerRule;
+use respawn_core::webhook::Hook;
+use respawn_core::webhook::standard::Secret;
+use tracing::{info, warn};
+
+pub mod functions;
+
+pub use aws_lambda_events;
+pub use lambda_runtime;
+use lambda_runtime::{LambdaEvent, service_fn};
+
+use crate::api::{Api, ListedVms};
+use crate::replies::Replies;
+
+/// Deadlines for cloud VMs: minutes to boot, heartbeats every 30 s.
+pub fn cloud_timeouts() -> Timeouts {
+    Timeouts {
+        redispatch: Duration::from_secs(120),
+        allocate: Duration::from_secs(300),
+        start: Duration::from_secs(900),
+        heartbeat: Duration::from_secs(180),
+        preempt_slack: Duration::from_secs(60),
+        failure_backoff: Duration::from_secs(10),
+        infra_backoff: Duration::from_secs(10),
+        capacity_backoff: Duration::from_secs(30),
+        capacity_backoff_max: Duration::from_secs(600),
+    }
+}
+
+/// What a function builds once per process.
+#[derive(Debug, Clone)]
+pub struct Cloud {
+    /// The ports, with the broker's queues sealed.
+    pub ports: Ports,
+    pub sqs: Arc<SqsQueue>,
+    pub ec2: Arc<Ec2Compute>,
+    pub tokens: Arc<ObjectStoreTokens>,
+    pub attempt_key: AttemptKey,
+    pub notify_secret: Arc<Secret>,
+    pub replies: Replies,
+    pub rules: Arc<Vec<TriggerRule>>,
+    pub templates: Arc<Templates>,
+    pub hooks: Arc<Vec<Hook>>,
+    /// The job bucket's name.
+    pub bucket: String,
+    seal: Vec<u8>,
+}
+
+fn var(name: &str) -> Result<String, String> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{name} is not set"))
+}
+
+fn bucket(name: &str) -> Result<Blobs, String> {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(name);
+    if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| var("AWS_ENDPOINT_URL"))
+    {
+        b = b
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_endpoint(endpoint);
+    }
+    Ok(Arc::new(
+        b.build().map_err(|e| format!("bucket {name}: {e}"))?,
+    ))
+}
+
+impl Cloud {
+    /// The ports from the environment (see the module's table).
+    pub async fn from_env() -> Result<Cloud, String> {
+        let stack = var("RESPAWN_STACK")?;
+        let key = hex::decode(var("RESPAWN_KEY")?)
+            .ok()
+            .and_then(|k| (k.len() >= 32).then_some(k))
+            .ok_or("RESPAWN_KEY: expected at least 32 bytes, hex")?;
+        let attempt_key = AttemptKey::from_bytes(&key).ok_or("RESPAWN_KEY is too short")?;
+        let sdk = aws_config::load_from_env().await;
+        let state = bucket(&var("RESPAWN_STATE_BUCKET")?)?;
+        let data_bucket = var("RESPAWN_BUCKET")?;
+        let blobs = bucket(&data_bucket)?;
+        let sqs = Arc::new(SqsQueue::from_config(
+            &sdk,
+            &format!("{stack}-"),
+            queue::DEFAULT_MAX_DELIVERIES,
+        ));
+        let instance_types = match std::env::var("RESPAWN_EC2_INSTANCE_TYPES") {
+            Ok(table) if !table.is_empty() => InstanceTypes::parse(
+                &table,
+                &var("RESPAWN_EC2_DEFAULT_GPU").unwrap_or_else(|_| "a10g".into()),
+            )
+            .map_err(|e| format!("RESPAWN_EC2_INSTANCE_TYPES: {e}"))?,
+            _ => InstanceTypes::default(),
+        };
+        let ec2 = Arc::new(Ec2Compute::new(
+            &sdk,
+            Ec2Config {
+                stack: stack.clone(),
+                image_id: var("RESPAWN_EC2_IMAGE")?,
+                cpu_instance_type: var("RESPAWN_EC2_CPU_TYPE")
+                    .unwrap_or_else(|_| "c6i.large".into()),
+                instance_types,
+                subnet_id: var("RESPAWN_EC2_SUBNET").ok(),
+                security_group_ids: var("RESPAWN_EC2_SECURITY_GROUPS")
+                    .map(|s| s.split(',').map(|g| g.trim().to_owned()).collect())
+                    .unwrap_or_default(),
+                instance_profile: var("RESPAWN_EC2_INSTANCE_PROFILE").ok(),
+                agent: AgentBoot {
+                    api: var("RESPAWN_API_URL")?,
+                    bucket: format!("s3://{data_bucket}"),
+                    attempt_key: attempt_key.clone(),
+                    heartbeat_secs: 30,
+                    grace_secs: 100,
+                },
+            },
+        )?);
+        let queues = QueueNames::with_prefix("");
+        let seal = attempt_key.derive("respawn queue seal");
+        let ports = Ports {
+            ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
+            queue: Arc::new(SealedQueue::new(sqs.clone(), &seal, sealed(&queues))),
+            compute: ec2.clone(),
+            secrets: Arc::new(ObjectStoreSecrets::new(state.clone())),
+            blobs,
+            clock: Arc::new(SystemClock),
+            timeouts: cloud_timeouts(),
+            queues,
+        };
+        let config = std::env::var_os("RESPAWN_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("LAMBDA_TASK_ROOT").map(|r| PathBuf::from(r).join("config"))
+            })
+            .unwrap_or_else(|| PathBuf::from("config"));
+        let (rules, templates, hooks) = load_config(&config)?;
+        Ok(Cloud {
+            ports,
+            tokens: Arc::new(ObjectStoreTokens::new(state)),
+            notify_secret: Arc::new(Secret::from_bytes(attempt_key.derive("respawn notify"))),
+            replies: Replies::Sqs(sqs.clone()),
+            attempt_key,
+            sqs,
+            ec2,
+            rules: Arc::new(rules),
+            templates: Arc::new(templates),
+            hooks: Arc::new(hooks),
+            bucket: data_bucket,
+            seal,
+        })
+    }
+
+    /// Whether `arn` is one of logical queue `queue`'s SQS queues.
+    pub fn is_queue(&self, queue: &str, arn: &str) -> bool {
+        self.sqs.is_source(queue, arn)
+    }
+
+    /// The API's view of the stack.
+    pub fn api(&self) -> Api {
+        Api {
+            ports: self.ports.clone(),
+            tokens: self.tokens.clone(),
+            hooks: self.hooks.clone(),
+            rules: Arc::new(RwLock::new(self.rules.as_ref().clone())),
+            attempt_key: self.attempt_key.clone(),
+            operator: Arc::new(ListedVms(self.ec2.clone())),
+            // Workloads run on VMs of their own, never beside the broker.
+            others_refused: None,
+        }
+    }
+
+    /// Hands the records of `event`, from logical queue `queue`, to `handle` (which
+    /// settles each delivery through the ports' queue) and reports the records it
+    /// did not delete as failures. `deadline_ms` (the invocation's) bounds the
+    /// leases: an event source mapping's visibility timeout outlasts it.
+    pub async fn batch<F, Fut>(
+        &self,
+        queue: &str,
+        event: SqsEvent,
+        deadline_ms: u64,
+        handle: F,
+    ) -> SqsBatchResponse
+    where
+        F: FnOnce(Ports, Vec<Delivery>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let invocation = Arc::new(Invocation {
+            sqs: self.sqs.clone(),
+            queue: queue.to_owned(),
+            handed: Mutex::new(Vec::new()),
+            settled: Mutex::new(Vec::new()),
+        });
+        let mut records = Vec::new();
+        for r in event.records {
+            let id = r.message_id.clone().unwrap_or_default();
+            let source = r.event_source_arn.clone().unwrap_or_default();
+            let received = Received {
+                message_id: id.clone(),
+                receipt_handle: r.receipt_handle.clone().unwrap_or_default(),
+                body: r.body.clone().unwrap_or_default(),
+                receive_count: r
+                    .attributes
+                    .get("ApproximateReceiveCount")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(1),
+                attributes: r
+                    .message_attributes
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.string_value.clone()?)))
+                    .collect(),
+            };
+            match self
+                .sqs
+                .delivery(queue, &source, received, deadline_ms)
+                .await
+            {
+                Ok(Some(d)) => {
+                    records.push((id, Some(d.receipt.clone())));
+                    lock(&invocation.handed).push(d);
+                }
+                // Settled by the adapter (dead-lettered, or sent on until due).
+                Ok(None) => records.push((id, None)),
+                Err(e) => {
+                    warn!(queue, message_id = %id, source, error = %e, "cannot take an SQS record; left for redelivery");
+                    records.push((id, Some(String::new())));
+                }
+            }
+        }
+        let ports = Ports {
+            queue: Arc::new(SealedQueue::new(
+                invocation.clone(),
+                &self.seal,
+                sealed(&self.ports.queues),
+            )),
+            ..self.ports.clone()
+        };
+        let opened = match ports.queue.receive(queue, Receive::default()).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(queue, error = %e, "cannot open the batch");
+                Vec::new()
+            }
+        };
+        handle(ports, opened).await;
+        let settled = lock(&invocation.settled).clone();
+        let mut response = SqsBatchResponse::default();
+        for (id, receipt) in records {
+            if let Some(receipt) = receipt
+                && !settled.contains(&receipt)
+            {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = id;
+                response.batch_item_failures.push(failure);
+            }
+        }
+        if !response.batch_item_failures.is_empty() {
+            info!(
+                queue,
+                failures = response.batch_item_failures.len(),
+                "records left for redelivery"
+            );
+        }
+        response
+    }
+}
+
+/// Logs for CloudWatch (JSON, one line per event; `RUST_LOG` filters, `info` by
+/// default), then the ports from the environment: what every function does first.
+pub async fn start() -> Result<&'static Cloud, lambda_runtime::Error> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .without_time() // CloudWatch stamps each line
+        .init();
+    let cloud = Cloud::from_env().await?;
+    // Built once per process, used by every invocation until the process ends.
+    Ok(Box::leak(Box::new(cloud)))
+}
+
+/// Runs an SQS-fed function: `handle` gets each batch and the invocation's deadline.
+pub async fn serve_sqs<F, Fut>(handle: F) -> Result<(), lambda_runtime::Error>
+where
+    F: Fn(&'static Cloud, SqsEvent, u64) -> Fut,
+    Fut: Future<Output = SqsBatchResponse> + Send + 'static,
+{
+    let cloud = start().await?;
+    lambda_runtime::run(service_fn(|e: LambdaEvent<SqsEvent>| {
+        let deadline = e.context.deadline;
+        // Boxed: the handlers' futures are deep, too deep to be laid out inline
+        // in the runtime's.
+        let answer = Box::pin(handle(cloud, e.payload, deadline));
+        async move { Ok::<_, lambda_runtime::Error>(answer.await) }
+    }))
+    .await
+}
+
+/// The queues only the broker writes.
+fn sealed(q: &QueueNames) -> [String; 3] {
+    [q.dispatch.clone(), q.events.clone(), q.notify.clone()]
+}
+
+fn load_config(dir: &std::path::Path) -> Result<(Vec<TriggerRule>, Templates, Vec<Hook>), String> {
+    let triggers = dir.join("triggers");
+    let (rules, errors) = if triggers.is_dir() {
+        respawn_core::trigger::load_rules_dir(&triggers)
+    } else {
+        Default::default()
+    };
+    for (path, e) in errors {
+        for err in &e.errors {
+            warn!(file = %path.display(), "trigger rule rejected: {err}");
+        }
+    }
+    let templates_dir = dir.join("templates");
+    let templates = if templates_dir.is_dir() {
+        let (t, errors) = Templates::load_dir(&templates_dir);
+        for (path, e) in errors {
+            warn!(file = %path.display(), "job template rejected: {e}");
+        }
+        t
+    } else {
+        Templates::default()
+    };
+    let hooks_file = dir.join("hooks.yaml");
+    let hooks = if hooks_file.is_file() {
+        respawn_core::webhook::load_hooks(&hooks_file)
+            .map_err(|e| format!("hooks in {}:\n{e}", hooks_file.display()))?
+    } else {
+        Vec::new()
+    };
+    Ok((rules, templates, hooks))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The SQS queue as one invocation sees it: `receive` on the invocation's queue
+/// hands out its records; settling goes to SQS and is remembered, so that what was
+/// not deleted can be reported.
+#[derive(Debug)]
+struct Invocation {
+    sqs: Arc<SqsQueue>,
+    queue: String,
+    handed: Mutex<Vec<Delivery>>,
+    /// Receipts of records deleted (acked or dead-lettered).
+    settled: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Queue for Invocation {
+    async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, queue::Error> {
+        self.sqs.send(queue, msg).await
+    }
+
+    async fn receive(&self, queue: &str, opts: Receive) -> Result<Vec<Delivery>, queue::Error> {
+        if queue == self.queue {
+            return Ok(std::mem::take(&mut *lock(&self.handed)));
+        }
+        self.sqs.receive(queue, opts).await
+    }
+
+    async fn ack(&self, d: &Delivery) -> Result<(), queue::Error> {
+        self.sqs.ack(d).await?;
+        lock(&self.settled).push(d.receipt.clone());
+        Ok(())
+    }
+
+    async fn retry_later(&self, d: &Delivery, delay: Duration) -> Result<(), queue::Error> {
+        // Left in the queue with its visibility set to the backoff: reported as a
+        // failure so that Lambda does not delete it.
+        self.sqs.retry_later(d, delay).await
+    }
+
+    async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), queue::Error> {
+        self.sqs.dead_letter(d, reason).await?;
+        lock(&self.settled).push(d.receipt.clone());
+        Ok(())
+    }
+
+    async fn declare(&self, queue: &str) -> Result<(), queue::Error> {
+        self.sqs.declare(queue).await
+    }
+}
