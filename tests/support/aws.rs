@@ -67,6 +67,27 @@ impl Emulator {
         );
     }
 
+    /// Runs a Python snippet like [`Emulator::python`]; returns what it printed.
+    pub fn drive_python(&self, script: &str) -> String {
+        let out = run(
+            Command::new(root().join(".venv-aws/bin/python"))
+                .args(["-c", &script.replace("{endpoint}", &self.endpoint)]),
+            "a boto3 snippet",
+        );
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Creates a stack's buckets, queues, notification and rule
+    /// (`localstack/aws-resources`).
+    pub fn resources(&self, stack: &str) {
+        run(
+            Command::new(root().join("localstack/aws-resources"))
+                .arg(stack)
+                .arg(&self.endpoint),
+            "localstack/aws-resources",
+        );
+    }
+
     /// A file of `schemas/fixtures/aws/`, as a path a driver can read.
     pub fn fixture(name: &str) -> String {
         root()

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod aws;
+#[cfg(feature = "aws")]
+pub mod lambda;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,382 @@
+//! The AWS functions as Lambda runs them, on a machine without Lambda: each
+//! function binary under a local runtime API, fed by an SQS event source that
+//! receives from the emulator's queues, invokes with the batch and deletes what
+//! succeeded (tests/support/lambda.rs). Messages are sent by boto3, as a user's
+//! code would. Fails, never skips, when the emulator cannot run.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use respawn_adapters::objstore::ObjectStoreLedger;
+use respawn_adapters::sqs::SqsQueue;
+use respawn_core::job::{JobRecord, JobState};
+use respawn_core::ports::Ledger;
+use respawn_core::ports::ledger::ListQuery;
+use respawn_core::ports::queue::{Queue, Receive};
+use respawn_e2e::aws::Emulator;
+use respawn_e2e::lambda::{self, Function};
+use serde_json::{Value, json};
+
+struct Stack {
+    aws: Emulator,
+    name: String,
+    config: tempfile::TempDir,
+    sqs: aws_sdk_sqs::Client,
+}
+
+impl Stack {
+    fn new(name: &str) -> Stack {
+        let aws = Emulator::start();
+        aws.resources(name);
+        let config = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(config.path().join("triggers")).unwrap();
+        std::fs::write(
+            config.path().join("triggers/csv.yaml"),
+            "name: csv\nmatch:\n  prefix: incoming/\n  glob: \"*.csv\"\ntemplate:\n  name: train-${stem}\n  command: [train, --data, \"${uri}\"]\n",
+        )
+        .unwrap();
+        let sqs = lambda::sqs_client(&aws.endpoint);
+        Stack {
+            aws,
+            name: name.to_owned(),
+            config,
+            sqs,
+        }
+    }
+
+    async fn function(&self, name: &str) -> Function {
+        Function::start(
+            name,
+            &lambda::env(&self.aws.endpoint, &self.name, self.config.path()),
+        )
+        .await
+    }
+
+    /// The SQS queues of a logical queue, highest band first.
+    fn bands(&self, logical: &str) -> Vec<String> {
+        ["hi", "no", "lo"]
+            .iter()
+            .map(|b| format!("{}-{logical}-{b}", self.name))
+            .collect()
+    }
+
+    fn ledger(&self) -> ObjectStoreLedger {
+        ObjectStoreLedger::new(Arc::new(
+            AmazonS3Builder::new()
+                .with_endpoint(&self.aws.endpoint)
+                .with_allow_http(true)
+                .with_bucket_name(format!("{}-state", self.name))
+                .with_region("us-east-1")
+                .with_access_key_id("test")
+                .with_secret_access_key("test")
+                .build()
+                .unwrap(),
+        ))
+    }
+
+    async fn jobs(&self) -> Vec<JobRecord> {
+        self.ledger()
+            .list(&ListQuery {
+                limit: 100,
+                ..ListQuery::default()
+            })
+            .await
+            .unwrap()
+            .jobs
+    }
+
+    /// Sends raw bodies (with string attributes) to a queue, as boto3 does.
+    fn send(&self, queue: &str, messages: &[(&str, &[(&str, &str)])]) {
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|(body, attrs)| {
+                json!({
+                    "body": body,
+                    "attrs": attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            })
+            .collect();
+        self.aws.python(&format!(
+            r#"
+import json, boto3
+sqs = boto3.client("sqs", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+url = sqs.get_queue_url(QueueName="{queue}")["QueueUrl"]
+for m in json.loads({messages:?}):
+    attrs = {{k: {{"DataType": "String", "StringValue": v}} for k, v in m["attrs"].items()}}
+    sqs.send_message(QueueUrl=url, MessageBody=m["body"], MessageAttributes=attrs)
+"#,
+            messages = serde_json::to_string(&messages).unwrap(),
+        ));
+    }
+
+    /// The ids of the job's instances that are not terminated (of one attempt).
+    fn instances(&self, job: &str, attempt: Option<&str>) -> Vec<String> {
+        let filter = attempt.map_or(String::new(), |a| {
+            format!(r#", {{"Name": "tag:respawn:attempt", "Values": ["{a}"]}}"#)
+        });
+        let out = self.aws.drive_python(&format!(
+            r#"
+import boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+found = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:job", "Values": ["{job}"]}}{filter}])
+for r in found["Reservations"]:
+    for i in r["Instances"]:
+        if i["State"]["Name"] not in ("shutting-down", "terminated"):
+            print(i["InstanceId"])
+"#
+        ));
+        let mut ids: Vec<String> = out.lines().map(str::to_owned).collect();
+        ids.sort();
+        ids
+    }
+
+    /// An EC2 event, put on the default event bus as EC2 would.
+    fn put_ec2_event(&self, detail_type: &str, detail: Value) {
+        self.aws.python(&format!(
+            r#"
+import json, boto3
+events = boto3.client("events", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+out = events.put_events(Entries=[{{"Source": "aws.ec2", "DetailType": "{detail_type}",
+                                   "Detail": json.dumps({detail})}}])
+assert not out.get("FailedEntryCount"), out
+"#,
+            detail = serde_json::to_string(&detail.to_string()).unwrap(),
+        ));
+    }
+
+    /// Pumps `queues` into `f` until `done` holds of the ledger's jobs.
+    async fn pump_until(
+        &self,
+        f: &Function,
+        queues: &[String],
+        what: &str,
+        done: impl Fn(&[JobRecord]) -> bool,
+    ) -> (Vec<JobRecord>, Vec<Value>) {
+        let mut answers = Vec::new();
+        for _ in 0..60 {
+            answers.extend(f.pump(&self.sqs, queues).await);
+            let jobs = self.jobs().await;
+            if done(&jobs) {
+                return (jobs, answers);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("{what}: not reached; jobs {:?}", self.jobs().await);
+    }
+}
+
+const SPEC: &str = r#"{"spec": {"name": "by-boto3", "command": ["train"], "resources": {"gpus": 1, "gpu_type": "t4"}}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boto3_submission_makes_a_job_that_gets_a_tagged_spot_instance_and_bad_ones_are_dead_lettered_with_the_reason()
+ {
+    let stack = Stack::new("fnsubmit");
+    stack.send(
+        &format!("{}-submit-no", stack.name),
+        &[
+            (SPEC, &[("correlation_id", "c-1")]),
+            (r#"{"spec": {"name": "bad", "command": "not a list"}}"#, &[]),
+            ("this is not json", &[]),
+        ],
+    );
+    let submit = stack.function("submit").await;
+    let (jobs, answers) = stack
+        .pump_until(&submit, &stack.bands("submit"), "a job", |jobs| {
+            !jobs.is_empty()
+        })
+        .await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = &jobs[0];
+    assert_eq!(job.spec.name, "by-boto3");
+    for a in &answers {
+        assert_eq!(a["batchItemFailures"], json!([]), "{a}");
+    }
+
+    // The malformed ones are in the submit queue's dead letters, with why.
+    let queue = SqsQueue::new(stack.sqs.clone(), &format!("{}-", stack.name), 5);
+    let mut dead = Vec::new();
+    for _ in 0..20 {
+        dead.extend(
+            queue
+                .receive(
+                    "submit.dead",
+                    Receive {
+                        max: 10,
+                        lease: Duration::from_secs(30),
+                        wait: Duration::ZERO,
+                    },
+                )
+                .await
+                .unwrap(),
+        );
+        if dead.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut reasons: Vec<String> = dead.iter().filter_map(|d| d.reason.clone()).collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{dead:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("spec.command")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("not a submit message")),
+        "{reasons:?}"
+    );
+
+    // The job's dispatch message goes to the dispatch function: one spot
+    // instance, tagged with the job, however often the message comes.
+    let dispatch = stack.function("dispatch").await;
+    let (jobs, _) = stack
+        .pump_until(&dispatch, &stack.bands("dispatch"), "a VM", |jobs| {
+            jobs.iter().any(|j| j.state != JobState::Pending)
+        })
+        .await;
+    let job = jobs.iter().find(|j| j.id == job.id).unwrap();
+    assert!(
+        matches!(job.state, JobState::Allocating | JobState::Starting),
+        "{job:?}"
+    );
+    stack.aws.python(&format!(
+        r#"
+import boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+found = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:job", "Values": ["{id}"]}}])
+instances = [i for r in found["Reservations"] for i in r["Instances"]]
+assert len(instances) == 1, instances
+tags = {{t["Key"]: t["Value"] for t in instances[0]["Tags"]}}
+assert tags["respawn:stack"] == "{stack}" and tags["respawn:attempt"] == "1", tags
+assert tags["respawn:project"] == "default", tags
+assert instances[0]["InstanceType"] == "g4dn.xlarge", instances[0]["InstanceType"]
+assert instances[0].get("InstanceLifecycle") == "spot", instances[0]
+"#,
+        id = job.id,
+        stack = stack.name,
+    ));
+
+    // EC2 warns of the interruption, then terminates the instance: EventBridge
+    // puts both on the stack's EC2 queue, the events function applies them.
+    let first = stack.instances(&job.id.to_string(), None);
+    assert_eq!(first.len(), 1, "{first:?}");
+    stack.put_ec2_event(
+        "EC2 Spot Instance Interruption Warning",
+        json!({ "instance-id": first[0], "instance-action": "terminate" }),
+    );
+    let events = stack.function("events").await;
+    let ec2_queue = vec![format!("{}-ec2-no", stack.name)];
+    let id = job.id.clone();
+    stack
+        .pump_until(&events, &ec2_queue, "the notice", |jobs| {
+            jobs.iter()
+                .any(|j| j.id == id && j.state == JobState::Preempted)
+        })
+        .await;
+    stack.put_ec2_event(
+        "EC2 Instance State-change Notification",
+        json!({ "instance-id": first[0], "state": "terminated" }),
+    );
+    let (jobs, _) = stack
+        .pump_until(&events, &ec2_queue, "the attempt's end", |jobs| {
+            jobs.iter().any(|j| j.id == id && j.attempt == 2)
+        })
+        .await;
+    let job = jobs.iter().find(|j| j.id == id).unwrap();
+    assert_eq!(
+        job.attempts[0].outcome,
+        Some(respawn_core::job::AttemptOutcome::Preempted),
+        "{job:?}"
+    );
+
+    // The job resumes under the same id on a new instance; the preempted one is
+    // terminated.
+    stack
+        .pump_until(
+            &dispatch,
+            &stack.bands("dispatch"),
+            "attempt 2's VM",
+            |jobs| {
+                jobs.iter()
+                    .any(|j| j.id == id && j.state != JobState::Pending)
+            },
+        )
+        .await;
+    let second = stack.instances(&id.to_string(), Some("2"));
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second[0], first[0]);
+    let live = stack.instances(&id.to_string(), None);
+    assert_eq!(live, second, "only attempt 2's instance runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_record_fails_alone_and_the_rest_of_its_batch_is_done() {
+    let stack = Stack::new("fnbatch");
+    stack.send(&format!("{}-submit-no", stack.name), &[(SPEC, &[])]);
+    let submit = stack.function("submit").await;
+    let (url, arn) = lambda::queue(&stack.sqs, &format!("{}-submit-no", stack.name))
+        .await
+        .unwrap();
+    let got = stack
+        .sqs
+        .receive_message()
+        .queue_url(&url)
+        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+        .message_attribute_names("All")
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap();
+    let good = lambda::record(&got.messages()[0], &arn);
+    // A record from a queue that is not the function's: it cannot be taken, so it
+    // is reported, and only it.
+    let mut stray = good.clone();
+    stray["messageId"] = json!("stray-1");
+    stray["eventSourceARN"] = json!("arn:aws:sqs:us-east-1:123456789012:somewhere-else");
+    let answer = submit
+        .invoke(json!({ "Records": [good, stray] }))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        json!({ "batchItemFailures": [{ "itemIdentifier": "stray-1" }] })
+    );
+    let jobs = stack.jobs().await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_the_bucket_makes_a_job_by_the_trigger_rule() {
+    let stack = Stack::new("fnupload");
+    stack.aws.python(&format!(
+        r#"
+import boto3
+s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+s3.put_object(Bucket="{stack}-data", Key="incoming/flowers 2026.csv", Body=b"x,y\n1,2\n")
+"#,
+        stack = stack.name
+    ));
+    let on_upload = stack.function("on-upload").await;
+    let uploads = vec![format!("{}-uploads-no", stack.name)];
+    let (jobs, _) = stack
+        .pump_until(&on_upload, &uploads, "a job from the upload", |j| {
+            !j.is_empty()
+        })
+        .await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].spec.name, "train-flowers-2026");
+    assert_eq!(
+        jobs[0].spec.command.last().unwrap(),
+        // The stack's own bucket, as every host names it to the agent.
+        "bucket://incoming/flowers 2026.csv"
+    );
+}
