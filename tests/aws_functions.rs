@@ -380,3 +380,91 @@ s3.put_object(Bucket="{stack}-data", Key="incoming/flowers 2026.csv", Body=b"x,y
         "bucket://incoming/flowers 2026.csv"
     );
 }
+
+fn fixture(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(Emulator::fixture(name)).unwrap()).unwrap()
+}
+
+/// An HTTP API (payload 2.0) request, from the fixture.
+fn request(method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Value {
+    let mut e = fixture("apigw-http-v2-request.json");
+    e["rawPath"] = json!(path);
+    e["requestContext"]["http"]["method"] = json!(method);
+    e["requestContext"]["http"]["path"] = json!(path);
+    if let Some(t) = token {
+        e["headers"]["authorization"] = json!(format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        let kind = if b.starts_with('{') {
+            "application/json"
+        } else {
+            "application/yaml"
+        };
+        e["headers"]["content-type"] = json!(kind);
+        e["headers"]["content-length"] = json!(b.len().to_string());
+        e["body"] = json!(b);
+    }
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_function_url_requests_and_reconcile_its_schedule() {
+    let stack = Stack::new("fnapi");
+    let api = stack.function("api").await;
+    let ok = api
+        .invoke(fixture("apigw-http-v2-request.json"))
+        .await
+        .unwrap();
+    assert_eq!(ok["statusCode"], 200, "{ok}");
+    assert_eq!(ok["body"], "ok", "{ok}");
+
+    let denied = api
+        .invoke(request("GET", "/v1/jobs", None, None))
+        .await
+        .unwrap();
+    assert_eq!(denied["statusCode"], 401, "{denied}");
+
+    // The first start left the admin token in the state bucket, for the operator.
+    let token = stack.aws.drive_python(&format!(
+        r#"
+import boto3
+s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode().strip())
+"#,
+        stack.name
+    ));
+    let token = token.trim();
+    let created = api
+        .invoke(request(
+            "POST",
+            "/v1/jobs",
+            Some(token),
+            Some("name: by-api\ncommand: [train]\n"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(created["statusCode"], 201, "{created}");
+    let body: Value = serde_json::from_str(created["body"].as_str().unwrap()).unwrap();
+    let jobs = stack.jobs().await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].id.to_string(), body["id"].as_str().unwrap());
+
+    // Preemption on demand is the local simulator's; a cloud says so.
+    let preempt = api
+        .invoke(request(
+            "POST",
+            "/v1/preempt",
+            Some(token),
+            Some("{\"target\": \"x\"}"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(preempt["statusCode"], 501, "{preempt}");
+
+    let reconcile = stack.function("reconcile").await;
+    reconcile
+        .invoke(fixture("eventbridge-scheduled.json"))
+        .await
+        .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+}

@@ -133,6 +133,28 @@ pub fn redact(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Notify URLs are https nearly always: the client speaks TLS (a client built
+    /// without it refuses the scheme before connecting).
+    #[tokio::test]
+    async fn https_urls_are_spoken_to() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            // Accept and hang up: the handshake fails, after a connection.
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let err = client(true, Duration::from_secs(2))
+            .unwrap()
+            .get(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(!err.is_builder(), "https refused: {err:?}");
+        assert!(err.is_connect() || err.is_request(), "{err:?}");
+    }
+
     #[test]
     fn only_public_addresses_pass() {
         for private in [

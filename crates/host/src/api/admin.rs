@@ -183,6 +183,9 @@ pub async fn preempt(
     Json(b): Json<PreemptBody>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    if let Some(why) = stack.operator.cannot_preempt() {
+        return Err(ApiError::NotSupported(why));
+    }
     let notice = match b.notice_secs {
         Some(s) if (0.0..=MAX_NOTICE_SECS).contains(&s) => Some(Duration::from_secs_f64(s)),
         Some(s) => {

@@ -47,6 +47,10 @@ pub struct Api {
 #[async_trait]
 pub trait Operator: Send + Sync + std::fmt::Debug {
     async fn running(&self) -> Result<Vec<Vm>, compute::Error>;
+    /// Why this operator cannot preempt on demand, when it cannot.
+    fn cannot_preempt(&self) -> Option<String> {
+        None
+    }
     /// Gives the VM a preemption notice; its id, or `None` when it has one already.
     async fn preempt(
         &self,
@@ -66,6 +70,14 @@ impl Operator for ListedVms {
         let mut vms = self.0.list().await?;
         vms.retain(|v| v.state != compute::VmState::Terminated);
         Ok(vms)
+    }
+
+    fn cannot_preempt(&self) -> Option<String> {
+        Some(
+            "preemption on demand is the local stack's simulator; a cloud's VMs are \
+             preempted by the cloud"
+                .into(),
+        )
     }
 
     async fn preempt(

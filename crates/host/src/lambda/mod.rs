@@ -43,7 +43,7 @@ use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::intake::Templates;
 use respawn_core::lifecycle::Timeouts;
 use respawn_core::ports::queue::{self, Delivery, Outgoing, Queue, Receive};
-use respawn_core::ports::{Blobs, Ports, QueueNames};
+use respawn_core::ports::{Blobs, Ports, QueueNames, Tokens};
 use respawn_core::seal::SealedQueue;
 use respawn_core::time::SystemClock;
 use respawn_core::trigger::TriggerRule;
@@ -91,6 +91,8 @@ pub struct Cloud {
     pub hooks: Arc<Vec<Hook>>,
     /// The job bucket's name.
     pub bucket: String,
+    /// The state bucket (records, tokens, secrets, the first admin token).
+    pub state: Blobs,
     seal: Vec<u8>,
 }
 
@@ -183,7 +185,7 @@ impl Cloud {
         let (rules, templates, hooks) = load_config(&config)?;
         Ok(Cloud {
             ports,
-            tokens: Arc::new(ObjectStoreTokens::new(state)),
+            tokens: Arc::new(ObjectStoreTokens::new(state.clone())),
             notify_secret: Arc::new(Secret::from_bytes(attempt_key.derive("respawn notify"))),
             replies: Replies::Sqs(sqs.clone()),
             attempt_key,
@@ -193,6 +195,7 @@ impl Cloud {
             templates: Arc::new(templates),
             hooks: Arc::new(hooks),
             bucket: data_bucket,
+            state,
             seal,
         })
     }
@@ -213,6 +216,41 @@ impl Cloud {
             operator: Arc::new(ListedVms(self.ec2.clone())),
             // Workloads run on VMs of their own, never beside the broker.
             others_refused: None,
+        }
+    }
+
+    /// On a stack without tokens, mints the admin token of the default project and
+    /// leaves its secret at `admin-token` in the state bucket, for the operator
+    /// (`aws s3 cp s3://<stack>-state/admin-token -`). Of two functions starting
+    /// at once, the one whose secret is written first wins; the other revokes its
+    /// token.
+    pub async fn first_admin(&self) -> Result<(), String> {
+        let api = self.api();
+        let Some(secret) = crate::api::mint_first_admin(&api).await? else {
+            return Ok(());
+        };
+        let path = object_store::path::Path::from("admin-token");
+        let put = self
+            .state
+            .put_opts(
+                &path,
+                format!("{secret}\n").into(),
+                object_store::PutMode::Create.into(),
+            )
+            .await;
+        match put {
+            Ok(_) => {
+                info!("admin token written to the state bucket (admin-token)");
+                Ok(())
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let hash = respawn_core::ports::tokens::hash_secret(&secret);
+                if let Ok(Some(mine)) = self.tokens.find_by_hash(&hash).await {
+                    let _ = self.tokens.revoke(&mine.id).await;
+                }
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot write the admin token: {e}")),
         }
     }
 
