@@ -28,15 +28,18 @@ struct Stack {
 
 impl Stack {
     fn new(name: &str) -> Stack {
+        Stack::with_rule(
+            name,
+            "name: csv\nmatch:\n  prefix: incoming/\n  glob: \"*.csv\"\ntemplate:\n  name: train-${stem}\n  command: [train, --data, \"${uri}\"]\n",
+        )
+    }
+
+    fn with_rule(name: &str, rule: &str) -> Stack {
         let aws = Emulator::start();
         aws.resources(name);
         let config = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(config.path().join("triggers")).unwrap();
-        std::fs::write(
-            config.path().join("triggers/csv.yaml"),
-            "name: csv\nmatch:\n  prefix: incoming/\n  glob: \"*.csv\"\ntemplate:\n  name: train-${stem}\n  command: [train, --data, \"${uri}\"]\n",
-        )
-        .unwrap();
+        std::fs::write(config.path().join("triggers/csv.yaml"), rule).unwrap();
         let sqs = lambda::sqs_client(&aws.endpoint);
         Stack {
             aws,
@@ -52,6 +55,17 @@ impl Stack {
             &lambda::env(&self.aws.endpoint, &self.name, self.config.path()),
         )
         .await
+    }
+
+    /// A function whose agents report to `api_url`.
+    async fn function_with_api(&self, name: &str, api_url: &str) -> Function {
+        let mut env = lambda::env(&self.aws.endpoint, &self.name, self.config.path());
+        for (k, v) in &mut env {
+            if k == "RESPAWN_API_URL" {
+                *v = api_url.to_owned();
+            }
+        }
+        Function::start(name, &env).await
     }
 
     /// The SQS queues of a logical queue, highest band first.
@@ -467,4 +481,150 @@ print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode(
         .invoke(fixture("eventbridge-scheduled.json"))
         .await
         .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+}
+
+const TRAINER_ARGS: [&str; 10] = [
+    "--steps",
+    "800",
+    "--checkpoint-every",
+    "50",
+    "--hidden",
+    "8",
+    "--seed",
+    "11",
+    "--step-delay-ms",
+    "20",
+];
+
+/// The whole AWS path with the function binaries as the only hosts: the AWS CLI
+/// copies a file into the bucket, S3 notifies, `on-upload` makes the job,
+/// `dispatch` launches a spot instance, the emulated VM runs the instance's user
+/// data (the agent, on S3), EC2 warns of the interruption, the job resumes from its
+/// checkpoint on a new instance and its model lands in S3, equal to an
+/// uninterrupted run's; no instance is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_to_the_same_model() {
+    let rule = format!(
+        "name: train-on-csv\nmatch:\n  prefix: incoming/\n  glob: \"*.csv\"\ntemplate:\n  name: train-${{stem}}\n  command: [respawn-trainer, {}]\n  inputs: [\"${{uri}}\"]\n",
+        TRAINER_ARGS.map(|a| format!("\"{a}\"")).join(", ")
+    );
+    let stack = Stack::with_rule("fne2e", &rule);
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("points.csv");
+    respawn_e2e::generate_csv(300, &csv);
+    let expected = respawn_e2e::baseline_model(&csv, &TRAINER_ARGS);
+
+    let api = Arc::new(tokio::sync::OnceCell::new());
+    let url = lambda::function_url(api.clone()).await;
+    api.set(stack.function_with_api("api", &url).await).unwrap();
+    let on_upload = stack.function("on-upload").await;
+    let dispatch = stack.function_with_api("dispatch", &url).await;
+    let events = stack.function("events").await;
+    let mut vms = respawn_e2e::vm::Vms::new(
+        &stack.name,
+        [
+            ("AWS_ENDPOINT_URL", stack.aws.endpoint.as_str()),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec(),
+    );
+
+    let copied = std::process::Command::new(respawn_e2e::aws::root().join(".venv-aws/bin/aws"))
+        .args(["s3", "cp"])
+        .arg(&csv)
+        .arg(format!("s3://{}-data/incoming/points.csv", stack.name))
+        .args(["--endpoint-url", &stack.aws.endpoint])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(copied.status.success(), "{copied:?}");
+
+    let uploads = vec![format!("{}-uploads-no", stack.name)];
+    let mut event_queues = stack.bands("events");
+    event_queues.push(format!("{}-ec2-no", stack.name));
+    let deadline = std::time::Instant::now()
+        + Duration::from_secs(
+            std::env::var("E2E_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(240),
+        );
+    let mut interrupted: Option<String> = None;
+    let job = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not done in time: {:?}\nVMs: {}",
+            stack.jobs().await,
+            vms.logs()
+        );
+        on_upload.pump(&stack.sqs, &uploads).await;
+        dispatch.pump(&stack.sqs, &stack.bands("dispatch")).await;
+        events.pump(&stack.sqs, &event_queues).await;
+        vms.step(&stack.aws).await;
+        let jobs = stack.jobs().await;
+        let Some(job) = jobs.first() else { continue };
+        if job.state == JobState::Succeeded {
+            break job.clone();
+        }
+        assert!(!job.state.is_terminal(), "{job:?}");
+        if interrupted.is_none()
+            && job.attempt == 1
+            && job.state == JobState::Running
+            && job.attempts[0].last_checkpoint.is_some()
+        {
+            let first = stack.instances(&job.id.to_string(), Some("1"));
+            if first.len() == 1 && vms.running().contains(&first[0]) {
+                vms.interrupt(&stack.aws, &first[0]);
+                interrupted = Some(first[0].clone());
+            }
+        }
+    };
+    let first = interrupted.expect("the first instance was interrupted");
+    assert_eq!(job.attempts.len(), 2, "{job:?}");
+    assert_eq!(
+        job.attempts[0].outcome,
+        Some(respawn_core::job::AttemptOutcome::Preempted),
+        "{job:?}"
+    );
+    assert!(
+        job.attempts[1].restored_checkpoint.is_some(),
+        "attempt 2 resumed from a checkpoint: {job:?}"
+    );
+    // The model in S3 is the uninterrupted run's, byte for byte.
+    let model = stack.aws.drive_python(&format!(
+        r#"
+import base64, boto3
+s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+print(base64.b64encode(s3.get_object(Bucket="{stack}-data", Key="jobs/{id}/outputs/model.txt")["Body"].read()).decode())
+"#,
+        stack = stack.name,
+        id = job.id
+    ));
+    use base64::Engine;
+    let model = base64::engine::general_purpose::STANDARD
+        .decode(model.trim())
+        .unwrap();
+    assert!(
+        model == expected,
+        "the model differs from an uninterrupted run's"
+    );
+    // Nothing runs for the finished job; the preempted instance is gone.
+    for _ in 0..20 {
+        vms.step(&stack.aws).await;
+        if stack.instances(&job.id.to_string(), None).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        stack.instances(&job.id.to_string(), None),
+        Vec::<String>::new()
+    );
+    assert!(!vms.running().contains(&first));
 }

@@ -353,3 +353,97 @@ pub fn env(endpoint: &str, stack: &str, config: &Path) -> Vec<(String, String)> 
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
+
+/// A function URL for the `api` function: each HTTP request becomes a payload 2.0
+/// event, the function's answer the HTTP response. Its address; the function may
+/// be set later (agents learn the address before the function starts).
+pub async fn function_url(api: Arc<tokio::sync::OnceCell<Function>>) -> String {
+    use axum::body::Bytes;
+    use axum::http::{Method, Uri};
+    let app = Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let api = api.clone();
+            async move {
+                let Some(f) = api.get() else {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        HeaderMap::new(),
+                        Vec::new(),
+                    );
+                };
+                let mut h = serde_json::Map::new();
+                for (k, v) in &headers {
+                    h.insert(k.as_str().to_owned(), json!(v.to_str().unwrap_or_default()));
+                }
+                let event = json!({
+                    "version": "2.0",
+                    "routeKey": "$default",
+                    "rawPath": uri.path(),
+                    "rawQueryString": uri.query().unwrap_or_default(),
+                    "headers": h,
+                    "requestContext": {
+                        "accountId": "123456789012",
+                        "apiId": "emulated",
+                        "domainName": "emulated.lambda-url.us-east-1.on.aws",
+                        "http": {
+                            "method": method.as_str(),
+                            "path": uri.path(),
+                            "protocol": "HTTP/1.1",
+                            "sourceIp": "127.0.0.1",
+                            "userAgent": "respawn-test"
+                        },
+                        "requestId": ulid_like(),
+                        "routeKey": "$default",
+                        "stage": "$default",
+                        "timeEpoch": 0
+                    },
+                    "body": base64_encode(&body),
+                    "isBase64Encoded": true,
+                });
+                let answer = f
+                    .invoke(event)
+                    .await
+                    .unwrap_or_else(|e| json!({"statusCode": 502, "body": e.to_string()}));
+                let status =
+                    StatusCode::from_u16(answer["statusCode"].as_u64().unwrap_or(502) as u16)
+                        .unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut out = HeaderMap::new();
+                if let Some(hs) = answer["headers"].as_object() {
+                    for (k, v) in hs {
+                        if let (Ok(name), Some(Ok(value))) = (
+                            axum::http::HeaderName::from_bytes(k.as_bytes()),
+                            v.as_str().map(axum::http::HeaderValue::from_str),
+                        ) {
+                            out.insert(name, value);
+                        }
+                    }
+                }
+                let text = answer["body"].as_str().unwrap_or_default();
+                let body = if answer["isBase64Encoded"] == true {
+                    base64_decode(text)
+                } else {
+                    text.as_bytes().to_vec()
+                };
+                (status, out, body)
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_default()
+}

@@ -5,6 +5,8 @@
 pub mod aws;
 #[cfg(feature = "aws")]
 pub mod lambda;
+#[cfg(feature = "aws")]
+pub mod vm;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

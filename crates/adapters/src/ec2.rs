@@ -503,9 +503,13 @@ pub fn client_token(stack: &str, key: &AllocationKey) -> String {
     hex::encode(digest)
 }
 
-/// The script EC2 runs at first boot: reads the instance id from IMDSv2, leaves the
+/// The script EC2 runs at first boot (as root): reads the instance id from IMDSv2,
+/// keeps the instance metadata from every user but root (the workload runs as
+/// another user, and the instance profile's credentials are there), leaves the
 /// attempt's credential where only root can read it, runs the agent, and shuts the
-/// instance down (so terminates it) when the agent is done.
+/// instance down (so terminates it) when the agent is done. The image may set
+/// `RESPAWN_AGENT_ARGS` (e.g. `--container-runtime docker`); the emulated VMs of
+/// the tests set it and the metadata address.
 pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
     let credentials = AgentCredentials {
         api: agent.api.clone(),
@@ -516,13 +520,16 @@ pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
         r#"#!/bin/bash
 # respawn: job {job}, attempt {attempt}
 set -euo pipefail
-imds=http://169.254.169.254
+imds=${{RESPAWN_IMDS:-http://169.254.169.254}}
+root=${{RESPAWN_VM_ROOT:-/var/lib/respawn}}
+iptables -I OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT
 token=$(curl -sf -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$imds/latest/api/token")
 id=$(curl -sf -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/instance-id")
-dir=/var/lib/respawn/"$id"
+dir="$root/$id"
 install -d -m 0700 "$dir"
 (umask 077; printf '%s' {credentials} > "$dir/credentials")
-respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$id" --job {job} --attempt {attempt} --imds "$imds" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap || true
+# shellcheck disable=SC2086
+respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$id" --job {job} --attempt {attempt} --imds "$imds" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap ${{RESPAWN_AGENT_ARGS:-}} || true
 shutdown -h now
 "#,
         job = key.job,

@@ -25,9 +25,9 @@ mod workload;
 #[derive(Debug, Parser)]
 #[command(name = "respawn-agent", version, about)]
 pub struct Args {
-    /// The bucket's root folder.
+    /// The bucket: its root folder, or `s3://name` (an agent built with feature `aws`).
     #[arg(long)]
-    pub bucket: PathBuf,
+    pub bucket: String,
     /// This VM's own folder: work space, credentials and the preemption notice file.
     #[arg(long)]
     pub vm_dir: PathBuf,

@@ -53,22 +53,48 @@ struct Ready {
     secrets: BTreeMap<String, String>,
 }
 
+/// The bucket: a folder (the local provider's), or `s3://name` on EC2 (feature
+/// `aws`; credentials from the instance profile, or the environment).
+fn open_bucket(bucket: &str) -> Result<Arc<dyn ObjectStore>, String> {
+    if let Some(_name) = bucket.strip_prefix("s3://") {
+        #[cfg(feature = "aws")]
+        {
+            let name = _name;
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(name.trim_end_matches('/'));
+            if let Ok(endpoint) =
+                std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+            {
+                b = b
+                    .with_allow_http(endpoint.starts_with("http://"))
+                    .with_endpoint(endpoint);
+            }
+            return Ok(Arc::new(b.build().map_err(|e| e.to_string())?));
+        }
+        #[cfg(not(feature = "aws"))]
+        return Err(format!(
+            "{bucket}: S3 is not supported in this build of the agent (feature aws)"
+        ));
+    }
+    // Checkpoints and logs are fsync'd like the broker's own writes: a checkpoint
+    // reported complete must survive a power loss.
+    Ok(Arc::new(
+        LocalFileSystem::new_with_prefix(bucket)
+            .map_err(|e| e.to_string())?
+            .with_fsync(true),
+    ))
+}
+
 pub async fn run(args: Args) -> Result<(), Error> {
     let creds = credentials(&args.vm_dir)?;
     let api = Api::new(&creds.api, creds.token).map_err(|e| Error::Open {
         what: "the broker's API",
         message: e.to_string(),
     })?;
-    // Checkpoints and logs are fsync'd like the broker's own writes: a checkpoint
-    // reported complete must survive a power loss.
-    let bucket: Arc<dyn ObjectStore> = Arc::new(
-        LocalFileSystem::new_with_prefix(&args.bucket)
-            .map_err(|e| Error::Open {
-                what: "the bucket",
-                message: e.to_string(),
-            })?
-            .with_fsync(true),
-    );
+    let bucket = open_bucket(&args.bucket).map_err(|message| Error::Open {
+        what: "the bucket",
+        message,
+    })?;
     let (job, attempt) = (args.job.clone(), args.attempt);
     let reporter = Reporter::spawn(api.clone(), job.clone(), attempt);
     info!(job_id = %job, attempt, vm = %args.vm, "agent starting");

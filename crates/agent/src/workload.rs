@@ -516,7 +516,7 @@ mod tests {
         )
         .unwrap();
         let args = Args {
-            bucket: dir.path().join("bucket"),
+            bucket: dir.path().join("bucket").display().to_string(),
             vm_dir: dir.path().to_owned(),
             vm: "vm-1".into(),
             job: respawn_core::JobId::generate(Timestamp(1)),
