@@ -232,6 +232,10 @@ pub struct JobRecord {
     /// spent) and is dispatched again after a backoff that grows with this.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub capacity_waits: u32,
+    /// Since when the current attempt has waited for capacity (its first miss):
+    /// after `placement.on_demand_after`, it asks for on-demand capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<Timestamp>,
     /// The newest complete checkpoint, which the next attempt restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
@@ -313,6 +317,7 @@ impl JobRecord {
             infra_losses: 0,
             lost: 0,
             capacity_waits: 0,
+            waiting_since: None,
             checkpoint: None,
             created_at: now,
             updated_at: now,

@@ -364,6 +364,7 @@ fn wait_for_capacity(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
         .saturating_mul(1 << shift)
         .min(t.capacity_backoff_max);
     r.capacity_waits = r.capacity_waits.saturating_add(1);
+    r.waiting_since.get_or_insert(at);
     r.dispatched_at = Some(at);
     r.redispatches = 0;
     enter(r, JobState::Pending, at);
@@ -492,6 +493,7 @@ fn end_attempt(
     r.dispatched_at = Some(at);
     r.redispatches = 0;
     r.capacity_waits = 0;
+    r.waiting_since = None;
     enter(r, JobState::Pending, at);
     cmds.push(Command::Dispatch {
         attempt: r.attempt,

@@ -271,6 +271,14 @@ fn is_user_failure(o: &AttemptOutcome) -> bool {
 
 /// What must hold of any record the lifecycle produces, whatever led to it.
 fn check_record(r: &JobRecord) -> Result<(), TestCaseError> {
+    // The wait for capacity has a start exactly while the attempt is waiting.
+    prop_assert_eq!(
+        r.waiting_since.is_some(),
+        r.capacity_waits > 0,
+        "waiting_since {:?}, capacity_waits {}",
+        r.waiting_since,
+        r.capacity_waits
+    );
     // Attempts are numbered 1, 2, 3 … with no gaps or repeats.
     for (i, a) in r.attempts.iter().enumerate() {
         prop_assert_eq!(
@@ -877,6 +885,7 @@ fn a_redelivered_tick_does_not_judge_a_later_state() {
 #[test]
 fn no_capacity_waits_without_a_new_attempt_or_spending() {
     let mut s = Script::new("retry:\n  max_failures: 0\n  max_preemptions: 0\n  max_lost: 0\n");
+    let mut first_miss = None;
     for wait in 0..8u32 {
         // A dispatch from before this wait changes nothing.
         if wait > 0 {
@@ -911,6 +920,12 @@ fn no_capacity_waits_without_a_new_attempt_or_spending() {
             }]
         );
         assert_eq!(s.r.state, JobState::Pending);
+        // The wait started at the first miss and is not moved by the later ones.
+        if wait == 0 {
+            first_miss = s.r.waiting_since;
+        }
+        assert!(first_miss.is_some());
+        assert_eq!(s.r.waiting_since, first_miss);
         assert!(s.r.attempts.is_empty(), "{:?}", s.r.attempts);
         assert_eq!((s.r.failures, s.r.infra_losses, s.r.lost), (0, 0, 0));
     }

@@ -1,5 +1,7 @@
 //! Applying events to the ledger and carrying out the outbox.
 
+use std::time::Duration;
+
 use tracing::{debug, info};
 
 use super::Error;
@@ -10,6 +12,7 @@ use crate::messages::{Message, Notification};
 use crate::ports::compute::{self, AllocateRequest, AllocationKey};
 use crate::ports::queue::Outgoing;
 use crate::ports::{Ports, ledger};
+use crate::spec::Placement;
 use crate::time::Timestamp;
 use object_store::ObjectStoreExt;
 
@@ -223,6 +226,23 @@ pub(crate) async fn send_dispatch(
     Ok(())
 }
 
+/// The job's placement, on demand once the attempt has waited for spot capacity
+/// for `placement.on_demand_after`.
+fn placement(rec: &JobRecord, now: Timestamp) -> Placement {
+    let mut p = rec.spec.placement.clone();
+    let waited = rec
+        .waiting_since
+        .map(|since| Duration::from_millis(now.0.saturating_sub(since.0)));
+    if p.spot
+        && let (Some(after), Some(waited)) = (&p.on_demand_after, waited)
+        && waited >= after.0
+    {
+        info!(job_id = %rec.id, attempt = rec.attempt, waited_secs = waited.as_secs(), "no spot capacity for on_demand_after: asking for on-demand");
+        p.spot = false;
+    }
+    p
+}
+
 async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option<Event>, Error> {
     publish_spec(ports, rec).await?;
     let req = AllocateRequest {
@@ -232,7 +252,7 @@ async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option
         },
         project: rec.project.clone(),
         resources: rec.spec.resources.clone(),
-        placement: rec.spec.placement.clone(),
+        placement: placement(rec, ports.clock.now()),
         image: rec.spec.image.clone(),
     };
     match ports.compute.allocate(&req).await {
@@ -250,5 +270,31 @@ async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option
             reason: format!("{what} is not supported in this build"),
         })),
         Err(e @ compute::Error::Unavailable(_)) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::spec::{self, Format};
+
+    fn record(yaml: &str, waiting_since: Option<u64>) -> JobRecord {
+        let spec = spec::parse(yaml, Format::Yaml).unwrap();
+        let mut r = JobRecord::new(JobId::generate(Timestamp(0)), "default", spec, Timestamp(0));
+        r.waiting_since = waiting_since.map(Timestamp);
+        r
+    }
+
+    #[test]
+    fn spot_until_the_attempt_has_waited_on_demand_after() {
+        let yaml = "name: j\ncommand: [x]\nplacement:\n  on_demand_after: 10m\n";
+        let min = 60_000;
+        assert!(placement(&record(yaml, None), Timestamp(60 * min)).spot);
+        assert!(placement(&record(yaml, Some(min)), Timestamp(10 * min)).spot);
+        assert!(!placement(&record(yaml, Some(min)), Timestamp(11 * min)).spot);
+        // Without the setting, spot it stays.
+        let plain = "name: j\ncommand: [x]\n";
+        assert!(placement(&record(plain, Some(0)), Timestamp(1_000 * min)).spot);
     }
 }
