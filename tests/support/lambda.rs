@@ -28,6 +28,8 @@ type Answer = Result<Value, Value>;
 
 #[derive(Clone)]
 struct Shared {
+    /// When the function first asked for an invocation: its init was done.
+    first_poll: Arc<Mutex<Option<std::time::Instant>>>,
     next: Arc<tokio::sync::Mutex<mpsc::Receiver<(String, Value)>>>,
     waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>,
     init_error: Arc<Mutex<Option<Value>>>,
@@ -41,6 +43,7 @@ pub struct Function {
     invoke: mpsc::Sender<(String, Value)>,
     shared_waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>,
     init_error: Arc<Mutex<Option<Value>>>,
+    first_poll: Arc<Mutex<Option<std::time::Instant>>>,
     started: std::time::Instant,
 }
 
@@ -51,6 +54,10 @@ impl std::fmt::Debug for Shared {
 }
 
 async fn next(State(s): State<Shared>) -> impl IntoResponse {
+    s.first_poll
+        .lock()
+        .unwrap()
+        .get_or_insert_with(std::time::Instant::now);
     let got = s.next.lock().await.recv().await;
     let Some((id, event)) = got else {
         return (StatusCode::GONE, HeaderMap::new(), String::new());
@@ -93,10 +100,17 @@ async fn answer(s: &Shared, id: &str, body: &[u8], ok: bool) -> StatusCode {
 }
 
 impl Function {
-    /// Starts `respawn-<name>` with `env` and a runtime API of its own.
+    /// Starts `respawn-<name>` (the workspace's build) with `env` and a runtime API
+    /// of its own.
     pub async fn start(name: &str, env: &[(String, String)]) -> Function {
+        Function::start_binary(&crate::binary(&format!("respawn-{name}")), name, env).await
+    }
+
+    /// Starts the function binary at `bin` (a package's `bootstrap`) as function `name`.
+    pub async fn start_binary(bin: &Path, name: &str, env: &[(String, String)]) -> Function {
         let (tx, rx) = mpsc::channel(1);
         let shared = Shared {
+            first_poll: Arc::default(),
             next: Arc::new(tokio::sync::Mutex::new(rx)),
             waiting: Arc::default(),
             init_error: Arc::default(),
@@ -139,9 +153,8 @@ impl Function {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        let bin = crate::binary(&format!("respawn-{name}"));
         let started = std::time::Instant::now();
-        let child = Command::new(&bin)
+        let child = Command::new(bin)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -163,8 +176,17 @@ impl Function {
             invoke: tx,
             shared_waiting: shared.waiting,
             init_error: shared.init_error,
+            first_poll: shared.first_poll,
             started,
         }
+    }
+
+    /// Process start → the first poll for an invocation (its init done).
+    pub fn init_time(&self) -> Option<std::time::Duration> {
+        self.first_poll
+            .lock()
+            .unwrap()
+            .map(|t| t.duration_since(self.started))
     }
 
     /// When the process was started.

@@ -440,6 +440,11 @@ impl Compute for Ec2Compute {
             }
             return first.to_vm();
         }
+        if self.cfg.agent.api.is_empty() {
+            return Err(Error::Unavailable(
+                "no API address for agents to report to (RESPAWN_API_URL)".into(),
+            ));
+        }
         let params = self.run_params(req)?;
         let xml = self
             .call("RunInstances", &params)

@@ -19,7 +19,7 @@
 //! | `RESPAWN_STATE_BUCKET` | job records, tokens, secrets (no agent can read it) |
 //! | `RESPAWN_BUCKET` | the job bucket: inputs, checkpoints, logs, outputs |
 //! | `RESPAWN_KEY` | the broker's secret, hex (≥ 32 bytes): agent credentials, queue seals, notification signatures |
-//! | `RESPAWN_API_URL` | where agents report |
+//! | `RESPAWN_API_URL` | where agents report (all but the `api` function) |
 //! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
 //! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
 //! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE` | where instances run, as whom |
@@ -156,7 +156,8 @@ impl Cloud {
                     .unwrap_or_default(),
                 instance_profile: var("RESPAWN_EC2_INSTANCE_PROFILE").ok(),
                 agent: AgentBoot {
-                    api: var("RESPAWN_API_URL")?,
+                    // The api function's own URL; it allocates no VM, so it has none.
+                    api: var("RESPAWN_API_URL").unwrap_or_default(),
                     bucket: format!("s3://{data_bucket}"),
                     attempt_key: attempt_key.clone(),
                     heartbeat_secs: 30,
