@@ -116,3 +116,25 @@ async fn rule_folders_exist_at_start_and_new_folders_are_watched_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Found by the API fuzzer: two numbers one ulp apart are two sweep values, as
+/// JSON Schema's uniqueItems says, in the binary as built for users (whose JSON
+/// parser must not round them together; the test builds' dev-dependencies would
+/// hide that, so this asks the real `respawn up`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_values_one_ulp_apart_are_two_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(&dir.path().join("data"), &["--slots", "0"]).await;
+    let body = r#"{"name": "s", "template": {"name": "j", "command": ["true"]}, "grid": {"v": [1.7976931348623155e308, 1.7976931348623157e308]}}"#;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/arrays", up.base))
+        .bearer_auth(up.token())
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {text}");
+}

@@ -22,37 +22,37 @@ impl Replies {
     /// Sends `body` to the submitter; a reply that cannot be delivered is logged,
     /// never an error for the job (the submitter may be gone).
     pub async fn send(&self, to: &ReplyTo, body: &Value) {
+        let text = body.to_string();
+        let correlation = to.correlation_id.as_deref();
         match self {
             Replies::None => {
-                let _ = body;
+                let _ = (text, correlation);
                 debug!(queue = %to.queue, "no queue server for replies")
             }
             #[cfg(feature = "amqp")]
-            Replies::Amqp(q) => match q
-                .reply(
-                    &to.queue,
-                    to.correlation_id.as_deref(),
-                    body.to_string().as_bytes(),
-                )
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => debug!(queue = %to.queue, "reply queue is gone"),
-                Err(e) => warn!(queue = %to.queue, error = %e, "cannot send a reply"),
-            },
+            Replies::Amqp(q) => told(
+                to,
+                q.reply(&to.queue, correlation, text.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
             #[cfg(feature = "aws")]
-            Replies::Sqs(q) => match q
-                .reply(
-                    &to.queue,
-                    to.correlation_id.as_deref(),
-                    body.to_string().as_bytes(),
-                )
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => debug!(queue = %to.queue, "reply queue is gone"),
-                Err(e) => warn!(queue = %to.queue, error = %e, "cannot send a reply"),
-            },
+            Replies::Sqs(q) => told(
+                to,
+                q.reply(&to.queue, correlation, text.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
         }
+    }
+}
+
+/// Logs what became of a reply: sent, its queue gone, or not sent.
+#[cfg(any(feature = "amqp", feature = "aws"))]
+fn told(to: &ReplyTo, sent: Result<bool, String>) {
+    match sent {
+        Ok(true) => {}
+        Ok(false) => debug!(queue = %to.queue, "reply queue is gone"),
+        Err(e) => warn!(queue = %to.queue, error = %e, "cannot send a reply"),
     }
 }
