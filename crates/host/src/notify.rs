@@ -183,8 +183,10 @@ async fn reply(
         .and_then(|r| r.reply_to.clone())
         .filter(|_| seen.first(n.id()))
     {
+        // The creation's own notification, told by its time: the record may have
+        // moved on by now (a fast job can have ended before its first reply).
         let kind = if n.state == respawn_core::JobState::Pending
-            && rec.as_ref().is_some_and(|r| r.attempts.is_empty())
+            && rec.as_ref().is_some_and(|r| r.created_at == n.at)
         {
             "accepted"
         } else {
