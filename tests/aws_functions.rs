@@ -422,9 +422,13 @@ fn request(method: &str, path: &str, token: Option<&str>, body: Option<&str>) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_answers_function_url_requests_and_reconcile_its_schedule() {
+async fn the_api_answers_function_url_requests_the_cli_works_against_it_and_reconcile_and_notify_run()
+ {
     let stack = Stack::new("fnapi");
-    let api = stack.function("api").await;
+    let cell = Arc::new(tokio::sync::OnceCell::new());
+    let url = lambda::function_url(cell.clone()).await;
+    cell.set(stack.function("api").await).unwrap();
+    let api = cell.get().unwrap();
     let ok = api
         .invoke(fixture("apigw-http-v2-request.json"))
         .await
@@ -475,6 +479,78 @@ print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode(
         .await
         .unwrap();
     assert_eq!(preempt["statusCode"], 501, "{preempt}");
+
+    // The same CLI as locally, against the function URL.
+    let out = tokio::process::Command::new(respawn_e2e::binary("respawn"))
+        .args([
+            "--endpoint",
+            &url,
+            "--token",
+            token,
+            "jobs",
+            "--output",
+            "json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        listed.to_string().contains(body["id"].as_str().unwrap()),
+        "{listed}"
+    );
+
+    // A job whose notify URL is private: cancelling it notifies, and the notify
+    // function refuses the URL (public addresses only), records why on the job
+    // and dead-letters the message.
+    let noted = api
+        .invoke(request(
+            "POST",
+            "/v1/jobs",
+            Some(token),
+            Some("name: noted\ncommand: [train]\nnotify: [\"http://127.0.0.1:9/hook\"]\n"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(noted["statusCode"], 201, "{noted}");
+    let noted: Value = serde_json::from_str(noted["body"].as_str().unwrap()).unwrap();
+    let id = noted["id"].as_str().unwrap().to_owned();
+    let cancelled = api
+        .invoke(request(
+            "POST",
+            &format!("/v1/jobs/{id}/cancel"),
+            Some(token),
+            Some("{}"),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        cancelled["statusCode"].as_u64().unwrap() < 300,
+        "{cancelled}"
+    );
+    let notify = stack.function("notify").await;
+    let (jobs, answers) = stack
+        .pump_until(
+            &notify,
+            &stack.bands("notify"),
+            "the refusal on the job",
+            |jobs| {
+                jobs.iter()
+                    .any(|j| j.id.to_string() == id && !j.notifications.is_empty())
+            },
+        )
+        .await;
+    let job = jobs.iter().find(|j| j.id.to_string() == id).unwrap();
+    let n = &job.notifications[0];
+    assert!(!n.delivered, "{n:?}");
+    assert!(
+        n.error.as_deref().unwrap_or_default().contains("private"),
+        "{n:?}"
+    );
+    for a in &answers {
+        assert_eq!(a["batchItemFailures"], json!([]), "{a}");
+    }
 
     let reconcile = stack.function("reconcile").await;
     reconcile

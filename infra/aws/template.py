@@ -181,6 +181,7 @@ RUN = [
             sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:subnet/*"),
             sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:network-interface/*"),
             sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:security-group/*"),
+            sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:launch-template/${AgentLaunchTemplate}"),
         ],
     ),
     statement(["iam:PassRole"], {"Fn::GetAtt": ["AgentRole", "Arn"]}),
@@ -420,6 +421,33 @@ def template():
         "Type": "AWS::IAM::InstanceProfile",
         "Properties": {"Roles": [ref("AgentRole")]},
     }
+    # What every agent VM shares; the dispatch function adds the image, instance
+    # type, spot options, tags and user data of each attempt.
+    resources["AgentLaunchTemplate"] = {
+        "Type": "AWS::EC2::LaunchTemplate",
+        "Properties": {
+            "LaunchTemplateData": {
+                "IamInstanceProfile": {"Arn": {"Fn::GetAtt": ["AgentInstanceProfile", "Arn"]}},
+                # IMDSv2 only, one hop: containers behind a bridge cannot reach it
+                # (the user data also keeps it from every user but root).
+                "MetadataOptions": {
+                    "HttpEndpoint": "enabled",
+                    "HttpTokens": "required",
+                    "HttpPutResponseHopLimit": 1,
+                },
+                "BlockDeviceMappings": [
+                    {
+                        "DeviceName": "/dev/xvda",
+                        "Ebs": {"Encrypted": True, "VolumeType": "gp3", "DeleteOnTermination": True},
+                    }
+                ],
+                "InstanceInitiatedShutdownBehavior": "terminate",
+                "SecurityGroupIds": {
+                    "Fn::If": ["HasSecurityGroups", ref("SecurityGroupIds"), {"Ref": "AWS::NoValue"}]
+                },
+            }
+        },
+    }
     for name, spec in FUNCTIONS.items():
         function(name, dict(spec), resources)
 
@@ -448,6 +476,9 @@ def template():
         },
         "Conditions": {
             "HasSubnet": {"Fn::Not": [{"Fn::Equals": [ref("SubnetId"), ""]}]},
+            "HasSecurityGroups": {
+                "Fn::Not": [{"Fn::Equals": [{"Fn::Join": [",", ref("SecurityGroupIds")]}, ""]}]
+            },
         },
         "Globals": {
             "Function": {
@@ -466,8 +497,7 @@ def template():
                         "RESPAWN_EC2_CPU_TYPE": ref("CpuInstanceType"),
                         "RESPAWN_EC2_INSTANCE_TYPES": ref("InstanceTypes"),
                         "RESPAWN_EC2_SUBNET": {"Fn::If": ["HasSubnet", ref("SubnetId"), {"Ref": "AWS::NoValue"}]},
-                        "RESPAWN_EC2_SECURITY_GROUPS": {"Fn::Join": [",", ref("SecurityGroupIds")]},
-                        "RESPAWN_EC2_INSTANCE_PROFILE": ref("AgentInstanceProfile"),
+                        "RESPAWN_EC2_LAUNCH_TEMPLATE": ref("AgentLaunchTemplate"),
                     }
                 },
             }

@@ -69,6 +69,8 @@ pub struct Ec2Config {
     pub security_group_ids: Vec<String>,
     /// The agent's instance profile (the bucket's job prefixes, nothing else).
     pub instance_profile: Option<String>,
+    /// A launch template (id) for what every agent shares.
+    pub launch_template: Option<String>,
     pub agent: AgentBoot,
 }
 
@@ -351,70 +353,72 @@ impl Ec2Compute {
             other => other.map(drop),
         }
     }
+}
 
-    fn run_params(&self, req: &AllocateRequest) -> Result<Vec<(String, String)>, Error> {
-        let instance_type = self
-            .cfg
-            .instance_types
-            .choose(&req.resources, &self.cfg.cpu_instance_type)?;
-        let mut p: Vec<(String, String)> = vec![
-            ("ImageId".into(), self.cfg.image_id.clone()),
-            ("InstanceType".into(), instance_type),
-            ("MinCount".into(), "1".into()),
-            ("MaxCount".into(), "1".into()),
-            (
-                "ClientToken".into(),
-                client_token(&self.cfg.stack, &req.key),
-            ),
-            (
-                "UserData".into(),
-                base64::engine::general_purpose::STANDARD
-                    .encode(user_data(&self.cfg.agent, &req.key)),
-            ),
-            ("MetadataOptions.HttpTokens".into(), "required".into()),
-            ("MetadataOptions.HttpPutResponseHopLimit".into(), "1".into()),
-            (
-                "InstanceInitiatedShutdownBehavior".into(),
-                "terminate".into(),
-            ),
-        ];
-        let tags = [
-            (TAG_STACK, self.cfg.stack.clone()),
-            (TAG_JOB, req.key.job.to_string()),
-            (TAG_ATTEMPT, req.key.attempt.to_string()),
-            (TAG_PROJECT, req.project.clone()),
-        ];
-        for (s, resource) in ["instance", "volume"].into_iter().enumerate() {
-            let spec = format!("TagSpecification.{}", s + 1);
-            p.push((format!("{spec}.ResourceType"), resource.into()));
-            for (t, (k, v)) in tags.iter().enumerate() {
-                p.push((format!("{spec}.Tag.{}.Key", t + 1), (*k).to_owned()));
-                p.push((format!("{spec}.Tag.{}.Value", t + 1), v.clone()));
-            }
+/// `RunInstances`'s parameters for an attempt.
+fn run_params(cfg: &Ec2Config, req: &AllocateRequest) -> Result<Vec<(String, String)>, Error> {
+    let instance_type = cfg
+        .instance_types
+        .choose(&req.resources, &cfg.cpu_instance_type)?;
+    let mut p: Vec<(String, String)> = vec![
+        ("ImageId".into(), cfg.image_id.clone()),
+        ("InstanceType".into(), instance_type),
+        ("MinCount".into(), "1".into()),
+        ("MaxCount".into(), "1".into()),
+        ("ClientToken".into(), client_token(&cfg.stack, &req.key)),
+        (
+            "UserData".into(),
+            base64::engine::general_purpose::STANDARD.encode(user_data(&cfg.agent, &req.key)),
+        ),
+        ("MetadataOptions.HttpTokens".into(), "required".into()),
+        ("MetadataOptions.HttpPutResponseHopLimit".into(), "1".into()),
+        (
+            "InstanceInitiatedShutdownBehavior".into(),
+            "terminate".into(),
+        ),
+    ];
+    let tags = [
+        (TAG_STACK, cfg.stack.clone()),
+        (TAG_JOB, req.key.job.to_string()),
+        (TAG_ATTEMPT, req.key.attempt.to_string()),
+        (TAG_PROJECT, req.project.clone()),
+    ];
+    for (s, resource) in ["instance", "volume"].into_iter().enumerate() {
+        let spec = format!("TagSpecification.{}", s + 1);
+        p.push((format!("{spec}.ResourceType"), resource.into()));
+        for (t, (k, v)) in tags.iter().enumerate() {
+            p.push((format!("{spec}.Tag.{}.Key", t + 1), (*k).to_owned()));
+            p.push((format!("{spec}.Tag.{}.Value", t + 1), v.clone()));
         }
-        if req.placement.spot {
-            let spot = "InstanceMarketOptions.SpotOptions";
-            p.push(("InstanceMarketOptions.MarketType".into(), "spot".into()));
-            p.push((format!("{spot}.SpotInstanceType"), "one-time".into()));
-            p.push((
-                format!("{spot}.InstanceInterruptionBehavior"),
-                "terminate".into(),
-            ));
-            if let Some(price) = req.placement.max_price {
-                p.push((format!("{spot}.MaxPrice"), format!("{price}")));
-            }
-        }
-        if let Some(subnet) = &self.cfg.subnet_id {
-            p.push(("SubnetId".into(), subnet.clone()));
-        }
-        for (i, sg) in self.cfg.security_group_ids.iter().enumerate() {
-            p.push((format!("SecurityGroupId.{}", i + 1), sg.clone()));
-        }
-        if let Some(profile) = &self.cfg.instance_profile {
-            p.push(("IamInstanceProfile.Name".into(), profile.clone()));
-        }
-        Ok(p)
     }
+    if req.placement.spot {
+        let spot = "InstanceMarketOptions.SpotOptions";
+        p.push(("InstanceMarketOptions.MarketType".into(), "spot".into()));
+        p.push((format!("{spot}.SpotInstanceType"), "one-time".into()));
+        p.push((
+            format!("{spot}.InstanceInterruptionBehavior"),
+            "terminate".into(),
+        ));
+        if let Some(price) = req.placement.max_price {
+            p.push((format!("{spot}.MaxPrice"), format!("{price}")));
+        }
+    }
+    if let Some(subnet) = &cfg.subnet_id {
+        p.push(("SubnetId".into(), subnet.clone()));
+    }
+    for (i, sg) in cfg.security_group_ids.iter().enumerate() {
+        p.push((format!("SecurityGroupId.{}", i + 1), sg.clone()));
+    }
+    if let Some(profile) = &cfg.instance_profile {
+        p.push(("IamInstanceProfile.Name".into(), profile.clone()));
+    }
+    if let Some(template) = &cfg.launch_template {
+        // What the stack fixed for every agent (instance profile, security
+        // groups, metadata options, disks); this call's parameters win.
+        p.push(("LaunchTemplate.LaunchTemplateId".into(), template.clone()));
+        p.push(("LaunchTemplate.Version".into(), "$Latest".into()));
+    }
+    Ok(p)
 }
 
 #[async_trait]
@@ -445,7 +449,7 @@ impl Compute for Ec2Compute {
                 "no API address for agents to report to (RESPAWN_API_URL)".into(),
             ));
         }
-        let params = self.run_params(req)?;
+        let params = run_params(&self.cfg, req)?;
         let xml = self
             .call("RunInstances", &params)
             .await

@@ -40,6 +40,7 @@ fn compute(aws: &Emulator, stack: &str) -> Ec2Compute {
             subnet_id: None,
             security_group_ids: Vec::new(),
             instance_profile: None,
+            launch_template: None,
             agent: AgentBoot {
                 api: "https://api.example".into(),
                 bucket: "s3://respawn-test".into(),

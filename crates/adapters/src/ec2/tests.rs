@@ -185,3 +185,69 @@ fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
     assert!(script.contains("--bucket 's3://bucket'"));
     assert!(script.trim_end().ends_with("shutdown -h now"));
 }
+
+fn config() -> Ec2Config {
+    Ec2Config {
+        stack: "prod".into(),
+        image_id: "ami-1".into(),
+        cpu_instance_type: "c6i.large".into(),
+        instance_types: InstanceTypes::default(),
+        subnet_id: Some("subnet-1".into()),
+        security_group_ids: vec!["sg-1".into(), "sg-2".into()],
+        instance_profile: Some("agents".into()),
+        launch_template: None,
+        agent: AgentBoot {
+            api: "https://api.example".into(),
+            bucket: "s3://b".into(),
+            attempt_key: AttemptKey::from_bytes(&[1; 32]).unwrap(),
+            heartbeat_secs: 30,
+            grace_secs: 100,
+        },
+    }
+}
+
+fn allocation(spot: bool, max_price: Option<f64>) -> AllocateRequest {
+    AllocateRequest {
+        key: AllocationKey {
+            job: "01jdz8q7r8v3k2m4n5p6q7r8s9".parse().unwrap(),
+            attempt: 1,
+        },
+        project: "vision".into(),
+        resources: Resources::default(),
+        placement: respawn_core::spec::Placement {
+            spot,
+            max_price,
+            ..Default::default()
+        },
+        image: None,
+    }
+}
+
+fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    p.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn run_parameters_carry_spot_tags_network_and_the_launch_template() {
+    let p = run_params(&config(), &allocation(true, Some(0.5))).unwrap();
+    assert_eq!(get(&p, "InstanceMarketOptions.MarketType"), Some("spot"));
+    assert_eq!(get(&p, "InstanceMarketOptions.SpotOptions.MaxPrice"), Some("0.5"));
+    assert_eq!(get(&p, "SubnetId"), Some("subnet-1"));
+    assert_eq!(get(&p, "SecurityGroupId.2"), Some("sg-2"));
+    assert_eq!(get(&p, "IamInstanceProfile.Name"), Some("agents"));
+    assert_eq!(get(&p, "TagSpecification.1.Tag.4.Key"), Some(TAG_PROJECT));
+    assert_eq!(get(&p, "TagSpecification.1.Tag.4.Value"), Some("vision"));
+    assert_eq!(get(&p, "TagSpecification.2.ResourceType"), Some("volume"));
+    assert_eq!(get(&p, "MetadataOptions.HttpTokens"), Some("required"));
+    assert_eq!(get(&p, "LaunchTemplate.LaunchTemplateId"), None);
+
+    // On demand (the placement fell back): no market options at all.
+    let p = run_params(&config(), &allocation(false, None)).unwrap();
+    assert!(p.iter().all(|(k, _)| !k.starts_with("InstanceMarketOptions")));
+
+    let mut cfg = config();
+    cfg.launch_template = Some("lt-0abc".into());
+    let p = run_params(&cfg, &allocation(true, None)).unwrap();
+    assert_eq!(get(&p, "LaunchTemplate.LaunchTemplateId"), Some("lt-0abc"));
+    assert_eq!(get(&p, "LaunchTemplate.Version"), Some("$Latest"));
+}

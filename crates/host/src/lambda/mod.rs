@@ -22,7 +22,7 @@
 //! | `RESPAWN_API_URL` | where agents report (all but the `api` function) |
 //! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
 //! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
-//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE` | where instances run, as whom |
+//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE` | where instances run, as whom |
 //! | `RESPAWN_CONFIG` | a folder with `triggers/`, `templates/` and `hooks.yaml` (default: `config/` beside the function) |
 //!
 //! and the AWS SDK's own (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL` for an
@@ -155,6 +155,7 @@ impl Cloud {
                     .map(|s| s.split(',').map(|g| g.trim().to_owned()).collect())
                     .unwrap_or_default(),
                 instance_profile: var("RESPAWN_EC2_INSTANCE_PROFILE").ok(),
+                launch_template: var("RESPAWN_EC2_LAUNCH_TEMPLATE").ok(),
                 agent: AgentBoot {
                     // The api function's own URL; it allocates no VM, so it has none.
                     api: var("RESPAWN_API_URL").unwrap_or_default(),
