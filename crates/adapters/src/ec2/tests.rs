@@ -224,14 +224,19 @@ fn allocation(spot: bool, max_price: Option<f64>) -> AllocateRequest {
 }
 
 fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    p.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str())
+    p.iter()
+        .find(|(name, _)| name == k)
+        .map(|(_, v)| v.as_str())
 }
 
 #[test]
 fn run_parameters_carry_spot_tags_network_and_the_launch_template() {
     let p = run_params(&config(), &allocation(true, Some(0.5))).unwrap();
     assert_eq!(get(&p, "InstanceMarketOptions.MarketType"), Some("spot"));
-    assert_eq!(get(&p, "InstanceMarketOptions.SpotOptions.MaxPrice"), Some("0.5"));
+    assert_eq!(
+        get(&p, "InstanceMarketOptions.SpotOptions.MaxPrice"),
+        Some("0.5")
+    );
     assert_eq!(get(&p, "SubnetId"), Some("subnet-1"));
     assert_eq!(get(&p, "SecurityGroupId.2"), Some("sg-2"));
     assert_eq!(get(&p, "IamInstanceProfile.Name"), Some("agents"));
@@ -243,7 +248,10 @@ fn run_parameters_carry_spot_tags_network_and_the_launch_template() {
 
     // On demand (the placement fell back): no market options at all.
     let p = run_params(&config(), &allocation(false, None)).unwrap();
-    assert!(p.iter().all(|(k, _)| !k.starts_with("InstanceMarketOptions")));
+    assert!(
+        p.iter()
+            .all(|(k, _)| !k.starts_with("InstanceMarketOptions"))
+    );
 
     let mut cfg = config();
     cfg.launch_template = Some("lt-0abc".into());
