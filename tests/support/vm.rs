@@ -135,7 +135,7 @@ impl Vms {
     pub async fn step(&mut self, aws: &Emulator) {
         let listed = aws.drive_python(&format!(
             r#"
-import base64, boto3
+import boto3
 ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
                    aws_access_key_id="test", aws_secret_access_key="test")
 found = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:stack", "Values": ["{stack}"]}},

@@ -271,12 +271,20 @@ impl Ec2Compute {
         })
     }
 
-    /// The stack's instances matching `filters` (tag name → value), every page.
-    async fn instances(&self, filters: &[(&str, String)]) -> Result<Vec<Instance>, Ec2Error> {
+    /// The stack's instances matching `filters` (tag name → value), or the one
+    /// instance `id`; every page.
+    async fn instances(
+        &self,
+        filters: &[(&str, String)],
+        id: Option<&str>,
+    ) -> Result<Vec<Instance>, Ec2Error> {
         let mut params = vec![
             ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
             ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
         ];
+        if let Some(id) = id {
+            params.push(("InstanceId.1".to_owned(), id.to_owned()));
+        }
         for (i, (tag, value)) in filters.iter().enumerate() {
             params.push((format!("Filter.{}.Name", i + 2), format!("tag:{tag}")));
             params.push((format!("Filter.{}.Value.1", i + 2), value.clone()));
@@ -304,23 +312,13 @@ impl Ec2Compute {
     /// The job and attempt an instance of this stack runs; `None` for an instance
     /// that is not the stack's (or no longer known).
     pub async fn key_of(&self, instance_id: &str) -> Result<Option<AllocationKey>, Error> {
-        let params = vec![
-            ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
-            ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
-            ("InstanceId.1".to_owned(), instance_id.to_owned()),
-        ];
-        let xml = match self.call("DescribeInstances", &params).await {
-            Ok(xml) => xml,
+        let found = match self.instances(&[], Some(instance_id)).await {
+            Ok(found) => found,
             Err(e) if e.code.starts_with("InvalidInstanceID") => return Ok(None),
             Err(e) => return Err(e.into_compute()),
         };
-        let parsed: Describe = quick_xml::de::from_str(&xml)
-            .map_err(|e| Error::Unavailable(format!("DescribeInstances: {e}").into()))?;
-        Ok(parsed
-            .reservations
-            .item
+        Ok(found
             .iter()
-            .flat_map(|r| &r.instances.item)
             .find(|i| i.id == instance_id)
             .and_then(|i| i.to_vm().ok())
             .map(|vm| vm.key))
@@ -329,10 +327,13 @@ impl Ec2Compute {
     /// The attempt's instances, oldest first.
     async fn of_attempt(&self, key: &AllocationKey) -> Result<Vec<Instance>, Error> {
         let mut found = self
-            .instances(&[
-                (TAG_JOB, key.job.to_string()),
-                (TAG_ATTEMPT, key.attempt.to_string()),
-            ])
+            .instances(
+                &[
+                    (TAG_JOB, key.job.to_string()),
+                    (TAG_ATTEMPT, key.attempt.to_string()),
+                ],
+                None,
+            )
             .await
             .map_err(Ec2Error::into_compute)?;
         found.sort_by(|a, b| (&a.launch_time, &a.id).cmp(&(&b.launch_time, &b.id)));
@@ -494,7 +495,7 @@ impl Compute for Ec2Compute {
     }
 
     async fn list(&self) -> Result<Vec<Vm>, Error> {
-        self.instances(&[])
+        self.instances(&[], None)
             .await
             .map_err(Ec2Error::into_compute)?
             .iter()
