@@ -58,6 +58,7 @@ fn config(dir: &Path, slots: usize) -> LocalComputeConfig {
         heartbeat_secs: 1,
         notice: Duration::from_millis(300),
         sandbox: Sandbox::None,
+        pools: Vec::new(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `respawn-agent`: runs one attempt of a job on one VM.
+//! `respawn-agent`: runs one attempt of a job on one VM, or (`--pool`) attempt after
+//! attempt on a pool VM.
 //!
 //! It restores the newest complete checkpoint, stages inputs, runs the workload,
 //! ships its logs to the bucket, uploads each checkpoint the workload completes,
@@ -14,6 +15,7 @@ use clap::Parser;
 use respawn_core::JobId;
 
 mod notice;
+mod pool;
 mod report;
 mod run;
 mod ship;
@@ -33,10 +35,16 @@ pub struct Args {
     pub vm_dir: PathBuf,
     #[arg(long)]
     pub vm: String,
-    #[arg(long)]
-    pub job: JobId,
-    #[arg(long)]
-    pub attempt: u32,
+    /// The job of the one attempt this VM runs (a single-use VM).
+    #[arg(long, required_unless_present = "pool", requires = "attempt")]
+    pub job: Option<JobId>,
+    #[arg(long, requires = "job")]
+    pub attempt: Option<u32>,
+    /// A pool VM: runs attempt after attempt, each assigned by the provider as one
+    /// JSON line on stdin (job, attempt, and that attempt's credentials), and
+    /// answers each with a line on stdout once its work folder is clean.
+    #[arg(long, conflicts_with_all = ["job", "attempt"])]
+    pub pool: bool,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 2)]
     pub heartbeat_secs: u64,
@@ -100,7 +108,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run::run(args)) {
+    let outcome = match (&args.job, args.attempt) {
+        (Some(job), Some(attempt)) => {
+            let task = run::Task {
+                job: job.clone(),
+                attempt,
+            };
+            rt.block_on(run::run(&args, &task))
+        }
+        _ => rt.block_on(pool::serve(&args)),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "agent failed");

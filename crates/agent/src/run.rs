@@ -55,7 +55,7 @@ struct Ready {
 
 /// The bucket: a folder (the local provider's), or `s3://name` on EC2 (feature
 /// `aws`; credentials from the instance profile, or the environment).
-fn open_bucket(bucket: &str) -> Result<Arc<dyn ObjectStore>, String> {
+pub fn open_bucket(bucket: &str) -> Result<Arc<dyn ObjectStore>, String> {
     if let Some(_name) = bucket.strip_prefix("s3://") {
         #[cfg(feature = "aws")]
         {
@@ -85,23 +85,43 @@ fn open_bucket(bucket: &str) -> Result<Arc<dyn ObjectStore>, String> {
     ))
 }
 
-pub async fn run(args: Args) -> Result<(), Error> {
+/// The attempt an agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub job: respawn_core::JobId,
+    pub attempt: u32,
+}
+
+/// Runs the single attempt of a single-use VM, with the credentials the provider
+/// left in the VM folder.
+pub async fn run(args: &Args, task: &Task) -> Result<(), Error> {
     let creds = credentials(&args.vm_dir)?;
-    let api = Api::new(&creds.api, creds.token).map_err(|e| Error::Open {
-        what: "the broker's API",
-        message: e.to_string(),
-    })?;
     let bucket = open_bucket(&args.bucket).map_err(|message| Error::Open {
         what: "the bucket",
         message,
     })?;
-    let (job, attempt) = (args.job.clone(), args.attempt);
+    attempt(args, task, creds, bucket).await
+}
+
+/// Runs one attempt: restore, stage, run, checkpoint, outputs, reports. The work
+/// folder is gone when it returns.
+pub async fn attempt(
+    args: &Args,
+    task: &Task,
+    creds: AgentCredentials,
+    bucket: Arc<dyn ObjectStore>,
+) -> Result<(), Error> {
+    let api = Api::new(&creds.api, creds.token).map_err(|e| Error::Open {
+        what: "the broker's API",
+        message: e.to_string(),
+    })?;
+    let (job, attempt) = (task.job.clone(), task.attempt);
     let reporter = Reporter::spawn(api.clone(), job.clone(), attempt);
     info!(job_id = %job, attempt, vm = %args.vm, "agent starting");
 
     let stdout = LogShipper::new(bucket.clone(), &job, attempt, layout::Stream::Stdout);
     let stderr = LogShipper::new(bucket.clone(), &job, attempt, layout::Stream::Stderr);
-    let ready = match prepare(&args, bucket.as_ref(), &api).await {
+    let ready = match prepare(args, task, bucket.as_ref(), &api).await {
         Ok(r) => r,
         Err(why) => {
             // Not the workload's doing: the attempt is lost, with the reason, and
@@ -132,7 +152,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         let why = format!("cannot stage inputs: {e}");
         return fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
     }
-    let mut workload = match Workload::spawn(&spec, &secrets, &args, &dirs) {
+    let mut workload = match Workload::spawn(&spec, &secrets, args, task, &dirs) {
         Ok(w) => w,
         Err(e) => {
             let why = format!("cannot start the workload: {e}");
@@ -157,7 +177,11 @@ pub async fn run(args: Args) -> Result<(), Error> {
         restored,
         keep,
     );
-    let code = supervise(&args, &reporter, &mut workload, &mut ckpts).await;
+    let code = supervise(args, &reporter, &mut workload, &mut ckpts).await;
+    // Nothing the workload started outlives it: on a pool VM the next job's
+    // workload comes next.
+    workload.kill_group();
+    let _ = std::fs::remove_file(args.vm_dir.join("workload.pgid"));
 
     // The last checkpoint (the one written on SIGTERM) must be in the bucket before
     // the exit is reported: the next attempt is dispatched on that report.
@@ -181,13 +205,18 @@ pub async fn run(args: Args) -> Result<(), Error> {
 
 /// Reads the spec, makes the work folder, restores the newest checkpoint and
 /// fetches the secrets; the reason when one of them fails.
-async fn prepare(args: &Args, bucket: &dyn ObjectStore, api: &Api) -> Result<Ready, String> {
-    let spec = read_spec(bucket, &args.job)
+async fn prepare(
+    args: &Args,
+    task: &Task,
+    bucket: &dyn ObjectStore,
+    api: &Api,
+) -> Result<Ready, String> {
+    let spec = read_spec(bucket, &task.job)
         .await
         .map_err(|e| format!("cannot read the job spec: {e}"))?;
     let dirs = WorkloadDirs::create(&args.vm_dir)
         .map_err(|e| format!("cannot create the work folder: {e}"))?;
-    let restored = checkpoint::restore_newest(bucket, &args.job, &dirs.checkpoints)
+    let restored = checkpoint::restore_newest(bucket, &task.job, &dirs.checkpoints)
         .await
         .map_err(|e| format!("cannot restore the newest checkpoint: {e}"))?
         .map(|m| m.seq);
@@ -299,7 +328,7 @@ async fn supervise(
                 if !noticed
                     && let Some(notice) = notices.poll().await {
                         noticed = true;
-                        on_notice(args, reporter, workload, notice).await;
+                        on_notice(reporter, workload, notice).await;
                     }
                 ship_checkpoints(reporter, ckpts).await;
             }
@@ -307,18 +336,13 @@ async fn supervise(
     }
 }
 
-async fn on_notice(
-    args: &Args,
-    reporter: &Reporter,
-    workload: &mut Workload,
-    notice: crate::notice::Notice,
-) {
+async fn on_notice(reporter: &Reporter, workload: &mut Workload, notice: crate::notice::Notice) {
     let deadline = notice.deadline;
     let left = deadline.since(SystemClock.now());
-    info!(job_id = %args.job, attempt = args.attempt, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
+    info!(job_id = %reporter.job, attempt = reporter.attempt, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
     workload.terminate();
     reporter.send(Event::PreemptionNotice {
-        attempt: args.attempt,
+        attempt: reporter.attempt,
         deadline,
     });
 }

@@ -18,6 +18,7 @@ use respawn_core::spec::JobSpec;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::Args;
+use crate::run::Task;
 
 /// The agent's first argument when it runs as the launcher of an unsandboxed workload.
 pub const LAUNCH: &str = "__launch";
@@ -99,6 +100,7 @@ pub enum Error {
 fn contract_env(
     spec: &JobSpec,
     args: &Args,
+    task: &Task,
     dirs: &WorkloadDirs,
     inside: Option<&Path>,
 ) -> Vec<(String, String)> {
@@ -115,8 +117,8 @@ fn contract_env(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     env.extend([
-        ("RESPAWN_JOB_ID".into(), args.job.to_string()),
-        ("RESPAWN_ATTEMPT".into(), args.attempt.to_string()),
+        ("RESPAWN_JOB_ID".into(), task.job.to_string()),
+        ("RESPAWN_ATTEMPT".into(), task.attempt.to_string()),
         ("RESPAWN_VM".into(), args.vm.clone()),
         (
             "RESPAWN_CHECKPOINT_DIR".into(),
@@ -148,6 +150,7 @@ fn process_env(
     spec: &JobSpec,
     secrets: &BTreeMap<String, String>,
     args: &Args,
+    task: &Task,
     dirs: &WorkloadDirs,
 ) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = PASS_ENV
@@ -157,7 +160,7 @@ fn process_env(
     env.push(("HOME".into(), dirs.root.clone().into()));
     env.extend(secrets.iter().map(|(k, v)| (k.into(), v.into())));
     env.extend(
-        contract_env(spec, args, dirs, None)
+        contract_env(spec, args, task, dirs, None)
             .into_iter()
             .map(|(k, v)| (k.into(), v.into())),
     );
@@ -169,6 +172,7 @@ impl Workload {
         spec: &JobSpec,
         secrets: &BTreeMap<String, String>,
         args: &Args,
+        task: &Task,
         dirs: &WorkloadDirs,
     ) -> Result<Self, Error> {
         let sandbox = Sandbox::from_arg(&args.sandbox);
@@ -182,7 +186,7 @@ impl Workload {
                     })?;
                 let name = format!("respawn-{}", args.vm);
                 (
-                    container_command(&rt, &name, image, spec, secrets, args, dirs),
+                    container_command((&rt, &name), image, spec, secrets, args, task, dirs),
                     Some((rt, name)),
                 )
             }
@@ -217,7 +221,7 @@ impl Workload {
                 cmd.arg(program)
                     .args(rest)
                     .env_clear()
-                    .envs(process_env(spec, secrets, args, dirs));
+                    .envs(process_env(spec, secrets, args, task, dirs));
                 (cmd, None)
             }
         };
@@ -283,6 +287,13 @@ impl Workload {
         }
     }
 
+    /// Kills what is left of the workload's process group (children it left behind).
+    pub fn kill_group(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+
     /// Waits for exit; 128 + signal number when killed by a signal.
     pub async fn wait(&mut self) -> i32 {
         use std::os::unix::process::ExitStatusExt;
@@ -301,12 +312,12 @@ impl Workload {
 /// Every option is `--name=value` and `--` ends them, so that no value from the spec
 /// can become an option of its own.
 fn container_command(
-    rt: &str,
-    name: &str,
+    (rt, name): (&str, &str),
     image: &str,
     spec: &JobSpec,
     secrets: &BTreeMap<String, String>,
     args: &Args,
+    task: &Task,
     dirs: &WorkloadDirs,
 ) -> Command {
     let inside = Path::new("/respawn");
@@ -329,7 +340,7 @@ fn container_command(
     volume(&dirs.inputs, "input");
     volume(&dirs.outputs, "output");
     volume(&dirs.root.join("hostfile"), "hostfile");
-    for (k, v) in contract_env(spec, args, dirs, Some(inside)) {
+    for (k, v) in contract_env(spec, args, task, dirs, Some(inside)) {
         cmd.arg(format!("--env={k}={v}"));
     }
     if let Ok(gpus) = std::env::var("CUDA_VISIBLE_DEVICES")
@@ -410,6 +421,8 @@ mod orphanage {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))?;
         let main = Pid::from_raw(child.id() as i32);
+        // Short jobs end within milliseconds: look soon, then less often.
+        let mut nap = Duration::from_micros(200);
         loop {
             if agent_gone.load(Ordering::SeqCst) {
                 kill_descendants();
@@ -426,7 +439,8 @@ mod orphanage {
                     return Ok(128u8.saturating_add(sig as u8));
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => {
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(50));
                 }
                 Ok(_) => {}
             }
@@ -519,8 +533,9 @@ mod tests {
             bucket: dir.path().join("bucket").display().to_string(),
             vm_dir: dir.path().to_owned(),
             vm: "vm-1".into(),
-            job: respawn_core::JobId::generate(Timestamp(1)),
-            attempt: 1,
+            job: None,
+            attempt: None,
+            pool: true,
             heartbeat_secs: 1,
             container_runtime: Some("docker".into()),
             grace_secs: 5,
@@ -530,12 +545,15 @@ mod tests {
         };
         let secrets = BTreeMap::from([("TOKEN".to_owned(), "s3cret".to_owned())]);
         let cmd = container_command(
-            "docker",
-            "respawn-vm-1",
+            ("docker", "respawn-vm-1"),
             "ubuntu:24.04",
             &spec,
             &secrets,
             &args,
+            &Task {
+                job: respawn_core::JobId::generate(Timestamp(1)),
+                attempt: 1,
+            },
             &dirs,
         );
         let argv: Vec<String> = cmd

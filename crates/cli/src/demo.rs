@@ -112,6 +112,7 @@ pub async fn run(data: PathBuf, listen: SocketAddr) -> Result<ExitCode, String> 
         heartbeat_secs: 1,
         isolation: up::Isolation::Auto,
         allow_private_notify: false,
+        pools: Vec::new(),
     };
     let stack = up::open(config).await.map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);

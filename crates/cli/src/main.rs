@@ -85,6 +85,11 @@ struct UpArgs {
     /// development; refused otherwise).
     #[arg(long)]
     allow_private_notify: bool,
+    /// A pool of VMs that run job after job instead of one VM per attempt
+    /// (repeatable): NAME[:max=N,min=N,idle=60s,gpus=N,on-demand,single-use]. Jobs
+    /// name one in `placement.pool` or run in the first whose VMs fit them.
+    #[arg(long = "pool", value_name = "POOL")]
+    pools: Vec<respawn_core::pool::PoolSpec>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,6 +280,10 @@ async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
         .hooks
         .or_else(|| Some(data.join("hooks.yaml")).filter(|p| p.is_file()));
     let data_templates = data.join("templates");
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(p) = a.pools.iter().find(|p| !names.insert(p.name.clone())) {
+        return Err(format!("--pool {}: two pools of that name", p.name));
+    }
     let config = up::UpConfig {
         data,
         triggers,
@@ -291,6 +300,7 @@ async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {
             .or_else(|| Some(data_templates).filter(|p| p.is_dir())),
         isolation: a.isolation,
         allow_private_notify: a.allow_private_notify,
+        pools: a.pools,
     };
     let stack = up::open(config).await.map_err(|e| e.to_string())?;
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -16,6 +16,7 @@ pub mod job;
 pub mod layout;
 pub mod lifecycle;
 pub mod messages;
+pub mod pool;
 pub mod ports;
 pub mod project;
 pub mod schema;

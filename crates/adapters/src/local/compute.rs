@@ -34,6 +34,9 @@ use tracing::{info, warn};
 
 use super::durable;
 use super::sandbox::Sandbox;
+use respawn_core::pool::PoolSpec;
+
+mod pool;
 
 use respawn_core::time::{Clock, SystemClock};
 
@@ -63,6 +66,8 @@ pub struct LocalComputeConfig {
     pub notice: Duration,
     /// How workloads are isolated.
     pub sandbox: Sandbox,
+    /// Pools of reusable VMs; a job that fits none gets a single-use VM.
+    pub pools: Vec<PoolSpec>,
 }
 
 /// Variables of the broker's environment an agent gets; nothing else (tokens, queue
@@ -136,6 +141,9 @@ struct VmRecord {
     notice_deadline: Option<Timestamp>,
     #[serde(default)]
     released: bool,
+    /// The attempt runs on pool VM `id`, which outlives it.
+    #[serde(default)]
+    pooled: bool,
 }
 
 impl VmRecord {
@@ -165,6 +173,10 @@ pub struct LocalCompute {
     writes: Mutex<()>,
     /// Woken whenever a slot frees.
     freed: Notify,
+    /// Pool VMs, by id. Locked after `vms` when both are held.
+    pool: Mutex<BTreeMap<String, pool::PoolVm>>,
+    /// Held while an allocation picks its VM, so two never pick the same.
+    picking: Mutex<()>,
     this: Weak<LocalCompute>,
 }
 
@@ -198,9 +210,12 @@ impl LocalCompute {
             children: Mutex::new(BTreeMap::new()),
             writes: Mutex::new(()),
             freed: Notify::new(),
+            pool: Mutex::new(BTreeMap::new()),
+            picking: Mutex::new(()),
             this: this.clone(),
         });
         compute.adopt().await;
+        compute.tend_pools();
         Ok(compute)
     }
 
@@ -257,22 +272,34 @@ impl LocalCompute {
         }
     }
 
-    /// Free CPU slots and GPUs.
+    /// Free CPU slots and GPUs: unused ones, and those of idle pool VMs.
     pub fn free(&self) -> (usize, usize) {
-        let vms = self.lock();
-        let live = vms.values().filter(|r| r.state != VmState::Terminated);
-        let (mut cpu, mut gpu) = (0, 0);
-        for r in live {
-            if r.gpus.is_empty() {
-                cpu += 1;
-            } else {
-                gpu += r.gpus.len();
+        let (cpu, gpus) = self.used();
+        let (idle_cpu, idle_gpu) = self.idle_pool_capacity();
+        (
+            self.cfg.cpu_slots.saturating_sub(cpu) + idle_cpu,
+            self.cfg.gpus.len().saturating_sub(gpus.len()) + idle_gpu,
+        )
+    }
+
+    /// CPU slots and GPUs held by live VMs: single-use ones and every pool VM.
+    fn used(&self) -> (usize, Vec<u32>) {
+        let mut cpu = 0;
+        let mut gpus = Vec::new();
+        {
+            let vms = self.lock();
+            for r in vms
+                .values()
+                .filter(|r| r.state != VmState::Terminated && !r.pooled)
+            {
+                if r.gpus.is_empty() {
+                    cpu += 1;
+                }
+                gpus.extend(&r.gpus);
             }
         }
-        (
-            self.cfg.cpu_slots.saturating_sub(cpu),
-            self.cfg.gpus.len().saturating_sub(gpu),
-        )
+        let (pool_cpu, pool_gpus) = self.pool_used();
+        (cpu + pool_cpu, [gpus, pool_gpus].concat())
     }
 
     /// Preempts the VM of `target` (a VM id, or a job id for its live VM) with the
@@ -289,6 +316,9 @@ impl LocalCompute {
             r.notice_deadline = Some(deadline);
             r.clone()
         };
+        if rec.pooled {
+            self.pool_noticed(&rec.id);
+        }
         self.persist(&rec.key);
         let notice_file = self.vm_dir(&rec.id).join("notice.json");
         let body = serde_json::json!({ "deadline_ms": deadline.0, "action": "terminate" });
@@ -431,7 +461,8 @@ impl LocalCompute {
         }
     }
 
-    fn pick(&self, req: &AllocateRequest) -> Result<Vec<u32>, Error> {
+    /// Refuses what this machine can never run.
+    fn check(&self, req: &AllocateRequest) -> Result<(), Error> {
         let r = &req.resources;
         if let (Some(image), None) = (&req.image, &self.cfg.container_runtime) {
             return Err(Error::Invalid(format!(
@@ -452,19 +483,18 @@ impl LocalCompute {
                 self.cfg.gpus.len()
             )));
         }
-        let vms = self.lock();
-        let live = || vms.values().filter(|v| v.state != VmState::Terminated);
-        if r.gpus == 0 {
-            let used = live().filter(|v| v.gpus.is_empty()).count();
-            if used >= self.cfg.cpu_slots {
-                return Err(Error::Capacity(format!(
-                    "all {} CPU slots busy",
-                    self.cfg.cpu_slots
-                )));
+        Ok(())
+    }
+
+    /// Slots (GPU indices, none for a CPU slot) for a new VM with `gpus` GPUs.
+    fn pick(&self, gpus: u32) -> Result<Vec<u32>, Error> {
+        let (cpu, used) = self.used();
+        if gpus == 0 {
+            if cpu >= self.cfg.cpu_slots {
+                return Err(self.no_room(format!("all {} CPU slots busy", self.cfg.cpu_slots)));
             }
             return Ok(Vec::new());
         }
-        let used: Vec<u32> = live().flat_map(|v| v.gpus.clone()).collect();
         let free: Vec<u32> = self
             .cfg
             .gpus
@@ -472,14 +502,14 @@ impl LocalCompute {
             .copied()
             .filter(|g| !used.contains(g))
             .collect();
-        if free.len() < r.gpus as usize {
-            return Err(Error::Capacity(format!(
+        if free.len() < gpus as usize {
+            return Err(self.no_room(format!(
                 "{} of {} GPUs free",
                 free.len(),
                 self.cfg.gpus.len()
             )));
         }
-        Ok(free[..r.gpus as usize].to_vec())
+        Ok(free[..gpus as usize].to_vec())
     }
 
     fn spawn_agent(&self, r: &VmRecord) -> std::io::Result<tokio::process::Child> {
@@ -492,13 +522,26 @@ impl LocalCompute {
         let body = serde_json::to_vec(&credentials).map_err(std::io::Error::other)?;
         durable::write(&credentials_path(&dir), &body, 0o600)?;
         let log = std::fs::File::create(dir.join("agent.log"))?;
+        let mut cmd = self.agent_command(&r.id, &r.gpus);
+        cmd.args(["--job", r.key.job.as_str()])
+            .args(["--attempt", &r.key.attempt.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        cmd.spawn()
+    }
+
+    /// The agent of VM `id` on `gpus`, with the provider's settings, none of the
+    /// broker's environment, and its own process group (the VM's processes are
+    /// killed together).
+    fn agent_command(&self, id: &str, gpus: &[u32]) -> tokio::process::Command {
+        let dir = self.vm_dir(id);
         let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
         cmd.arg("--bucket")
             .arg(&self.cfg.bucket_dir)
             .arg("--vm-dir")
             .arg(&dir)
-            .args(["--vm", &r.id, "--job", r.key.job.as_str()])
-            .args(["--attempt", &r.key.attempt.to_string()])
+            .args(["--vm", id])
             .args(["--heartbeat-secs", &self.cfg.heartbeat_secs.to_string()])
             .args(["--grace-secs", &self.cfg.notice.as_secs().to_string()])
             .arg("--sandbox")
@@ -509,10 +552,6 @@ impl LocalCompute {
                     .iter()
                     .flat_map(|rt| ["--container-runtime", rt.as_str()]),
             )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own group: the VM's processes are killed together.
             .process_group(0)
             .env_clear();
         if let Some(extra) = &self.cfg.extra_path {
@@ -523,8 +562,8 @@ impl LocalCompute {
                 cmd.env(name, v);
             }
         }
-        if !r.gpus.is_empty() {
-            let list: Vec<String> = r.gpus.iter().map(u32::to_string).collect();
+        if !gpus.is_empty() {
+            let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
             cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
         } else if !self.cfg.gpus.is_empty() {
             // A CPU job on a GPU machine must not grab a GPU another VM owns.
@@ -538,7 +577,7 @@ impl LocalCompute {
                 cmd.env("PATH", joined);
             }
         }
-        cmd.spawn()
+        cmd
     }
 }
 
@@ -561,7 +600,11 @@ impl Compute for LocalCompute {
         if let Some(r) = self.lock().get(&req.key) {
             return Ok(r.vm());
         }
-        let gpus = self.pick(req)?;
+        self.check(req)?;
+        if let Some(pool) = self.pool_for(req)?.filter(|p| p.reuse) {
+            return self.allocate_pooled(req, &pool);
+        }
+        let gpus = self.pick(req.resources.gpus)?;
         let rec = VmRecord {
             id: format!("local-{}-{}", req.key.job, req.key.attempt),
             key: req.key.clone(),
@@ -572,6 +615,7 @@ impl Compute for LocalCompute {
             pid: None,
             notice_deadline: None,
             released: false,
+            pooled: false,
         };
         {
             let mut vms = self.lock();
@@ -621,6 +665,10 @@ impl Compute for LocalCompute {
             r.released = true;
             r.clone()
         });
+        if let Some(r) = rec.as_ref().filter(|r| r.pooled) {
+            self.release_pooled(r);
+            return Ok(());
+        }
         if let Some(r) = rec.filter(|r| r.state != VmState::Terminated) {
             self.kill_vm(&r);
             // SIGKILL is final: the VM is gone now, whenever its watcher notices.

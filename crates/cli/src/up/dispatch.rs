@@ -79,6 +79,7 @@ mod tests {
                 heartbeat_secs: 1,
                 notice: Duration::from_secs(1),
                 sandbox: Sandbox::None,
+                pools: Vec::new(),
             },
             queue.clone(),
         )

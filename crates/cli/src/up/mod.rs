@@ -53,6 +53,8 @@ pub struct UpConfig {
     /// Lets notify URLs reach loopback, link-local and private addresses (local
     /// development); off, such URLs are refused.
     pub allow_private_notify: bool,
+    /// Pools of reusable VMs.
+    pub pools: Vec<respawn_core::pool::PoolSpec>,
 }
 
 /// `respawn up --isolation`.
@@ -190,12 +192,13 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
             heartbeat_secs: config.heartbeat_secs,
             notice: config.notice,
             sandbox: sandbox.clone(),
+            pools: config.pools.clone(),
         },
         queue.clone(),
     )
     .await
     .map_err(|e| setup("cannot open the local compute provider", &e))?;
-    info!(gpus = ?gpus, cpu_slots = config.cpu_slots, "local compute ready");
+    info!(gpus = ?gpus, cpu_slots = config.cpu_slots, pools = ?config.pools.iter().map(ToString::to_string).collect::<Vec<_>>(), "local compute ready");
     let ports = Ports {
         ledger: Arc::new(store.ledger()),
         queue,

@@ -161,6 +161,10 @@ pub struct Placement {
     /// Provider region or zone, when it matters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// The broker's pool to run on (a warm pool reuses VMs between jobs); without
+    /// it, the first pool whose VMs fit the job's resources, else a single-use VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 impl Default for Placement {
@@ -170,6 +174,7 @@ impl Default for Placement {
             on_demand_after: None,
             max_price: None,
             region: None,
+            pool: None,
         }
     }
 }

@@ -249,6 +249,9 @@ fn check_resources(errs: &mut Errors, spec: &JobSpec) {
 
 fn check_placement(errs: &mut Errors, spec: &JobSpec) {
     let p = &spec.placement;
+    if let Some(problem) = p.pool.as_deref().and_then(crate::pool::name_problem) {
+        errs.push("placement.pool", problem);
+    }
     if p.on_demand_after.is_some() && !p.spot {
         errs.push(
             "placement.on_demand_after",

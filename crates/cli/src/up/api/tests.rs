@@ -46,6 +46,7 @@ pub(super) async fn fixture() -> Fixture {
             heartbeat_secs: 1,
             notice: Duration::from_secs(1),
             sandbox: Sandbox::None,
+            pools: Vec::new(),
         },
         queue.clone(),
     )
@@ -75,6 +76,7 @@ pub(super) async fn fixture() -> Fixture {
         heartbeat_secs: 1,
         isolation: crate::up::Isolation::None,
         allow_private_notify: false,
+        pools: Vec::new(),
     };
     let stack = Stack {
         replies: Default::default(),
