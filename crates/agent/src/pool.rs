@@ -20,6 +20,7 @@ pub async fn serve(args: &Args) -> Result<(), Error> {
     let mut out = tokio::io::stdout();
     info!(vm = %args.vm, "pool vm ready");
     let mut ran = 0u64;
+    let mut last_words = tokio::task::JoinSet::new();
     loop {
         let line = match lines.next_line().await {
             Ok(Some(line)) => line,
@@ -41,7 +42,9 @@ pub async fn serve(args: &Args) -> Result<(), Error> {
             job: a.job,
             attempt: a.attempt,
         };
-        run::attempt(args, &task, a.credentials, bucket.clone()).await?;
+        let reporter = run::attempt(args, &task, a.credentials, bucket.clone()).await?;
+        // The VM takes the next attempt while this one's last reports go out.
+        last_words.spawn(async move { run::last_word(&reporter).await });
         // The next job must find nothing of this one: the work folder goes, or the
         // VM does (the provider replaces it).
         let root = run::work_root(&args.vm_dir);
@@ -67,5 +70,6 @@ pub async fn serve(args: &Args) -> Result<(), Error> {
         info!(job_id = %task.job, attempt = task.attempt, vm = %args.vm, ran, "attempt finished; vm idle");
     }
     info!(vm = %args.vm, ran, "pool vm retiring");
+    while last_words.join_next().await.is_some() {}
     Ok(())
 }

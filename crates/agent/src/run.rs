@@ -100,17 +100,20 @@ pub async fn run(args: &Args, task: &Task) -> Result<(), Error> {
         what: "the bucket",
         message,
     })?;
-    attempt(args, task, creds, bucket).await
+    let reporter = attempt(args, task, creds, bucket).await?;
+    last_word(&reporter).await;
+    Ok(())
 }
 
 /// Runs one attempt: restore, stage, run, checkpoint, outputs, reports. The work
-/// folder is gone when it returns.
+/// folder is gone when it returns; the reports may still be on their way (see
+/// [`last_word`]).
 pub async fn attempt(
     args: &Args,
     task: &Task,
     creds: AgentCredentials,
     bucket: Arc<dyn ObjectStore>,
-) -> Result<(), Error> {
+) -> Result<Reporter, Error> {
     let api = Api::new(&creds.api, creds.token).map_err(|e| Error::Open {
         what: "the broker's API",
         message: e.to_string(),
@@ -133,8 +136,7 @@ pub async fn attempt(
                 attempt,
                 reason: why,
             });
-            reporter.flush(LAST_WORD).await;
-            return Ok(());
+            return Ok(reporter);
         }
     };
     let Ready {
@@ -150,13 +152,15 @@ pub async fn attempt(
         // user's budget (it is the spec's inputs that are wrong), with the reason
         // in the attempt's stderr.
         let why = format!("cannot stage inputs: {e}");
-        return fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
+        fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
+        return Ok(reporter);
     }
     let mut workload = match Workload::spawn(&spec, &secrets, args, task, &dirs) {
         Ok(w) => w,
         Err(e) => {
             let why = format!("cannot start the workload: {e}");
-            return fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
+            fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
+            return Ok(reporter);
         }
     };
     drop(secrets);
@@ -199,8 +203,8 @@ pub async fn attempt(
         attempt,
         exit_code: code,
     });
-    finish(&reporter, &dirs).await;
-    Ok(())
+    finish(&reporter, &dirs);
+    Ok(reporter)
 }
 
 /// Reads the spec, makes the work folder, restores the newest checkpoint and
@@ -251,12 +255,17 @@ async fn fetch_secrets(api: &Api) -> Result<BTreeMap<String, String>, report::Er
     }
 }
 
-/// The attempt's last word: its reports delivered, its work folder gone (outputs
-/// and checkpoints are in the bucket by now).
-async fn finish(reporter: &Reporter, dirs: &WorkloadDirs) {
+/// The attempt is over: its work folder goes (outputs and checkpoints are in the
+/// bucket by now).
+fn finish(reporter: &Reporter, dirs: &WorkloadDirs) {
     if let Err(e) = std::fs::remove_dir_all(&dirs.root) {
         warn!(job_id = %reporter.job, attempt = reporter.attempt, error = %e, "cannot remove the work folder");
     }
+}
+
+/// Waits until the attempt's reports are delivered (through a broker restart, for
+/// up to [`LAST_WORD`]).
+pub async fn last_word(reporter: &Reporter) {
     if !reporter.flush(LAST_WORD).await {
         warn!(job_id = %reporter.job, attempt = reporter.attempt, "the broker did not take the last reports in time");
     }
@@ -271,15 +280,14 @@ async fn fail_attempt(
     dirs: &WorkloadDirs,
     why: &str,
     code: i32,
-) -> Result<(), Error> {
+) {
     stderr.write_line(&format!("respawn: {why}")).await;
     stderr.close().await;
     reporter.send(Event::WorkloadExited {
         attempt: reporter.attempt,
         exit_code: code,
     });
-    finish(reporter, dirs).await;
-    Ok(())
+    finish(reporter, dirs);
 }
 
 async fn read_spec(bucket: &dyn ObjectStore, job: &respawn_core::JobId) -> Result<JobSpec, String> {

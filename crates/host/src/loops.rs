@@ -15,12 +15,23 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// handler decided.
 pub async fn process(ports: &Ports, deliveries: Vec<Delivery>) {
     for d in deliveries {
-        let disposition = handle_delivery(ports, &d).await;
-        if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {
-            // The lease ended or the store hiccupped: the message comes back and
-            // its handler, being idempotent, does nothing new.
-            warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle message");
-        }
+        process_one(ports, d).await;
+    }
+}
+
+/// [`process`], all deliveries at once: their writes share the store's commits.
+/// For messages whose order does not matter (each dispatch is its own job's).
+pub async fn process_together(ports: &Ports, deliveries: Vec<Delivery>) {
+    let all = deliveries.into_iter().map(|d| process_one(ports, d));
+    futures::future::join_all(all).await;
+}
+
+async fn process_one(ports: &Ports, d: Delivery) {
+    let disposition = handle_delivery(ports, &d).await;
+    if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {
+        // The lease ended or the store hiccupped: the message comes back and
+        // its handler, being idempotent, does nothing new.
+        warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle message");
     }
 }
 

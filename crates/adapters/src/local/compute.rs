@@ -242,6 +242,21 @@ impl LocalCompute {
         }
     }
 
+    /// [`Self::persist`] for a record that only matters while its agent runs: the
+    /// file is replaced atomically, but not flushed to disk.
+    fn persist_unsynced(&self, key: &AllocationKey) {
+        let _one = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = self.lock().get(key).cloned() else {
+            return;
+        };
+        let path = self.vm_dir(&r.id).join("vm.json");
+        let tmp = self.vm_dir(&r.id).join(".vm.json.tmp");
+        let body = serde_json::to_vec(&r).unwrap_or_default();
+        if let Err(e) = std::fs::write(&tmp, &body).and_then(|()| std::fs::rename(&tmp, &path)) {
+            warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, error = %e, "cannot record the vm's attempt");
+        }
+    }
+
     /// Waits until a slot frees (or `timeout` passes).
     pub async fn slot_freed(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.freed.notified()).await;
@@ -604,6 +619,8 @@ impl Compute for LocalCompute {
         if let Some(pool) = self.pool_for(req)?.filter(|p| p.reuse) {
             return self.allocate_pooled(req, &pool);
         }
+        // Until the record is in: two allocations at once must not take one slot.
+        let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
         let gpus = self.pick(req.resources.gpus)?;
         let rec = VmRecord {
             id: format!("local-{}-{}", req.key.job, req.key.attempt),
@@ -625,6 +642,7 @@ impl Compute for LocalCompute {
             }
             vms.insert(req.key.clone(), rec.clone());
         }
+        drop(picking);
         // On disk before the process exists: a restarted broker then knows the VM.
         self.persist(&req.key);
         let child = self.spawn_agent(&rec).map_err(|e| {

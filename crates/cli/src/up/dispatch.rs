@@ -7,7 +7,7 @@ use std::time::Duration;
 use respawn_adapters::local::LocalCompute;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::Receive;
-use respawn_host::loops::process;
+use respawn_host::loops::process_together;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -22,13 +22,15 @@ pub async fn dispatch(ports: Ports, compute: Arc<LocalCompute>, stop: watch::Rec
             compute.slot_freed(Duration::from_millis(500)).await;
             continue;
         }
+        // As many as there are free slots, handled together: their ledger writes
+        // and queue acks share commits.
         let opts = Receive {
-            max: 1,
+            max: (cpu + gpu).min(64),
             lease: Duration::from_secs(60),
             wait: Duration::from_millis(500),
         };
         match ports.queue.receive(&ports.queues.dispatch, opts).await {
-            Ok(got) => process(&ports, got).await,
+            Ok(got) => process_together(&ports, got).await,
             Err(e) => {
                 warn!(error = %e, "cannot read the dispatch queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;

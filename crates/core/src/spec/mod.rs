@@ -164,6 +164,7 @@ pub struct Placement {
     /// The broker's pool to run on (a warm pool reuses VMs between jobs); without
     /// it, the first pool whose VMs fit the job's resources, else a single-use VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = "^[a-z][a-z0-9-]{0,62}$"))]
     pub pool: Option<String>,
 }
 

@@ -193,8 +193,9 @@ impl LocalCompute {
             pooled: true,
         };
         self.lock().insert(key.clone(), rec.clone());
-        // A restarted broker finds which attempt the VM was running here.
-        self.persist(key);
+        // A restarted broker finds which attempt the VM was running here. Not
+        // fsync'd: a power loss takes the VM down with the broker.
+        self.persist_unsynced(key);
         let line = Assignment {
             job: key.job.clone(),
             attempt: key.attempt,
