@@ -240,16 +240,21 @@ async fn an_agent_that_cannot_start_the_attempt_reports_why_within_a_budget() {
     })
     .await;
     let id = up
-        .submit("name: bad-spec\ncommand: ['true']\nretry: { max_lost: 1 }\n")
+        .submit("name: bad-checkpoint\ncommand: ['true']\nretry: { max_lost: 1 }\n")
         .await["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    // The broker writes the spec for agents before the first VM, unless it is there:
-    // one that is not JSON makes every attempt's start fail.
-    let job_dir = data.join(format!("bucket/jobs/{id}"));
-    std::fs::create_dir_all(&job_dir).unwrap();
-    std::fs::write(job_dir.join("spec.json"), "not a spec").unwrap();
+    // A complete checkpoint whose file is missing from the bucket: every attempt's
+    // restore fails before its workload can start.
+    let ckpt = data.join(format!("bucket/jobs/{id}/checkpoints/{:020}", 1));
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let manifest = serde_json::json!({
+        "seq": 1,
+        "attempt": 1,
+        "files": [{ "path": "weights.bin", "size": 3, "sha256": "00" }],
+    });
+    std::fs::write(ckpt.join("MANIFEST.json"), manifest.to_string()).unwrap();
     let cancel = reqwest::Client::new()
         .post(format!("{}/v1/jobs/{blocker}/cancel", up.base))
         .bearer_auth(up.token())
@@ -263,7 +268,10 @@ async fn an_agent_that_cannot_start_the_attempt_reports_why_within_a_budget() {
         })
         .await;
     let reason = done["reason"].as_str().unwrap();
-    assert!(reason.contains("cannot read the job spec"), "{done:#}");
+    assert!(
+        reason.contains("cannot restore the newest checkpoint"),
+        "{done:#}"
+    );
     assert!(reason.contains("retry.max_lost: 1"), "{done:#}");
     let attempts = done["attempts"].as_array().unwrap();
     assert_eq!(
@@ -274,7 +282,7 @@ async fn an_agent_that_cannot_start_the_attempt_reports_why_within_a_budget() {
     assert_eq!(done["failures"], 0, "not the user's budget");
     assert!(
         up.attempt_log(&id, 1, "stderr")
-            .contains("respawn: cannot read the job spec"),
+            .contains("respawn: cannot restore the newest checkpoint"),
         "the reason is in the attempt's stderr"
     );
 }

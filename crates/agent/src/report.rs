@@ -79,6 +79,26 @@ impl Api {
         Self::check(resp).await.map(drop)
     }
 
+    /// The job's spec, handed out only while this attempt is live.
+    pub async fn spec(&self) -> Result<respawn_core::spec::JobSpec, Error> {
+        #[derive(Deserialize)]
+        struct Answer {
+            spec: respawn_core::spec::JobSpec,
+        }
+        let resp = self
+            .http
+            .get(format!("{}/v1/agent/spec", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await;
+        let answer: Answer = Self::check(resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| Error::Refused(format!("unreadable spec: {e}")))?;
+        Ok(answer.spec)
+    }
+
     /// The job's secret values, handed out only while this attempt is live.
     pub async fn secrets(&self) -> Result<BTreeMap<String, String>, Error> {
         #[derive(Deserialize)]

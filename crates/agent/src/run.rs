@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
-use object_store::{ObjectStore, ObjectStoreExt};
 use respawn_adapters::local::AgentCredentials;
 use respawn_core::lifecycle::Event;
 use respawn_core::spec::JobSpec;
@@ -22,8 +22,8 @@ use crate::workload::{Workload, WorkloadDirs};
 
 /// How long the last reports may wait for a broker that is down (restarting).
 const LAST_WORD: Duration = Duration::from_secs(600);
-/// How long to keep asking a broker that is down for the job's secrets.
-const SECRETS_PATIENCE: Duration = Duration::from_secs(120);
+/// How long to keep asking a broker that is down for the job's spec and secrets.
+const PATIENCE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -215,7 +215,7 @@ async fn prepare(
     bucket: &dyn ObjectStore,
     api: &Api,
 ) -> Result<Ready, String> {
-    let spec = read_spec(bucket, &task.job)
+    let spec = patiently(|| api.spec())
         .await
         .map_err(|e| format!("cannot read the job spec: {e}"))?;
     let dirs = WorkloadDirs::create(&args.vm_dir)
@@ -229,7 +229,7 @@ async fn prepare(
     let secrets = if spec.secrets.is_empty() {
         BTreeMap::new()
     } else {
-        fetch_secrets(api)
+        patiently(|| api.secrets())
             .await
             .map_err(|e| format!("cannot get the job's secrets: {e}"))?
     };
@@ -241,11 +241,15 @@ async fn prepare(
     })
 }
 
-async fn fetch_secrets(api: &Api) -> Result<BTreeMap<String, String>, report::Error> {
-    let deadline = tokio::time::Instant::now() + SECRETS_PATIENCE;
+/// Asks the broker until it answers (it may be restarting), for up to
+/// [`PATIENCE`].
+async fn patiently<T, F: Future<Output = Result<T, report::Error>>>(
+    mut ask: impl FnMut() -> F,
+) -> Result<T, report::Error> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match api.secrets().await {
+        match ask().await {
             Err(report::Error::Retry(_)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -288,17 +292,6 @@ async fn fail_attempt(
         exit_code: code,
     });
     finish(reporter, dirs);
-}
-
-async fn read_spec(bucket: &dyn ObjectStore, job: &respawn_core::JobId) -> Result<JobSpec, String> {
-    let bytes = bucket
-        .get(&layout::spec(job))
-        .await
-        .map_err(|e| e.to_string())?
-        .bytes()
-        .await
-        .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
 }
 
 async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {

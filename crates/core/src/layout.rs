@@ -2,7 +2,6 @@
 //! `jobs/<id>/`, so any S3 / Azure tool can inspect or delete it.
 //!
 //! ```text
-//! jobs/<id>/spec.json                          the spec as submitted (secrets redacted), written before the first VM
 //! jobs/<id>/state                              the ledger record (object-store ledger only)
 //! jobs/<id>/attempts/<n>/stdout/<chunk>        log chunks, numbered from 0, in order
 //! jobs/<id>/attempts/<n>/stderr/<chunk>
@@ -10,6 +9,9 @@
 //! jobs/<id>/checkpoints/<seq>/MANIFEST.json    written last: the checkpoint is complete
 //! jobs/<id>/outputs/<files…>                   RESPAWN_OUTPUT_DIR after the attempt
 //! ```
+//!
+//! The spec is not here: agents ask the broker's API for it (the ledger holds it),
+//! with their attempt's credential.
 
 use object_store::path::Path;
 
@@ -17,10 +19,6 @@ use crate::job::JobId;
 
 pub fn job_prefix(id: &JobId) -> Path {
     Path::from(format!("jobs/{id}"))
-}
-
-pub fn spec(id: &JobId) -> Path {
-    Path::from(format!("jobs/{id}/spec.json"))
 }
 
 /// Which log stream.

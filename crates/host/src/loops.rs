@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
+use respawn_core::JobId;
 use respawn_core::handlers::{self, handle_delivery, settle};
+use respawn_core::messages::Message;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::{Delivery, Receive};
 use tokio::sync::watch;
@@ -23,6 +25,27 @@ pub async fn process(ports: &Ports, deliveries: Vec<Delivery>) {
 /// For messages whose order does not matter (each dispatch is its own job's).
 pub async fn process_together(ports: &Ports, deliveries: Vec<Delivery>) {
     let all = deliveries.into_iter().map(|d| process_one(ports, d));
+    futures::future::join_all(all).await;
+}
+
+/// [`process`], the messages of different jobs at once and each job's in the
+/// order received (a job's reports must not overtake each other).
+pub async fn process_by_job(ports: &Ports, deliveries: Vec<Delivery>) {
+    let mut groups: Vec<(Option<JobId>, Vec<Delivery>)> = Vec::new();
+    for d in deliveries {
+        let job = serde_json::from_slice::<Message>(&d.body)
+            .ok()
+            .map(|m| m.job().clone());
+        match groups.iter_mut().find(|(j, _)| job.is_some() && *j == job) {
+            Some((_, ds)) => ds.push(d),
+            None => groups.push((job, vec![d])),
+        }
+    }
+    let all = groups.into_iter().map(|(_, ds)| async move {
+        for d in ds {
+            process_one(ports, d).await;
+        }
+    });
     futures::future::join_all(all).await;
 }
 
@@ -63,7 +86,7 @@ pub async fn events(ports: Ports, stop: watch::Receiver<bool>) {
     };
     while !*stop.borrow() {
         match ports.queue.receive(&ports.queues.events, opts).await {
-            Ok(got) => process(&ports, got).await,
+            Ok(got) => process_by_job(&ports, got).await,
             Err(e) => {
                 warn!(error = %e, "cannot read events");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -6,7 +6,6 @@ use tracing::{debug, info};
 
 use super::Error;
 use crate::job::{JobId, JobRecord, ReplyTo};
-use crate::layout;
 use crate::lifecycle::{self, Command, Event};
 use crate::messages::{Message, Notification};
 use crate::ports::compute::{self, AllocateRequest, AllocationKey};
@@ -14,7 +13,6 @@ use crate::ports::queue::Outgoing;
 use crate::ports::{Ports, ledger};
 use crate::spec::Placement;
 use crate::time::Timestamp;
-use object_store::ObjectStoreExt;
 
 /// Compare-and-swap retries before giving up on a hot record.
 const CAS_RETRIES: usize = 32;
@@ -189,27 +187,6 @@ async fn execute(ports: &Ports, rec: &JobRecord, cmd: &Command) -> Result<Option
     }
 }
 
-/// Writes the job's spec where its agents read it (`jobs/<id>/spec.json`), unless an
-/// earlier attempt did. The ledger's copy is the truth; this one is on disk (the bucket
-/// fsyncs file and folder) before any VM that reads it exists.
-async fn publish_spec(ports: &Ports, rec: &JobRecord) -> Result<(), Error> {
-    let path = layout::spec(&rec.id);
-    match ports.blobs.head(&path).await {
-        Ok(_) => return Ok(()),
-        Err(object_store::Error::NotFound { .. }) => {}
-        Err(e) => return Err(Error::Blobs(e.to_string())),
-    }
-    let body =
-        serde_json::to_vec_pretty(&rec.spec).map_err(|e| Error::BadMessage(e.to_string()))?;
-    ports
-        .blobs
-        .put(&path, body.into())
-        .await
-        .map_err(|e| Error::Blobs(e.to_string()))?;
-    debug!(job_id = %rec.id, attempt = rec.attempt, "spec written to the bucket");
-    Ok(())
-}
-
 /// Puts an attempt's dispatch message on the dispatch queue.
 pub(crate) async fn send_dispatch(
     ports: &Ports,
@@ -244,7 +221,6 @@ fn placement(rec: &JobRecord, now: Timestamp) -> Placement {
 }
 
 async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option<Event>, Error> {
-    publish_spec(ports, rec).await?;
     let req = AllocateRequest {
         key: AllocationKey {
             job: rec.id.clone(),

@@ -102,9 +102,14 @@ pub async fn report(
         .into_response())
 }
 
-pub async fn secrets(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
+/// The caller's job record, while its attempt is the job's live one.
+async fn live_record(
+    stack: &Api,
+    me: &AttemptRef,
+    what: &str,
+) -> Result<respawn_core::job::JobRecord, ApiError> {
     let not_live = || {
-        warn!(job_id = %me.job, attempt = me.attempt, "refused secrets to an attempt that is not live");
+        warn!(job_id = %me.job, attempt = me.attempt, what, "refused an attempt that is not live");
         ApiError::Forbidden(format!(
             "attempt {} of job {} is not live",
             me.attempt, me.job
@@ -118,6 +123,18 @@ pub async fn secrets(State(stack): State<Api>, Agent(me): Agent) -> Result<Respo
     if rec.attempt != me.attempt || !rec.state.has_live_attempt() {
         return Err(not_live());
     }
+    Ok(rec)
+}
+
+/// The job's spec (secret values are not in it), from the ledger: agents need no
+/// copy of it staged anywhere.
+pub async fn spec(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
+    let rec = live_record(&stack, &me, "spec").await?;
+    Ok(axum::Json(json!({ "spec": rec.spec })).into_response())
+}
+
+pub async fn secrets(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
+    live_record(&stack, &me, "secrets").await?;
     let values = stack
         .ports
         .secrets

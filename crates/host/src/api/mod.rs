@@ -110,6 +110,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/preempt"),
     ("GET", "/v1/vms"),
     ("POST", "/v1/agent/events"),
+    ("GET", "/v1/agent/spec"),
     ("GET", "/v1/agent/secrets"),
 ];
 
@@ -133,6 +134,7 @@ pub fn app(api: Api) -> Router {
         .route("/v1/preempt", post(admin::preempt))
         .route("/v1/vms", get(admin::vms))
         .route("/v1/agent/events", post(agent::report))
+        .route("/v1/agent/spec", get(agent::spec))
         .route("/v1/agent/secrets", get(agent::secrets))
         // Every answer is JSON, the router's own 404 and 405 included (axum adds
         // the Allow header to the 405).
