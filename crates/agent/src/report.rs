@@ -39,10 +39,19 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str, token: String) -> Result<Api, Error> {
-        let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .map_err(|e| Error::Refused(format!("no HTTP client: {e}")))?;
+        // One client for the agent's life: a pool VM's attempts share its
+        // connections, and building one (TLS roots) costs milliseconds.
+        static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+        let http = match HTTP.get() {
+            Some(c) => c.clone(),
+            None => {
+                let c = reqwest::Client::builder()
+                    .timeout(TIMEOUT)
+                    .build()
+                    .map_err(|e| Error::Refused(format!("no HTTP client: {e}")))?;
+                HTTP.get_or_init(|| c).clone()
+            }
+        };
         Ok(Api {
             base: base.trim_end_matches('/').to_owned(),
             token,
