@@ -152,6 +152,39 @@ async fn a_credential_reports_on_its_own_attempt_only() {
 }
 
 #[tokio::test]
+async fn the_spec_goes_to_the_live_attempt_only_without_secret_values() {
+    let f = fixture().await;
+    let s = &f.stack;
+    let job = live_job(s).await;
+    let path = "/v1/agent/spec";
+    let (status, body) = call(
+        s,
+        Method::GET,
+        path,
+        Some(&s.attempt_key.credential(&job, 1)),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let spec: respawn_core::spec::JobSpec = serde_json::from_value(body["spec"].clone()).unwrap();
+    assert_eq!(spec, s.ports.ledger.get(&job).await.unwrap().spec);
+    assert!(
+        !body.to_string().contains("v4lue"),
+        "a secret value: {body}"
+    );
+    for credential in [
+        s.attempt_key.credential(&job, 2),
+        "not-a-credential".to_owned(),
+    ] {
+        let (status, _) = call(s, Method::GET, path, Some(&credential), "").await;
+        assert!(
+            status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED,
+            "{status}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn secrets_go_to_the_live_attempt_only() {
     let f = fixture().await;
     let s = &f.stack;
