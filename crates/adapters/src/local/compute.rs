@@ -301,12 +301,14 @@ impl LocalCompute {
     fn used(&self) -> (usize, Vec<u32>) {
         let mut cpu = 0;
         let mut gpus = Vec::new();
+        // An attempt on a pool VM counts through its VM, unless the VM is one a
+        // restarted broker adopted (still running the attempt it had, then leaving).
+        let pool_vms = self.pool_vm_ids();
         {
             let vms = self.lock();
-            for r in vms
-                .values()
-                .filter(|r| r.state != VmState::Terminated && !r.pooled)
-            {
+            for r in vms.values().filter(|r| {
+                r.state != VmState::Terminated && !(r.pooled && pool_vms.contains(&r.id))
+            }) {
                 if r.gpus.is_empty() {
                     cpu += 1;
                 }

@@ -65,6 +65,11 @@ impl LocalCompute {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The ids of the pool VMs this provider started.
+    pub(super) fn pool_vm_ids(&self) -> std::collections::BTreeSet<String> {
+        self.pools().keys().cloned().collect()
+    }
+
     /// CPU slots and GPUs held by pool VMs (busy, idle or retiring).
     pub(super) fn pool_used(&self) -> (usize, Vec<u32>) {
         let vms = self.pools();
