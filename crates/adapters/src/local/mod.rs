@@ -43,6 +43,7 @@ pub struct OpenError {
 pub struct LocalStore {
     writer: Arc<Writer>,
     readers: Arc<Readers>,
+    _checkpoints: Arc<writer::Checkpointer>,
 }
 
 const DB_FILE: &str = "respawn.db";
@@ -98,10 +99,17 @@ impl LocalStore {
         let conn = writer::connect(&path).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         migrate(&conn).map_err(err)?;
+        // The WAL is copied into the database by a connection of its own, so that
+        // no commit waits for that copy (and its fsync).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(err)?;
+        let checkpoints =
+            writer::Checkpointer::start(writer::connect(&path).map_err(err)?).map_err(err)?;
         let writer = Writer::start(conn).map_err(err)?;
         Ok(LocalStore {
             writer: Arc::new(writer),
             readers: Arc::new(Readers::new(path)),
+            _checkpoints: Arc::new(checkpoints),
         })
     }
 

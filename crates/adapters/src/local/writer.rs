@@ -28,6 +28,43 @@ pub(super) fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// How often the WAL is checkpointed (copied into the database file).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Checkpoints the WAL from its own thread and connection (the writer's has
+/// `wal_autocheckpoint` off) until dropped. PASSIVE: it never blocks a commit; pages
+/// a reader still needs wait for the next round.
+#[derive(Debug)]
+pub(super) struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Checkpointer {
+    pub(super) fn start(conn: Connection) -> rusqlite::Result<Self> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        thread::Builder::new()
+            .name("respawn-store-checkpoint".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    thread::sleep(CHECKPOINT_EVERY);
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(Checkpointer { stop })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// A request: run on the connection (or, with `None`, told it could not run) and
 /// give back whether it succeeded and how to answer its caller after the commit.
