@@ -115,6 +115,45 @@ async fn terminations(queue: &dyn Queue) -> Vec<(JobId, u32, String)> {
         .collect()
 }
 
+/// A stand-in pool agent: takes assignments on stdin and says each is finished.
+fn fake_pool_agent(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("respawn-pool-agent");
+    let script = "#!/bin/sh\n\
+        while IFS= read -r line; do\n\
+          job=$(printf '%s' \"$line\" | sed 's/.*\"job\":\"\\([^\"]*\\)\".*/\\1/')\n\
+          attempt=$(printf '%s' \"$line\" | sed 's/.*\"attempt\":\\([0-9]*\\).*/\\1/')\n\
+          sleep 0.2\n\
+          printf '{\"job\":\"%s\",\"attempt\":%s}\\n' \"$job\" \"$attempt\"\n\
+        done\n";
+    std::fs::write(&path, script).expect("write agent");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_pool_passes_the_compute_conformance_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalStore::open(dir.path().join("data")).expect("store");
+    let cfg = LocalComputeConfig {
+        agent_bin: fake_pool_agent(dir.path()),
+        pools: vec![respawn_core::pool::PoolSpec::new("cpu", 0, 2)],
+        ..config(dir.path(), 2)
+    };
+    let compute = LocalCompute::open(cfg, Arc::new(store.queue(5)))
+        .await
+        .expect("open");
+    respawn_core::conformance::compute::run(compute.as_ref()).await;
+    // Attempts ran on pool VMs, which outlive them.
+    let vms = compute.pool_vms();
+    assert!(
+        !vms.is_empty()
+            && vms
+                .iter()
+                .all(|(id, pool, _)| id.starts_with("pool-cpu-") && pool == "cpu"),
+        "{vms:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_the_compute_conformance_suite() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -14,6 +14,11 @@
 //!   a new attempt has a new key.
 //! - [`Compute::describe`] and [`Compute::list`] report VMs the provider knows,
 //!   including terminated ones it still remembers.
+//! - A provider with warm pools may run many attempts, one after another, on one
+//!   VM ([`Vm::id`] repeats across keys): for it, `release` ends the key's attempt
+//!   on that VM (its workload killed, the VM itself kept for the next attempt once
+//!   its agent has cleaned up) and `describe` reports the attempt's VM as
+//!   terminated once the attempt is over there.
 
 use std::fmt;
 
