@@ -66,9 +66,9 @@ async fn e2e(jobs: usize, up_args: &[&str]) -> (Duration, usize) {
         }
         if !live {
             let took = started.elapsed();
-            let done = count(&http, &base, &token, "succeeded").await;
+            let done = up.job_ids(Some("succeeded")).await.len();
             assert_eq!(done, jobs, "jobs not succeeded");
-            let failed = count(&http, &base, &token, "failed").await;
+            let failed = up.job_ids(Some("failed")).await.len();
             drop(up);
             return (took, failed);
         }
@@ -90,31 +90,6 @@ async fn some(http: &reqwest::Client, base: &str, token: &str, state: &str) -> b
     page["jobs"].as_array().is_some_and(|j| !j.is_empty())
 }
 
-async fn count(http: &reqwest::Client, base: &str, token: &str, state: &str) -> usize {
-    let mut n = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let mut url = format!("{base}/v1/jobs?state={state}&limit=1000");
-        if let Some(a) = &after {
-            url.push_str(&format!("&after={a}"));
-        }
-        let page: Value = http
-            .get(url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        n += page["jobs"].as_array().map_or(0, Vec::len);
-        match page["next"].as_str() {
-            Some(next) => after = Some(next.to_owned()),
-            None => return n,
-        }
-    }
-}
-
 /// `running` long jobs, `preempted` of them preempted at once: how long until all
 /// run again (each preempted job on a new attempt).
 async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
@@ -126,7 +101,7 @@ async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut ids: Vec<String> = Vec::new();
     while ids.len() < running {
-        ids = listed(&http, &base, &token, "running").await;
+        ids = up.job_ids(Some("running")).await;
         assert!(
             Instant::now() < deadline,
             "{} of {running} running",
@@ -149,7 +124,7 @@ async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
     });
     futures::future::join_all(notices).await;
     loop {
-        let now_running = listed(&http, &base, &token, "running").await.len();
+        let now_running = up.job_ids(Some("running")).await.len();
         // A preempted job runs again once its second attempt has started.
         if now_running == running {
             let mut again = 0;
@@ -177,37 +152,6 @@ async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
             "{now_running} of {running} running"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn listed(http: &reqwest::Client, base: &str, token: &str, state: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut url = format!("{base}/v1/jobs?state={state}&limit=1000");
-        if let Some(a) = &after {
-            url.push_str(&format!("&after={a}"));
-        }
-        let page: Value = http
-            .get(url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.extend(
-            page["jobs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|j| j["id"].as_str().map(str::to_owned)),
-        );
-        match page["next"].as_str() {
-            Some(next) => after = Some(next.to_owned()),
-            None => return ids,
-        }
     }
 }
 

@@ -240,14 +240,14 @@ async fn kill_9_of_the_broker_during_a_thousand_job_run_loses_and_duplicates_not
     let mut up = Up::start(&data, &args).await;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done = count(&up, "succeeded").await;
+        let done = up.job_ids(Some("succeeded")).await.len();
         if done == jobs {
             break;
         }
         assert!(Instant::now() < deadline, "{done} of {jobs} succeeded");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let all = count(&up, "").await;
+    let all = up.job_ids(None).await.len();
     assert_eq!(all, jobs, "no job lost, none made twice");
     // Every run of a workload is an attempt the ledger knows, and no attempt ran twice.
     let mut seen: BTreeMap<(String, u64), usize> = BTreeMap::new();
@@ -271,25 +271,4 @@ async fn kill_9_of_the_broker_during_a_thousand_job_run_loses_and_duplicates_not
         );
     }
     assert!(up.interrupt().success());
-}
-
-/// Jobs in `state` ("" for all), through the API's pages.
-async fn count(up: &Up, state: &str) -> usize {
-    let mut n = 0;
-    let mut after = String::new();
-    loop {
-        let mut path = format!("/v1/jobs?limit=1000&state={state}");
-        if state.is_empty() {
-            path = "/v1/jobs?limit=1000".into();
-        }
-        if !after.is_empty() {
-            path.push_str(&format!("&after={after}"));
-        }
-        let page = up.get(&path).await;
-        n += page["jobs"].as_array().map_or(0, Vec::len);
-        match page["next"].as_str() {
-            Some(next) => after = next.to_owned(),
-            None => return n,
-        }
-    }
 }

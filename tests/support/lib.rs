@@ -222,6 +222,28 @@ impl Up {
             .unwrap_or_default()
     }
 
+    /// The ids of every job in `state` (all jobs for `None`), through the API's pages.
+    pub async fn job_ids(&self, state: Option<&str>) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut after = String::new();
+        loop {
+            let mut path = "/v1/jobs?limit=1000".to_owned();
+            if let Some(state) = state {
+                path.push_str(&format!("&state={state}"));
+            }
+            if !after.is_empty() {
+                path.push_str(&format!("&after={after}"));
+            }
+            let page = self.get(&path).await;
+            let jobs = page["jobs"].as_array().into_iter().flatten();
+            ids.extend(jobs.filter_map(|j| j["id"].as_str().map(str::to_owned)));
+            match page["next"].as_str() {
+                Some(next) => after = next.to_owned(),
+                None => return ids,
+            }
+        }
+    }
+
     pub async fn job(&self, id: &str) -> Value {
         self.get(&format!("/v1/jobs/{id}")).await
     }

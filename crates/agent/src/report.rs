@@ -94,18 +94,7 @@ impl Api {
         struct Answer {
             spec: respawn_core::spec::JobSpec,
         }
-        let resp = self
-            .http
-            .get(format!("{}/v1/agent/spec", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await;
-        let answer: Answer = Self::check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| Error::Refused(format!("unreadable spec: {e}")))?;
-        Ok(answer.spec)
+        Ok(self.get::<Answer>("spec").await?.spec)
     }
 
     /// The job's secret values, handed out only while this attempt is live.
@@ -114,18 +103,22 @@ impl Api {
         struct Answer {
             secrets: BTreeMap<String, String>,
         }
+        Ok(self.get::<Answer>("secrets").await?.secrets)
+    }
+
+    /// `GET /v1/agent/<what>` with this attempt's credential.
+    async fn get<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T, Error> {
         let resp = self
             .http
-            .get(format!("{}/v1/agent/secrets", self.base))
+            .get(format!("{}/v1/agent/{what}", self.base))
             .bearer_auth(&self.token)
             .send()
             .await;
-        let answer: Answer = Self::check(resp)
+        Self::check(resp)
             .await?
             .json()
             .await
-            .map_err(|e| Error::Retry(format!("unreadable answer: {e}")))?;
-        Ok(answer.secrets)
+            .map_err(|e| Error::Retry(format!("unreadable answer to {what}: {e}")))
     }
 }
 

@@ -62,7 +62,9 @@ pub async fn run(c: &dyn Compute) {
     if second.id == first.id {
         let earlier = c.describe(&first.key).await.expect("describe");
         assert!(
-            earlier.as_ref().is_none_or(|v| v.state == VmState::Terminated),
+            earlier
+                .as_ref()
+                .is_none_or(|v| v.state == VmState::Terminated),
             "two live attempts on one VM: {earlier:?}"
         );
     }
