@@ -272,3 +272,68 @@ async fn kill_9_of_the_broker_during_a_thousand_job_run_loses_and_duplicates_not
     }
     assert!(up.interrupt().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_on_a_pool_vm_leaves_nothing_and_the_vm_takes_the_next() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = Up::start(&data, &["--slots", "1", "--pool", "cpu:max=1"]).await;
+    let first = serde_json::json!({
+        "name": "cancelled",
+        "command": ["sh", "-c", "echo partial > \"$RESPAWN_OUTPUT_DIR/out.txt\"; sleep 300"],
+    });
+    let first = up.submit(&first.to_string()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    up.wait_job(&first, Duration::from_secs(60), "running", |j| {
+        j["state"] == "running"
+    })
+    .await;
+    // The workload has written its output by the time its stdout shows up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cancel = reqwest::Client::new()
+        .post(format!("{}/v1/jobs/{first}/cancel", up.base))
+        .bearer_auth(up.token())
+        .send()
+        .await
+        .unwrap();
+    assert!(cancel.status().is_success());
+    let second = serde_json::json!({
+        "name": "next",
+        "command": ["sh", "-c", "ls -A \"$RESPAWN_OUTPUT_DIR\"; echo vm=$RESPAWN_VM"],
+    });
+    let second = up.submit(&second.to_string()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = up
+        .wait_job(&second, Duration::from_secs(60), "succeeded", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    let cancelled = up.job(&first).await;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled:#}");
+    assert_eq!(
+        attempt_vm(&done, 0),
+        attempt_vm(&cancelled, 0),
+        "the VM stayed warm and took the next job"
+    );
+    assert_eq!(
+        up.attempt_stdout(&second, 1).trim(),
+        format!("vm={}", attempt_vm(&done, 0)),
+        "the next job saw nothing of the cancelled one"
+    );
+    assert!(
+        !data
+            .join(format!("bucket/jobs/{first}/outputs/out.txt"))
+            .exists(),
+        "a cancelled attempt uploaded its outputs"
+    );
+    let left: Vec<_> = leftovers(&data)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("sleep 300"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

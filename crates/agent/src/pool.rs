@@ -16,6 +16,12 @@ pub async fn serve(args: &Args) -> Result<(), Error> {
         what: "the bucket",
         message,
     })?;
+    // Not dumpable: a process of the same user (an unsandboxed workload) cannot
+    // open this agent's /proc files, its pipes among them (the next attempts'
+    // credentials arrive on stdin).
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        warn!(vm = %args.vm, error = %e, "cannot make the agent undumpable");
+    }
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut out = tokio::io::stdout();
     info!(vm = %args.vm, "pool vm ready");
@@ -42,15 +48,23 @@ pub async fn serve(args: &Args) -> Result<(), Error> {
             job: a.job,
             attempt: a.attempt,
         };
-        let reporter = run::attempt(args, &task, a.credentials, bucket.clone()).await?;
+        let reporter = match run::attempt(args, &task, a.credentials, bucket.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                drain(&mut last_words).await;
+                return Err(e);
+            }
+        };
         // The VM takes the next attempt while this one's last reports go out.
         last_words.spawn(async move { run::last_word(&reporter).await });
+        while last_words.try_join_next().is_some() {}
         // The next job must find nothing of this one: the work folder goes, or the
         // VM does (the provider replaces it).
         let root = run::work_root(&args.vm_dir);
         if let Err(e) = std::fs::remove_dir_all(&root)
             && e.kind() != std::io::ErrorKind::NotFound
         {
+            drain(&mut last_words).await;
             return Err(Error::Open {
                 what: "a clean work folder",
                 message: format!("{}: {e}", root.display()),
@@ -70,6 +84,11 @@ pub async fn serve(args: &Args) -> Result<(), Error> {
         info!(job_id = %task.job, attempt = task.attempt, vm = %args.vm, ran, "attempt finished; vm idle");
     }
     info!(vm = %args.vm, ran, "pool vm retiring");
-    while last_words.join_next().await.is_some() {}
+    drain(&mut last_words).await;
     Ok(())
+}
+
+/// Waits for the attempts' last reports before the agent goes.
+async fn drain(last_words: &mut tokio::task::JoinSet<()>) {
+    while last_words.join_next().await.is_some() {}
 }

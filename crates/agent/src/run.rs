@@ -186,13 +186,22 @@ pub async fn attempt(
     // workload comes next.
     workload.kill_group();
     let _ = std::fs::remove_file(args.vm_dir.join("workload.pgid"));
-
-    // The last checkpoint (the one written on SIGTERM) must be in the bucket before
-    // the exit is reported: the next attempt is dispatched on that report.
-    ship_checkpoints(&reporter, &mut ckpts).await;
+    // Killed by a signal: preempted (ship what it saved) or stopped by the broker
+    // (cancelled, timed out, lost): then nothing of it goes to the bucket, where a
+    // newer attempt's outputs may already be.
+    let ended_by_broker = code >= 128 && matches!(api.spec().await, Err(report::Error::Refused(_)));
+    if ended_by_broker {
+        info!(job_id = %job, attempt, "attempt no longer live; not uploading its checkpoints or outputs");
+    } else {
+        // The last checkpoint (the one written on SIGTERM) must be in the bucket
+        // before the exit is reported: the next attempt is dispatched on that report.
+        ship_checkpoints(&reporter, &mut ckpts).await;
+    }
     let _ = out_task.await;
     let _ = err_task.await;
-    if let Err(e) = stage::outputs(bucket.as_ref(), &spec, &job, &dirs.outputs).await {
+    if !ended_by_broker
+        && let Err(e) = stage::outputs(bucket.as_ref(), &spec, &job, &dirs.outputs).await
+    {
         stderr
             .write_line(&format!("respawn: cannot upload outputs: {e}"))
             .await;

@@ -184,7 +184,8 @@ impl Workload {
                     .ok_or_else(|| Error::NoRuntime {
                         image: image.clone(),
                     })?;
-                let name = format!("respawn-{}", args.vm);
+                // One name per attempt: a pool VM runs many, one after another.
+                let name = format!("respawn-{}-{}-{}", args.vm, task.job, task.attempt);
                 (
                     container_command((&rt, &name), image, spec, secrets, args, task, dirs),
                     Some((rt, name)),
@@ -239,7 +240,12 @@ impl Workload {
         let pgid = child.id().map(|id| Pid::from_raw(id as i32));
         // The provider kills this group when the VM goes, even if the agent died first.
         if let Some(id) = child.id() {
-            let _ = std::fs::write(args.vm_dir.join("workload.pgid"), id.to_string());
+            // With the attempt it belongs to: on a pool VM the provider must not
+            // kill a later attempt's workload for this one's release.
+            let _ = std::fs::write(
+                args.vm_dir.join("workload.pgid"),
+                format!("{id} {} {}", task.job, task.attempt),
+            );
         }
         Ok(Workload {
             child,
@@ -287,10 +293,18 @@ impl Workload {
         }
     }
 
-    /// Kills what is left of the workload's process group (children it left behind).
+    /// Kills what is left of the workload's process group (children it left
+    /// behind), and its container, which does not die with the runtime's client.
     pub fn kill_group(&mut self) {
         if let Some(pgid) = self.pgid.take() {
             let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        if let Some((rt, name)) = self.container.take() {
+            let _ = std::process::Command::new(rt)
+                .args(["rm", "--force", "--", &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 

@@ -177,6 +177,8 @@ pub struct LocalCompute {
     pool: Mutex<BTreeMap<String, pool::PoolVm>>,
     /// Held while an allocation picks its VM, so two never pick the same.
     picking: Mutex<()>,
+    /// When an idle pool VM was last retired to make room for a job.
+    evicted_at: Mutex<Option<std::time::Instant>>,
     this: Weak<LocalCompute>,
 }
 
@@ -212,6 +214,7 @@ impl LocalCompute {
             freed: Notify::new(),
             pool: Mutex::new(BTreeMap::new()),
             picking: Mutex::new(()),
+            evicted_at: Mutex::new(None),
             this: this.clone(),
         });
         compute.adopt().await;
@@ -331,11 +334,13 @@ impl LocalCompute {
                 .filter(|r| r.state != VmState::Terminated && r.notice_deadline.is_none())
                 .find(|r| r.id == target || r.key.job.as_str() == target)?;
             r.notice_deadline = Some(deadline);
+            if r.pooled {
+                // Before the lock goes: the VM must not take another attempt, which
+                // would find this notice.
+                self.pool_noticed(&r.id);
+            }
             r.clone()
         };
-        if rec.pooled {
-            self.pool_noticed(&rec.id);
-        }
         self.persist(&rec.key);
         let notice_file = self.vm_dir(&rec.id).join("notice.json");
         let body = serde_json::json!({ "deadline_ms": deadline.0, "action": "terminate" });
@@ -385,11 +390,23 @@ impl LocalCompute {
     }
 
     /// The workload runs in its own process group; the agent records it.
+    /// The agent writes `<pgid> <job> <attempt>`; with `only`, the group is killed
+    /// only if it is that attempt's (a pool VM may have moved on to the next).
     fn kill_workload(&self, id: &str) {
-        let pgid = std::fs::read_to_string(self.vm_dir(id).join("workload.pgid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        if let Some(pgid) = pgid.filter(|p| *p > 1) {
+        self.kill_workload_of(id, None);
+    }
+
+    fn kill_workload_of(&self, id: &str, only: Option<&AllocationKey>) {
+        let Ok(text) = std::fs::read_to_string(self.vm_dir(id).join("workload.pgid")) else {
+            return;
+        };
+        let mut words = text.split_whitespace();
+        let pgid = words.next().and_then(|p| p.parse::<i32>().ok());
+        let (job, attempt) = (words.next(), words.next());
+        let theirs = only.is_none_or(|k| {
+            job == Some(k.job.as_str()) && attempt == Some(k.attempt.to_string().as_str())
+        });
+        if let Some(pgid) = pgid.filter(|p| *p > 1 && theirs) {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
     }
@@ -508,7 +525,10 @@ impl LocalCompute {
         let (cpu, used) = self.used();
         if gpus == 0 {
             if cpu >= self.cfg.cpu_slots {
-                return Err(self.no_room(format!("all {} CPU slots busy", self.cfg.cpu_slots)));
+                return Err(Error::Capacity(format!(
+                    "all {} CPU slots busy",
+                    self.cfg.cpu_slots
+                )));
             }
             return Ok(Vec::new());
         }
@@ -520,7 +540,7 @@ impl LocalCompute {
             .filter(|g| !used.contains(g))
             .collect();
         if free.len() < gpus as usize {
-            return Err(self.no_room(format!(
+            return Err(Error::Capacity(format!(
                 "{} of {} GPUs free",
                 free.len(),
                 self.cfg.gpus.len()
@@ -623,7 +643,9 @@ impl Compute for LocalCompute {
         }
         // Until the record is in: two allocations at once must not take one slot.
         let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
-        let gpus = self.pick(req.resources.gpus)?;
+        let gpus = self
+            .pick(req.resources.gpus)
+            .map_err(|e| self.no_room(e, req.resources.gpus))?;
         let rec = VmRecord {
             id: format!("local-{}-{}", req.key.job, req.key.attempt),
             key: req.key.clone(),

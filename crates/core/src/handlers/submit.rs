@@ -64,9 +64,8 @@ pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> 
     if !values.is_empty() {
         ports.secrets.put(&id, &values).await?;
     }
-    // The record holds the spec; its copy in the bucket, which agents read, is
-    // written before the first VM is allocated (`apply::allocate`), so that a
-    // submission costs one ledger commit and no bucket fsync.
+    // The record holds the spec; agents ask the API for it (`GET /v1/agent/spec`),
+    // so a submission costs one ledger commit and no copy anywhere else.
     let mut rec = JobRecord::new(id, sub.project, sub.spec.redacted(), now);
     rec.reply_to = sub.reply_to;
     rec.dispatched_at = Some(now);

@@ -30,6 +30,10 @@ const TEND_EVERY: Duration = Duration::from_millis(500);
 /// VM is killed instead.
 const WRAP_UP: Duration = Duration::from_secs(30);
 
+/// How long the pools' minimum is not refilled after a VM was retired to make room
+/// for a job (which asks again within its capacity backoff, at most 2 s).
+const REFILL_AFTER_EVICTION: Duration = Duration::from_secs(5);
+
 static NEXT_VM: AtomicU64 = AtomicU64::new(0);
 
 /// A pool VM as the provider keeps it (in memory: the agent leaves with the broker).
@@ -126,19 +130,25 @@ impl LocalCompute {
         Ok(Some(pool.clone()))
     }
 
-    /// A capacity miss; an idle pool VM holding a slot is retired to make room.
-    pub(super) fn no_room(&self, why: String) -> Error {
+    /// A capacity miss for a VM with `gpus` GPUs: an idle pool VM holding that kind
+    /// of slot is retired to make room (the job gets it when it asks again), and the
+    /// pools' minimum is not refilled for a while, so the room goes to the job.
+    pub(super) fn no_room(&self, miss: Error, gpus: u32) -> Error {
+        let Error::Capacity(why) = miss else {
+            return miss;
+        };
         let mut vms = self.pools();
         let idlest = vms
             .values_mut()
-            .filter(|v| v.idle())
+            .filter(|v| v.idle() && v.gpus.is_empty() == (gpus == 0))
             .min_by_key(|v| v.idle_since);
-        if let Some(v) = idlest {
-            info!(vm = %v.id, pool = %v.pool, "retiring an idle pool vm to make room");
-            v.tx = None;
-            return Error::Capacity(format!("{why}; an idle pool VM is retiring to make room"));
-        }
-        Error::Capacity(why)
+        let Some(v) = idlest else {
+            return Error::Capacity(why);
+        };
+        info!(vm = %v.id, pool = %v.pool, "retiring an idle pool vm to make room");
+        v.tx = None;
+        *self.evicted_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        Error::Capacity(format!("{why}; an idle pool VM is retiring to make room"))
     }
 
     /// Runs `req` on an idle VM of `pool`, or on a new one.
@@ -181,7 +191,9 @@ impl LocalCompute {
                         pool.max, pool.name
                     )));
                 }
-                let gpus = self.pick(pool.gpus)?;
+                let gpus = self
+                    .pick(pool.gpus)
+                    .map_err(|e| self.no_room(e, pool.gpus))?;
                 self.spawn_pool_vm(pool, gpus, Some(key.clone()))?
             }
         };
@@ -250,6 +262,21 @@ impl LocalCompute {
         let mut child = cmd.spawn().map_err(unavailable)?;
         let pid = child.id().unwrap_or_default();
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        // In the map before anything that may see the agent exit.
+        self.pools().insert(
+            id.clone(),
+            PoolVm {
+                id: id.clone(),
+                pool: pool.name.clone(),
+                gpus: gpus.clone(),
+                pid,
+                tx: Some(tx.clone()),
+                current: first,
+                idle_since: Instant::now(),
+                noticed: false,
+            },
+        );
+        info!(vm = %id, pool = %pool.name, pid, "pool vm started");
         if let Some(mut stdin) = child.stdin.take() {
             tokio::spawn(async move {
                 while let Some(line) = rx.recv().await {
@@ -282,20 +309,6 @@ impl LocalCompute {
                 }
             });
         }
-        info!(vm = %id, pool = %pool.name, pid, "pool vm started");
-        self.pools().insert(
-            id.clone(),
-            PoolVm {
-                id: id.clone(),
-                pool: pool.name.clone(),
-                gpus: gpus.clone(),
-                pid,
-                tx: Some(tx.clone()),
-                current: first,
-                idle_since: Instant::now(),
-                noticed: false,
-            },
-        );
         Ok(Picked {
             id,
             gpus,
@@ -339,22 +352,27 @@ impl LocalCompute {
     /// clean-up), its workload goes now; an agent that does not wrap up in time
     /// loses its VM.
     pub(super) fn release_pooled(&self, r: &VmRecord) {
-        if r.state == VmState::Terminated {
+        // Checked and marked in one step: once the agent has said it finished, the
+        // VM may already run the next attempt, whose workload must be left alone.
+        let live = self.lock().get_mut(&r.key).is_some_and(|stored| {
+            let live = stored.state != VmState::Terminated;
+            stored.state = VmState::Terminated;
+            live
+        });
+        if !live {
             return;
         }
-        self.kill_workload(&r.id);
-        if let Some(stored) = self.lock().get_mut(&r.key) {
-            stored.state = VmState::Terminated;
-        }
+        self.kill_workload_of(&r.id, Some(&r.key));
         let (this, key, vm) = (self.this.clone(), r.key.clone(), r.id.clone());
         tokio::spawn(async move {
             tokio::time::sleep(WRAP_UP).await;
             let Some(this) = this.upgrade() else { return };
-            let stuck = this
-                .pools()
-                .get(&vm)
-                .filter(|v| v.current.as_ref() == Some(&key))
-                .map(|v| v.pid);
+            let stuck = match this.pools().get(&vm) {
+                Some(v) => (v.current.as_ref() == Some(&key)).then_some(v.pid),
+                // A VM adopted after a restart takes no new attempts: still there
+                // means still on this one.
+                None => super::agent_pid(&vm),
+            };
             if let Some(pid) = stuck {
                 warn!(job_id = %key.job, attempt = key.attempt, vm = %vm, "pool agent did not finish a released attempt; killing its vm");
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
@@ -406,7 +424,12 @@ impl LocalCompute {
                 }
                 size
             };
+            let evicted = *self.evicted_at.lock().unwrap_or_else(|p| p.into_inner());
+            if evicted.is_some_and(|at| at.elapsed() < REFILL_AFTER_EVICTION) {
+                continue;
+            }
             for _ in size..pool.min {
+                let _one = self.picking.lock().unwrap_or_else(|p| p.into_inner());
                 let started = self
                     .pick(pool.gpus)
                     .and_then(|gpus| self.spawn_pool_vm(pool, gpus, None));
