@@ -25,7 +25,7 @@ echo "data=$data"
 for f in "$data/admin-token" "$data/agent-key" "$data/notify-secret" "$data/respawn.db" \
          "$data"/secrets/* "$data"/vms/*/credentials "$data"/vms/*/agent.log \
          ../../../admin-token ../../../agent-key ../../../secrets/* ../credentials \
-         /proc/1/cmdline /proc/$PPID/cmdline /proc/*/environ "$HOME/../credentials"; do
+         /proc/1/cmdline /proc/$PPID/cmdline /proc/*/environ "$HOME/../credentials" /etc/shadow; do
   echo "== $f"; cat "$f" 2>&1 | tr '\0' ' '; echo
 done
 echo "== ls"; ls -la "$data" "$data/vms" ../.. 2>&1
@@ -80,6 +80,11 @@ async fn a_hostile_job_gets_nothing_of_the_broker() {
     // The script printed its environment: its own secret proves it did.
     assert!(out.contains("MINE=my-own-secret-0b77"), "{out}");
     assert!(out.contains(&format!("RESPAWN_JOB_ID={id}")), "{out}");
+    // Root-only system files are masked (the broker runs as root in CI).
+    assert!(
+        !out.lines().any(|l| l.starts_with("root:")),
+        "the workload read /etc/shadow:\n{out}"
+    );
 
     let admin_token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let notify_secret = std::fs::read_to_string(data.join("notify-secret")).unwrap();

@@ -119,6 +119,10 @@ pub async fn attempt(
         message: e.to_string(),
     })?;
     let (job, attempt) = (task.job.clone(), task.attempt);
+    // The sandbox's masks are looked up while the attempt is prepared.
+    let sandboxed = !respawn_adapters::local::sandbox::Sandbox::from_arg(&args.sandbox).is_none();
+    let masked = sandboxed
+        .then(|| tokio::task::spawn_blocking(respawn_adapters::local::sandbox::masked_files));
     let reporter = Reporter::spawn(api.clone(), job.clone(), attempt);
     info!(job_id = %job, attempt, vm = %args.vm, "agent starting");
 
@@ -155,14 +159,15 @@ pub async fn attempt(
         fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
         return Ok(reporter);
     }
-    let mut workload = match Workload::spawn(&spec, &secrets, args, task, &dirs) {
-        Ok(w) => w,
-        Err(e) => {
-            let why = format!("cannot start the workload: {e}");
-            fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
-            return Ok(reporter);
-        }
-    };
+    let mut workload =
+        match Workload::spawn(&spec, &secrets, args, task, &dirs, masks(masked).await) {
+            Ok(w) => w,
+            Err(e) => {
+                let why = format!("cannot start the workload: {e}");
+                fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
+                return Ok(reporter);
+            }
+        };
     drop(secrets);
     reporter.send(Event::WorkloadStarted {
         attempt,
@@ -266,6 +271,11 @@ async fn patiently<T, F: Future<Output = Result<T, report::Error>>>(
             other => return other,
         }
     }
+}
+
+/// The masks looked up in the background; `None` (look them up now) if that failed.
+async fn masks(lookup: Option<tokio::task::JoinHandle<Vec<PathBuf>>>) -> Option<Vec<PathBuf>> {
+    lookup?.await.ok()
 }
 
 /// The attempt is over: its work folder goes (outputs and checkpoints are in the

@@ -174,6 +174,7 @@ impl Workload {
         args: &Args,
         task: &Task,
         dirs: &WorkloadDirs,
+        masked: Option<Vec<PathBuf>>,
     ) -> Result<Self, Error> {
         let sandbox = Sandbox::from_arg(&args.sandbox);
         let (mut cmd, container) = match &spec.image {
@@ -201,6 +202,7 @@ impl Workload {
                             work: dirs.root.clone(),
                             read_only: args.read_only.clone(),
                             cwd,
+                            masked,
                         };
                         let mut cmd = Command::new(bwrap);
                         cmd.args(sandbox::bwrap_args(&mounts));

@@ -55,6 +55,21 @@ pub struct Mounts {
     pub read_only: Vec<PathBuf>,
     /// Its working directory (inside the sandbox).
     pub cwd: PathBuf,
+    /// What [`masked_files`] found, when it was run beforehand (an agent looks while
+    /// it restores the checkpoint); `None`: looked up now.
+    pub masked: Option<Vec<PathBuf>>,
+}
+
+/// System files the workload must not read, masked in its sandbox: those under
+/// `/etc` that only root may read, when the sandbox is made by root (none otherwise).
+/// In the sandbox's user namespace the broker's root owns nothing, but it maps to the
+/// workload's own uid.
+pub fn masked_files() -> Vec<PathBuf> {
+    if nix::unistd::geteuid().is_root() {
+        unreadable_by_others(Path::new("/etc"))
+    } else {
+        Vec::new()
+    }
 }
 
 /// Folders every program needs, bound read-only when they exist. On merged-/usr
@@ -109,15 +124,14 @@ pub fn bwrap_args(m: &Mounts) -> Vec<OsString> {
             _ => {}
         }
     }
-    if root {
-        // In the sandbox's user namespace the broker's root owns nothing, but it maps
-        // to the workload's own uid: mask what only root may read (shadow, host keys).
-        for secret in unreadable_by_others(Path::new("/etc")) {
-            if secret.is_dir() {
-                push(&[&"--tmpfs", &secret]);
-            } else {
-                push(&[&"--ro-bind", &"/dev/null", &secret]);
-            }
+    // Shadow, host keys, …: looked up for each sandbox, never remembered, so that
+    // one made since is masked too.
+    let masked = m.masked.clone().unwrap_or_else(masked_files);
+    for secret in masked {
+        if secret.is_dir() {
+            push(&[&"--tmpfs", &secret]);
+        } else {
+            push(&[&"--ro-bind", &"/dev/null", &secret]);
         }
     }
     push(&[
@@ -195,6 +209,7 @@ pub fn detect() -> Option<PathBuf> {
         work: dir.clone(),
         read_only: Vec::new(),
         cwd: dir,
+        masked: None,
     };
     let ok = Command::new(&bwrap)
         .args(bwrap_args(&mounts))
@@ -274,6 +289,7 @@ mod tests {
             work: work.clone(),
             read_only: Vec::new(),
             cwd: work.clone(),
+            masked: None,
         };
         let script = format!(
             "echo hi > {w}/out; cat {d}/admin-token; cat ../../../admin-token; ls {d}/vms; \
