@@ -15,7 +15,6 @@
 use std::time::{Duration, Instant};
 
 use respawn_e2e::Up;
-use serde_json::Value;
 
 const CLIENTS: usize = 16;
 
@@ -52,17 +51,16 @@ async fn submit_all(up: &Up, jobs: usize, command: &'static str) {
 async fn e2e(jobs: usize, up_args: &[&str]) -> (Duration, usize) {
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(&dir.path().join("data"), up_args).await;
-    let (base, token) = (up.base.clone(), up.token());
     let started = Instant::now();
     submit_all(&up, jobs, r#"["true"]"#).await;
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         // One job per live state is enough to know the run is not over: the
         // broker is not made to list thousands of records while it is measured.
         let mut live = false;
         for state in ["pending", "allocating", "starting", "running", "preempted"] {
-            live = live || some(&http, &base, &token, state).await;
+            let page = up.get(&format!("/v1/jobs?state={state}&limit=1")).await;
+            live = live || page["jobs"].as_array().is_some_and(|j| !j.is_empty());
         }
         if !live {
             let took = started.elapsed();
@@ -77,27 +75,12 @@ async fn e2e(jobs: usize, up_args: &[&str]) -> (Duration, usize) {
     }
 }
 
-async fn some(http: &reqwest::Client, base: &str, token: &str, state: &str) -> bool {
-    let page: Value = http
-        .get(format!("{base}/v1/jobs?state={state}&limit=1"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    page["jobs"].as_array().is_some_and(|j| !j.is_empty())
-}
-
 /// `running` long jobs, `preempted` of them preempted at once: how long until all
 /// run again (each preempted job on a new attempt).
 async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(&dir.path().join("data"), up_args).await;
-    let (base, token) = (up.base.clone(), up.token());
     submit_all(&up, running, r#"["sleep", "600"]"#).await;
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut ids: Vec<String> = Vec::new();
     while ids.len() < running {
@@ -111,17 +94,9 @@ async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
     }
     let victims: Vec<String> = ids.into_iter().take(preempted).collect();
     let started = Instant::now();
-    let notices = victims.iter().map(|id| {
-        let (http, base, token) = (http.clone(), base.clone(), token.clone());
-        async move {
-            http.post(format!("{base}/v1/preempt"))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({ "target": id, "notice_secs": 1.0 }))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let notices = victims
+        .iter()
+        .map(|id| up.preempt(id, Duration::from_secs(1)));
     futures::future::join_all(notices).await;
     loop {
         let now_running = up.job_ids(Some("running")).await.len();
@@ -129,15 +104,7 @@ async fn storm(running: usize, preempted: usize, up_args: &[&str]) -> Duration {
         if now_running == running {
             let mut again = 0;
             for id in &victims {
-                let job: Value = http
-                    .get(format!("{base}/v1/jobs/{id}"))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let job = up.job(id).await;
                 again +=
                     usize::from(job["attempt"].as_u64() == Some(2) && job["state"] == "running");
             }

@@ -185,10 +185,9 @@ impl Workload {
                     .ok_or_else(|| Error::NoRuntime {
                         image: image.clone(),
                     })?;
-                // One name per attempt: a pool VM runs many, one after another.
-                let name = format!("respawn-{}-{}-{}", args.vm, task.job, task.attempt);
+                let name = container_name(args, task);
                 (
-                    container_command((&rt, &name), image, spec, secrets, args, task, dirs),
+                    container_command(&rt, image, spec, secrets, args, task, dirs),
                     Some((rt, name)),
                 )
             }
@@ -327,8 +326,13 @@ impl Workload {
 /// NAME` without a value), never its command line, where `ps` would show them.
 /// Every option is `--name=value` and `--` ends them, so that no value from the spec
 /// can become an option of its own.
+/// One name per attempt: a pool VM runs many, one after another.
+fn container_name(args: &Args, task: &Task) -> String {
+    format!("respawn-{}-{}-{}", args.vm, task.job, task.attempt)
+}
+
 fn container_command(
-    (rt, name): (&str, &str),
+    rt: &str,
     image: &str,
     spec: &JobSpec,
     secrets: &BTreeMap<String, String>,
@@ -344,6 +348,7 @@ fn container_command(
             cmd.env(k, v);
         }
     }
+    let name = container_name(args, task);
     cmd.args(["run", "--rm", &format!("--name={name}")]);
     let mut volume = |host: &Path, guest: &str| {
         let mut v = OsString::from("--volume=");
@@ -561,7 +566,7 @@ mod tests {
         };
         let secrets = BTreeMap::from([("TOKEN".to_owned(), "s3cret".to_owned())]);
         let cmd = container_command(
-            ("docker", "respawn-vm-1"),
+            "docker",
             "ubuntu:24.04",
             &spec,
             &secrets,

@@ -234,29 +234,28 @@ impl LocalCompute {
     /// writing the latest state: two changes racing (a release and the watcher's
     /// termination) can never leave the older one on disk.
     fn persist(&self, key: &AllocationKey) {
+        self.persist_with(key, durable::write);
+    }
+
+    /// [`Self::persist`] for a record that only matters while its agent runs (a
+    /// power loss ends the agent too): replaced atomically, not fsync'd.
+    fn persist_unsynced(&self, key: &AllocationKey) {
+        self.persist_with(key, durable::write_unsynced);
+    }
+
+    fn persist_with(
+        &self,
+        key: &AllocationKey,
+        write: fn(&std::path::Path, &[u8], u32) -> std::io::Result<()>,
+    ) {
         let _one = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = self.lock().get(key).cloned() else {
             return;
         };
         let path = self.vm_dir(&r.id).join("vm.json");
         let body = serde_json::to_vec_pretty(&r).unwrap_or_default();
-        if let Err(e) = durable::write(&path, &body, 0o644) {
+        if let Err(e) = write(&path, &body, 0o644) {
             warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, error = %e, "cannot persist vm record");
-        }
-    }
-
-    /// [`Self::persist`] for a record that only matters while its agent runs: the
-    /// file is replaced atomically, but not flushed to disk.
-    fn persist_unsynced(&self, key: &AllocationKey) {
-        let _one = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(r) = self.lock().get(key).cloned() else {
-            return;
-        };
-        let path = self.vm_dir(&r.id).join("vm.json");
-        let tmp = self.vm_dir(&r.id).join(".vm.json.tmp");
-        let body = serde_json::to_vec(&r).unwrap_or_default();
-        if let Err(e) = std::fs::write(&tmp, &body).and_then(|()| std::fs::rename(&tmp, &path)) {
-            warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, error = %e, "cannot record the vm's attempt");
         }
     }
 
@@ -306,7 +305,7 @@ impl LocalCompute {
         let mut gpus = Vec::new();
         // An attempt on a pool VM counts through its VM, unless the VM is one a
         // restarted broker adopted (still running the attempt it had, then leaving).
-        let pool_vms = self.pool_vm_ids();
+        let (pool_vms, pool_cpu, pool_gpus) = self.pool_used();
         {
             let vms = self.lock();
             for r in vms.values().filter(|r| {
@@ -318,7 +317,6 @@ impl LocalCompute {
                 gpus.extend(&r.gpus);
             }
         }
-        let (pool_cpu, pool_gpus) = self.pool_used();
         (cpu + pool_cpu, [gpus, pool_gpus].concat())
     }
 
@@ -390,12 +388,12 @@ impl LocalCompute {
     }
 
     /// The workload runs in its own process group; the agent records it.
-    /// The agent writes `<pgid> <job> <attempt>`; with `only`, the group is killed
-    /// only if it is that attempt's (a pool VM may have moved on to the next).
     fn kill_workload(&self, id: &str) {
         self.kill_workload_of(id, None);
     }
 
+    /// The agent writes `<pgid> <job> <attempt>`; with `only`, the group is killed
+    /// only if it is that attempt's (a pool VM may have moved on to the next).
     fn kill_workload_of(&self, id: &str, only: Option<&AllocationKey>) {
         let Ok(text) = std::fs::read_to_string(self.vm_dir(id).join("workload.pgid")) else {
             return;
@@ -493,6 +491,14 @@ impl LocalCompute {
             }
             _ => {}
         }
+    }
+
+    /// The provider is unavailable: the agent (or its VM folder) cannot be made.
+    fn cannot_start(&self, e: std::io::Error) -> Error {
+        Error::Unavailable(Box::new(std::io::Error::new(
+            e.kind(),
+            format!("cannot start {}: {e}", self.cfg.agent_bin.display()),
+        )))
     }
 
     /// Refuses what this machine can never run.
@@ -669,12 +675,7 @@ impl Compute for LocalCompute {
         drop(picking);
         // On disk before the process exists: a restarted broker then knows the VM.
         self.persist(&req.key);
-        let child = self.spawn_agent(&rec).map_err(|e| {
-            Error::Unavailable(Box::new(std::io::Error::new(
-                e.kind(),
-                format!("cannot start {}: {e}", self.cfg.agent_bin.display()),
-            )))
-        });
+        let child = self.spawn_agent(&rec).map_err(|e| self.cannot_start(e));
         let child = match child {
             Ok(c) => c,
             Err(e) => {

@@ -13,6 +13,17 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 /// Replaces `path` with `bytes` durably; `mode` sets the new file's permissions
 /// (e.g. `0o600` for keys and tokens). Creates missing parent folders.
 pub fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    replace(path, bytes, mode, true)
+}
+
+/// [`write`] without the fsyncs: a crash of the process leaves the old content or
+/// the new, a power loss may leave either or neither. For files that matter only
+/// while processes that a power loss ends too are running.
+pub fn write_unsynced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    replace(path, bytes, mode, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -33,13 +44,18 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
+    if !sync {
+        return Ok(());
+    }
     sync_dir(dir)?;
     // New folders are entries of their parents: those must be on disk too.
     for d in created {

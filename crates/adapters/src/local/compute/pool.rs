@@ -69,16 +69,13 @@ impl LocalCompute {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The ids of the pool VMs this provider started.
-    pub(super) fn pool_vm_ids(&self) -> std::collections::BTreeSet<String> {
-        self.pools().keys().cloned().collect()
-    }
-
-    /// CPU slots and GPUs held by pool VMs (busy, idle or retiring).
-    pub(super) fn pool_used(&self) -> (usize, Vec<u32>) {
+    /// The pool VMs this provider started (busy, idle or retiring), and the CPU
+    /// slots and GPUs they hold.
+    pub(super) fn pool_used(&self) -> (std::collections::BTreeSet<String>, usize, Vec<u32>) {
         let vms = self.pools();
         let cpu = vms.values().filter(|v| v.gpus.is_empty()).count();
-        (cpu, vms.values().flat_map(|v| v.gpus.clone()).collect())
+        let gpus = vms.values().flat_map(|v| v.gpus.clone()).collect();
+        (vms.keys().cloned().collect(), cpu, gpus)
     }
 
     /// CPU slots and GPUs of idle pool VMs, ready for the next job.
@@ -245,12 +242,7 @@ impl LocalCompute {
             SystemClock.now().0,
             NEXT_VM.fetch_add(1, Ordering::Relaxed)
         );
-        let unavailable = |e: std::io::Error| {
-            Error::Unavailable(Box::new(std::io::Error::new(
-                e.kind(),
-                format!("cannot start {}: {e}", self.cfg.agent_bin.display()),
-            )))
-        };
+        let unavailable = |e| self.cannot_start(e);
         let dir = self.vm_dir(&id);
         std::fs::create_dir_all(&dir).map_err(unavailable)?;
         let log = std::fs::File::create(dir.join("agent.log")).map_err(unavailable)?;
