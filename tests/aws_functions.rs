@@ -59,13 +59,40 @@ impl Stack {
 
     /// A function whose agents report to `api_url`.
     async fn function_with_api(&self, name: &str, api_url: &str) -> Function {
+        self.function_with(name, api_url, &[]).await
+    }
+
+    /// A function whose agents report to `api_url`, with `more` environment.
+    async fn function_with(&self, name: &str, api_url: &str, more: &[(&str, &str)]) -> Function {
         let mut env = lambda::env(&self.aws.endpoint, &self.name, self.config.path());
         for (k, v) in &mut env {
             if k == "RESPAWN_API_URL" {
                 *v = api_url.to_owned();
             }
         }
+        env.extend(more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         Function::start(name, &env).await
+    }
+
+    /// The ids and states of the stack's pool instances.
+    fn pool_instances(&self) -> Vec<(String, String)> {
+        let out = self.aws.drive_python(&format!(
+            r#"
+import boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+found = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:stack", "Values": ["{}"]}},
+                                        {{"Name": "tag-key", "Values": ["respawn:pool"]}}])
+for r in found["Reservations"]:
+    for i in r["Instances"]:
+        print(i["InstanceId"], i["State"]["Name"])
+"#,
+            self.name
+        ));
+        out.lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(id, state)| (id.to_owned(), state.to_owned()))
+            .collect()
     }
 
     /// The SQS queues of a logical queue, highest band first.
@@ -703,4 +730,178 @@ print(base64.b64encode(s3.get_object(Bucket="{stack}-data", Key="jobs/{id}/outpu
         Vec::<String>::new()
     );
     assert!(!vms.running().contains(&first));
+}
+
+/// The functions a pool test pumps, and its emulated VMs.
+struct Pumped<'a> {
+    stack: &'a Stack,
+    submit: Function,
+    dispatch: Function,
+    events: Function,
+    vms: respawn_e2e::vm::Vms,
+}
+
+impl Pumped<'_> {
+    fn event_queues(&self) -> Vec<String> {
+        let mut q = self.stack.bands("events");
+        q.push(format!("{}-ec2-no", self.stack.name));
+        q
+    }
+
+    /// Pumps every queue and steps the VMs until job `name` satisfies `done`.
+    async fn until(
+        &mut self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&JobRecord) -> bool,
+    ) -> JobRecord {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: not {what}: {:?}\nVMs: {}",
+                self.stack.jobs().await,
+                self.vms.logs()
+            );
+            let stack = self.stack;
+            self.submit.pump(&stack.sqs, &stack.bands("submit")).await;
+            self.dispatch
+                .pump(&stack.sqs, &stack.bands("dispatch"))
+                .await;
+            self.events.pump(&stack.sqs, &self.event_queues()).await;
+            self.vms.step(&stack.aws).await;
+            if let Some(j) = stack.jobs().await.into_iter().find(|j| j.spec.name == name) {
+                if done(&j) {
+                    return j;
+                }
+                assert!(!j.state.is_terminal(), "{j:?}\nVMs: {}", self.vms.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn submit(&self, name: &str, script: &str) {
+        let spec = json!({"spec": {"name": name, "command": ["sh", "-c", script]}});
+        self.stack.send(
+            &format!("{}-submit-no", self.stack.name),
+            &[(&spec.to_string(), &[])],
+        );
+    }
+}
+
+/// A warm pool on EC2 through the functions: jobs in a row run on one instance
+/// (the pool's `max` is 1), each finding nothing the one before left in its
+/// folders; a cancelled job's workload is killed on the VM, which takes the next
+/// job; once idle past the pool's timeout, `reconcile` retires the instance and
+/// its agent ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_a_row_run_on_one_warm_instance_that_retires_when_idle() {
+    let stack = Stack::new("fnpool");
+    let pools = [("RESPAWN_EC2_POOLS", "warm:max=1,idle=1s")];
+    let cell = Arc::new(tokio::sync::OnceCell::new());
+    let url = lambda::function_url(cell.clone()).await;
+    cell.set(stack.function_with("api", &url, &pools).await)
+        .unwrap();
+    let api = cell.get().unwrap();
+    let reconcile = stack.function_with("reconcile", &url, &pools).await;
+    let mut p = Pumped {
+        stack: &stack,
+        submit: stack.function_with("submit", &url, &pools).await,
+        dispatch: stack.function_with("dispatch", &url, &pools).await,
+        events: stack.function_with("events", &url, &pools).await,
+        vms: respawn_e2e::vm::Vms::new(
+            &stack.name,
+            [
+                ("AWS_ENDPOINT_URL", stack.aws.endpoint.as_str()),
+                ("AWS_REGION", "us-east-1"),
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec(),
+        ),
+    };
+    // Fails if anything of an earlier job is in its folders; leaves some behind.
+    let look = r#"test ! -e left && test ! -e "$RESPAWN_OUTPUT_DIR/left" && touch left "$RESPAWN_OUTPUT_DIR/left""#;
+    let succeeded = |j: &JobRecord| j.state == JobState::Succeeded;
+    let mut done: Vec<JobRecord> = Vec::new();
+    for n in 0..3 {
+        p.submit(&format!("warm-{n}"), look);
+        done.push(p.until(&format!("warm-{n}"), "succeeded", succeeded).await);
+    }
+
+    // A cancelled job: the VM's orders change, its agent kills the workload, and
+    // the VM takes the next job.
+    p.submit("long", &format!("{look}; sleep 300"));
+    let long = p
+        .until("long", "running", |j| {
+            j.attempts.first().is_some_and(|a| a.started_at.is_some())
+        })
+        .await;
+    let token = stack.aws.drive_python(&format!(
+        r#"
+import boto3
+s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode().strip())
+"#,
+        stack.name
+    ));
+    let cancelled = api
+        .invoke(request(
+            "POST",
+            &format!("/v1/jobs/{}/cancel", long.id),
+            Some(token.trim()),
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(cancelled["statusCode"], 200, "{cancelled}");
+    p.until("long", "cancelled", |j| j.state == JobState::Cancelled)
+        .await;
+    p.submit("after", look);
+    done.push(p.until("after", "succeeded", succeeded).await);
+
+    let instances = stack.pool_instances();
+    assert_eq!(instances.len(), 1, "one pool instance: {instances:?}");
+    let instance = instances[0].0.clone();
+    for job in done.iter().chain([&long]) {
+        assert_eq!(job.attempts.len(), 1, "{job:?}");
+        assert_eq!(job.attempts[0].vm.as_ref(), Some(&instance), "{job:?}");
+    }
+    assert!(
+        p.vms.log(&instance).contains("killing its workload"),
+        "{}",
+        p.vms.log(&instance)
+    );
+
+    // Idle past 1 s, reconcile retires the VM and its agent, told to retire, ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle pool VM was not retired: {:?}\nVMs: {}",
+            stack.pool_instances(),
+            p.vms.logs()
+        );
+        p.events.pump(&stack.sqs, &p.event_queues()).await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        reconcile
+            .invoke(fixture("eventbridge-scheduled.json"))
+            .await
+            .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+        p.vms.step(&stack.aws).await;
+        let gone = stack
+            .pool_instances()
+            .iter()
+            .all(|(_, state)| state == "terminated" || state == "shutting-down");
+        if gone && p.vms.running().is_empty() {
+            break;
+        }
+    }
+    assert!(
+        p.vms.log(&instance).contains("pool vm retiring"),
+        "{}",
+        p.vms.log(&instance)
+    );
 }

@@ -215,9 +215,10 @@ FUNCTIONS = {
         "policy": [STATE_RW, SEND, DESCRIBE, TERMINATE],
     },
     "reconcile": {
-        "doc": "deadlines, lost VMs and orphans, every minute",
+        "doc": "deadlines, lost VMs and orphans, warm pools' size, every minute",
         "schedule": "rate(1 minute)",
-        "policy": [STATE_RW, SEND, DESCRIBE, TERMINATE],
+        # RUN: it launches the VMs that keep a pool's minimum warm.
+        "policy": [STATE_RW, SEND, DESCRIBE, TERMINATE] + RUN,
     },
     "api": {
         "doc": "the HTTP API (function URL; bearer tokens, signed webhooks, agent credentials)",
@@ -468,6 +469,11 @@ def template():
             },
             "SubnetId": {"Type": "String", "Default": "", "Description": "Where agents run (empty: the default VPC)"},
             "SecurityGroupIds": {"Type": "CommaDelimitedList", "Default": ""},
+            "Pools": {
+                "Type": "String",
+                "Default": "",
+                "Description": "Warm pools of agent instances, ';'-separated, e.g. cpu:max=4,idle=10m;a10g:gpus=1,max=8 (empty: a fresh instance per attempt)",
+            },
             "Concurrency": {
                 "Type": "Number",
                 "Default": 10,
@@ -498,6 +504,7 @@ def template():
                         "RESPAWN_EC2_INSTANCE_TYPES": ref("InstanceTypes"),
                         "RESPAWN_EC2_SUBNET": {"Fn::If": ["HasSubnet", ref("SubnetId"), {"Ref": "AWS::NoValue"}]},
                         "RESPAWN_EC2_LAUNCH_TEMPLATE": ref("AgentLaunchTemplate"),
+                        "RESPAWN_EC2_POOLS": ref("Pools"),
                     }
                 },
             }

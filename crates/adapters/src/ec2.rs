@@ -15,12 +15,15 @@
 //! - **User data** starts the agent with its attempt's credential (see
 //!   [`user_data`]); IMDSv2 is required and its hop limit is 1, so containers on the
 //!   VM behind a bridge cannot reach the instance's metadata.
+//! - **Warm pools** (`RESPAWN_EC2_POOLS`): instances that run attempt after attempt,
+//!   their state in the broker's state bucket; see [`pool`].
 //! - **Why the Query API**: the provider needs five EC2 actions. `aws-sdk-ec2` is
 //!   ~1.2 M lines (minutes and ~9 GB of memory to compile on two cores); signing the
 //!   few form-encoded calls with `aws-sigv4` costs a few hundred lines here.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -28,9 +31,13 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use base64::Engine;
+use object_store::ObjectStore;
 use respawn_core::attempt_auth::{AgentCredentials, AttemptKey};
 use respawn_core::job::JobId;
-use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, Error, Vm, VmState};
+use respawn_core::pool::PoolSpec;
+use respawn_core::ports::compute::{
+    AllocateRequest, AllocationKey, Compute, Error, Orders, Vm, VmState,
+};
 use respawn_core::spec::Resources;
 use respawn_core::time::Timestamp;
 use serde::Deserialize;
@@ -41,6 +48,9 @@ pub const TAG_STACK: &str = "respawn:stack";
 pub const TAG_JOB: &str = "respawn:job";
 pub const TAG_ATTEMPT: &str = "respawn:attempt";
 pub const TAG_PROJECT: &str = "respawn:project";
+/// A pool VM's pool and name (it has no job or attempt tags: it runs many).
+pub const TAG_POOL: &str = "respawn:pool";
+pub const TAG_VM: &str = "respawn:vm";
 const API_VERSION: &str = "2016-11-15";
 
 /// How the agent on a new instance is started.
@@ -72,6 +82,8 @@ pub struct Ec2Config {
     /// A launch template (id) for what every agent shares.
     pub launch_template: Option<String>,
     pub agent: AgentBoot,
+    /// Warm pools; their state lives in [`Ec2Compute::with_pools`]'s store.
+    pub pools: Vec<PoolSpec>,
 }
 
 /// GPU instance types by GPU model and count per instance.
@@ -166,6 +178,7 @@ pub struct Ec2Compute {
     region: String,
     credentials: SharedCredentialsProvider,
     cfg: Ec2Config,
+    pool_state: Option<pool::PoolState>,
 }
 
 impl fmt::Debug for Ec2Compute {
@@ -203,7 +216,29 @@ impl Ec2Compute {
             region,
             credentials,
             cfg,
+            pool_state: None,
         })
+    }
+
+    /// Keeps the pools' state (which VM runs what) in `state`, the broker's state
+    /// bucket. A pool with GPUs and no model gets the default model's instance type.
+    pub fn with_pools(mut self, state: Arc<dyn ObjectStore>) -> Result<Ec2Compute, String> {
+        for pool in &mut self.cfg.pools {
+            if pool.gpus > 0 && pool.gpu_type.is_none() {
+                pool.gpu_type = Some(self.cfg.instance_types.default_gpu.clone());
+            }
+            let resources = Resources {
+                gpus: pool.gpus,
+                gpu_type: pool.gpu_type.clone(),
+                ..Resources::default()
+            };
+            self.cfg
+                .instance_types
+                .choose(&resources, &self.cfg.cpu_instance_type)
+                .map_err(|e| format!("pool {}: {e}", pool.name))?;
+        }
+        self.pool_state = Some(pool::PoolState::new(state));
+        Ok(self)
     }
 
     async fn call(&self, action: &str, params: &[(String, String)]) -> Result<String, Ec2Error> {
@@ -317,11 +352,13 @@ impl Ec2Compute {
             Err(e) if e.code.starts_with("InvalidInstanceID") => return Ok(None),
             Err(e) => return Err(e.into_compute()),
         };
-        Ok(found
-            .iter()
-            .find(|i| i.id == instance_id)
-            .and_then(|i| i.to_vm().ok())
-            .map(|vm| vm.key))
+        let Some(instance) = found.iter().find(|i| i.id == instance_id) else {
+            return Ok(None);
+        };
+        if instance.tag(TAG_POOL).is_some() {
+            return self.pooled_key_of(instance_id).await;
+        }
+        Ok(instance.to_vm().ok().map(|vm| vm.key))
     }
 
     /// The attempt's instances, oldest first.
@@ -356,20 +393,58 @@ impl Ec2Compute {
     }
 }
 
-/// `RunInstances`'s parameters for an attempt.
-fn run_params(cfg: &Ec2Config, req: &AllocateRequest) -> Result<Vec<(String, String)>, Error> {
-    let instance_type = cfg
-        .instance_types
-        .choose(&req.resources, &cfg.cpu_instance_type)?;
+/// What a new instance is for.
+enum Boot<'a> {
+    /// One attempt (a single-use VM).
+    Attempt(&'a AllocationKey),
+    /// A pool VM, by name: it asks the API for its attempts.
+    Pool(&'a str),
+}
+
+/// One `RunInstances` call.
+struct Launch<'a> {
+    instance_type: String,
+    client_token: String,
+    boot: Boot<'a>,
+    /// Besides the stack's.
+    tags: Vec<(&'static str, String)>,
+    spot: bool,
+    max_price: Option<f64>,
+}
+
+/// The launch of a single-use VM for `req`'s attempt.
+fn attempt_launch<'a>(cfg: &Ec2Config, req: &'a AllocateRequest) -> Result<Launch<'a>, Error> {
+    Ok(Launch {
+        instance_type: cfg
+            .instance_types
+            .choose(&req.resources, &cfg.cpu_instance_type)?,
+        client_token: client_token(&cfg.stack, &req.key),
+        boot: Boot::Attempt(&req.key),
+        tags: vec![
+            (TAG_JOB, req.key.job.to_string()),
+            (TAG_ATTEMPT, req.key.attempt.to_string()),
+            (TAG_PROJECT, req.project.clone()),
+        ],
+        spot: req.placement.spot,
+        max_price: req.placement.max_price,
+    })
+}
+
+/// `RunInstances`'s parameters.
+fn run_params(cfg: &Ec2Config, launch: &Launch<'_>) -> Vec<(String, String)> {
+    let user_data = match launch.boot {
+        Boot::Attempt(key) => user_data(&cfg.agent, key),
+        Boot::Pool(vm) => pool_user_data(&cfg.agent, vm),
+    };
     let mut p: Vec<(String, String)> = vec![
         ("ImageId".into(), cfg.image_id.clone()),
-        ("InstanceType".into(), instance_type),
+        ("InstanceType".into(), launch.instance_type.clone()),
         ("MinCount".into(), "1".into()),
         ("MaxCount".into(), "1".into()),
-        ("ClientToken".into(), client_token(&cfg.stack, &req.key)),
+        ("ClientToken".into(), launch.client_token.clone()),
         (
             "UserData".into(),
-            base64::engine::general_purpose::STANDARD.encode(user_data(&cfg.agent, &req.key)),
+            base64::engine::general_purpose::STANDARD.encode(user_data),
         ),
         ("MetadataOptions.HttpTokens".into(), "required".into()),
         ("MetadataOptions.HttpPutResponseHopLimit".into(), "1".into()),
@@ -378,12 +453,9 @@ fn run_params(cfg: &Ec2Config, req: &AllocateRequest) -> Result<Vec<(String, Str
             "terminate".into(),
         ),
     ];
-    let tags = [
-        (TAG_STACK, cfg.stack.clone()),
-        (TAG_JOB, req.key.job.to_string()),
-        (TAG_ATTEMPT, req.key.attempt.to_string()),
-        (TAG_PROJECT, req.project.clone()),
-    ];
+    let tags: Vec<(&str, String)> = std::iter::once((TAG_STACK, cfg.stack.clone()))
+        .chain(launch.tags.iter().cloned())
+        .collect();
     for (s, resource) in ["instance", "volume"].into_iter().enumerate() {
         let spec = format!("TagSpecification.{}", s + 1);
         p.push((format!("{spec}.ResourceType"), resource.into()));
@@ -392,7 +464,7 @@ fn run_params(cfg: &Ec2Config, req: &AllocateRequest) -> Result<Vec<(String, Str
             p.push((format!("{spec}.Tag.{}.Value", t + 1), v.clone()));
         }
     }
-    if req.placement.spot {
+    if launch.spot {
         let spot = "InstanceMarketOptions.SpotOptions";
         p.push(("InstanceMarketOptions.MarketType".into(), "spot".into()));
         p.push((format!("{spot}.SpotInstanceType"), "one-time".into()));
@@ -400,7 +472,7 @@ fn run_params(cfg: &Ec2Config, req: &AllocateRequest) -> Result<Vec<(String, Str
             format!("{spot}.InstanceInterruptionBehavior"),
             "terminate".into(),
         ));
-        if let Some(price) = req.placement.max_price {
+        if let Some(price) = launch.max_price {
             p.push((format!("{spot}.MaxPrice"), format!("{price}")));
         }
     }
@@ -419,7 +491,29 @@ fn run_params(cfg: &Ec2Config, req: &AllocateRequest) -> Result<Vec<(String, Str
         p.push(("LaunchTemplate.LaunchTemplateId".into(), template.clone()));
         p.push(("LaunchTemplate.Version".into(), "$Latest".into()));
     }
-    Ok(p)
+    p
+}
+
+impl Ec2Compute {
+    /// Launches one instance.
+    async fn run_instance(&self, launch: &Launch<'_>) -> Result<Instance, Error> {
+        if self.cfg.agent.api.is_empty() {
+            return Err(Error::Unavailable(
+                "no API address for agents to report to (RESPAWN_API_URL)".into(),
+            ));
+        }
+        let xml = self
+            .call("RunInstances", &run_params(&self.cfg, launch))
+            .await
+            .map_err(Ec2Error::into_compute)?;
+        let ran: Reservation = quick_xml::de::from_str(&xml)
+            .map_err(|e| Error::Unavailable(format!("RunInstances: {e}").into()))?;
+        ran.instances
+            .item
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))
+    }
 }
 
 #[async_trait]
@@ -427,6 +521,9 @@ impl Compute for Ec2Compute {
     async fn allocate(&self, req: &AllocateRequest) -> Result<Vm, Error> {
         if req.resources.nodes > 1 {
             return Err(Error::NotSupported("multi-node jobs on EC2".into()));
+        }
+        if let Some(pool) = self.pool_for(req)? {
+            return self.allocate_pooled(req, &pool).await;
         }
         let found = self.of_attempt(&req.key).await?;
         if let Some(first) = found.first() {
@@ -445,24 +542,8 @@ impl Compute for Ec2Compute {
             }
             return first.to_vm();
         }
-        if self.cfg.agent.api.is_empty() {
-            return Err(Error::Unavailable(
-                "no API address for agents to report to (RESPAWN_API_URL)".into(),
-            ));
-        }
-        let params = run_params(&self.cfg, req)?;
-        let xml = self
-            .call("RunInstances", &params)
-            .await
-            .map_err(Ec2Error::into_compute)?;
-        let ran: Reservation = quick_xml::de::from_str(&xml)
-            .map_err(|e| Error::Unavailable(format!("RunInstances: {e}").into()))?;
-        let instance = ran
-            .instances
-            .item
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))?;
+        let launch = attempt_launch(&self.cfg, req)?;
+        let instance = self.run_instance(&launch).await?;
         info!(job_id = %req.key.job, attempt = req.key.attempt, instance = %instance.id, spot = req.placement.spot, "instance launched");
         let mut vm = instance.to_vm()?;
         // RunInstances's answer may omit the tags; the key is known.
@@ -471,6 +552,9 @@ impl Compute for Ec2Compute {
     }
 
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
+        if self.release_pooled(key).await? {
+            return Ok(());
+        }
         let live: Vec<String> = self
             .of_attempt(key)
             .await?
@@ -487,6 +571,9 @@ impl Compute for Ec2Compute {
     }
 
     async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        if let Some(vm) = self.describe_pooled(key).await? {
+            return Ok(Some(vm));
+        }
         self.of_attempt(key)
             .await?
             .first()
@@ -495,15 +582,19 @@ impl Compute for Ec2Compute {
     }
 
     async fn list(&self) -> Result<Vec<Vm>, Error> {
-        self.instances(&[], None)
+        let instances = self
+            .instances(&[], None)
             .await
-            .map_err(Ec2Error::into_compute)?
-            .iter()
-            // An instance without respawn's tags (made by hand in the stack) is
-            // not a VM of any attempt.
-            .filter_map(|i| i.to_vm().ok())
-            .map(Ok)
-            .collect()
+            .map_err(Ec2Error::into_compute)?;
+        // An instance without respawn's tags (made by hand in the stack, or a pool
+        // VM, listed by its slot) is not a VM of any attempt.
+        let mut vms: Vec<Vm> = instances.iter().filter_map(|i| i.to_vm().ok()).collect();
+        vms.extend(self.list_pooled(&instances).await?);
+        Ok(vms)
+    }
+
+    async fn orders(&self, vm: &str) -> Result<Orders, Error> {
+        self.orders_of(vm).await
     }
 }
 
@@ -511,6 +602,11 @@ impl Compute for Ec2Compute {
 pub fn client_token(stack: &str, key: &AllocationKey) -> String {
     let digest = Sha256::digest(format!("{stack}\n{}\n{}", key.job, key.attempt));
     hex::encode(digest)
+}
+
+/// The idempotency token of a pool VM's `RunInstances`.
+fn client_token_of(stack: &str, vm: &str) -> String {
+    hex::encode(Sha256::digest(format!("{stack}\npool vm\n{vm}")))
 }
 
 /// The script EC2 runs at first boot (as root): reads the instance id from IMDSv2,
@@ -521,14 +617,35 @@ pub fn client_token(stack: &str, key: &AllocationKey) -> String {
 /// `RESPAWN_AGENT_ARGS` (e.g. `--container-runtime docker`); the emulated VMs of
 /// the tests set it and the metadata address.
 pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
+    boot_script(
+        agent,
+        &format!("job {}, attempt {}", key.job, key.attempt),
+        &agent.attempt_key.credential(&key.job, key.attempt),
+        &format!("--job {} --attempt {}", key.job, key.attempt),
+    )
+}
+
+/// The first-boot script of pool VM `vm`: as [`user_data`], but the credential
+/// is the VM's, and the agent asks the API for attempt after attempt until it is
+/// told to retire.
+pub fn pool_user_data(agent: &AgentBoot, vm: &str) -> String {
+    boot_script(
+        agent,
+        &format!("pool vm {vm}"),
+        &agent.attempt_key.vm_credential(vm),
+        "--pool-api",
+    )
+}
+
+fn boot_script(agent: &AgentBoot, what: &str, token: &str, role: &str) -> String {
     let credentials = AgentCredentials {
         api: agent.api.clone(),
-        token: agent.attempt_key.credential(&key.job, key.attempt),
+        token: token.to_owned(),
     };
     let credentials = serde_json::to_string(&credentials).unwrap_or_default();
     format!(
         r#"#!/bin/bash
-# respawn: job {job}, attempt {attempt}
+# respawn: {what}
 set -euo pipefail
 imds=${{RESPAWN_IMDS:-http://169.254.169.254}}
 root=${{RESPAWN_VM_ROOT:-/var/lib/respawn}}
@@ -539,11 +656,9 @@ dir="$root/$id"
 install -d -m 0700 "$dir"
 (umask 077; printf '%s' {credentials} > "$dir/credentials")
 # shellcheck disable=SC2086
-respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$id" --job {job} --attempt {attempt} --imds "$imds" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap ${{RESPAWN_AGENT_ARGS:-}} || true
+respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$id" {role} --imds "$imds" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap ${{RESPAWN_AGENT_ARGS:-}} || true
 shutdown -h now
 "#,
-        job = key.job,
-        attempt = key.attempt,
         credentials = shell_quote(&credentials),
         bucket = shell_quote(&agent.bucket),
         heartbeat = agent.heartbeat_secs,
@@ -702,6 +817,18 @@ impl Instance {
         }
     }
 
+    /// A pool instance as the VM of `key`.
+    fn to_pool_vm(&self, key: &AllocationKey) -> Result<Vm, Error> {
+        Ok(Vm {
+            id: self.id.clone(),
+            key: key.clone(),
+            state: self.state(),
+            spot: self.lifecycle.as_deref() == Some("spot"),
+            nodes: 1,
+            created_at: Timestamp::parse_rfc3339(&self.launch_time).unwrap_or(Timestamp(0)),
+        })
+    }
+
     fn to_vm(&self) -> Result<Vm, Error> {
         let job = self
             .tag(TAG_JOB)
@@ -721,6 +848,10 @@ impl Instance {
         })
     }
 }
+
+mod pool;
+
+pub use pool::PoolState;
 
 #[cfg(test)]
 mod tests;

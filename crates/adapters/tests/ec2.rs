@@ -11,7 +11,10 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use respawn_adapters::ec2::{AgentBoot, Ec2Compute, Ec2Config, InstanceTypes};
 use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::job::JobId;
-use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, VmState};
+use respawn_core::pool::PoolSpec;
+use respawn_core::ports::compute::{
+    AllocateRequest, AllocationKey, Compute, Error, Orders, VmState,
+};
 use respawn_core::spec::{Placement, Resources};
 use respawn_core::time::Timestamp;
 
@@ -22,6 +25,32 @@ mod aws;
 use aws::Emulator;
 
 fn compute(aws: &Emulator, stack: &str) -> Ec2Compute {
+    ec2_config(aws, stack, Vec::new())
+}
+
+/// A provider with warm `pools`, their state in a bucket of the emulator's S3.
+fn pooled(aws: &Emulator, stack: &str, pools: &[&str]) -> Ec2Compute {
+    let pools = pools.iter().map(|p| p.parse().unwrap()).collect();
+    let state = format!("{stack}-state");
+    aws.python(&format!(
+        "import boto3; boto3.client('s3', endpoint_url='{{endpoint}}', region_name='us-east-1', \
+         aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{state}')"
+    ));
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&aws.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(state)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .unwrap();
+    ec2_config(aws, stack, pools)
+        .with_pools(std::sync::Arc::new(store))
+        .unwrap()
+}
+
+fn ec2_config(aws: &Emulator, stack: &str, pools: Vec<PoolSpec>) -> Ec2Compute {
     let sdk = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -48,6 +77,7 @@ fn compute(aws: &Emulator, stack: &str) -> Ec2Compute {
                 heartbeat_secs: 30,
                 grace_secs: 100,
             },
+            pools,
         },
     )
     .unwrap()
@@ -161,4 +191,214 @@ for _ in range(2):
     assert_eq!(live[0].id, oldest);
     // Another broker's instances are not this one's.
     assert!(compute(&aws, "other").list().await.unwrap().is_empty());
+}
+
+fn request(job: &JobId, attempt: u32) -> AllocateRequest {
+    AllocateRequest {
+        key: AllocationKey {
+            job: job.clone(),
+            attempt,
+        },
+        project: "default".into(),
+        resources: Resources::default(),
+        placement: Placement::default(),
+        image: None,
+    }
+}
+
+/// The stack's pool instances as EC2 lists them: id → (state, `respawn:vm` tag).
+fn pool_instances(aws: &Emulator, stack: &str) -> Vec<(String, String, String)> {
+    let out = aws.drive_python(&format!(
+        r#"
+import boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+found = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:stack", "Values": ["{stack}"]}},
+                                        {{"Name": "tag-key", "Values": ["respawn:pool"]}}])
+for r in found["Reservations"]:
+    for i in r["Instances"]:
+        tags = {{t["Key"]: t["Value"] for t in i.get("Tags", [])}}
+        assert "respawn:job" not in tags, tags
+        print(i["InstanceId"], i["State"]["Name"], tags["respawn:vm"])
+"#
+    ));
+    let mut found: Vec<(String, String, String)> = out
+        .lines()
+        .map(|l| {
+            let mut w = l.split_whitespace().map(str::to_owned);
+            (w.next().unwrap(), w.next().unwrap(), w.next().unwrap())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_ec2_pool_passes_the_compute_conformance_suite() {
+    let aws = Emulator::start();
+    let ec2 = pooled(&aws, "poolconf", &["warm:max=2"]);
+    respawn_core::conformance::compute::run(&ec2).await;
+    // The suite's attempts ran on pool VMs: instances tagged with the pool, not
+    // with a job.
+    assert!(!pool_instances(&aws, "poolconf").is_empty());
+}
+
+/// A pool VM takes attempt after attempt: the second job gets the first's instance
+/// once it is released, the VM's orders follow, and a VM credential names nothing
+/// else; a pool at `max` is a capacity miss, not a new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_vm_runs_attempt_after_attempt_and_a_full_pool_is_a_capacity_miss() {
+    let aws = Emulator::start();
+    let ec2 = pooled(&aws, "reuse", &["warm:max=1"]);
+    let (a, b) = (
+        JobId::generate(Timestamp(7_000)),
+        JobId::generate(Timestamp(7_001)),
+    );
+    let first = ec2.allocate(&request(&a, 1)).await.unwrap();
+    let full = ec2.allocate(&request(&b, 1)).await;
+    assert!(matches!(full, Err(Error::Capacity(_))), "{full:?}");
+    let vms = pool_instances(&aws, "reuse");
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let (instance, _, vm) = vms[0].clone();
+    assert_eq!(first.id, instance);
+    assert_eq!(
+        ec2.key_of(&instance).await.unwrap(),
+        Some(first.key.clone())
+    );
+    assert_eq!(
+        ec2.orders(&vm).await.unwrap(),
+        Orders::Run(first.key.clone())
+    );
+    // The VM's user data holds its VM credential and asks for work; nothing of a job.
+    aws.python(&format!(
+        r#"
+import base64, boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+ud = ec2.describe_instance_attribute(InstanceId="{instance}", Attribute="userData")["UserData"]["Value"]
+script = base64.b64decode(ud).decode()
+assert "{cred}" in script, script
+assert "--pool-api" in script and "--job" not in script, script
+"#,
+        cred = AttemptKey::from_bytes(&[9; 32]).unwrap().vm_credential(&vm),
+    ));
+
+    ec2.release(&first.key).await.unwrap();
+    assert_eq!(ec2.orders(&vm).await.unwrap(), Orders::Wait);
+    assert_eq!(ec2.key_of(&instance).await.unwrap(), None);
+    let second = ec2.allocate(&request(&b, 1)).await.unwrap();
+    assert_eq!(second.id, instance, "the warm VM took the next job");
+    assert_eq!(second.state, VmState::Running);
+    assert_eq!(
+        ec2.orders(&vm).await.unwrap(),
+        Orders::Run(second.key.clone())
+    );
+    assert_eq!(
+        ec2.describe(&first.key).await.unwrap().map(|v| v.state),
+        Some(VmState::Terminated),
+        "the first attempt is over on the VM"
+    );
+    assert_eq!(pool_instances(&aws, "reuse").len(), 1);
+    // Another slot's name, an old nonce, an unknown pool: not this pool's VM.
+    for other in [
+        vm.replace("-s0-", "-s1-"),
+        format!("{}-ffffffff", vm.rsplit_once('-').unwrap().0),
+        vm.replacen("warm", "cold", 1),
+    ] {
+        if other != vm {
+            assert_eq!(ec2.orders(&other).await.unwrap(), Orders::Retire, "{other}");
+        }
+    }
+}
+
+/// Dispatchers racing for a pool never put two attempts on one VM, nor make more
+/// than `max` VMs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_dispatchers_share_no_pool_vm_and_never_pass_max() {
+    let aws = Emulator::start();
+    let ec2 = pooled(&aws, "racing", &["warm:max=2"]);
+    let jobs: Vec<JobId> = (0..6)
+        .map(|i| JobId::generate(Timestamp(8_000 + i)))
+        .collect();
+    let got = futures::future::join_all(jobs.iter().map(|j| {
+        let ec2 = ec2.clone();
+        let req = request(j, 1);
+        async move { ec2.allocate(&req).await }
+    }))
+    .await;
+    let placed: Vec<String> = got
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|v| v.id.clone())
+        .collect();
+    for r in &got {
+        assert!(
+            matches!(r, Ok(_) | Err(Error::Capacity(_) | Error::Unavailable(_))),
+            "{r:?}"
+        );
+    }
+    let mut distinct = placed.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        placed.len(),
+        "two attempts on one VM: {got:?}"
+    );
+    assert!(placed.len() <= 2 && !placed.is_empty(), "{got:?}");
+    let vms = pool_instances(&aws, "racing");
+    assert!(vms.len() <= 2, "more than max VMs: {vms:?}");
+}
+
+/// Tending keeps `min` warm, retires idle VMs above it after the idle timeout, and
+/// retires at once a VM EC2 is about to reclaim (replacing it only to keep `min`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tending_keeps_min_warm_retires_idle_vms_and_replaces_a_reclaimed_one() {
+    let aws = Emulator::start();
+    let ec2 = pooled(&aws, "tend", &["warm:min=1,max=2,idle=1s"]);
+    let running = |aws: &Emulator| -> Vec<String> {
+        pool_instances(aws, "tend")
+            .into_iter()
+            .filter(|(_, state, _)| state == "running" || state == "pending")
+            .map(|(id, _, _)| id)
+            .collect()
+    };
+    ec2.tend_pools().await.unwrap();
+    let warm = running(&aws);
+    assert_eq!(warm.len(), 1, "min=1 is launched before any job");
+    ec2.tend_pools().await.unwrap();
+    assert_eq!(running(&aws), warm, "tending again launches nothing more");
+
+    let (a, b) = (
+        JobId::generate(Timestamp(9_000)),
+        JobId::generate(Timestamp(9_001)),
+    );
+    let first = ec2.allocate(&request(&a, 1)).await.unwrap();
+    assert_eq!(first.id, warm[0], "the job took the warm VM");
+    let second = ec2.allocate(&request(&b, 1)).await.unwrap();
+    assert_ne!(second.id, first.id);
+    assert_eq!(running(&aws).len(), 2, "the pool grew to max");
+    ec2.release(&first.key).await.unwrap();
+    ec2.release(&second.key).await.unwrap();
+    ec2.tend_pools().await.unwrap();
+    assert_eq!(running(&aws).len(), 2, "not idle for 1 s yet");
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    ec2.tend_pools().await.unwrap();
+    let left = running(&aws);
+    assert_eq!(left.len(), 1, "scaled in to min");
+
+    // EC2 warns that the last one is reclaimed: it takes no more attempts, is
+    // retired, and a new VM keeps the minimum.
+    ec2.pool_vm_closing(&left[0]).await.unwrap();
+    let c = JobId::generate(Timestamp(9_002));
+    let third = ec2.allocate(&request(&c, 1)).await.unwrap();
+    assert_ne!(third.id, left[0], "a closing VM takes no attempt");
+    ec2.release(&third.key).await.unwrap();
+    ec2.tend_pools().await.unwrap();
+    let now = running(&aws);
+    assert!(
+        !now.contains(&left[0]),
+        "the reclaimed VM is retired: {now:?}"
+    );
+    assert_eq!(now.len(), 1, "{now:?}");
 }

@@ -36,15 +36,19 @@ pub struct Args {
     #[arg(long)]
     pub vm: String,
     /// The job of the one attempt this VM runs (a single-use VM).
-    #[arg(long, required_unless_present = "pool", requires = "attempt")]
+    #[arg(long, required_unless_present_any = ["pool", "pool_api"], requires = "attempt")]
     pub job: Option<JobId>,
     #[arg(long, requires = "job")]
     pub attempt: Option<u32>,
     /// A pool VM: runs attempt after attempt, each assigned by the provider as one
     /// JSON line on stdin (job, attempt, and that attempt's credentials), and
     /// answers each with a line on stdout once its work folder is clean.
-    #[arg(long, conflicts_with_all = ["job", "attempt"])]
+    #[arg(long, conflicts_with_all = ["job", "attempt", "pool_api"])]
     pub pool: bool,
+    /// A cloud pool VM: asks the broker's API for attempt after attempt with the
+    /// VM credential in `<vm dir>/credentials`, until told to retire.
+    #[arg(long, conflicts_with_all = ["job", "attempt"])]
+    pub pool_api: bool,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 2)]
     pub heartbeat_secs: u64,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
             };
             rt.block_on(run::run(&args, &task))
         }
+        _ if args.pool_api => rt.block_on(pool::serve_api(&args)),
         _ => rt.block_on(pool::serve(&args)),
     };
     match outcome {

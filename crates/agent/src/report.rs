@@ -106,6 +106,11 @@ impl Api {
         Ok(self.get::<Answer>("secrets").await?.secrets)
     }
 
+    /// A pool VM's orders (this `Api` holds the VM's credential).
+    pub async fn orders(&self) -> Result<respawn_core::pool::PoolOrders, Error> {
+        self.get("assignment").await
+    }
+
     /// `GET /v1/agent/<what>` with this attempt's credential.
     async fn get<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T, Error> {
         let resp = self

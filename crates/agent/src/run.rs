@@ -33,7 +33,7 @@ pub enum Error {
 
 /// Reads the agent's credentials and removes the file: a workload that escaped
 /// its sandbox finds nothing there later.
-fn credentials(vm_dir: &Path) -> Result<AgentCredentials, Error> {
+pub fn credentials(vm_dir: &Path) -> Result<AgentCredentials, Error> {
     let path = respawn_adapters::local::credentials_path(vm_dir);
     let open = |message: String| Error::Open {
         what: "the agent's credentials",

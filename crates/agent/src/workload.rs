@@ -557,6 +557,7 @@ mod tests {
             job: None,
             attempt: None,
             pool: true,
+            pool_api: false,
             heartbeat_secs: 1,
             container_runtime: Some("docker".into()),
             grace_secs: 5,

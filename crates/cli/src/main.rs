@@ -86,7 +86,7 @@ struct UpArgs {
     #[arg(long)]
     allow_private_notify: bool,
     /// A pool of VMs that run job after job instead of one VM per attempt
-    /// (repeatable): NAME[:max=N,min=N,idle=60s,gpus=N,on-demand,single-use]. Jobs
+    /// (repeatable): NAME[:max=N,min=N,idle=60s,gpus=N,gpu=MODEL,on-demand,single-use]. Jobs
     /// name one in `placement.pool` or run in the first whose VMs fit them.
     #[arg(long = "pool", value_name = "POOL")]
     pools: Vec<respawn_core::pool::PoolSpec>,

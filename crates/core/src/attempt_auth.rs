@@ -8,6 +8,10 @@
 //! storing one per VM.
 //!
 //! Format: `rat1.<job id>.<attempt>.<hex HMAC-SHA256>`.
+//!
+//! A cloud pool VM, which runs attempt after attempt, holds a VM credential instead
+//! (`rvm1.<vm name>.<hex HMAC-SHA256>`): with it the VM can only ask which attempt
+//! is assigned to it now, and gets that attempt's credential in the answer.
 
 use hmac::Mac;
 
@@ -16,6 +20,7 @@ use crate::job::JobId;
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 const PREFIX: &str = "rat1";
+const VM_PREFIX: &str = "rvm1";
 /// Bytes of a freshly generated key.
 pub const KEY_BYTES: usize = 32;
 
@@ -59,6 +64,31 @@ impl AttemptKey {
             .expect("HMAC takes keys of any length");
         mac.update(format!("{PREFIX}/{job}/{attempt}").as_bytes());
         mac
+    }
+
+    fn vm_mac(&self, vm: &str) -> HmacSha256 {
+        let mut mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(format!("{VM_PREFIX}/{vm}").as_bytes());
+        mac
+    }
+
+    /// The credential of pool VM `vm` (a name of `a-z`, `0-9` and `-`).
+    pub fn vm_credential(&self, vm: &str) -> String {
+        let tag = hex::encode(self.vm_mac(vm).finalize().into_bytes());
+        format!("{VM_PREFIX}.{vm}.{tag}")
+    }
+
+    /// The pool VM a VM credential names, if this key made it.
+    pub fn verify_vm(&self, credential: &str) -> Option<String> {
+        let mut parts = credential.trim().split('.');
+        let (prefix, vm, tag) = (parts.next()?, parts.next()?, parts.next()?);
+        if prefix != VM_PREFIX || parts.next().is_some() || vm.is_empty() {
+            return None;
+        }
+        let tag = hex::decode(tag).ok()?;
+        self.vm_mac(vm).verify_slice(&tag).ok()?;
+        Some(vm.to_owned())
     }
 
     /// A key for another purpose (`label`), derived from this one, so that one
@@ -127,6 +157,27 @@ mod tests {
             assert_eq!(key.verify(&f), None, "{f}");
         }
         assert!(!format!("{key:?}").contains(&hex::encode(key.as_bytes())));
+    }
+
+    #[test]
+    fn a_vm_credential_names_its_vm_and_is_no_attempt_credential() {
+        let key = AttemptKey::generate().unwrap();
+        let cred = key.vm_credential("gpu-s0-1a2b3c4d");
+        assert_eq!(key.verify_vm(&cred).as_deref(), Some("gpu-s0-1a2b3c4d"));
+        assert_eq!(key.verify(&cred), None);
+        let job = JobId::generate(Timestamp(1));
+        assert_eq!(key.verify_vm(&key.credential(&job, 1)), None);
+        for forged in [
+            cred.replace("s0", "s1"),
+            flip_last(&cred),
+            AttemptKey::generate()
+                .unwrap()
+                .vm_credential("gpu-s0-1a2b3c4d"),
+            format!("{cred}.x"),
+            "rvm1..".into(),
+        ] {
+            assert_eq!(key.verify_vm(&forged), None, "{forged}");
+        }
     }
 
     fn flip_last(s: &str) -> String {

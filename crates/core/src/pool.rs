@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::job::JobId;
+use crate::ports::compute::{AllocateRequest, Error as ComputeError};
 
 /// One pool's shape and size, e.g. `cpu:max=8,min=1,idle=60s` or
 /// `a100:gpus=1,max=4,on-demand`.
@@ -21,6 +22,9 @@ pub struct PoolSpec {
     pub name: String,
     /// GPUs per VM; 0 is a CPU VM.
     pub gpus: u32,
+    /// The GPU model of its VMs (`gpu=a10g`); a job naming another model does not
+    /// fit. Cloud providers choose the instance type by it.
+    pub gpu_type: Option<String>,
     /// Spot (low-priority) VMs, or on-demand ones.
     pub spot: bool,
     pub min: usize,
@@ -37,6 +41,7 @@ impl PoolSpec {
         PoolSpec {
             name: name.to_owned(),
             gpus,
+            gpu_type: None,
             spot: true,
             min: 0,
             max,
@@ -45,9 +50,55 @@ impl PoolSpec {
         }
     }
 
-    /// Whether a job asking for `gpus` GPUs on `spot` capacity fits this pool's VMs.
-    pub fn fits(&self, gpus: u32, spot: bool) -> bool {
-        self.gpus == gpus && self.spot == spot
+    /// Whether a job asking for `gpus` GPUs (of `model`, if it names one) on `spot`
+    /// capacity fits this pool's VMs.
+    pub fn fits(&self, gpus: u32, model: Option<&str>, spot: bool) -> bool {
+        self.gpus == gpus && self.spot == spot && self.takes_model(model)
+    }
+
+    fn takes_model(&self, model: Option<&str>) -> bool {
+        match (model, &self.gpu_type) {
+            (Some(asked), Some(ours)) => asked.eq_ignore_ascii_case(ours),
+            // A pool that names no model takes any (the provider's default type).
+            (Some(_), None) => true,
+            (None, _) => true,
+        }
+    }
+
+    /// The pool `req` runs in, among `pools`: the one it names, else the first whose
+    /// VMs fit it; `None` for a single-use VM.
+    pub fn choose<'a>(
+        pools: &'a [PoolSpec],
+        req: &AllocateRequest,
+    ) -> Result<Option<&'a PoolSpec>, ComputeError> {
+        let r = &req.resources;
+        let model = r.gpu_type.as_deref();
+        let Some(name) = &req.placement.pool else {
+            return Ok(pools
+                .iter()
+                .find(|p| p.fits(r.gpus, model, req.placement.spot)));
+        };
+        let Some(pool) = pools.iter().find(|p| &p.name == name) else {
+            let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+            return Err(ComputeError::Invalid(format!(
+                "placement.pool: no pool named {name:?} here; pools: [{}]",
+                known.join(", ")
+            )));
+        };
+        if pool.gpus != r.gpus {
+            return Err(ComputeError::Invalid(format!(
+                "placement.pool: pool {name:?} has VMs with {} GPU(s); the job asks for {}",
+                pool.gpus, r.gpus
+            )));
+        }
+        if !pool.takes_model(model) {
+            return Err(ComputeError::Invalid(format!(
+                "placement.pool: pool {name:?} has {} GPUs; the job asks for {}",
+                pool.gpu_type.as_deref().unwrap_or_default(),
+                model.unwrap_or_default()
+            )));
+        }
+        Ok(Some(pool))
     }
 }
 
@@ -104,12 +155,13 @@ impl FromStr for PoolSpec {
                     pool.idle = humantime::parse_duration(v)
                         .map_err(|e| err(format!("idle must be a duration like 60s: {e}")))?
                 }
+                ("gpu", v) if !v.is_empty() => pool.gpu_type = Some(v.to_ascii_lowercase()),
                 ("single-use", "") => pool.reuse = false,
                 ("on-demand", "") => pool.spot = false,
                 ("spot", "") => pool.spot = true,
                 _ => {
                     return Err(err(format!(
-                        "unknown setting {setting:?}; expected min=N, max=N, gpus=N, idle=DURATION, single-use, spot or on-demand"
+                        "unknown setting {setting:?}; expected min=N, max=N, gpus=N, gpu=MODEL, idle=DURATION, single-use, spot or on-demand"
                     )));
                 }
             }
@@ -136,6 +188,9 @@ impl fmt::Display for PoolSpec {
             self.max,
             self.idle.as_secs()
         )?;
+        if let Some(model) = &self.gpu_type {
+            write!(f, ",gpu={model}")?;
+        }
         if !self.spot {
             f.write_str(",on-demand")?;
         }
@@ -173,6 +228,37 @@ pub struct Finished {
     pub attempt: u32,
 }
 
+/// The broker's answer to a cloud pool VM asking for work
+/// (`GET /v1/agent/assignment`, with its VM credential).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "orders", rename_all = "snake_case")]
+pub enum PoolOrders {
+    /// Run this attempt, reporting with `token` (good for this attempt only).
+    Run {
+        job: JobId,
+        attempt: u32,
+        token: String,
+    },
+    /// Nothing for this VM now; ask again.
+    Wait,
+    /// This VM is no longer the pool's: finish and end.
+    Retire,
+}
+
+impl fmt::Debug for PoolOrders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolOrders::Run { job, attempt, .. } => f
+                .debug_struct("Run")
+                .field("job", job)
+                .field("attempt", attempt)
+                .finish_non_exhaustive(),
+            PoolOrders::Wait => f.write_str("Wait"),
+            PoolOrders::Retire => f.write_str("Retire"),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -192,6 +278,56 @@ mod tests {
             (0, 1, 1, false, false)
         );
         assert_eq!(q.to_string().parse::<PoolSpec>().unwrap(), q);
+        assert_eq!(p.to_string().parse::<PoolSpec>().unwrap(), p);
+    }
+
+    #[test]
+    fn jobs_go_to_the_pool_they_name_or_the_first_that_fits() {
+        use crate::job::JobId;
+        use crate::ports::compute::AllocationKey;
+        use crate::spec::{Placement, Resources};
+        use crate::time::Timestamp;
+        let pools: Vec<PoolSpec> = ["cpu:max=2", "a10g:gpus=1,gpu=a10g", "any:gpus=1"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let req = |gpus, model: Option<&str>, pool: Option<&str>| AllocateRequest {
+            key: AllocationKey {
+                job: JobId::generate(Timestamp(1)),
+                attempt: 1,
+            },
+            project: "default".into(),
+            resources: Resources {
+                gpus,
+                gpu_type: model.map(str::to_owned),
+                ..Resources::default()
+            },
+            placement: Placement {
+                pool: pool.map(str::to_owned),
+                ..Placement::default()
+            },
+            image: None,
+        };
+        let name = |r| {
+            PoolSpec::choose(&pools, &r)
+                .unwrap()
+                .map(|p| p.name.clone())
+        };
+        assert_eq!(name(req(0, None, None)).as_deref(), Some("cpu"));
+        assert_eq!(name(req(1, Some("A10G"), None)).as_deref(), Some("a10g"));
+        assert_eq!(name(req(1, Some("t4"), None)).as_deref(), Some("any"));
+        assert_eq!(name(req(2, None, None)), None);
+        assert_eq!(name(req(1, None, Some("any"))).as_deref(), Some("any"));
+        for (r, says) in [
+            (req(1, None, Some("gpu")), "no pool named"),
+            (req(0, None, Some("a10g")), "1 GPU(s)"),
+            (req(1, Some("t4"), Some("a10g")), "has a10g GPUs"),
+        ] {
+            let e = PoolSpec::choose(&pools, &r).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        let p: PoolSpec = "x:gpus=1,gpu=L4".parse().unwrap();
+        assert_eq!(p.gpu_type.as_deref(), Some("l4"));
         assert_eq!(p.to_string().parse::<PoolSpec>().unwrap(), p);
     }
 

@@ -203,6 +203,7 @@ fn config() -> Ec2Config {
             heartbeat_secs: 30,
             grace_secs: 100,
         },
+        pools: Vec::new(),
     }
 }
 
@@ -231,7 +232,8 @@ fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
 
 #[test]
 fn run_parameters_carry_spot_tags_network_and_the_launch_template() {
-    let p = run_params(&config(), &allocation(true, Some(0.5))).unwrap();
+    let req = allocation(true, Some(0.5));
+    let p = run_params(&config(), &attempt_launch(&config(), &req).unwrap());
     assert_eq!(get(&p, "InstanceMarketOptions.MarketType"), Some("spot"));
     assert_eq!(
         get(&p, "InstanceMarketOptions.SpotOptions.MaxPrice"),
@@ -247,7 +249,8 @@ fn run_parameters_carry_spot_tags_network_and_the_launch_template() {
     assert_eq!(get(&p, "LaunchTemplate.LaunchTemplateId"), None);
 
     // On demand (the placement fell back): no market options at all.
-    let p = run_params(&config(), &allocation(false, None)).unwrap();
+    let req = allocation(false, None);
+    let p = run_params(&config(), &attempt_launch(&config(), &req).unwrap());
     assert!(
         p.iter()
             .all(|(k, _)| !k.starts_with("InstanceMarketOptions"))
@@ -255,7 +258,8 @@ fn run_parameters_carry_spot_tags_network_and_the_launch_template() {
 
     let mut cfg = config();
     cfg.launch_template = Some("lt-0abc".into());
-    let p = run_params(&cfg, &allocation(true, None)).unwrap();
+    let req = allocation(true, None);
+    let p = run_params(&cfg, &attempt_launch(&cfg, &req).unwrap());
     assert_eq!(get(&p, "LaunchTemplate.LaunchTemplateId"), Some("lt-0abc"));
     assert_eq!(get(&p, "LaunchTemplate.Version"), Some("$Latest"));
 }

@@ -90,6 +90,24 @@ const AGENT_ENV: [&str; 12] = [
 pub use respawn_core::attempt_auth::AgentCredentials;
 
 /// The file an agent finds its credentials in.
+/// Kills the workload the agent in `vm_dir` runs (its process group, named in
+/// `workload.pgid`), if it is `only`'s: on a pool VM the file may already name a
+/// later attempt's.
+pub fn kill_workload(vm_dir: &std::path::Path, only: Option<&AllocationKey>) {
+    let Ok(text) = std::fs::read_to_string(vm_dir.join("workload.pgid")) else {
+        return;
+    };
+    let mut words = text.split_whitespace();
+    let pgid = words.next().and_then(|p| p.parse::<i32>().ok());
+    let (job, attempt) = (words.next(), words.next());
+    let theirs = only.is_none_or(|k| {
+        job == Some(k.job.as_str()) && attempt == Some(k.attempt.to_string().as_str())
+    });
+    if let Some(pgid) = pgid.filter(|p| *p > 1 && theirs) {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
 pub fn credentials_path(vm_dir: &std::path::Path) -> PathBuf {
     vm_dir.join("credentials")
 }
@@ -395,18 +413,7 @@ impl LocalCompute {
     /// The agent writes `<pgid> <job> <attempt>`; with `only`, the group is killed
     /// only if it is that attempt's (a pool VM may have moved on to the next).
     fn kill_workload_of(&self, id: &str, only: Option<&AllocationKey>) {
-        let Ok(text) = std::fs::read_to_string(self.vm_dir(id).join("workload.pgid")) else {
-            return;
-        };
-        let mut words = text.split_whitespace();
-        let pgid = words.next().and_then(|p| p.parse::<i32>().ok());
-        let (job, attempt) = (words.next(), words.next());
-        let theirs = only.is_none_or(|k| {
-            job == Some(k.job.as_str()) && attempt == Some(k.attempt.to_string().as_str())
-        });
-        if let Some(pgid) = pgid.filter(|p| *p > 1 && theirs) {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
+        kill_workload(&self.vm_dir(id), only);
     }
 
     /// Watches an agent until it exits. `child` when we started it (so it is

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use compute::{
     AgentCredentials, LocalCompute, LocalComputeConfig, credentials_path, detect_container_runtime,
-    detect_gpus, sibling_binary, spawn_spot_chaos, vm_process_alive,
+    detect_gpus, kill_workload, sibling_binary, spawn_spot_chaos, vm_process_alive,
 };
 pub use ledger::LocalLedger;
 pub use queue::LocalQueue;

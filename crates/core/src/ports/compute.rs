@@ -89,10 +89,28 @@ impl Retryable for Error {
     }
 }
 
+/// What a pool VM that asks the broker for work is to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Orders {
+    /// Run this attempt (once the previous one is cleaned up).
+    Run(AllocationKey),
+    /// Nothing yet: ask again.
+    Wait,
+    /// This VM is no longer the pool's: end.
+    Retire,
+}
+
 #[async_trait]
 pub trait Compute: Send + Sync + fmt::Debug {
     async fn allocate(&self, request: &AllocateRequest) -> Result<Vm, Error>;
     async fn release(&self, key: &AllocationKey) -> Result<(), Error>;
     async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error>;
     async fn list(&self) -> Result<Vec<Vm>, Error>;
+
+    /// What pool VM `vm` (named by its VM credential) is to do now. Providers whose
+    /// pool VMs get their work another way (the local provider writes it to the
+    /// agent's stdin) have none that ask.
+    async fn orders(&self, _vm: &str) -> Result<Orders, Error> {
+        Ok(Orders::Retire)
+    }
 }

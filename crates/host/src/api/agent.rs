@@ -14,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use respawn_core::attempt_auth::AttemptRef;
 use respawn_core::lifecycle::Event;
 use respawn_core::messages::Message;
+use respawn_core::pool::PoolOrders;
+use respawn_core::ports::compute::Orders;
 use respawn_core::ports::queue::Outgoing;
 use serde::Deserialize;
 use serde_json::json;
@@ -37,6 +39,59 @@ impl FromRequestParts<Api> for Agent {
             .map(Agent)
             .ok_or_else(|| ApiError::Unauthorized("invalid agent credential".into()))
     }
+}
+
+/// A cloud pool VM, by the name its VM credential names.
+#[derive(Debug, Clone)]
+pub struct PoolVm(String);
+
+impl FromRequestParts<Api> for PoolVm {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, stack: &Api) -> Result<Self, Self::Rejection> {
+        let credential = super::auth::bearer(parts, "pool VM credential")?;
+        stack
+            .attempt_key
+            .verify_vm(credential)
+            .map(PoolVm)
+            .ok_or_else(|| ApiError::Unauthorized("invalid pool VM credential".into()))
+    }
+}
+
+/// A pool VM's orders. The attempt's credential goes out only while the attempt is
+/// the job's live one: a VM that asks before the allocation is recorded, or after
+/// the attempt ended, is told to wait.
+pub async fn assignment(
+    State(stack): State<Api>,
+    PoolVm(vm): PoolVm,
+) -> Result<Response, ApiError> {
+    let orders = stack
+        .ports
+        .compute
+        .orders(&vm)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot read the pool's state: {e}")))?;
+    let answer = match orders {
+        Orders::Run(key) => {
+            let live = match stack.ports.ledger.get(&key.job).await {
+                Ok(rec) => rec.attempt == key.attempt && rec.state.has_live_attempt(),
+                Err(respawn_core::ports::ledger::Error::NotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if live {
+                PoolOrders::Run {
+                    token: stack.attempt_key.credential(&key.job, key.attempt),
+                    job: key.job,
+                    attempt: key.attempt,
+                }
+            } else {
+                PoolOrders::Wait
+            }
+        }
+        Orders::Wait => PoolOrders::Wait,
+        Orders::Retire => PoolOrders::Retire,
+    };
+    Ok(axum::Json(answer).into_response())
 }
 
 /// What agents may report; the rest (allocation, termination, cancel, ticks) is

@@ -112,6 +112,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/agent/events"),
     ("GET", "/v1/agent/spec"),
     ("GET", "/v1/agent/secrets"),
+    ("GET", "/v1/agent/assignment"),
 ];
 
 pub fn app(api: Api) -> Router {
@@ -136,6 +137,7 @@ pub fn app(api: Api) -> Router {
         .route("/v1/agent/events", post(agent::report))
         .route("/v1/agent/spec", get(agent::spec))
         .route("/v1/agent/secrets", get(agent::secrets))
+        .route("/v1/agent/assignment", get(agent::assignment))
         // Every answer is JSON, the router's own 404 and 405 included (axum adds
         // the Allow header to the 405).
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -118,6 +118,20 @@ async fn ec2_event(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
         Ok(None) => return Outcome::Done,
         Err(e) => return Outcome::Refuse(format!("not an EC2 event: {e}")),
     };
+    let ending = match &ev.kind {
+        ec2::Ec2EventKind::Interruption { .. } => true,
+        ec2::Ec2EventKind::State(s) => {
+            matches!(
+                s.as_str(),
+                "shutting-down" | "terminated" | "stopping" | "stopped"
+            )
+        }
+        ec2::Ec2EventKind::Rebalance => false,
+    };
+    if ending && let Err(e) = cloud.ec2.pool_vm_closing(&ev.instance_id).await {
+        // A pool VM about to go must take no next attempt.
+        return outcome(e);
+    }
     let key = match cloud.ec2.key_of(&ev.instance_id).await {
         Ok(Some(key)) => key,
         Ok(None) => {
@@ -203,9 +217,11 @@ async fn upload(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
     Outcome::Done
 }
 
-/// `reconcile`: deadlines, lost VMs and orphans, on a schedule.
+/// `reconcile`: deadlines, lost VMs and orphans, and the warm pools' size, on a
+/// schedule.
 pub async fn reconcile(cloud: &Cloud, _event: Value) -> Result<Value, Error> {
     let report = handlers::reconcile(&cloud.ports).await?;
     info!(?report, "reconciled");
+    cloud.ec2.tend_pools().await?;
     Ok(serde_json::to_value(format!("{report:?}"))?)
 }

@@ -23,6 +23,7 @@
 //! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
 //! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
 //! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE` | where instances run, as whom |
+//! | `RESPAWN_EC2_POOLS` | warm pools, `;`-separated [`PoolSpec`]s (e.g. `cpu:max=4,idle=10m;a10g:gpus=1,max=8`); their state is in the state bucket |
 //! | `RESPAWN_CONFIG` | a folder with `triggers/`, `templates/` and `hooks.yaml` (default: `config/` beside the function) |
 //!
 //! and the AWS SDK's own (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL` for an
@@ -42,6 +43,7 @@ use respawn_adapters::sqs::{Received, SqsQueue};
 use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::intake::Templates;
 use respawn_core::lifecycle::Timeouts;
+use respawn_core::pool::PoolSpec;
 use respawn_core::ports::queue::{self, Delivery, Outgoing, Queue, Receive};
 use respawn_core::ports::{Blobs, Ports, QueueNames, Tokens};
 use respawn_core::seal::SealedQueue;
@@ -103,6 +105,26 @@ fn var(name: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{name} is not set"))
 }
 
+/// `RESPAWN_EC2_POOLS`: pools separated by `;` (a pool's settings use `,`).
+fn pools_from_env() -> Result<Vec<PoolSpec>, String> {
+    let mut pools: Vec<PoolSpec> = Vec::new();
+    for spec in std::env::var("RESPAWN_EC2_POOLS")
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let pool: PoolSpec = spec
+            .parse()
+            .map_err(|e| format!("RESPAWN_EC2_POOLS: {e}"))?;
+        if pools.iter().any(|p| p.name == pool.name) {
+            return Err(format!("RESPAWN_EC2_POOLS: pool {:?} twice", pool.name));
+        }
+        pools.push(pool);
+    }
+    Ok(pools)
+}
+
 fn bucket(name: &str) -> Result<Blobs, String> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(name);
     if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| var("AWS_ENDPOINT_URL"))
@@ -142,30 +164,34 @@ impl Cloud {
             .map_err(|e| format!("RESPAWN_EC2_INSTANCE_TYPES: {e}"))?,
             _ => InstanceTypes::default(),
         };
-        let ec2 = Arc::new(Ec2Compute::new(
-            &sdk,
-            Ec2Config {
-                stack: stack.clone(),
-                image_id: var("RESPAWN_EC2_IMAGE")?,
-                cpu_instance_type: var("RESPAWN_EC2_CPU_TYPE")
-                    .unwrap_or_else(|_| "c6i.large".into()),
-                instance_types,
-                subnet_id: var("RESPAWN_EC2_SUBNET").ok(),
-                security_group_ids: var("RESPAWN_EC2_SECURITY_GROUPS")
-                    .map(|s| s.split(',').map(|g| g.trim().to_owned()).collect())
-                    .unwrap_or_default(),
-                instance_profile: var("RESPAWN_EC2_INSTANCE_PROFILE").ok(),
-                launch_template: var("RESPAWN_EC2_LAUNCH_TEMPLATE").ok(),
-                agent: AgentBoot {
-                    // The api function's own URL; it allocates no VM, so it has none.
-                    api: var("RESPAWN_API_URL").unwrap_or_default(),
-                    bucket: format!("s3://{data_bucket}"),
-                    attempt_key: attempt_key.clone(),
-                    heartbeat_secs: 30,
-                    grace_secs: 100,
+        let ec2 = Arc::new(
+            Ec2Compute::new(
+                &sdk,
+                Ec2Config {
+                    stack: stack.clone(),
+                    image_id: var("RESPAWN_EC2_IMAGE")?,
+                    cpu_instance_type: var("RESPAWN_EC2_CPU_TYPE")
+                        .unwrap_or_else(|_| "c6i.large".into()),
+                    instance_types,
+                    subnet_id: var("RESPAWN_EC2_SUBNET").ok(),
+                    security_group_ids: var("RESPAWN_EC2_SECURITY_GROUPS")
+                        .map(|s| s.split(',').map(|g| g.trim().to_owned()).collect())
+                        .unwrap_or_default(),
+                    instance_profile: var("RESPAWN_EC2_INSTANCE_PROFILE").ok(),
+                    launch_template: var("RESPAWN_EC2_LAUNCH_TEMPLATE").ok(),
+                    agent: AgentBoot {
+                        // The api function's own URL; it allocates no VM, so it has none.
+                        api: var("RESPAWN_API_URL").unwrap_or_default(),
+                        bucket: format!("s3://{data_bucket}"),
+                        attempt_key: attempt_key.clone(),
+                        heartbeat_secs: 30,
+                        grace_secs: 100,
+                    },
+                    pools: pools_from_env()?,
                 },
-            },
-        )?);
+            )?
+            .with_pools(state.clone())?,
+        );
         let queues = QueueNames::with_prefix("");
         let seal = attempt_key.derive("respawn queue seal");
         let ports = Ports {

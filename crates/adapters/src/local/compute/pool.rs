@@ -99,32 +99,9 @@ impl LocalCompute {
             .collect()
     }
 
-    /// The pool `req` runs in: the one it names, else the first whose VMs fit it;
-    /// `None` for a single-use VM.
+    /// The pool `req` runs in ([`PoolSpec::choose`]); `None` for a single-use VM.
     pub(super) fn pool_for(&self, req: &AllocateRequest) -> Result<Option<PoolSpec>, Error> {
-        let gpus = req.resources.gpus;
-        let Some(name) = &req.placement.pool else {
-            return Ok(self
-                .cfg
-                .pools
-                .iter()
-                .find(|p| p.fits(gpus, req.placement.spot))
-                .cloned());
-        };
-        let Some(pool) = self.cfg.pools.iter().find(|p| &p.name == name) else {
-            let known: Vec<&str> = self.cfg.pools.iter().map(|p| p.name.as_str()).collect();
-            return Err(Error::Invalid(format!(
-                "placement.pool: no pool named {name:?} here; pools: [{}]",
-                known.join(", ")
-            )));
-        };
-        if pool.gpus != gpus {
-            return Err(Error::Invalid(format!(
-                "placement.pool: pool {name:?} has VMs with {} GPU(s); the job asks for {gpus}",
-                pool.gpus
-            )));
-        }
-        Ok(Some(pool.clone()))
+        Ok(PoolSpec::choose(&self.cfg.pools, req)?.cloned())
     }
 
     /// A capacity miss for a VM with `gpus` GPUs: an idle pool VM holding that kind

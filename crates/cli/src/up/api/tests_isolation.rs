@@ -184,6 +184,36 @@ async fn the_spec_goes_to_the_live_attempt_only_without_secret_values() {
     }
 }
 
+/// A pool VM's credential asks for the VM's orders and nothing else; an attempt's
+/// credential cannot ask for a VM's orders. (Here the local provider, which hands
+/// its pool VMs their attempts over a pipe, tells any asking VM to retire.)
+#[tokio::test]
+async fn a_pool_vm_credential_only_asks_for_orders() {
+    let f = fixture().await;
+    let s = &f.stack;
+    let job = live_job(s).await;
+    let vm = s.attempt_key.vm_credential("warm-s0-0a0b0c0d");
+    let path = "/v1/agent/assignment";
+    let (status, body) = call(s, Method::GET, path, Some(&vm), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, serde_json::json!({ "orders": "retire" }));
+    for (method, path, body) in [
+        (Method::GET, "/v1/agent/spec", ""),
+        (Method::GET, "/v1/agent/secrets", ""),
+        (
+            Method::POST,
+            "/v1/agent/events",
+            r#"{"event": {"type": "heartbeat", "attempt": 1}}"#,
+        ),
+    ] {
+        let (status, _) = call(s, method, path, Some(&vm), body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let mine = s.attempt_key.credential(&job, 1);
+    let (status, _) = call(s, Method::GET, path, Some(&mine), "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test]
 async fn secrets_go_to_the_live_attempt_only() {
     let f = fixture().await;
