@@ -74,6 +74,22 @@ impl Stack {
         Function::start(name, &env).await
     }
 
+    /// Emulated VMs for the stack's instances, with the S3 access an instance
+    /// profile would give.
+    fn vms(&self) -> respawn_e2e::vm::Vms {
+        respawn_e2e::vm::Vms::new(
+            &self.name,
+            [
+                ("AWS_ENDPOINT_URL", self.aws.endpoint.as_str()),
+                ("AWS_REGION", "us-east-1"),
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .to_vec(),
+        )
+    }
+
     /// The ids and states of the stack's pool instances.
     fn pool_instances(&self) -> Vec<(String, String)> {
         let out = self.aws.drive_python(&format!(
@@ -623,17 +639,7 @@ async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_t
     let on_upload = stack.function("on-upload").await;
     let dispatch = stack.function_with_api("dispatch", &url).await;
     let events = stack.function("events").await;
-    let mut vms = respawn_e2e::vm::Vms::new(
-        &stack.name,
-        [
-            ("AWS_ENDPOINT_URL", stack.aws.endpoint.as_str()),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .to_vec(),
-    );
+    let mut vms = stack.vms();
 
     let copied = std::process::Command::new(respawn_e2e::aws::root().join(".venv-aws/bin/aws"))
         .args(["s3", "cp"])
@@ -809,17 +815,7 @@ async fn jobs_in_a_row_run_on_one_warm_instance_that_retires_when_idle() {
         submit: stack.function_with("submit", &url, &pools).await,
         dispatch: stack.function_with("dispatch", &url, &pools).await,
         events: stack.function_with("events", &url, &pools).await,
-        vms: respawn_e2e::vm::Vms::new(
-            &stack.name,
-            [
-                ("AWS_ENDPOINT_URL", stack.aws.endpoint.as_str()),
-                ("AWS_REGION", "us-east-1"),
-                ("AWS_ACCESS_KEY_ID", "test"),
-                ("AWS_SECRET_ACCESS_KEY", "test"),
-            ]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .to_vec(),
-        ),
+        vms: stack.vms(),
     };
     // Fails if anything of an earlier job is in its folders; leaves some behind.
     let look = r#"test ! -e left && test ! -e "$RESPAWN_OUTPUT_DIR/left" && touch left "$RESPAWN_OUTPUT_DIR/left""#;

@@ -356,7 +356,7 @@ impl Ec2Compute {
             return Ok(None);
         };
         if instance.tag(TAG_POOL).is_some() {
-            return self.pooled_key_of(instance_id).await;
+            return self.pooled_key_of(instance).await;
         }
         Ok(instance.to_vm().ok().map(|vm| vm.key))
     }
@@ -552,9 +552,9 @@ impl Compute for Ec2Compute {
     }
 
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
-        if self.release_pooled(key).await? {
-            return Ok(());
-        }
+        // Both kinds: an attempt placed in a pool, and one (placed before the pool
+        // settings changed) on a single-use instance.
+        self.release_pooled(key).await?;
         let live: Vec<String> = self
             .of_attempt(key)
             .await?

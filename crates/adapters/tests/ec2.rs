@@ -10,6 +10,7 @@ use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use respawn_adapters::ec2::{AgentBoot, Ec2Compute, Ec2Config, InstanceTypes};
 use respawn_core::attempt_auth::AttemptKey;
+use respawn_core::conformance::compute::request;
 use respawn_core::job::JobId;
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{
@@ -193,19 +194,6 @@ for _ in range(2):
     assert!(compute(&aws, "other").list().await.unwrap().is_empty());
 }
 
-fn request(job: &JobId, attempt: u32) -> AllocateRequest {
-    AllocateRequest {
-        key: AllocationKey {
-            job: job.clone(),
-            attempt,
-        },
-        project: "default".into(),
-        resources: Resources::default(),
-        placement: Placement::default(),
-        image: None,
-    }
-}
-
 /// The stack's pool instances as EC2 lists them: id → (state, `respawn:vm` tag).
 fn pool_instances(aws: &Emulator, stack: &str) -> Vec<(String, String, String)> {
     let out = aws.drive_python(&format!(
@@ -284,6 +272,10 @@ assert "--pool-api" in script and "--job" not in script, script
     ));
 
     ec2.release(&first.key).await.unwrap();
+    // Released, the VM drains: it takes the next job only once its agent has asked
+    // for work again (which it does with a clean work folder).
+    let draining = ec2.allocate(&request(&b, 1)).await;
+    assert!(matches!(draining, Err(Error::Capacity(_))), "{draining:?}");
     assert_eq!(ec2.orders(&vm).await.unwrap(), Orders::Wait);
     assert_eq!(ec2.key_of(&instance).await.unwrap(), None);
     let second = ec2.allocate(&request(&b, 1)).await.unwrap();
@@ -348,6 +340,31 @@ async fn racing_dispatchers_share_no_pool_vm_and_never_pass_max() {
     assert!(placed.len() <= 2 && !placed.is_empty(), "{got:?}");
     let vms = pool_instances(&aws, "racing");
     assert!(vms.len() <= 2, "more than max VMs: {vms:?}");
+
+    // One attempt placed by several dispatchers at once (a redelivered dispatch,
+    // a reconcile tick) runs on one VM.
+    let aws = Emulator::start();
+    let ec2 = pooled(&aws, "same", &["warm:max=3"]);
+    let job = JobId::generate(Timestamp(8_100));
+    let got = futures::future::join_all((0..4).map(|_| {
+        let ec2 = ec2.clone();
+        let req = request(&job, 1);
+        async move { ec2.allocate(&req).await }
+    }))
+    .await;
+    let mut ids: Vec<String> = got
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|v| v.id.clone())
+        .collect();
+    for r in &got {
+        assert!(matches!(r, Ok(_) | Err(Error::Unavailable(_))), "{r:?}");
+    }
+    ids.dedup();
+    assert!(ids.len() <= 1, "one attempt on two VMs: {got:?}");
+    let again = ec2.allocate(&request(&job, 1)).await.unwrap();
+    assert!(ids.iter().all(|i| *i == again.id), "{got:?} then {again:?}");
+    assert_eq!(pool_instances(&aws, "same").len(), 1);
 }
 
 /// Tending keeps `min` warm, retires idle VMs above it after the idle timeout, and
@@ -380,6 +397,10 @@ async fn tending_keeps_min_warm_retires_idle_vms_and_replaces_a_reclaimed_one() 
     assert_eq!(running(&aws).len(), 2, "the pool grew to max");
     ec2.release(&first.key).await.unwrap();
     ec2.release(&second.key).await.unwrap();
+    // Their agents ask for work again: both VMs are idle.
+    for (_, _, vm) in pool_instances(&aws, "tend") {
+        assert_eq!(ec2.orders(&vm).await.unwrap(), Orders::Wait);
+    }
     ec2.tend_pools().await.unwrap();
     assert_eq!(running(&aws).len(), 2, "not idle for 1 s yet");
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;

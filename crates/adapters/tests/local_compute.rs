@@ -14,13 +14,13 @@ use respawn_adapters::local::{
     AgentCredentials, LocalCompute, LocalComputeConfig, LocalStore, vm_process_alive,
 };
 use respawn_core::attempt_auth::{AttemptKey, AttemptRef};
+use respawn_core::conformance::compute::request;
 use respawn_core::job::JobId;
 use respawn_core::lifecycle::Event;
 use respawn_core::messages::Message;
 use respawn_core::ports::Queue;
-use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Compute, VmState};
+use respawn_core::ports::compute::{Compute, VmState};
 use respawn_core::ports::queue::Receive;
-use respawn_core::spec::{Placement, Resources};
 use respawn_core::time::Timestamp;
 
 const EVENTS: &str = "test.events";
@@ -76,19 +76,6 @@ async fn appears(path: &Path) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{} never appeared", path.display());
-}
-
-fn request(job: &JobId, attempt: u32) -> AllocateRequest {
-    AllocateRequest {
-        key: AllocationKey {
-            job: job.clone(),
-            attempt,
-        },
-        project: "default".into(),
-        resources: Resources::default(),
-        placement: Placement::default(),
-        image: None,
-    }
 }
 
 async fn terminations(queue: &dyn Queue) -> Vec<(JobId, u32, String)> {

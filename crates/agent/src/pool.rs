@@ -27,7 +27,7 @@ use crate::run::{self, Error, Task};
 
 /// How often an idle cloud pool VM asks for work, and a busy one whether its
 /// attempt is still its own.
-const ASK_EVERY: Duration = Duration::from_secs(1);
+const ASK_EVERY: Duration = Duration::from_secs(2);
 
 fn open_bucket(args: &Args) -> Result<Arc<dyn ObjectStore>, Error> {
     run::open_bucket(&args.bucket).map_err(|message| Error::Open {

@@ -1,29 +1,43 @@
 //! Warm pools on EC2: instances that run attempt after attempt.
 //!
-//! - **State** is one record per pool slot in the broker's state bucket (which no
-//!   agent can read), `pools/<pool>/<slot>.json` with `slot` in `0..max`, written
-//!   with conditional puts. A slot is taken with `PutMode::Create`, so a pool never
-//!   has more than `max` VMs however many dispatchers run; an idle VM is claimed,
-//!   released or retired with `PutMode::Update` on the ETag it was read at, so two
-//!   dispatchers never claim one VM and a retirement never takes a claimed one.
+//! - **State** lives in the broker's state bucket (which no agent can read), written
+//!   with conditional puts:
+//!   - one record per pool slot, `pools/<pool>/<slot>.json` with `slot` in
+//!     `0..max`: its VM and the attempt it runs. A slot is taken with
+//!     `PutMode::Create`, so a pool never has more than `max` VMs however many
+//!     dispatchers run; an idle VM is claimed, released or retired with
+//!     `PutMode::Update` on the ETag it was read at, so two dispatchers never claim
+//!     one VM and a retirement never takes a claimed one;
+//!   - one placement per attempt, `pool-placements/<job>.<attempt>`, taken with
+//!     `PutMode::Create` before any slot is touched: of two dispatchers placing the
+//!     same attempt (a redelivered dispatch, a reconcile tick) one places it, the
+//!     other waits for its answer, so an attempt never runs on two VMs. It stays
+//!     after the attempt (later asks for that attempt get its ended VM, never a new
+//!     one) and is pruned a day later.
 //! - **Identity**: a slot's VM has a name, `<pool>-s<slot>-<nonce>`, tagged on the
 //!   instance (`respawn:vm`) and named by the VM credential in its user data. The
 //!   agent asks the API for its orders with it (`GET /v1/agent/assignment`); the API
 //!   reads the slot ([`Ec2Compute::orders`]) and answers with the assigned attempt's
-//!   own credential. A VM whose slot has since been retired (or re-taken, with a new
-//!   nonce) is told to retire.
+//!   own credential while that attempt is live. A VM whose slot has been retired (or
+//!   re-taken, with a new nonce) is told to retire.
 //! - **Crash safety**: the slot is written before its instance is launched; the
 //!   launch carries a `ClientToken` from the VM name and is looked up by its tag
-//!   first, so a retried allocation finds the instance instead of making another.
-//! - **Release** marks the slot idle and keeps the attempt as `last`, so that
-//!   `describe` calls it terminated there. The agent, which asks for its orders
-//!   during an attempt too, kills the workload when they change.
+//!   first, so a retried allocation finds the instance instead of making another. A
+//!   placement left unfinished by a dead dispatcher is taken over after
+//!   [`PLACING`], and the slot it may have claimed is found by its attempt.
+//! - **Release** leaves the slot *draining*: its VM takes the next attempt only
+//!   after its agent has asked for orders again, which it does once the work folder
+//!   is clean. A VM whose agent never asks again (hung, rebooted, gone) is retired.
+//!   The agent asks during an attempt too, and kills the workload when the orders
+//!   stop naming it (cancelled, timed out).
 //! - **Tending** (on the reconcile function's schedule, [`Ec2Compute::tend_pools`]):
 //!   slots whose instance is gone are freed, idle VMs above `min` retire after
-//!   `idle`, interrupted ones at once, and `min` VMs are kept warm.
+//!   `idle`, interrupted and long-draining ones at once, pool instances no slot
+//!   names are terminated, `min` VMs are kept warm, and old placements pruned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -32,6 +46,7 @@ use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Error, Orders, Vm, VmState};
 use respawn_core::spec::Resources;
 use respawn_core::time::{Clock, SystemClock, Timestamp};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -39,18 +54,26 @@ use super::{Boot, Ec2Compute, Ec2Error, Instance, Launch, TAG_POOL, TAG_VM};
 
 /// How often a claim or release is tried again after losing a race.
 const ROUNDS: usize = 8;
-/// A slot's instance not seen by `DescribeInstances` for this long is gone (a new
-/// one may not be visible at once).
-const UNSEEN_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+/// A launched instance not seen by `DescribeInstances` for this long is gone (a
+/// new one may not be listed at once).
+const UNSEEN_GRACE: Duration = Duration::from_secs(300);
+/// A placement unfinished for this long was left by a dispatcher that died.
+const PLACING: Duration = Duration::from_secs(60);
+/// A released VM whose agent has not asked for work within this long is retired.
+const DRAIN_GRACE: Duration = Duration::from_secs(180);
+/// Placements of attempts placed longer ago than this are pruned (once over).
+const PLACEMENT_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 /// One pool slot: its VM and what that VM runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Slot {
+struct Slot {
     /// The VM's name (see the module docs).
     vm: String,
     /// Set once `RunInstances` answered.
     #[serde(default)]
     instance: Option<String>,
+    #[serde(default)]
+    launched_at: Option<Timestamp>,
     #[serde(default)]
     current: Option<AllocationKey>,
     /// The attempt it ran before (released).
@@ -58,13 +81,52 @@ pub(super) struct Slot {
     last: Option<AllocationKey>,
     #[serde(default)]
     idle_since: Option<Timestamp>,
+    /// Released, and its agent has not asked for work since: not claimable yet.
+    #[serde(default)]
+    draining: bool,
     /// Interrupted, terminating or retiring: it takes no more attempts.
     #[serde(default)]
     closing: bool,
     created_at: Timestamp,
 }
 
-/// A slot as read, with the version a conditional write needs.
+impl Slot {
+    fn new(pool: &str, n: u32, current: Option<AllocationKey>, at: Timestamp) -> Slot {
+        Slot {
+            vm: vm_name(pool, n),
+            instance: None,
+            launched_at: None,
+            idle_since: current.is_none().then_some(at),
+            current,
+            last: None,
+            draining: false,
+            closing: false,
+            created_at: at,
+        }
+    }
+
+    fn claimable(&self) -> bool {
+        self.current.is_none() && self.instance.is_some() && !self.draining && !self.closing
+    }
+}
+
+/// Where an attempt was placed: `slot` is `None` while a dispatcher is placing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Placement {
+    pool: String,
+    #[serde(default)]
+    slot: Option<u32>,
+    at: Timestamp,
+}
+
+/// A record as read, with the version a conditional write needs.
+#[derive(Debug, Clone)]
+struct Versioned<T> {
+    value: T,
+    version: UpdateVersion,
+}
+
+/// A slot as read.
 #[derive(Debug, Clone)]
 struct Read {
     pool: String,
@@ -73,7 +135,7 @@ struct Read {
     version: UpdateVersion,
 }
 
-/// The pools' slots on an object store.
+/// The pools' records on an object store.
 #[derive(Debug, Clone)]
 pub struct PoolState {
     store: Arc<dyn ObjectStore>,
@@ -81,6 +143,10 @@ pub struct PoolState {
 
 fn slot_path(pool: &str, n: u32) -> Path {
     Path::from(format!("pools/{pool}/{n}.json"))
+}
+
+fn placement_path(key: &AllocationKey) -> Path {
+    Path::from(format!("pool-placements/{}.{}", key.job, key.attempt))
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -100,13 +166,17 @@ fn parse_vm(vm: &str) -> Option<(&str, u32)> {
     Some((pool, slot.strip_prefix('s')?.parse().ok()?))
 }
 
+fn now() -> Timestamp {
+    SystemClock.now()
+}
+
 impl PoolState {
     pub fn new(store: Arc<dyn ObjectStore>) -> PoolState {
         PoolState { store }
     }
 
-    async fn get(&self, pool: &str, n: u32) -> Result<Option<Read>, Error> {
-        let got = match self.store.get(&slot_path(pool, n)).await {
+    async fn get<T: DeserializeOwned>(&self, path: &Path) -> Result<Option<Versioned<T>>, Error> {
+        let got = match self.store.get(path).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(unavailable(e)),
@@ -116,17 +186,56 @@ impl PoolState {
             version: got.meta.version.clone(),
         };
         let bytes = got.bytes().await.map_err(unavailable)?;
-        let slot = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Invalid(format!("pool {pool} slot {n}: unreadable record: {e}")))?;
-        Ok(Some(Read {
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("{path}: unreadable pool record: {e}")))?;
+        Ok(Some(Versioned { value, version }))
+    }
+
+    /// Writes `value` at `path`: only if absent (`None`), or only over `version`.
+    /// `false` when that condition failed.
+    async fn put<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+        version: Option<&UpdateVersion>,
+    ) -> Result<bool, Error> {
+        let body = PutPayload::from(serde_json::to_vec(value).unwrap_or_default());
+        let mode = match version {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(v.clone()),
+        };
+        match self
+            .store
+            .put_opts(path, body, PutOptions::from(mode))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }
+                | object_store::Error::NotFound { .. },
+            ) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn delete(&self, path: &Path) -> Result<(), Error> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn slot(&self, pool: &str, n: u32) -> Result<Option<Read>, Error> {
+        Ok(self.get::<Slot>(&slot_path(pool, n)).await?.map(|v| Read {
             pool: pool.to_owned(),
             n,
-            slot,
-            version,
+            slot: v.value,
+            version: v.version,
         }))
     }
 
-    async fn list(&self, pool: &str) -> Result<Vec<Read>, Error> {
+    async fn slots(&self, pool: &str) -> Result<Vec<Read>, Error> {
         let prefix = Path::from(format!("pools/{pool}"));
         let metas: Vec<_> = self
             .store
@@ -134,64 +243,82 @@ impl PoolState {
             .try_collect()
             .await
             .map_err(unavailable)?;
-        let mut slots = Vec::new();
-        for m in metas {
-            let n = m
-                .location
+        let numbers = metas.iter().filter_map(|m| {
+            m.location
                 .filename()
                 .and_then(|f| f.strip_suffix(".json"))
-                .and_then(|n| n.parse().ok());
-            if let Some(n) = n
-                && let Some(read) = self.get(pool, n).await?
-            {
-                slots.push(read);
-            }
-        }
+                .and_then(|n| n.parse::<u32>().ok())
+        });
+        let mut slots: Vec<Read> =
+            futures::future::try_join_all(numbers.map(|n| self.slot(pool, n)))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
         slots.sort_by_key(|r| r.n);
         Ok(slots)
     }
 
-    /// Takes slot `n`; `false` if it is taken.
-    async fn create(&self, pool: &str, n: u32, slot: &Slot) -> Result<bool, Error> {
-        let body = PutPayload::from(serde_json::to_vec(slot).unwrap_or_default());
-        match self
-            .store
-            .put_opts(&slot_path(pool, n), body, PutOptions::from(PutMode::Create))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    /// Writes `slot` over `read` if nobody wrote since; `false` if somebody did.
+    /// Writes `slot` over `read` if nobody wrote since.
     async fn update(&self, read: &Read, slot: &Slot) -> Result<bool, Error> {
-        let body = PutPayload::from(serde_json::to_vec(slot).unwrap_or_default());
-        let opts = PutOptions::from(PutMode::Update(read.version.clone()));
-        match self
-            .store
-            .put_opts(&slot_path(&read.pool, read.n), body, opts)
+        self.put(&slot_path(&read.pool, read.n), slot, Some(&read.version))
             .await
-        {
-            Ok(_) => Ok(true),
-            Err(
-                object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
-            ) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
     }
 
-    async fn delete(&self, pool: &str, n: u32) -> Result<(), Error> {
-        match self.store.delete(&slot_path(pool, n)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(unavailable(e)),
+    /// Applies `change` to slot `read` until it sticks; `Ok(None)` when the slot is
+    /// gone or `change` declines (returns `false`) on what it reads.
+    async fn change(
+        &self,
+        mut read: Read,
+        change: impl Fn(&mut Slot) -> bool,
+    ) -> Result<Option<Slot>, Error> {
+        for _ in 0..ROUNDS {
+            let mut slot = read.slot.clone();
+            if !change(&mut slot) {
+                return Ok(None);
+            }
+            if self.update(&read, &slot).await? {
+                return Ok(Some(slot));
+            }
+            match self.slot(&read.pool, read.n).await? {
+                Some(r) => read = r,
+                None => return Ok(None),
+            }
         }
+        Err(Error::Unavailable("pool slot contention".into()))
     }
-}
 
-fn now() -> Timestamp {
-    SystemClock.now()
+    /// Prunes placements older than [`PLACEMENT_KEPT`] whose attempt no slot runs.
+    async fn prune_placements(&self, live: &BTreeSet<AllocationKey>) -> Result<(), Error> {
+        let t = now();
+        let old: Vec<Path> = self
+            .store
+            .list(Some(&Path::from("pool-placements")))
+            .try_filter(|m| {
+                let at = Timestamp::from_millis(m.last_modified.timestamp_millis().max(0) as u64);
+                futures::future::ready(t.since(at) > PLACEMENT_KEPT)
+            })
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        for path in old {
+            let running = path
+                .filename()
+                .and_then(|f| f.rsplit_once('.'))
+                .and_then(|(job, attempt)| {
+                    Some(AllocationKey {
+                        job: job.parse().ok()?,
+                        attempt: attempt.parse().ok()?,
+                    })
+                })
+                .is_some_and(|k| live.contains(&k));
+            if !running {
+                self.delete(&path).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Ec2Compute {
@@ -201,6 +328,10 @@ impl Ec2Compute {
             .ok_or_else(|| Error::Invalid("pools need the broker's state bucket".into()))
     }
 
+    fn pool(&self, name: &str) -> Option<&PoolSpec> {
+        self.cfg.pools.iter().find(|p| p.name == name && p.reuse)
+    }
+
     /// The reusable pool `req` runs in, if any.
     pub(super) fn pool_for(&self, req: &AllocateRequest) -> Result<Option<PoolSpec>, Error> {
         Ok(PoolSpec::choose(&self.cfg.pools, req)?
@@ -208,26 +339,22 @@ impl Ec2Compute {
             .cloned())
     }
 
-    /// Every pool's slots, the reusable pools only.
-    async fn all_slots(&self) -> Result<Vec<Read>, Error> {
-        let state = self.pool_state()?;
-        let mut all = Vec::new();
-        for pool in self.cfg.pools.iter().filter(|p| p.reuse) {
-            all.extend(state.list(&pool.name).await?);
-        }
-        Ok(all)
-    }
-
-    /// The slot whose VM runs (or ran) `key`.
-    async fn slot_of(&self, key: &AllocationKey) -> Result<Option<Read>, Error> {
-        if self.pool_state.is_none() {
+    /// Where `key` was placed, with the slot as it is now (`None` if gone).
+    async fn placed(
+        &self,
+        key: &AllocationKey,
+    ) -> Result<Option<(Placement, Option<Read>)>, Error> {
+        let Some(state) = self.pool_state.as_ref() else {
             return Ok(None);
-        }
-        Ok(self
-            .all_slots()
-            .await?
-            .into_iter()
-            .find(|r| r.slot.current.as_ref() == Some(key) || r.slot.last.as_ref() == Some(key)))
+        };
+        let Some(p) = state.get::<Placement>(&placement_path(key)).await? else {
+            return Ok(None);
+        };
+        let read = match p.value.slot {
+            Some(n) => state.slot(&p.value.pool, n).await?,
+            None => None,
+        };
+        Ok(Some((p.value, read)))
     }
 
     pub(super) async fn allocate_pooled(
@@ -237,25 +364,104 @@ impl Ec2Compute {
     ) -> Result<Vm, Error> {
         let state = self.pool_state()?;
         let key = &req.key;
+        let path = placement_path(key);
         for _ in 0..ROUNDS {
-            let slots = state.list(&pool.name).await?;
+            let t = now();
+            let mine = Placement {
+                pool: pool.name.clone(),
+                slot: None,
+                at: t,
+            };
+            match state.get::<Placement>(&path).await? {
+                Some(Versioned {
+                    value:
+                        Placement {
+                            pool,
+                            slot: Some(n),
+                            ..
+                        },
+                    ..
+                }) => {
+                    let pool = &pool;
+                    let spec = self.pool(pool).unwrap_or(pool_spec_gone());
+                    return match state.slot(pool, n).await? {
+                        Some(r) if r.slot.current.as_ref() == Some(key) => {
+                            self.launched(spec, r, key).await
+                        }
+                        // Released (or its VM retired): the attempt is over; no
+                        // second VM for it.
+                        Some(r) => Ok(slot_vm(spec, &r.slot, key, VmState::Terminated)),
+                        None => Ok(ended_vm(pool, n, key, t)),
+                    };
+                }
+                Some(p) if t.since(p.value.at) < PLACING => {
+                    return Err(Error::Unavailable(
+                        format!("attempt {key} is being placed in pool {}", p.value.pool).into(),
+                    ));
+                }
+                // A placement its dispatcher left unfinished: taken over.
+                Some(p) => {
+                    if !state.put(&path, &mine, Some(&p.version)).await? {
+                        continue;
+                    }
+                }
+                None => {
+                    if !state.put(&path, &mine, None).await? {
+                        continue;
+                    }
+                }
+            }
+            return match self.place(pool, key).await {
+                Ok(read) => {
+                    let done = Placement {
+                        slot: Some(read.n),
+                        ..mine
+                    };
+                    // Only this dispatcher writes a placement it holds (until
+                    // PLACING passes); the slot already names the attempt.
+                    let body = serde_json::to_vec(&done).unwrap_or_default();
+                    state
+                        .store
+                        .put(&path, PutPayload::from(body))
+                        .await
+                        .map_err(unavailable)?;
+                    self.launched(pool, read, key).await
+                }
+                Err(e) => {
+                    // Nothing placed: a later try starts afresh.
+                    state.delete(&path).await?;
+                    Err(e)
+                }
+            };
+        }
+        Err(Error::Unavailable(
+            format!(
+                "pool {}: too many dispatchers at once; try again",
+                pool.name
+            )
+            .into(),
+        ))
+    }
+
+    /// Puts `key` on a slot of `pool`: the one that already names it (a dispatcher
+    /// died before finishing the placement), an idle VM, or a new slot.
+    async fn place(&self, pool: &PoolSpec, key: &AllocationKey) -> Result<Read, Error> {
+        let state = self.pool_state()?;
+        for _ in 0..ROUNDS {
+            let slots = state.slots(&pool.name).await?;
             if let Some(r) = slots.iter().find(|r| r.slot.current.as_ref() == Some(key)) {
-                return self.launched(pool, r.clone(), key).await;
+                return Ok(r.clone());
             }
-            if let Some(r) = slots.iter().find(|r| r.slot.last.as_ref() == Some(key)) {
-                // Released: the attempt is over on that VM; no second VM for it.
-                return Ok(slot_vm(pool, &r.slot, key, VmState::Terminated));
-            }
-            let idle = slots
-                .iter()
-                .find(|r| r.slot.current.is_none() && r.slot.instance.is_some() && !r.slot.closing);
-            if let Some(r) = idle {
+            if let Some(r) = slots.iter().find(|r| r.slot.claimable()) {
                 let mut claimed = r.slot.clone();
                 claimed.current = Some(key.clone());
                 claimed.idle_since = None;
                 if state.update(r, &claimed).await? {
                     info!(job_id = %key.job, attempt = key.attempt, pool = %pool.name, vm = %claimed.vm, instance = ?claimed.instance, "attempt assigned to a warm pool vm");
-                    return Ok(slot_vm(pool, &claimed, key, VmState::Running));
+                    return Ok(Read {
+                        slot: claimed,
+                        ..r.clone()
+                    });
                 }
                 continue;
             }
@@ -266,20 +472,11 @@ impl Ec2Compute {
                     pool.name, pool.max
                 )));
             };
-            let slot = Slot {
-                vm: vm_name(&pool.name, free),
-                instance: None,
-                current: Some(key.clone()),
-                last: None,
-                idle_since: None,
-                closing: false,
-                created_at: now(),
-            };
-            if state.create(&pool.name, free, &slot).await? {
-                let Some(read) = state.get(&pool.name, free).await? else {
-                    continue;
-                };
-                return self.launched(pool, read, key).await;
+            let slot = Slot::new(&pool.name, free, Some(key.clone()), now());
+            if state.put(&slot_path(&pool.name, free), &slot, None).await?
+                && let Some(read) = state.slot(&pool.name, free).await?
+            {
+                return Ok(read);
             }
         }
         Err(Error::Unavailable(
@@ -291,7 +488,7 @@ impl Ec2Compute {
         ))
     }
 
-    /// The slot's VM, launched if it is not yet (a slot is written first).
+    /// The slot's VM as `key`'s, launched if it is not yet (a slot is written first).
     async fn launched(
         &self,
         pool: &PoolSpec,
@@ -299,50 +496,65 @@ impl Ec2Compute {
         key: &AllocationKey,
     ) -> Result<Vm, Error> {
         if let Some(id) = &read.slot.instance {
-            let state = self.instance_state(id).await?;
-            let mut vm = slot_vm(pool, &read.slot, key, state);
-            vm.id.clone_from(id);
-            return Ok(vm);
+            let state = self.instance_state(id, read.slot.launched_at).await?;
+            return Ok(slot_vm(pool, &read.slot, key, state));
         }
         let instance = match self.launch_pool_vm(pool, &read.slot.vm).await {
             Ok(i) => i,
             Err(e @ Error::Capacity(_)) => {
                 // Nothing runs in the slot: free it for the next try.
-                self.pool_state()?.delete(&read.pool, read.n).await?;
+                self.pool_state()?
+                    .delete(&slot_path(&read.pool, read.n))
+                    .await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
-        self.record_instance(read, &instance.id).await?;
+        let id = self.record_instance(read, &instance.id).await?;
         let mut vm = instance.to_pool_vm(key)?;
+        vm.id = id;
         vm.spot = pool.spot;
         Ok(vm)
     }
 
-    /// Notes the instance in its slot (whoever else wrote it since).
-    async fn record_instance(&self, mut read: Read, id: &str) -> Result<(), Error> {
-        let state = self.pool_state()?;
-        for _ in 0..ROUNDS {
-            if read.slot.instance.as_deref() == Some(id) {
-                return Ok(());
-            }
-            let mut slot = read.slot.clone();
-            slot.instance = Some(id.to_owned());
-            if state.update(&read, &slot).await? {
-                return Ok(());
-            }
-            match state.get(&read.pool, read.n).await? {
-                Some(r) if r.slot.vm == read.slot.vm => read = r,
-                // Retired meanwhile: the instance is no pool's.
-                _ => {
-                    self.terminate(&[id])
-                        .await
-                        .map_err(Ec2Error::into_compute)?;
-                    return Err(Error::Capacity("the pool VM was retired".into()));
+    /// Notes the instance in its slot; the id the slot names in the end (should
+    /// another launch have been recorded first, this one is terminated).
+    async fn record_instance(&self, read: Read, id: &str) -> Result<String, Error> {
+        let vm = read.slot.vm.clone();
+        let t = now();
+        let recorded = self
+            .pool_state()?
+            .change(read, |s| {
+                if s.vm != vm || s.instance.is_some() {
+                    return false;
                 }
+                s.instance = Some(id.to_owned());
+                s.launched_at = Some(t);
+                true
+            })
+            .await?;
+        if recorded.is_some() {
+            return Ok(id.to_owned());
+        }
+        let (pool, n) = parse_vm(&vm).unwrap_or_default();
+        let now_there = self.pool_state()?.slot(pool, n).await?;
+        match now_there.and_then(|r| (r.slot.vm == vm).then_some(r.slot.instance)) {
+            Some(Some(other)) if other == id => Ok(other),
+            Some(Some(other)) => {
+                warn!(vm = %vm, instance = id, kept = %other, "a second instance of one pool vm; terminating it");
+                self.terminate(&[id])
+                    .await
+                    .map_err(Ec2Error::into_compute)?;
+                Ok(other)
+            }
+            // Retired meanwhile: the instance is no pool's.
+            _ => {
+                self.terminate(&[id])
+                    .await
+                    .map_err(Ec2Error::into_compute)?;
+                Err(Error::Capacity("the pool VM was retired".into()))
             }
         }
-        Err(Error::Unavailable("pool slot contention".into()))
     }
 
     /// The instance of VM `vm`: the one already launched for it, else a new one.
@@ -353,6 +565,7 @@ impl Ec2Compute {
             .map_err(Ec2Error::into_compute)?;
         if let Some(i) = found
             .into_iter()
+            .filter(|i| i.state() != VmState::Terminated)
             .min_by(|a, b| a.launch_time.cmp(&b.launch_time))
         {
             return Ok(i);
@@ -378,145 +591,185 @@ impl Ec2Compute {
         Ok(instance)
     }
 
-    async fn instance_state(&self, id: &str) -> Result<VmState, Error> {
-        match self.instances(&[], Some(id)).await {
-            Ok(found) => Ok(found
-                .iter()
-                .find(|i| i.id == id)
-                .map_or(VmState::Requested, Instance::state)),
-            Err(e) if e.code.starts_with("InvalidInstanceID") => Ok(VmState::Requested),
-            Err(e) => Err(e.into_compute()),
-        }
-    }
-
-    /// Ends `key`'s attempt on its pool VM: the slot is idle again. `false` when no
-    /// pool VM runs it.
-    pub(super) async fn release_pooled(&self, key: &AllocationKey) -> Result<bool, Error> {
-        let Some(mut read) = self.slot_of(key).await? else {
-            return Ok(false);
-        };
-        let state = self.pool_state()?;
-        for _ in 0..ROUNDS {
-            if read.slot.current.as_ref() != Some(key) {
-                return Ok(true);
-            }
-            let mut slot = read.slot.clone();
-            slot.last = slot.current.take();
-            slot.idle_since = Some(now());
-            if state.update(&read, &slot).await? {
-                info!(job_id = %key.job, attempt = key.attempt, vm = %slot.vm, "attempt released; pool vm idle");
-                return Ok(true);
-            }
-            match state.get(&read.pool, read.n).await? {
-                Some(r) => read = r,
-                None => return Ok(true),
-            }
-        }
-        Err(Error::Unavailable("pool slot contention".into()))
-    }
-
-    pub(super) async fn describe_pooled(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
-        let Some(read) = self.slot_of(key).await? else {
-            return Ok(None);
-        };
-        let Some(pool) = self.cfg.pools.iter().find(|p| p.name == read.pool) else {
-            return Ok(None);
-        };
-        if read.slot.current.as_ref() != Some(key) {
-            return Ok(Some(slot_vm(pool, &read.slot, key, VmState::Terminated)));
-        }
-        let state = match &read.slot.instance {
-            Some(id) => self.instance_state(id).await?,
-            None => VmState::Requested,
-        };
-        Ok(Some(slot_vm(pool, &read.slot, key, state)))
-    }
-
-    /// The attempts running on pool VMs, with their instances' states.
-    pub(super) async fn list_pooled(&self, instances: &[Instance]) -> Result<Vec<Vm>, Error> {
-        if self.pool_state.is_none() {
-            return Ok(Vec::new());
-        }
-        let by_id: BTreeMap<&str, &Instance> =
-            instances.iter().map(|i| (i.id.as_str(), i)).collect();
-        let mut vms = Vec::new();
-        for r in self.all_slots().await? {
-            let (Some(key), Some(pool)) = (
-                &r.slot.current,
-                self.cfg.pools.iter().find(|p| p.name == r.pool),
-            ) else {
-                continue;
-            };
-            let state = match r.slot.instance.as_deref().and_then(|id| by_id.get(id)) {
-                Some(i) => i.state(),
-                None => VmState::Requested,
-            };
-            vms.push(slot_vm(pool, &r.slot, key, state));
-        }
-        Ok(vms)
-    }
-
-    /// The attempt pool instance `instance_id` runs; `None` when idle or not a pool
-    /// VM's.
-    pub(super) async fn pooled_key_of(
+    /// An instance's state; one EC2 no longer lists, launched longer than
+    /// [`UNSEEN_GRACE`] ago, is gone.
+    async fn instance_state(
         &self,
-        instance_id: &str,
-    ) -> Result<Option<AllocationKey>, Error> {
-        Ok(self
-            .slot_of_instance(instance_id)
-            .await?
-            .and_then(|r| r.slot.current))
-    }
-
-    async fn slot_of_instance(&self, instance_id: &str) -> Result<Option<Read>, Error> {
-        if self.pool_state.is_none() {
-            return Ok(None);
-        }
-        Ok(self
-            .all_slots()
-            .await?
-            .into_iter()
-            .find(|r| r.slot.instance.as_deref() == Some(instance_id)))
-    }
-
-    /// EC2 warned of or began the end of `instance_id`: its slot takes no more
-    /// attempts (what it runs now is told by the event, like any attempt's).
-    pub async fn pool_vm_closing(&self, instance_id: &str) -> Result<(), Error> {
-        let state = match self.pool_state.as_ref() {
-            Some(s) => s,
-            None => return Ok(()),
+        id: &str,
+        launched: Option<Timestamp>,
+    ) -> Result<VmState, Error> {
+        let found = match self.instances(&[], Some(id)).await {
+            Ok(found) => found.into_iter().find(|i| i.id == id),
+            Err(e) if e.code.starts_with("InvalidInstanceID") => None,
+            Err(e) => return Err(e.into_compute()),
         };
-        for _ in 0..ROUNDS {
-            let Some(read) = self.slot_of_instance(instance_id).await? else {
-                return Ok(());
-            };
-            if read.slot.closing {
-                return Ok(());
+        Ok(match found {
+            Some(i) => i.state(),
+            None if launched.is_some_and(|at| now().since(at) > UNSEEN_GRACE) => {
+                VmState::Terminated
             }
-            let mut slot = read.slot.clone();
-            slot.closing = true;
-            if state.update(&read, &slot).await? {
-                info!(vm = %slot.vm, instance = instance_id, "pool vm closing; it takes no more attempts");
-                return Ok(());
-            }
-        }
-        Err(Error::Unavailable("pool slot contention".into()))
+            None => VmState::Requested,
+        })
     }
 
-    /// Keeps every pool's size: frees the slots of instances that are gone, retires
-    /// idle VMs above `min` after `idle` (and closing ones at once), launches VMs up
-    /// to `min`. Run on a schedule (the reconcile function).
-    pub async fn tend_pools(&self) -> Result<(), Error> {
-        if self.pool_state.is_none() {
+    /// Ends `key`'s attempt on its pool VM: the slot drains (see the module docs).
+    pub(super) async fn release_pooled(&self, key: &AllocationKey) -> Result<(), Error> {
+        let Some((_, Some(read))) = self.placed(key).await? else {
             return Ok(());
-        }
-        for pool in self.cfg.pools.iter().filter(|p| p.reuse) {
-            self.tend_pool(pool).await?;
+        };
+        let t = now();
+        let released = self
+            .pool_state()?
+            .change(read, |s| {
+                if s.current.as_ref() != Some(key) {
+                    return false;
+                }
+                s.last = s.current.take();
+                s.idle_since = Some(t);
+                s.draining = true;
+                true
+            })
+            .await?;
+        if let Some(s) = released {
+            info!(job_id = %key.job, attempt = key.attempt, vm = %s.vm, "attempt released; pool vm drains");
         }
         Ok(())
     }
 
-    async fn tend_pool(&self, pool: &PoolSpec) -> Result<(), Error> {
+    pub(super) async fn describe_pooled(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        let Some((placement, read)) = self.placed(key).await? else {
+            return Ok(None);
+        };
+        let spec = self.pool(&placement.pool).unwrap_or(pool_spec_gone());
+        let Some(read) = read else {
+            return Ok(placement
+                .slot
+                .map(|n| ended_vm(&placement.pool, n, key, placement.at)));
+        };
+        if read.slot.current.as_ref() != Some(key) {
+            return Ok(Some(slot_vm(spec, &read.slot, key, VmState::Terminated)));
+        }
+        let state = match &read.slot.instance {
+            Some(id) => self.instance_state(id, read.slot.launched_at).await?,
+            None => VmState::Requested,
+        };
+        Ok(Some(slot_vm(spec, &read.slot, key, state)))
+    }
+
+    /// The attempts running on pool VMs, with their instances' states.
+    pub(super) async fn list_pooled(&self, instances: &[Instance]) -> Result<Vec<Vm>, Error> {
+        let Some(state) = self.pool_state.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let by_id: BTreeMap<&str, &Instance> =
+            instances.iter().map(|i| (i.id.as_str(), i)).collect();
+        let mut vms = Vec::new();
+        for pool in self.cfg.pools.iter().filter(|p| p.reuse) {
+            for r in state.slots(&pool.name).await? {
+                let Some(key) = &r.slot.current else { continue };
+                let vm_state = match r.slot.instance.as_deref() {
+                    Some(id) => match by_id.get(id) {
+                        Some(i) => i.state(),
+                        None if r
+                            .slot
+                            .launched_at
+                            .is_some_and(|at| now().since(at) > UNSEEN_GRACE) =>
+                        {
+                            VmState::Terminated
+                        }
+                        None => VmState::Requested,
+                    },
+                    None => VmState::Requested,
+                };
+                vms.push(slot_vm(pool, &r.slot, key, vm_state));
+            }
+        }
+        Ok(vms)
+    }
+
+    /// The attempt pool instance `instance` runs; `None` when idle.
+    pub(super) async fn pooled_key_of(
+        &self,
+        instance: &Instance,
+    ) -> Result<Option<AllocationKey>, Error> {
+        Ok(self
+            .slot_of_instance(instance)
+            .await?
+            .and_then(|r| r.slot.current))
+    }
+
+    /// The slot of pool instance `instance` (by its `respawn:vm` tag).
+    async fn slot_of_instance(&self, instance: &Instance) -> Result<Option<Read>, Error> {
+        let (Some(state), Some(vm)) = (self.pool_state.as_ref(), instance.tag(TAG_VM)) else {
+            return Ok(None);
+        };
+        let Some((pool, n)) = parse_vm(vm) else {
+            return Ok(None);
+        };
+        Ok(state.slot(pool, n).await?.filter(|r| {
+            r.slot.vm == vm && r.slot.instance.as_deref() == Some(instance.id.as_str())
+        }))
+    }
+
+    /// EC2 warned of or began the end of `instance_id`: if it is a pool VM, its slot
+    /// takes no more attempts (what it runs now is told by the event, like any
+    /// attempt's).
+    pub async fn pool_vm_closing(&self, instance_id: &str) -> Result<(), Error> {
+        if self.pool_state.is_none() {
+            return Ok(());
+        }
+        let found = match self.instances(&[], Some(instance_id)).await {
+            Ok(found) => found,
+            Err(e) if e.code.starts_with("InvalidInstanceID") => return Ok(()),
+            Err(e) => return Err(e.into_compute()),
+        };
+        let Some(instance) = found.iter().find(|i| i.id == instance_id) else {
+            return Ok(());
+        };
+        let Some(read) = self.slot_of_instance(instance).await? else {
+            return Ok(());
+        };
+        let closed = self
+            .pool_state()?
+            .change(read, |s| {
+                let first = !s.closing;
+                s.closing = true;
+                first
+            })
+            .await?;
+        if let Some(s) = closed {
+            info!(vm = %s.vm, instance = instance_id, "pool vm closing; it takes no more attempts");
+        }
+        Ok(())
+    }
+
+    /// Keeps every pool's size (see the module docs). Run on a schedule (the
+    /// reconcile function). One pool's trouble does not stop the others'.
+    pub async fn tend_pools(&self) -> Result<(), Error> {
+        let Some(state) = self.pool_state.as_ref() else {
+            return Ok(());
+        };
+        let mut first_error = None;
+        let mut running = BTreeSet::new();
+        for pool in self.cfg.pools.iter().filter(|p| p.reuse) {
+            match self.tend_pool(pool).await {
+                Ok(busy) => running.extend(busy),
+                Err(e) => {
+                    warn!(pool = %pool.name, error = %e, "cannot tend the pool");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if first_error.is_none()
+            && let Err(e) = state.prune_placements(&running).await
+        {
+            warn!(error = %e, "cannot prune pool placements");
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Tends one pool; the attempts its VMs run.
+    async fn tend_pool(&self, pool: &PoolSpec) -> Result<Vec<AllocationKey>, Error> {
         let state = self.pool_state()?;
         let instances: BTreeMap<String, Instance> = self
             .instances(&[(TAG_POOL, pool.name.clone())], None)
@@ -526,47 +779,47 @@ impl Ec2Compute {
             .map(|i| (i.id.clone(), i))
             .collect();
         let t = now();
+        let slots = state.slots(&pool.name).await?;
         let mut kept = Vec::new();
-        for r in state.list(&pool.name).await? {
+        for r in &slots {
             let s = &r.slot;
             let gone = match s.instance.as_deref() {
                 Some(id) => match instances.get(id) {
                     Some(i) => i.state() == VmState::Terminated,
-                    None => t.since(s.created_at) > UNSEEN_GRACE,
+                    None => s.launched_at.is_some_and(|at| t.since(at) > UNSEEN_GRACE),
                 },
                 None => false,
             };
-            if gone && s.current.is_none() {
-                info!(pool = %pool.name, vm = %s.vm, "pool vm gone; slot freed");
-                state.delete(&r.pool, r.n).await?;
-            } else if gone {
-                // Its attempt learns of the loss from its own VM's state; the slot
-                // is freed once that attempt is released.
-                if !s.closing {
-                    let mut closing = s.clone();
-                    closing.closing = true;
-                    state.update(&r, &closing).await?;
+            let drained_out = s.draining && s.idle_since.is_some_and(|i| t.since(i) > DRAIN_GRACE);
+            if s.current.is_none() && (gone || s.closing || drained_out) {
+                if drained_out && !gone {
+                    warn!(pool = %pool.name, vm = %s.vm, "the pool vm's agent did not ask for work after its attempt; retiring it");
                 }
-            } else if s.current.is_none() && s.closing {
-                self.retire(&r).await?;
-            } else {
-                if s.current.is_none() && s.instance.is_none() {
-                    // A warm VM whose launch did not finish (its launcher died).
-                    if let Err(e) = self.launched_idle(pool, r.clone()).await {
-                        warn!(pool = %pool.name, vm = %s.vm, error = %e, "cannot launch a warm pool vm");
-                        continue;
+                self.retire(r).await?;
+            } else if gone {
+                // Its attempt learns of the loss from its VM's state; the slot goes
+                // once that attempt is released.
+                state
+                    .change(r.clone(), |s| !std::mem::replace(&mut s.closing, true))
+                    .await?;
+            } else if s.current.is_none() && s.instance.is_none() {
+                // A warm VM whose launch did not finish (its launcher died).
+                match self.launched_idle(pool, r.clone()).await {
+                    Ok(()) => kept.push(r),
+                    Err(e) => {
+                        warn!(pool = %pool.name, vm = %s.vm, error = %e, "cannot launch a warm pool vm")
                     }
                 }
+            } else {
                 kept.push(r);
             }
         }
         // Idle the longest first, while more than `min` are left.
         let mut live = kept.iter().filter(|r| !r.slot.closing).count();
-        let mut idle: Vec<&Read> = kept
+        let mut idle: Vec<&&Read> = kept
             .iter()
             .filter(|r| {
-                r.slot.current.is_none()
-                    && r.slot.idle_since.is_some_and(|i| t.since(i) >= pool.idle)
+                r.slot.claimable() && r.slot.idle_since.is_some_and(|i| t.since(i) >= pool.idle)
             })
             .collect();
         idle.sort_by_key(|r| r.slot.idle_since);
@@ -578,41 +831,55 @@ impl Ec2Compute {
                 live -= 1;
             }
         }
-        let taken: BTreeSet<u32> = state.list(&pool.name).await?.iter().map(|r| r.n).collect();
+        // Instances of the pool that no slot names (a launch whose slot was freed
+        // or retired before it was recorded) would run on unseen.
+        let named: BTreeSet<&str> = slots.iter().map(|r| r.slot.vm.as_str()).collect();
+        let strays: Vec<&str> = instances
+            .values()
+            .filter(|i| i.state() != VmState::Terminated)
+            .filter(|i| i.tag(TAG_VM).is_none_or(|vm| !named.contains(vm)))
+            .filter(|i| {
+                Timestamp::parse_rfc3339(&i.launch_time)
+                    .is_some_and(|at| t.since(at) > UNSEEN_GRACE)
+            })
+            .map(|i| i.id.as_str())
+            .collect();
+        if !strays.is_empty() {
+            warn!(pool = %pool.name, instances = ?strays, "terminating pool instances no slot names");
+            self.terminate(&strays)
+                .await
+                .map_err(Ec2Error::into_compute)?;
+        }
+        let taken: BTreeSet<u32> = state.slots(&pool.name).await?.iter().map(|r| r.n).collect();
         let mut free = (0..pool.max as u32).filter(|n| !taken.contains(n));
         while live < pool.min {
             let Some(n) = free.next() else { break };
-            let slot = Slot {
-                vm: vm_name(&pool.name, n),
-                instance: None,
-                current: None,
-                last: None,
-                idle_since: Some(t),
-                closing: false,
-                created_at: t,
-            };
-            if state.create(&pool.name, n, &slot).await?
-                && let Some(read) = state.get(&pool.name, n).await?
+            let slot = Slot::new(&pool.name, n, None, t);
+            if state.put(&slot_path(&pool.name, n), &slot, None).await?
+                && let Some(read) = state.slot(&pool.name, n).await?
             {
                 self.launched_idle(pool, read).await?;
                 live += 1;
             }
         }
-        Ok(())
+        Ok(slots.into_iter().filter_map(|r| r.slot.current).collect())
     }
 
     async fn launched_idle(&self, pool: &PoolSpec, read: Read) -> Result<(), Error> {
         match self.launch_pool_vm(pool, &read.slot.vm).await {
-            Ok(i) => self.record_instance(read, &i.id).await,
+            Ok(i) => self.record_instance(read, &i.id).await.map(drop),
             Err(e @ Error::Capacity(_)) => {
-                self.pool_state()?.delete(&read.pool, read.n).await?;
+                self.pool_state()?
+                    .delete(&slot_path(&read.pool, read.n))
+                    .await?;
                 Err(e)
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Terminates an idle slot's VM, unless a dispatcher claims it first (`false`).
+    /// Terminates an idle slot's VM and frees the slot, unless a dispatcher claims
+    /// it first (`false`).
     async fn retire(&self, read: &Read) -> Result<bool, Error> {
         let state = self.pool_state()?;
         let mut closing = read.slot.clone();
@@ -625,28 +892,45 @@ impl Ec2Compute {
                 .await
                 .map_err(Ec2Error::into_compute)?;
         }
-        state.delete(&read.pool, read.n).await?;
-        info!(pool = %read.pool, vm = %read.slot.vm, instance = ?read.slot.instance, "idle pool vm retired");
+        state.delete(&slot_path(&read.pool, read.n)).await?;
+        info!(pool = %read.pool, vm = %read.slot.vm, instance = ?read.slot.instance, "pool vm retired");
         Ok(true)
     }
 
-    /// What pool VM `vm` is to do: see [`Orders`].
+    /// What pool VM `vm` is to do: see [`Orders`]. Asking is how a drained VM's
+    /// agent says it is clean and alive: its slot becomes claimable.
     pub(super) async fn orders_of(&self, vm: &str) -> Result<Orders, Error> {
         let (Some((pool, n)), Some(state)) = (parse_vm(vm), self.pool_state.as_ref()) else {
             return Ok(Orders::Retire);
         };
-        if !self.cfg.pools.iter().any(|p| p.name == pool && p.reuse) {
+        if self.pool(pool).is_none() {
             return Ok(Orders::Retire);
         }
-        Ok(match state.get(pool, n).await? {
-            Some(r) if r.slot.vm == vm => match r.slot.current {
-                Some(key) => Orders::Run(key),
-                None if r.slot.closing => Orders::Retire,
-                None => Orders::Wait,
-            },
-            _ => Orders::Retire,
-        })
+        let Some(read) = state.slot(pool, n).await?.filter(|r| r.slot.vm == vm) else {
+            return Ok(Orders::Retire);
+        };
+        match &read.slot.current {
+            Some(key) => return Ok(Orders::Run(key.clone())),
+            None if read.slot.closing => return Ok(Orders::Retire),
+            None => {}
+        }
+        if read.slot.draining {
+            // A conflict means the slot changed meanwhile (claimed, closed): the
+            // next ask sees what it became.
+            state
+                .change(read, |s| {
+                    s.current.is_none() && std::mem::take(&mut s.draining)
+                })
+                .await?;
+        }
+        Ok(Orders::Wait)
     }
+}
+
+/// The settings of a pool no longer configured (its records outlive it).
+fn pool_spec_gone() -> &'static PoolSpec {
+    static GONE: std::sync::OnceLock<PoolSpec> = std::sync::OnceLock::new();
+    GONE.get_or_init(|| PoolSpec::new("gone", 0, 1))
 }
 
 /// The VM of `key` on a slot.
@@ -658,6 +942,18 @@ fn slot_vm(pool: &PoolSpec, slot: &Slot, key: &AllocationKey, state: VmState) ->
         spot: pool.spot,
         nodes: 1,
         created_at: slot.created_at,
+    }
+}
+
+/// The ended VM of an attempt whose slot is gone.
+fn ended_vm(pool: &str, n: u32, key: &AllocationKey, at: Timestamp) -> Vm {
+    Vm {
+        id: format!("{pool}-s{n}"),
+        key: key.clone(),
+        state: VmState::Terminated,
+        spot: true,
+        nodes: 1,
+        created_at: at,
     }
 }
 

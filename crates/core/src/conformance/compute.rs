@@ -5,7 +5,8 @@ use crate::ports::compute::{AllocateRequest, AllocationKey, Compute, VmState};
 use crate::spec::{Placement, Resources};
 use crate::time::Timestamp;
 
-fn request(job: &JobId, attempt: u32) -> AllocateRequest {
+/// A request for `job`'s `attempt` with default resources and placement.
+pub fn request(job: &JobId, attempt: u32) -> AllocateRequest {
     AllocateRequest {
         key: AllocationKey {
             job: job.clone(),

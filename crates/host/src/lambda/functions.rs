@@ -220,8 +220,11 @@ async fn upload(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
 /// `reconcile`: deadlines, lost VMs and orphans, and the warm pools' size, on a
 /// schedule.
 pub async fn reconcile(cloud: &Cloud, _event: Value) -> Result<Value, Error> {
-    let report = handlers::reconcile(&cloud.ports).await?;
+    let report = handlers::reconcile(&cloud.ports).await;
+    // The pools are tended whatever became of the jobs' pass.
+    let tended = cloud.ec2.tend_pools().await;
+    let report = report?;
     info!(?report, "reconciled");
-    cloud.ec2.tend_pools().await?;
+    tended?;
     Ok(serde_json::to_value(format!("{report:?}"))?)
 }
