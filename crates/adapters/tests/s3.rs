@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use object_store::aws::AmazonS3Builder;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
 use respawn_core::ports::Blobs;
 
@@ -57,39 +56,5 @@ async fn tokens_and_secrets_pass_their_conformance_suites_on_s3() {
 async fn conditional_writes_are_enforced() {
     let aws = Emulator::start();
     let blobs = bucket(&aws, "respawn-conditional");
-    let path = object_store::path::Path::from("jobs/x/state");
-    let create = PutOptions::from(PutMode::Create);
-    let first = blobs
-        .put_opts(&path, PutPayload::from("v1"), create.clone())
-        .await
-        .unwrap();
-    let again = blobs
-        .put_opts(&path, PutPayload::from("v1"), create)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(again, object_store::Error::AlreadyExists { .. }),
-        "{again}"
-    );
-    let update = |e_tag: Option<String>| {
-        PutOptions::from(PutMode::Update(object_store::UpdateVersion {
-            e_tag,
-            version: None,
-        }))
-    };
-    let second = blobs
-        .put_opts(&path, PutPayload::from("v2"), update(first.e_tag.clone()))
-        .await
-        .unwrap();
-    assert_ne!(second.e_tag, first.e_tag);
-    let stale = blobs
-        .put_opts(&path, PutPayload::from("v3"), update(first.e_tag))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(stale, object_store::Error::Precondition { .. }),
-        "{stale}"
-    );
-    let now = blobs.get(&path).await.unwrap().bytes().await.unwrap();
-    assert_eq!(&now[..], b"v2");
+    respawn_core::conformance::blobs::conditional_writes(blobs.as_ref()).await;
 }

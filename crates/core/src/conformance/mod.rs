@@ -3,6 +3,7 @@
 //! Failures panic with a message that says which promise of the contract broke.
 #![allow(clippy::unwrap_used)]
 
+pub mod blobs;
 pub mod compute;
 pub mod ledger;
 pub mod queue;
