@@ -10,6 +10,10 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "azure")]
+pub mod azqueue;
+#[cfg(any(feature = "aws", feature = "azure"))]
+mod bands;
 #[cfg(feature = "aws")]
 pub mod ec2;
 #[cfg(feature = "local")]

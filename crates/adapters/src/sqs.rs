@@ -37,9 +37,10 @@ use bytes::Bytes;
 use respawn_core::ports::queue::{
     DEFAULT_MAX_DELIVERIES, Delivery, Error, Outgoing, Queue, Receive, dead_letter_queue,
 };
-use respawn_core::time::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
+
+use crate::bands::{Band, now_ms};
 
 /// SQS's longest `DelaySeconds`.
 const MAX_DELAY: Duration = Duration::from_secs(900);
@@ -53,42 +54,6 @@ const MAX_NAME: usize = 80;
 /// message, beyond `max_deliveries` (after which this adapter moves it itself).
 const REDRIVE_SLACK: u32 = 3;
 const META: &str = "respawn";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Band {
-    High,
-    Normal,
-    Low,
-}
-
-impl Band {
-    const ALL: [Band; 3] = [Band::High, Band::Normal, Band::Low];
-
-    fn of(priority: u8) -> Band {
-        match priority {
-            7.. => Band::High,
-            4..=6 => Band::Normal,
-            _ => Band::Low,
-        }
-    }
-
-    fn suffix(self) -> &'static str {
-        match self {
-            Band::High => "hi",
-            Band::Normal => "no",
-            Band::Low => "lo",
-        }
-    }
-
-    /// The priority of a message that did not say (another client's).
-    fn level(self) -> u8 {
-        match self {
-            Band::High => 8,
-            Band::Normal => 5,
-            Band::Low => 2,
-        }
-    }
-}
 
 /// What travels with each message, in the `respawn` attribute.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -165,15 +130,9 @@ impl fmt::Debug for SqsQueue {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemClock.now().as_millis()
-}
-
-/// Whole seconds, rounded up, at most `max`.
+/// Whole seconds, rounded up, at most `max`, as SQS takes them.
 fn seconds(d: Duration, max: Duration) -> i32 {
-    let d = d.min(max);
-    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    i32::try_from(s).unwrap_or(i32::MAX)
+    i32::try_from(crate::bands::seconds(d, max)).unwrap_or(i32::MAX)
 }
 
 fn sdk_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static, R>(
@@ -212,12 +171,7 @@ impl Receipt<'_> {
     fn decode(s: &str) -> Result<Receipt<'_>, Error> {
         let bad = || Error::Invalid(format!("not a receipt of this queue: {s:?}"));
         let mut parts = s.splitn(3, '|');
-        let band = match parts.next() {
-            Some("hi") => Band::High,
-            Some("no") => Band::Normal,
-            Some("lo") => Band::Low,
-            _ => return Err(bad()),
-        };
+        let band = parts.next().and_then(Band::from_suffix).ok_or_else(bad)?;
         let until_ms = parts.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
         let handle = parts.next().ok_or_else(bad)?;
         Ok(Receipt {
@@ -710,28 +664,6 @@ impl Queue for SqsQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn priorities_fall_into_three_bands() {
-        assert_eq!(Band::of(0), Band::Low);
-        assert_eq!(Band::of(3), Band::Low);
-        assert_eq!(Band::of(4), Band::Normal);
-        assert_eq!(Band::of(6), Band::Normal);
-        assert_eq!(Band::of(7), Band::High);
-        assert_eq!(Band::of(9), Band::High);
-        for b in Band::ALL {
-            assert_eq!(Band::of(b.level()), b);
-        }
-    }
-
-    #[test]
-    fn durations_round_up_to_whole_seconds() {
-        assert_eq!(seconds(Duration::ZERO, MAX_DELAY), 0);
-        assert_eq!(seconds(Duration::from_millis(1), MAX_DELAY), 1);
-        assert_eq!(seconds(Duration::from_millis(1000), MAX_DELAY), 1);
-        assert_eq!(seconds(Duration::from_millis(1001), MAX_DELAY), 2);
-        assert_eq!(seconds(Duration::from_secs(5000), MAX_DELAY), 900);
-    }
 
     #[test]
     fn receipts_round_trip_and_refuse_garbage() {

@@ -1,14 +1,18 @@
-//! The object-store ledger, tokens and secrets on Azure Blob storage, against the
+//! The object-store ledger, tokens and secrets on Azure Blob storage, and the queue
+//! on Storage Queues, against the
 //! Azure storage emulator (`localstack/azurite-start`, Azurite) this test process
 //! starts: it fails, never skips, when the emulator cannot run.
 #![cfg(feature = "azure")]
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::azure::MicrosoftAzureBuilder;
+use respawn_adapters::azqueue::{SharedKey, StorageQueue};
 use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
 use respawn_core::ports::Blobs;
+use respawn_core::ports::queue::{Queue, Receive};
 
 #[path = "../../../tests/support/azure.rs"]
 #[allow(dead_code)]
@@ -48,4 +52,84 @@ async fn tokens_and_secrets_pass_their_conformance_suites_on_blob_storage() {
 async fn conditional_writes_are_enforced() {
     let blobs = container("conditional");
     respawn_core::conformance::blobs::conditional_writes(blobs.as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_queues_pass_the_queue_conformance_suite() {
+    // The suite's queue names are unique already (and a name has 63 characters at
+    // most); visibility timeouts are whole seconds.
+    let q = StorageQueue::new(
+        &azure::azurite().queue,
+        SharedKey::new(azure::ACCOUNT, azure::KEY).unwrap(),
+        "",
+        3,
+    )
+    .unwrap();
+    respawn_core::conformance::queue::run_with(&q, 3, Duration::from_secs(1)).await;
+}
+
+/// What other clients put on a queue: Azure's own SDK with the base64 encoding the
+/// Azure Functions host expects, and plain text; and a dead letter is on the
+/// band's `-poison` queue, where the Functions host would put it, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_azures_sdk_arrive_and_dead_letters_go_to_poison_queues() {
+    let prefix = azure::unique("p");
+    let q = StorageQueue::new(
+        &azure::azurite().queue,
+        SharedKey::new(azure::ACCOUNT, azure::KEY).unwrap(),
+        &format!("{prefix}-"),
+        5,
+    )
+    .unwrap();
+    q.declare("submit").await.unwrap();
+    azure::azurite().python(&format!(
+        r#"
+from azure.storage.queue import QueueClient, BinaryBase64EncodePolicy
+b64 = QueueClient.from_connection_string("{{conn}}", "{prefix}-submit-no",
+                                         message_encode_policy=BinaryBase64EncodePolicy())
+b64.send_message(b'{{"spec": {{"name": "from-azure"}}}}')
+plain = QueueClient.from_connection_string("{{conn}}", "{prefix}-submit-lo")
+plain.send_message("plain text")
+"#
+    ));
+    let got = q
+        .receive(
+            "submit",
+            Receive {
+                max: 10,
+                lease: Duration::from_secs(30),
+                wait: Duration::from_secs(2),
+            },
+        )
+        .await
+        .unwrap();
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        [r#"{"spec": {"name": "from-azure"}}"#, "plain text"],
+        "normal band first; base64 decoded, plain text kept"
+    );
+    assert_eq!(got[0].deliveries, 1);
+    assert_eq!(got[0].attributes.get("message_id"), Some(&got[0].id));
+    q.dead_letter(&got[0], "spec.command: missing")
+        .await
+        .unwrap();
+    q.ack(&got[1]).await.unwrap();
+    let poison = azure::azurite().python(&format!(
+        r#"
+import base64, json
+from azure.storage.queue import QueueClient
+c = QueueClient.from_connection_string("{{conn}}", "{prefix}-submit-no-poison")
+for m in c.receive_messages():
+    env = json.loads(base64.b64decode(m.content))
+    print(env["reason"], base64.b64decode(env["body"]).decode())
+"#
+    ));
+    assert_eq!(
+        poison.trim(),
+        r#"spec.command: missing {"spec": {"name": "from-azure"}}"#
+    );
 }
