@@ -133,3 +133,128 @@ for m in c.receive_messages():
         r#"spec.command: missing {"spec": {"name": "from-azure"}}"#
     );
 }
+
+/// An upload trigger on Azure: a blob uploaded with Azure's own SDK, and its
+/// `BlobCreated` event (built from the Azure documentation's examples, with the
+/// blob's real ETag and size) put on a Storage Queue as Event Grid delivers it, in
+/// both schemas and the first one twice, make one job whose input is that blob. The
+/// ports are those of an Azure host: ledger and secrets on Blob storage, the
+/// queue on Storage Queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_blob_and_its_event_grid_events_make_one_job() {
+    use respawn_core::cloud::eventgrid::{self, GridMessage};
+    use respawn_core::ports::ledger::ListQuery;
+
+    let data = azure::unique("data");
+    let blobs = {
+        azure::azurite().container(&data);
+        Arc::new(
+            MicrosoftAzureBuilder::new()
+                .with_use_emulator(true)
+                .with_container_name(&data)
+                .build()
+                .unwrap(),
+        )
+    };
+    let state = container("state");
+    let prefix = format!("{}-", azure::unique("s"));
+    let queue = Arc::new(
+        StorageQueue::new(
+            &azure::azurite().queue,
+            SharedKey::new(azure::ACCOUNT, azure::KEY).unwrap(),
+            &prefix,
+            5,
+        )
+        .unwrap(),
+    );
+    let ports = respawn_core::ports::Ports {
+        ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
+        queue: queue.clone(),
+        compute: Arc::new(respawn_adapters::memory::MemoryCompute::new(1)),
+        secrets: Arc::new(ObjectStoreSecrets::new(state)),
+        blobs,
+        clock: Arc::new(respawn_core::time::SystemClock),
+        timeouts: respawn_core::lifecycle::Timeouts::default(),
+        queues: respawn_core::ports::QueueNames::default(),
+    };
+    let rules = [respawn_core::trigger::parse_rule(
+        "name: csv\nmatch: { prefix: incoming/, glob: \"*.csv\" }\ntemplate:\n  name: train-${stem}\n  command: [train]\n  inputs: [\"${uri}\"]\n",
+        respawn_core::spec::Format::Yaml,
+    )
+    .unwrap()];
+
+    let root = azure::root();
+    let fixtures = root.join("schemas/fixtures/azure");
+    azure::azurite().python(&format!(
+        r#"
+import json, copy
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueClient, BinaryBase64EncodePolicy
+blob = BlobServiceClient.from_connection_string("{{conn}}").get_blob_client("{data}", "incoming/points.csv")
+blob.upload_blob(b"x,y\n1,2\n")
+props = blob.get_blob_properties()
+def event(path):
+    e = json.load(open(path))
+    e = e[0] if isinstance(e, list) else e
+    e["subject"] = "/blobServices/default/containers/{data}/blobs/incoming/points.csv"
+    e["data"]["url"] = blob.url
+    e["data"]["eTag"] = props.etag
+    e["data"]["contentLength"] = props.size
+    del e["data"]["sequencer"]  # Azurite's blobs have none; the ETag tells writes apart
+    return json.dumps(e).encode()
+q = QueueClient.from_connection_string("{{conn}}", "{prefix}uploads-no",
+                                       message_encode_policy=BinaryBase64EncodePolicy())
+q.create_queue()
+grid = event("{grid}")
+for body in (grid, grid, event("{cloud}")):
+    q.send_message(body)
+"#,
+        grid = fixtures.join("eventgrid-blob-created.json").display(),
+        cloud = fixtures.join("cloudevents-blob-created.json").display(),
+    ));
+
+    // What the host's upload handler does with each message.
+    let mut handled = 0;
+    while handled < 3 {
+        let got = queue
+            .receive(
+                "uploads",
+                Receive {
+                    max: 10,
+                    lease: Duration::from_secs(30),
+                    wait: Duration::from_secs(5),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "the three events arrive");
+        for d in got {
+            let GridMessage::Created(created) = eventgrid::decode(&d.body).unwrap() else {
+                panic!("a BlobCreated event");
+            };
+            for b in created.iter().filter(|b| b.container == data) {
+                respawn_core::handlers::blob_created(&ports, &rules, &b.blob)
+                    .await
+                    .unwrap();
+            }
+            queue.ack(&d).await.unwrap();
+            handled += 1;
+        }
+    }
+    let jobs = ports
+        .ledger
+        .list(&ListQuery {
+            limit: 10,
+            ..ListQuery::default()
+        })
+        .await
+        .unwrap()
+        .jobs;
+    assert_eq!(
+        jobs.len(),
+        1,
+        "one job for one write, however often told: {jobs:?}"
+    );
+    assert_eq!(jobs[0].spec.name, "train-points");
+    assert_eq!(jobs[0].spec.inputs[0].uri, "bucket://incoming/points.csv");
+}

@@ -3,6 +3,7 @@
 //! nothing in this module does I/O.
 
 pub mod ec2;
+pub mod eventgrid;
 pub mod s3;
 
 /// A payload that is not what it should be, and where: `path` is a JSON path
