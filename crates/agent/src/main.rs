@@ -66,16 +66,26 @@ pub struct Args {
     pub read_only: Vec<PathBuf>,
     /// The instance metadata service to poll for spot interruptions (IMDSv2), e.g.
     /// `http://169.254.169.254` on EC2; without it, the local simulator's notice file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scheduled_events")]
     pub imds: Option<String>,
+    /// Azure's Scheduled Events endpoint to poll for evictions, e.g.
+    /// `http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01`;
+    /// events naming `--vm` count.
+    #[arg(long)]
+    pub scheduled_events: Option<String>,
 }
 
 impl Args {
     /// Where the preemption notice comes from on this VM.
     pub fn notice_source(&self) -> notice::Source {
-        match &self.imds {
-            Some(base) => notice::Source::Imds(notice::Imds::new(base, notice::IMDS_EVERY)),
-            None => notice::Source::File(self.vm_dir.join("notice.json")),
+        match (&self.imds, &self.scheduled_events) {
+            (Some(base), _) => notice::Source::Imds(notice::Imds::new(base, notice::IMDS_EVERY)),
+            (None, Some(url)) => notice::Source::Azure(notice::ScheduledEvents::new(
+                url,
+                &self.vm,
+                notice::SCHEDULED_EVENTS_EVERY,
+            )),
+            (None, None) => notice::Source::File(self.vm_dir.join("notice.json")),
         }
     }
 

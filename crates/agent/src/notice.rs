@@ -7,6 +7,12 @@
 //!   recommendation (`meta-data/events/recommendations/rebalance`) comes earlier and
 //!   is no interruption: it is logged, and the workload keeps running.
 //!
+//! - On Azure, Scheduled Events (`/metadata/scheduledevents`, with the `Metadata:
+//!   true` header) lists a `Preempt` (a Spot eviction, at least 30 s ahead) or a
+//!   `Terminate` naming this VM, with its `NotBefore`. The agent acknowledges it
+//!   (`StartRequests`) once the attempt's last checkpoint is uploaded, so Azure
+//!   need not wait for the deadline.
+//!
 //! Either way the agent takes the same path: SIGTERM to the workload and a
 //! `PreemptionNotice` report with the deadline.
 
@@ -18,9 +24,53 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 /// A scheduled reclaim of this VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
     pub deadline: Timestamp,
+    /// Where to say the VM may go now (Azure's Scheduled Events), if the source
+    /// takes that.
+    pub ack: Option<Ack>,
+}
+
+/// An Azure scheduled event to acknowledge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    url: String,
+    event_id: String,
+}
+
+impl Ack {
+    /// Tells Azure it may go ahead now (the attempt has saved what it could).
+    pub async fn send(&self) {
+        let body = serde_json::json!({ "StartRequests": [{ "EventId": self.event_id }] });
+        let sent = metadata_client()
+            .post(&self.url)
+            .header("Metadata", "true")
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                info!(event_id = %self.event_id, "scheduled event acknowledged; the VM may go now");
+            }
+            Ok(r) => {
+                warn!(event_id = %self.event_id, status = r.status().as_u16(), "scheduled event not acknowledged")
+            }
+            Err(e) => {
+                warn!(event_id = %self.event_id, error = %e, "scheduled event not acknowledged")
+            }
+        }
+    }
+}
+
+/// A client for link-local metadata services: no proxy (a proxy from the
+/// environment must never see their tokens or answers), short timeouts.
+fn metadata_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_or_default()
 }
 
 /// How often EC2 says to poll the interruption notice.
@@ -32,6 +82,7 @@ const TOKEN_TTL_SECS: u32 = 21_600;
 pub enum Source {
     File(PathBuf),
     Imds(Imds),
+    Azure(ScheduledEvents),
 }
 
 impl Source {
@@ -48,10 +99,116 @@ impl Source {
                 let f: File = serde_json::from_slice(&bytes).ok()?;
                 Some(Notice {
                     deadline: Timestamp(f.deadline_ms),
+                    ack: None,
                 })
             }
             Source::Imds(imds) => imds.poll().await,
+            Source::Azure(events) => events.poll().await,
         }
+    }
+}
+
+/// How often to poll Azure's Scheduled Events (a Spot eviction gives 30 s).
+pub const SCHEDULED_EVENTS_EVERY: Duration = Duration::from_secs(2);
+
+/// Azure's Scheduled Events for one VM.
+#[derive(Debug)]
+pub struct ScheduledEvents {
+    url: String,
+    vm: String,
+    every: Duration,
+    http: reqwest::Client,
+    next: Instant,
+    unreachable_said: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsDocument {
+    #[serde(rename = "Events", default)]
+    events: Vec<ScheduledEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ScheduledEvent {
+    #[serde(rename = "EventId")]
+    id: String,
+    #[serde(rename = "EventType")]
+    kind: String,
+    #[serde(rename = "Resources", default)]
+    resources: Vec<String>,
+    #[serde(rename = "EventStatus", default)]
+    status: String,
+    #[serde(rename = "NotBefore", default)]
+    not_before: String,
+}
+
+impl ScheduledEvents {
+    /// `url` is the endpoint with its API version
+    /// (`http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01` on
+    /// Azure); `vm` this VM's name, as events list it.
+    pub fn new(url: &str, vm: &str, every: Duration) -> ScheduledEvents {
+        ScheduledEvents {
+            url: url.to_owned(),
+            vm: vm.to_owned(),
+            every,
+            http: metadata_client(),
+            next: Instant::now(),
+            unreachable_said: false,
+        }
+    }
+
+    async fn poll(&mut self) -> Option<Notice> {
+        if Instant::now() < self.next {
+            return None;
+        }
+        self.next = Instant::now() + self.every;
+        match self.check().await {
+            Ok(notice) => notice,
+            Err(e) => {
+                if !self.unreachable_said {
+                    warn!(error = %e, url = %self.url, "scheduled events unreachable; no eviction notice until they answer");
+                    self.unreachable_said = true;
+                }
+                None
+            }
+        }
+    }
+
+    async fn check(&mut self) -> Result<Option<Notice>, String> {
+        let resp = self
+            .http
+            .get(&self.url)
+            .header("Metadata", "true")
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status().as_u16()));
+        }
+        let body = resp.text().await.map_err(|e| e.to_string())?;
+        let doc: EventsDocument = serde_json::from_str(&body)
+            .map_err(|e| format!("not what Scheduled Events sends ({e}): {body:?}"))?;
+        let Some(event) = doc.events.into_iter().find(|e| {
+            matches!(e.kind.as_str(), "Preempt" | "Terminate")
+                && e.status != "Started"
+                && e.resources.iter().any(|r| r.eq_ignore_ascii_case(&self.vm))
+        }) else {
+            return Ok(None);
+        };
+        // NotBefore is an HTTP date; empty once the event has started.
+        let deadline = httpdate::parse_http_date(&event.not_before)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| Timestamp(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+            .unwrap_or_else(|| respawn_core::time::Clock::now(&respawn_core::time::SystemClock));
+        info!(event_id = %event.id, kind = %event.kind, not_before = %event.not_before, "azure scheduled event for this vm");
+        Ok(Some(Notice {
+            deadline,
+            ack: Some(Ack {
+                url: self.url.clone(),
+                event_id: event.id,
+            }),
+        }))
     }
 }
 
@@ -87,11 +244,7 @@ impl Imds {
             every,
             // No proxy: the metadata service is link-local, and a proxy from the
             // environment must never see its token.
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            http: metadata_client(),
             token: None,
             next: Instant::now(),
             rebalance_seen: false,
@@ -141,7 +294,10 @@ impl Imds {
             )
         })?;
         info!(action = %action.action, time = %action.time, "spot interruption scheduled");
-        Ok(Some(Notice { deadline }))
+        Ok(Some(Notice {
+            deadline,
+            ack: None,
+        }))
     }
 
     /// GETs `latest/<path>` with a session token; `None` on 404 (nothing scheduled).

@@ -186,7 +186,7 @@ pub async fn attempt(
         restored,
         keep,
     );
-    let code = supervise(args, &reporter, &mut workload, &mut ckpts).await;
+    let (code, notice) = supervise(args, &reporter, &mut workload, &mut ckpts).await;
     // Nothing the workload started outlives it: on a pool VM the next job's
     // workload comes next.
     workload.kill_group();
@@ -201,6 +201,10 @@ pub async fn attempt(
         // The last checkpoint (the one written on SIGTERM) must be in the bucket
         // before the exit is reported: the next attempt is dispatched on that report.
         ship_checkpoints(&reporter, &mut ckpts).await;
+    }
+    // What could be saved is saved: the provider need not wait for its deadline.
+    if let Some(ack) = notice.and_then(|n| n.ack) {
+        ack.send().await;
     }
     let _ = out_task.await;
     let _ = err_task.await;
@@ -329,26 +333,27 @@ async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
     }
 }
 
-/// Runs until the workload exits; returns its exit code (128 + signal if killed).
+/// Runs until the workload exits; returns its exit code (128 + signal if killed)
+/// and the preemption notice, if one came.
 async fn supervise(
     args: &Args,
     reporter: &Reporter,
     workload: &mut Workload,
     ckpts: &mut CheckpointShipper,
-) -> i32 {
+) -> (i32, Option<crate::notice::Notice>) {
     let mut heartbeat = tokio::time::interval(args.heartbeat());
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut notices = args.notice_source();
-    let mut noticed = false;
+    let mut noticed = None;
     loop {
         tokio::select! {
-            code = workload.wait() => return code,
+            code = workload.wait() => return (code, noticed),
             _ = heartbeat.tick() => reporter.heartbeat(),
             _ = poll.tick() => {
-                if !noticed
+                if noticed.is_none()
                     && let Some(notice) = notices.poll().await {
-                        noticed = true;
-                        on_notice(reporter, workload, notice).await;
+                        on_notice(reporter, workload, &notice).await;
+                        noticed = Some(notice);
                     }
                 ship_checkpoints(reporter, ckpts).await;
             }
@@ -356,7 +361,7 @@ async fn supervise(
     }
 }
 
-async fn on_notice(reporter: &Reporter, workload: &mut Workload, notice: crate::notice::Notice) {
+async fn on_notice(reporter: &Reporter, workload: &mut Workload, notice: &crate::notice::Notice) {
     let deadline = notice.deadline;
     let left = deadline.since(SystemClock.now());
     info!(job_id = %reporter.job, attempt = reporter.attempt, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");

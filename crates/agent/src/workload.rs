@@ -564,6 +564,7 @@ mod tests {
             sandbox: "none".into(),
             read_only: Vec::new(),
             imds: None,
+            scheduled_events: None,
         };
         let secrets = BTreeMap::from([("TOKEN".to_owned(), "s3cret".to_owned())]);
         let cmd = container_command(

@@ -153,7 +153,121 @@ async fn the_local_simulator_writes_a_file() {
     assert_eq!(
         source.poll().await,
         Some(Notice {
-            deadline: Timestamp(1234)
+            deadline: Timestamp(1234),
+            ack: None,
         })
     );
+}
+
+/// Azure's Scheduled Events as the documentation describes the service: the
+/// `Metadata: true` header on every call (400 without it), a document of events
+/// with the VMs each concerns, and `StartRequests` to acknowledge one.
+mod azure {
+    use axum::Json;
+    use axum::routing::get;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Events {
+        doc: Vec<Value>,
+        acked: Vec<String>,
+    }
+
+    type Shared = Arc<Mutex<Events>>;
+
+    fn metadata(h: &HeaderMap) -> bool {
+        h.get("metadata").is_some_and(|v| v == "true")
+    }
+
+    async fn serve() -> (String, Shared) {
+        let m: Shared = Arc::default();
+        let app = Router::new()
+            .route(
+                "/metadata/scheduledevents",
+                get(|State(m): State<Shared>, h: HeaderMap| async move {
+                    if !metadata(&h) {
+                        return (StatusCode::BAD_REQUEST, Json(json!({})));
+                    }
+                    let events = m.lock().unwrap().doc.clone();
+                    (
+                        StatusCode::OK,
+                        Json(json!({"DocumentIncarnation": 2, "Events": events})),
+                    )
+                })
+                .post(
+                    |State(m): State<Shared>, h: HeaderMap, Json(body): Json<Value>| async move {
+                        if !metadata(&h) {
+                            return StatusCode::BAD_REQUEST;
+                        }
+                        for r in body["StartRequests"].as_array().into_iter().flatten() {
+                            let id = r["EventId"].as_str().unwrap_or_default().to_owned();
+                            m.lock().unwrap().acked.push(id);
+                        }
+                        StatusCode::OK
+                    },
+                ),
+            )
+            .with_state(m.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (
+            format!("http://{addr}/metadata/scheduledevents?api-version=2020-07-01"),
+            m,
+        )
+    }
+
+    fn event(id: &str, kind: &str, vm: &str) -> Value {
+        json!({
+            "EventId": id,
+            "EventType": kind,
+            "ResourceType": "VirtualMachine",
+            "Resources": [vm],
+            "EventStatus": "Scheduled",
+            "NotBefore": "Tue, 01 Dec 2026 08:22:00 GMT",
+            "Description": "",
+            "EventSource": "Platform",
+            "DurationInSeconds": -1
+        })
+    }
+
+    #[tokio::test]
+    async fn an_eviction_of_this_vm_is_a_notice_acknowledged_when_asked() {
+        let (url, m) = serve().await;
+        let mut source = Source::Azure(ScheduledEvents::new(&url, "job-vm-1", Duration::ZERO));
+        assert_eq!(source.poll().await, None, "no events");
+        m.lock().unwrap().doc = vec![
+            event("a", "Preempt", "other-vm"),
+            event("b", "Freeze", "job-vm-1"),
+        ];
+        assert_eq!(
+            source.poll().await,
+            None,
+            "another VM's eviction and a freeze are no notice"
+        );
+        m.lock()
+            .unwrap()
+            .doc
+            .push(event("c", "Preempt", "job-vm-1"));
+        let notice = source.poll().await.expect("the notice");
+        // Tue, 01 Dec 2026 08:22:00 GMT
+        assert_eq!(notice.deadline, Timestamp(1_796_113_320_000));
+        assert!(m.lock().unwrap().acked.is_empty(), "not acknowledged yet");
+        notice.ack.expect("an event to acknowledge").send().await;
+        assert_eq!(m.lock().unwrap().acked, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn a_terminate_counts_and_a_started_event_does_not() {
+        let (url, m) = serve().await;
+        let mut source = Source::Azure(ScheduledEvents::new(&url, "JOB-VM-2", Duration::ZERO));
+        let mut started = event("d", "Preempt", "job-vm-2");
+        started["EventStatus"] = "Started".into();
+        m.lock().unwrap().doc = vec![started];
+        assert_eq!(source.poll().await, None);
+        m.lock().unwrap().doc = vec![event("e", "Terminate", "job-vm-2")];
+        assert!(source.poll().await.is_some(), "names are case-insensitive");
+    }
 }
