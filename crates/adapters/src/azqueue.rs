@@ -221,6 +221,12 @@ struct Got {
     text: String,
 }
 
+/// Whether Azure said the pop receipt is no longer current: the message was handed
+/// out again (`PopReceiptMismatch`) or is gone (`MessageNotFound`).
+fn lease_lost((status, text): &(u16, String)) -> bool {
+    *status == 404 || (*status == 400 && text.contains("<Code>PopReceiptMismatch</Code>"))
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -264,7 +270,9 @@ impl StorageQueue {
         if poison {
             name.push_str("-poison");
         }
-        let ok = (3..=63).contains(&name.len())
+        // A queue's poison queue must fit too.
+        let room = if poison { 63 } else { 63 - "-poison".len() };
+        let ok = (3..=room).contains(&name.len())
             && name.starts_with(|c: char| c.is_ascii_alphanumeric())
             && name.ends_with(|c: char| c.is_ascii_alphanumeric())
             && !name.contains("--")
@@ -273,7 +281,7 @@ impl StorageQueue {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !ok {
             return Err(Error::Invalid(format!(
-                "queue {queue:?} makes the Storage Queue name {name:?}: names are 3 to 63 of a-z, 0-9 and single '-'"
+                "queue {queue:?} makes the Storage Queue name {name:?}: names are 3 to 63 of a-z, 0-9 and single '-' (56 for a queue, whose poison queue adds \"-poison\")"
             )));
         }
         Ok(name)
@@ -421,8 +429,7 @@ impl StorageQueue {
             .await
         {
             Ok(_) => Ok(()),
-            // Handed out again (a new pop receipt), or gone.
-            Err((404 | 400, _)) => Err(Error::LeaseLost {
+            Err(e) if lease_lost(&e) => Err(Error::LeaseLost {
                 id: r.message_id.clone(),
             }),
             Err(e) => Err(Self::failed(&format!("delete from {name}"), e)),
@@ -494,8 +501,15 @@ impl StorageQueue {
                 message_id: m.id.clone(),
                 pop: m.pop.clone(),
             };
-            if let Some(d) = self.take(queue, band, &name, m, receipt).await? {
-                out.push(d);
+            let id = m.id.clone();
+            match self.take(queue, band, &name, m, receipt).await {
+                Ok(Some(d)) => out.push(d),
+                Ok(None) => {}
+                // One message that cannot be moved (sent on, dead-lettered) stays
+                // leased and comes back; the others are handed out.
+                Err(e) => {
+                    warn!(queue, message_id = %id, error = %e, "cannot take a message; it comes back after its lease")
+                }
             }
         }
         Ok(out)
@@ -654,7 +668,7 @@ impl Queue for StorageQueue {
             .await
         {
             Ok(_) => Ok(()),
-            Err((404 | 400, _)) => Err(Error::LeaseLost { id: d.id.clone() }),
+            Err(e) if lease_lost(&e) => Err(Error::LeaseLost { id: d.id.clone() }),
             Err(e) => Err(Self::failed(&format!("update in {name}"), e)),
         }
     }
@@ -666,7 +680,13 @@ impl Queue for StorageQueue {
         env.earlier_deliveries = 0;
         // Copied first, then deleted: a crash between leaves a duplicate, never a loss.
         let json = serde_json::to_vec(&env).map_err(|e| Error::Invalid(e.to_string()))?;
-        let text = base64::engine::general_purpose::STANDARD.encode(json);
+        let mut text = base64::engine::general_purpose::STANDARD.encode(json);
+        if text.len() > MAX_TEXT_BYTES {
+            // Too big with its envelope: the body alone, as the Functions host moves
+            // a poison message; the reason is in the log.
+            warn!(queue = %d.queue, id = %d.id, %reason, "dead letter too big for its reason; moved without it");
+            text = base64::engine::general_purpose::STANDARD.encode(&d.body);
+        }
         let poison = self.physical(&dead_letter_queue(&d.queue), r.band)?;
         self.put(&poison, &text, Duration::ZERO).await?;
         self.delete(&name, &r).await
@@ -709,6 +729,9 @@ mod tests {
         assert_eq!(q.physical("Conf_X", Band::Low).unwrap(), "stack-conf-x-lo");
         assert!(q.physical("a--b", Band::Low).is_err());
         assert!(q.physical(&"x".repeat(70), Band::Low).is_err());
+        // Its poison queue would not fit.
+        assert!(q.physical(&"x".repeat(50), Band::Low).is_err());
+        assert!(q.physical(&"x".repeat(47), Band::Low).is_ok());
     }
 
     #[test]

@@ -136,6 +136,7 @@ struct ScheduledEvent {
     kind: String,
     #[serde(rename = "Resources", default)]
     resources: Vec<String>,
+    /// `Scheduled`, then `Started` once Azure acts.
     #[serde(rename = "EventStatus", default)]
     status: String,
     #[serde(rename = "NotBefore", default)]
@@ -190,17 +191,19 @@ impl ScheduledEvents {
             .map_err(|e| format!("not what Scheduled Events sends ({e}): {body:?}"))?;
         let Some(event) = doc.events.into_iter().find(|e| {
             matches!(e.kind.as_str(), "Preempt" | "Terminate")
-                && e.status != "Started"
                 && e.resources.iter().any(|r| r.eq_ignore_ascii_case(&self.vm))
         }) else {
             return Ok(None);
         };
-        // NotBefore is an HTTP date; empty once the event has started.
+        // NotBefore is an HTTP date; an event first seen `Started` (or without
+        // one) is due now.
+        let now = respawn_core::time::Clock::now(&respawn_core::time::SystemClock);
         let deadline = httpdate::parse_http_date(&event.not_before)
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| Timestamp(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
-            .unwrap_or_else(|| respawn_core::time::Clock::now(&respawn_core::time::SystemClock));
+            .filter(|_| event.status != "Started")
+            .unwrap_or(now);
         info!(event_id = %event.id, kind = %event.kind, not_before = %event.not_before, "azure scheduled event for this vm");
         Ok(Some(Notice {
             deadline,

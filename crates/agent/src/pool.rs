@@ -53,15 +53,15 @@ async fn run_one(
     bucket: Arc<dyn ObjectStore>,
     last_words: &mut JoinSet<()>,
 ) -> Result<(), Error> {
-    let reporter = match run::attempt(args, task, creds, bucket).await {
-        Ok(r) => r,
+    let ended = match run::attempt(args, task, creds, bucket).await {
+        Ok(e) => e,
         Err(e) => {
             drain(last_words).await;
             return Err(e);
         }
     };
     // The VM takes the next attempt while this one's last reports go out.
-    last_words.spawn(async move { run::last_word(&reporter).await });
+    last_words.spawn(ended.last_word());
     while last_words.try_join_next().is_some() {}
     let root = run::work_root(&args.vm_dir);
     if let Err(e) = std::fs::remove_dir_all(&root)

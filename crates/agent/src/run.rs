@@ -100,8 +100,7 @@ pub async fn run(args: &Args, task: &Task) -> Result<(), Error> {
         what: "the bucket",
         message,
     })?;
-    let reporter = attempt(args, task, creds, bucket).await?;
-    last_word(&reporter).await;
+    attempt(args, task, creds, bucket).await?.last_word().await;
     Ok(())
 }
 
@@ -113,7 +112,7 @@ pub async fn attempt(
     task: &Task,
     creds: AgentCredentials,
     bucket: Arc<dyn ObjectStore>,
-) -> Result<Reporter, Error> {
+) -> Result<Ended, Error> {
     let api = Api::new(&creds.api, creds.token).map_err(|e| Error::Open {
         what: "the broker's API",
         message: e.to_string(),
@@ -140,7 +139,7 @@ pub async fn attempt(
                 attempt,
                 reason: why,
             });
-            return Ok(reporter);
+            return Ok(Ended::quietly(reporter));
         }
     };
     let Ready {
@@ -157,7 +156,7 @@ pub async fn attempt(
         // in the attempt's stderr.
         let why = format!("cannot stage inputs: {e}");
         fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
-        return Ok(reporter);
+        return Ok(Ended::quietly(reporter));
     }
     let mut workload =
         match Workload::spawn(&spec, &secrets, args, task, &dirs, masks(masked).await) {
@@ -165,7 +164,7 @@ pub async fn attempt(
             Err(e) => {
                 let why = format!("cannot start the workload: {e}");
                 fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
-                return Ok(reporter);
+                return Ok(Ended::quietly(reporter));
             }
         };
     drop(secrets);
@@ -202,10 +201,6 @@ pub async fn attempt(
         // before the exit is reported: the next attempt is dispatched on that report.
         ship_checkpoints(&reporter, &mut ckpts).await;
     }
-    // What could be saved is saved: the provider need not wait for its deadline.
-    if let Some(ack) = notice.and_then(|n| n.ack) {
-        ack.send().await;
-    }
     let _ = out_task.await;
     let _ = err_task.await;
     if !ended_by_broker
@@ -222,7 +217,35 @@ pub async fn attempt(
         exit_code: code,
     });
     finish(&reporter, &dirs);
-    Ok(reporter)
+    Ok(Ended {
+        reporter,
+        ack: notice.and_then(|n| n.ack),
+    })
+}
+
+/// An attempt whose work is over; its last reports (and the provider's notice, to
+/// acknowledge) may still be on their way.
+pub struct Ended {
+    reporter: Reporter,
+    ack: Option<crate::notice::Ack>,
+}
+
+impl Ended {
+    fn quietly(reporter: Reporter) -> Ended {
+        Ended {
+            reporter,
+            ack: None,
+        }
+    }
+
+    /// Delivers the last reports, then tells the provider the VM may go: by then
+    /// checkpoints, outputs, logs and the exit are all with the broker.
+    pub async fn last_word(self) {
+        last_word(&self.reporter).await;
+        if let Some(ack) = self.ack {
+            ack.send().await;
+        }
+    }
 }
 
 /// Reads the spec, makes the work folder, restores the newest checkpoint and
@@ -292,7 +315,7 @@ fn finish(reporter: &Reporter, dirs: &WorkloadDirs) {
 
 /// Waits until the attempt's reports are delivered (through a broker restart, for
 /// up to [`LAST_WORD`]).
-pub async fn last_word(reporter: &Reporter) {
+async fn last_word(reporter: &Reporter) {
     if !reporter.flush(LAST_WORD).await {
         warn!(job_id = %reporter.job, attempt = reporter.attempt, "the broker did not take the last reports in time");
     }

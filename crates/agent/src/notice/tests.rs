@@ -260,14 +260,19 @@ mod azure {
     }
 
     #[tokio::test]
-    async fn a_terminate_counts_and_a_started_event_does_not() {
+    async fn a_terminate_counts_and_an_event_first_seen_started_is_due_now() {
         let (url, m) = serve().await;
         let mut source = Source::Azure(ScheduledEvents::new(&url, "JOB-VM-2", Duration::ZERO));
+        m.lock().unwrap().doc = vec![event("e", "Terminate", "job-vm-2")];
+        assert!(source.poll().await.is_some(), "names are case-insensitive");
         let mut started = event("d", "Preempt", "job-vm-2");
         started["EventStatus"] = "Started".into();
         m.lock().unwrap().doc = vec![started];
-        assert_eq!(source.poll().await, None);
-        m.lock().unwrap().doc = vec![event("e", "Terminate", "job-vm-2")];
-        assert!(source.poll().await.is_some(), "names are case-insensitive");
+        let before = respawn_core::time::Clock::now(&respawn_core::time::SystemClock);
+        let notice = source.poll().await.expect("a started eviction is a notice");
+        assert!(
+            notice.deadline >= before,
+            "due now, not at its past NotBefore"
+        );
     }
 }
