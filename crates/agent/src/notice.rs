@@ -63,6 +63,52 @@ impl Ack {
     }
 }
 
+/// How a metadata service is polled: at most once per period, and its being
+/// unreachable said once (the agent polls every few seconds for hours).
+#[derive(Debug)]
+struct Pace {
+    every: Duration,
+    next: Instant,
+    unreachable_said: bool,
+}
+
+impl Pace {
+    fn new(every: Duration) -> Pace {
+        Pace {
+            every,
+            next: Instant::now(),
+            unreachable_said: false,
+        }
+    }
+
+    /// Whether to ask now; if so, the next time is a period away.
+    fn due(&mut self) -> bool {
+        if Instant::now() < self.next {
+            return false;
+        }
+        self.next = Instant::now() + self.every;
+        true
+    }
+
+    fn outcome(
+        &mut self,
+        checked: Result<Option<Notice>, String>,
+        service: &str,
+        at: &str,
+    ) -> Option<Notice> {
+        match checked {
+            Ok(notice) => notice,
+            Err(e) => {
+                if !self.unreachable_said {
+                    warn!(error = %e, at, "{service} unreachable; no eviction notice until it answers");
+                    self.unreachable_said = true;
+                }
+                None
+            }
+        }
+    }
+}
+
 /// A client for link-local metadata services: no proxy (a proxy from the
 /// environment must never see their tokens or answers), short timeouts.
 fn metadata_client() -> reqwest::Client {
@@ -116,10 +162,8 @@ pub const SCHEDULED_EVENTS_EVERY: Duration = Duration::from_secs(2);
 pub struct ScheduledEvents {
     url: String,
     vm: String,
-    every: Duration,
     http: reqwest::Client,
-    next: Instant,
-    unreachable_said: bool,
+    pace: Pace,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,28 +195,17 @@ impl ScheduledEvents {
         ScheduledEvents {
             url: url.to_owned(),
             vm: vm.to_owned(),
-            every,
             http: metadata_client(),
-            next: Instant::now(),
-            unreachable_said: false,
+            pace: Pace::new(every),
         }
     }
 
     async fn poll(&mut self) -> Option<Notice> {
-        if Instant::now() < self.next {
+        if !self.pace.due() {
             return None;
         }
-        self.next = Instant::now() + self.every;
-        match self.check().await {
-            Ok(notice) => notice,
-            Err(e) => {
-                if !self.unreachable_said {
-                    warn!(error = %e, url = %self.url, "scheduled events unreachable; no eviction notice until they answer");
-                    self.unreachable_said = true;
-                }
-                None
-            }
-        }
+        let checked = self.check().await;
+        self.pace.outcome(checked, "scheduled events", &self.url)
     }
 
     async fn check(&mut self) -> Result<Option<Notice>, String> {
@@ -219,12 +252,10 @@ impl ScheduledEvents {
 #[derive(Debug)]
 pub struct Imds {
     base: String,
-    every: Duration,
     http: reqwest::Client,
     token: Option<String>,
-    next: Instant,
     rebalance_seen: bool,
-    unreachable_said: bool,
+    pace: Pace,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,33 +275,19 @@ impl Imds {
     pub fn new(base: &str, every: Duration) -> Imds {
         Imds {
             base: base.trim_end_matches('/').to_owned(),
-            every,
-            // No proxy: the metadata service is link-local, and a proxy from the
-            // environment must never see its token.
             http: metadata_client(),
             token: None,
-            next: Instant::now(),
             rebalance_seen: false,
-            unreachable_said: false,
+            pace: Pace::new(every),
         }
     }
 
     async fn poll(&mut self) -> Option<Notice> {
-        if Instant::now() < self.next {
+        if !self.pace.due() {
             return None;
         }
-        self.next = Instant::now() + self.every;
-        match self.check().await {
-            Ok(notice) => notice,
-            Err(e) => {
-                // Said once: the agent polls every few seconds for hours.
-                if !self.unreachable_said {
-                    warn!(error = %e, base = %self.base, "instance metadata unreachable; no interruption notice until it answers");
-                    self.unreachable_said = true;
-                }
-                None
-            }
-        }
+        let checked = self.check().await;
+        self.pace.outcome(checked, "instance metadata", &self.base)
     }
 
     async fn check(&mut self) -> Result<Option<Notice>, String> {
