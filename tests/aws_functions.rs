@@ -90,6 +90,20 @@ impl Stack {
         )
     }
 
+    /// The first admin token, which the `api` function's first start left in the
+    /// state bucket for the operator.
+    fn admin_token(&self) -> String {
+        self.aws.drive_python(&format!(
+            r#"
+import boto3
+s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode().strip())
+"#,
+            self.name
+        ))
+    }
+
     /// The ids and states of the stack's pool instances.
     fn pool_instances(&self) -> Vec<(String, String)> {
         let out = self.aws.drive_python(&format!(
@@ -486,15 +500,7 @@ async fn the_api_answers_function_url_requests_the_cli_works_against_it_and_reco
     assert_eq!(denied["statusCode"], 401, "{denied}");
 
     // The first start left the admin token in the state bucket, for the operator.
-    let token = stack.aws.drive_python(&format!(
-        r#"
-import boto3
-s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
-                  aws_access_key_id="test", aws_secret_access_key="test")
-print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode().strip())
-"#,
-        stack.name
-    ));
+    let token = stack.admin_token();
     let token = token.trim();
     let created = api
         .invoke(request(
@@ -834,15 +840,7 @@ async fn jobs_in_a_row_run_on_one_warm_instance_that_retires_when_idle() {
             j.attempts.first().is_some_and(|a| a.started_at.is_some())
         })
         .await;
-    let token = stack.aws.drive_python(&format!(
-        r#"
-import boto3
-s3 = boto3.client("s3", endpoint_url="{{endpoint}}", region_name="us-east-1",
-                  aws_access_key_id="test", aws_secret_access_key="test")
-print(s3.get_object(Bucket="{}-state", Key="admin-token")["Body"].read().decode().strip())
-"#,
-        stack.name
-    ));
+    let token = stack.admin_token();
     let cancelled = api
         .invoke(request(
             "POST",

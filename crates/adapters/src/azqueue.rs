@@ -2,7 +2,7 @@
 //!
 //! - **Priorities**: Storage Queues have none. Each logical queue `Q` is three
 //!   queues, `<prefix>q-hi`, `-no` and `-lo` (levels 7–9, 4–6 and 0–3), read highest
-//!   first. A name is lowercased and a `.` becomes `-` (queue names allow
+//!   first. A name is lowercased and a `.` or `_` becomes `-` (queue names allow
 //!   lowercase letters, digits and single hyphens).
 //! - **Leases** are visibility timeouts in whole seconds (rounded up). Azure accepts
 //!   a pop receipt until the message is handed out again, even after its timeout,

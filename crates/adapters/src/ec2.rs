@@ -222,6 +222,7 @@ impl Ec2Compute {
 
     /// Keeps the pools' state (which VM runs what) in `state`, the broker's state
     /// bucket. A pool with GPUs and no model gets the default model's instance type.
+    /// Without a pool that reuses VMs nothing is kept, and no call reads the bucket.
     pub fn with_pools(mut self, state: Arc<dyn ObjectStore>) -> Result<Ec2Compute, String> {
         for pool in &mut self.cfg.pools {
             if pool.gpus > 0 && pool.gpu_type.is_none() {
@@ -237,7 +238,9 @@ impl Ec2Compute {
                 .choose(&resources, &self.cfg.cpu_instance_type)
                 .map_err(|e| format!("pool {}: {e}", pool.name))?;
         }
-        self.pool_state = Some(pool::PoolState::new(state));
+        if self.cfg.pools.iter().any(|p| p.reuse) {
+            self.pool_state = Some(pool::PoolState::new(state));
+        }
         Ok(self)
     }
 
