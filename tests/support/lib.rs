@@ -2,7 +2,11 @@
 //! to its API, and look at what it left on disk and in the process table.
 #![allow(clippy::unwrap_used)]
 
+#[cfg(feature = "azure")]
+pub mod arm;
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 #[cfg(feature = "aws")]
 pub mod lambda;
 #[cfg(feature = "aws")]

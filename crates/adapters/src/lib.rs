@@ -7,13 +7,19 @@
 //!   compare-and-swap by conditional put.
 //! - [`amqp`] (feature `amqp`): a queue on RabbitMQ.
 //! - [`sqs`] (feature `aws`): a queue on Amazon SQS.
+//! - [`azqueue`] and [`azvm`] (feature `azure`): a queue on Storage Queues, Spot
+//!   VMs through Azure Resource Manager.
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
 #[cfg(feature = "azure")]
 pub mod azqueue;
+#[cfg(feature = "azure")]
+pub mod azvm;
 #[cfg(any(feature = "aws", feature = "azure"))]
 mod bands;
+#[cfg(any(feature = "aws", feature = "azure"))]
+pub mod cloudvm;
 #[cfg(feature = "aws")]
 pub mod ec2;
 #[cfg(feature = "local")]

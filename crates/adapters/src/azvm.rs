@@ -1,0 +1,955 @@
+//! A [`Compute`] provider on Azure Spot VMs, through the Azure Resource Manager
+//! REST API (no maintained Rust crate creates VMs), for the Azure deployment.
+//!
+//! - **One VM per job + attempt.** A VM's name is derived from stack, job and
+//!   attempt, and an ARM `PUT` of a name that exists changes nothing: a retried
+//!   allocation finds the VM it made. What became of each attempt's VM is kept in
+//!   the broker's state store (`azure-vms/<name>.json`): `putting` before the `PUT`,
+//!   `created` once ARM accepted it, `released` once the broker let it go. A VM
+//!   that is gone after `created` was evicted (Spot VMs here are deleted on
+//!   eviction) and is never made again; the same key after `released` is never
+//!   made again either.
+//! - **Spot**: `priority: Spot`, `evictionPolicy: Delete`, `billingProfile.maxPrice`
+//!   from the job's placement (`-1`: up to the on-demand price). Its OS disk and
+//!   NIC are deleted with it.
+//! - **Capacity misses** (no budget spent): `SkuNotAvailable`,
+//!   `OverconstrainedAllocationRequest`, `AllocationFailed`, `ZonalAllocationFailed`
+//!   and the quota errors, whether the `PUT` answers them or its long-running
+//!   operation ends with them. A VM whose creation failed is deleted.
+//! - **Long-running operations** are followed through `Azure-AsyncOperation`
+//!   (a while after the `PUT`, to see a fast failure; after that `describe` tells).
+//! - **Throttling**: a 429 is retried after its `Retry-After`.
+//! - **Custom data** starts the agent with its attempt's credential
+//!   ([`custom_data`]): cloud-init runs it as root at first boot.
+//! - **Tags**: `respawn-stack` (scopes `list`), `respawn-job`, `respawn-attempt`,
+//!   `respawn-project` (`-`, not EC2's `:`, which some Azure services refuse in
+//!   tag names).
+//! - **Credentials**: [`credential_from_env`] (`azure_identity`): workload
+//!   identity, a client secret, or the managed identity.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azure_core::credentials::TokenCredential;
+use base64::Engine;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use respawn_core::attempt_auth::AgentCredentials;
+use respawn_core::job::JobId;
+use respawn_core::ports::compute::{
+    AllocateRequest, AllocationKey, Compute, Error, Orders, Vm, VmState,
+};
+use respawn_core::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::cloudvm::shell_quote;
+pub use crate::cloudvm::{AgentBoot, InstanceTypes};
+
+pub const TAG_STACK: &str = "respawn-stack";
+pub const TAG_JOB: &str = "respawn-job";
+pub const TAG_ATTEMPT: &str = "respawn-attempt";
+pub const TAG_PROJECT: &str = "respawn-project";
+const API_VERSION: &str = "2024-07-01";
+const SCOPE: &str = "https://management.azure.com/.default";
+/// How many throttled answers one call waits out before it gives up (the next
+/// delivery of its message tries again).
+const THROTTLE_TRIES: u32 = 4;
+/// The longest `Retry-After` waited out in one call.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The image VMs boot: `publisher:offer:sku:version`, or a resource id (a custom
+/// image or a gallery image version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    Marketplace {
+        publisher: String,
+        offer: String,
+        sku: String,
+        version: String,
+    },
+    Id(String),
+}
+
+impl std::str::FromStr for Image {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Image, String> {
+        if s.starts_with('/') {
+            return Ok(Image::Id(s.to_owned()));
+        }
+        match s.split(':').collect::<Vec<_>>()[..] {
+            [publisher, offer, sku, version]
+                if [publisher, offer, sku, version]
+                    .iter()
+                    .all(|p| !p.is_empty()) =>
+            {
+                Ok(Image::Marketplace {
+                    publisher: publisher.into(),
+                    offer: offer.into(),
+                    sku: sku.into(),
+                    version: version.into(),
+                })
+            }
+            _ => Err(format!(
+                "{s:?}: expected publisher:offer:sku:version or an image's resource id"
+            )),
+        }
+    }
+}
+
+impl Image {
+    fn reference(&self) -> Value {
+        match self {
+            Image::Marketplace {
+                publisher,
+                offer,
+                sku,
+                version,
+            } => json!({"publisher": publisher, "offer": offer, "sku": sku, "version": version}),
+            Image::Id(id) => json!({ "id": id }),
+        }
+    }
+}
+
+/// The VMs this broker creates.
+#[derive(Debug, Clone)]
+pub struct ArmConfig {
+    /// The broker's name: prefixes its VMs' names, tags them and scopes `list`.
+    pub stack: String,
+    /// `https://management.azure.com`, or a harness.
+    pub endpoint: String,
+    pub subscription: String,
+    pub resource_group: String,
+    pub location: String,
+    /// The subnet the VMs' NICs join (a resource id).
+    pub subnet: String,
+    pub image: Image,
+    /// The user-assigned identity the VMs get (the job container, nothing else).
+    pub agent_identity: Option<String>,
+    pub cpu_size: String,
+    pub sizes: InstanceTypes,
+    /// A Spot VM's price cap when the job names none (`-1`: the on-demand price).
+    pub max_price: f64,
+    pub agent: AgentBoot,
+    /// How long `allocate` follows the creation before it answers (a fast
+    /// capacity failure is a capacity miss; a later one is a lost VM).
+    pub follow: Duration,
+}
+
+/// GPU VM sizes by GPU model and count (NVIDIA models only: the agent's images
+/// carry CUDA).
+pub fn default_sizes() -> InstanceTypes {
+    let table = [
+        ("t4", 1, "Standard_NC4as_T4_v3"),
+        ("t4", 4, "Standard_NC64as_T4_v3"),
+        ("v100", 1, "Standard_NC6s_v3"),
+        ("v100", 2, "Standard_NC12s_v3"),
+        ("v100", 4, "Standard_NC24s_v3"),
+        ("a100", 1, "Standard_NC24ads_A100_v4"),
+        ("a100", 2, "Standard_NC48ads_A100_v4"),
+        ("a100", 4, "Standard_NC96ads_A100_v4"),
+        ("a100", 8, "Standard_ND96asr_v4"),
+        ("h100", 1, "Standard_NC40ads_H100_v5"),
+        ("h100", 2, "Standard_NC80adis_H100_v5"),
+        ("h100", 8, "Standard_ND96isr_H100_v5"),
+    ];
+    InstanceTypes {
+        gpu: table
+            .into_iter()
+            .map(|(m, n, t)| ((m.to_owned(), n), t.to_owned()))
+            .collect(),
+        default_gpu: "t4".into(),
+    }
+}
+
+/// An Entra ID credential from the environment, as `azure_identity` reads it:
+/// workload identity where `AZURE_FEDERATED_TOKEN_FILE` is set, a client secret
+/// where `AZURE_CLIENT_SECRET` is, else the managed identity (`AZURE_CLIENT_ID`
+/// picks a user-assigned one; App Service's endpoint where Functions run, IMDS on
+/// a VM).
+pub fn credential_from_env() -> Result<Arc<dyn TokenCredential>, String> {
+    let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    if var("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+        let c = azure_identity::WorkloadIdentityCredential::new(None)
+            .map_err(|e| format!("workload identity: {e}"))?;
+        return Ok(c);
+    }
+    if let Some(secret) = var("AZURE_CLIENT_SECRET") {
+        let tenant = var("AZURE_TENANT_ID").ok_or("AZURE_CLIENT_SECRET needs AZURE_TENANT_ID")?;
+        let client = var("AZURE_CLIENT_ID").ok_or("AZURE_CLIENT_SECRET needs AZURE_CLIENT_ID")?;
+        let c = azure_identity::ClientSecretCredential::new(&tenant, client, secret.into(), None)
+            .map_err(|e| format!("client secret credential: {e}"))?;
+        return Ok(c);
+    }
+    let options = azure_identity::ManagedIdentityCredentialOptions {
+        user_assigned_id: var("AZURE_CLIENT_ID").map(azure_identity::UserAssignedId::ClientId),
+        ..Default::default()
+    };
+    let c = azure_identity::ManagedIdentityCredential::new(Some(options))
+        .map_err(|e| format!("managed identity: {e}"))?;
+    Ok(c)
+}
+
+/// What the broker knows of an attempt's VM, kept where ARM forgets (a deleted VM
+/// is gone from ARM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Stage {
+    /// A `PUT` may be on its way: a missing VM may still be made.
+    Putting,
+    /// ARM accepted the VM: once missing, it was evicted or deleted.
+    Created,
+    /// The broker let it go.
+    Released,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    job: JobId,
+    attempt: u32,
+    stage: Stage,
+    /// Whether ARM ever accepted the VM (a key released before it was made has
+    /// no VM to describe).
+    #[serde(default)]
+    made: bool,
+    spot: bool,
+    created_at: Timestamp,
+}
+
+/// Spot VMs over ARM.
+pub struct ArmCompute {
+    http: reqwest_aws::Client,
+    credential: Arc<dyn TokenCredential>,
+    cfg: ArmConfig,
+    state: Arc<dyn ObjectStore>,
+}
+
+impl fmt::Debug for ArmCompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArmCompute")
+            .field("endpoint", &self.cfg.endpoint)
+            .field("resource_group", &self.cfg.resource_group)
+            .field("stack", &self.cfg.stack)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An ARM answer that was not a success.
+#[derive(Debug)]
+struct ArmError {
+    /// 0: no answer.
+    status: u16,
+    code: String,
+    message: String,
+}
+
+impl ArmError {
+    fn transport(message: String) -> ArmError {
+        ArmError {
+            status: 0,
+            code: String::new(),
+            message,
+        }
+    }
+
+    fn from_body(status: u16, body: &str) -> ArmError {
+        let parsed: Option<ErrorBody> = serde_json::from_str(body).ok();
+        match parsed.and_then(|b| b.error) {
+            Some(e) => ArmError {
+                status,
+                code: e.code.clone(),
+                message: e.describe(),
+            },
+            None => ArmError {
+                status,
+                code: String::new(),
+                message: body.chars().take(500).collect(),
+            },
+        }
+    }
+
+    fn is_capacity(&self) -> bool {
+        is_capacity(&self.code, &self.message)
+    }
+
+    fn into_compute(self) -> Error {
+        let what = format!("{} ({}): {}", self.code, self.status, self.message);
+        if self.is_capacity() {
+            Error::Capacity(what)
+        } else if self.status == 0
+            || self.status >= 500
+            || matches!(self.status, 401 | 403 | 404 | 408 | 409 | 429)
+        {
+            // Not the job's fault: a role not yet granted, a resource group being
+            // made, a conflicting operation in flight. Tried again later.
+            Error::Unavailable(what.into())
+        } else {
+            Error::Invalid(what)
+        }
+    }
+}
+
+/// Whether an ARM error code (or one of its details) means no Spot capacity or
+/// quota now.
+fn is_capacity(code: &str, message: &str) -> bool {
+    const CAPACITY: &[&str] = &[
+        "SkuNotAvailable",
+        "OverconstrainedAllocationRequest",
+        "OverconstrainedZonalAllocationRequest",
+        "AllocationFailed",
+        "ZonalAllocationFailed",
+        "QuotaExceeded",
+        "LowPriorityQuotaExceeded",
+        "SpotQuotaExceeded",
+    ];
+    CAPACITY.contains(&code)
+        || (code == "OperationNotAllowed" && message.to_ascii_lowercase().contains("quota"))
+        || CAPACITY.iter().any(|c| message.contains(c))
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    details: Vec<ErrorDetail>,
+}
+
+impl ErrorDetail {
+    /// The message with the details' codes, where capacity errors often are.
+    fn describe(&self) -> String {
+        let mut s = self.message.clone();
+        for d in &self.details {
+            s.push_str(&format!(" [{}: {}]", d.code, d.message));
+        }
+        s
+    }
+}
+
+/// A long-running operation's status (`Azure-AsyncOperation`).
+#[derive(Debug, Deserialize)]
+struct Operation {
+    status: String,
+    #[serde(default)]
+    error: Option<ErrorDetail>,
+}
+
+/// A VM as ARM describes it (the fields respawn reads).
+#[derive(Debug, Deserialize)]
+struct ArmVm {
+    name: String,
+    #[serde(default)]
+    tags: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    properties: ArmVmProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ArmVmProperties {
+    #[serde(default)]
+    provisioning_state: String,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    time_created: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VmList {
+    #[serde(default)]
+    value: Vec<ArmVm>,
+    #[serde(default)]
+    next_link: Option<String>,
+}
+
+impl ArmVm {
+    fn state(&self) -> VmState {
+        match self.properties.provisioning_state.as_str() {
+            "Succeeded" => VmState::Running,
+            "Failed" | "Deleting" | "Canceled" => VmState::Terminated,
+            // Creating, Updating, Migrating: not yet.
+            _ => VmState::Requested,
+        }
+    }
+
+    fn key(&self) -> Option<AllocationKey> {
+        Some(AllocationKey {
+            job: self.tags.get(TAG_JOB)?.parse().ok()?,
+            attempt: self.tags.get(TAG_ATTEMPT)?.parse().ok()?,
+        })
+    }
+
+    fn to_vm(&self) -> Option<Vm> {
+        Some(Vm {
+            id: self.name.clone(),
+            key: self.key()?,
+            state: self.state(),
+            spot: self.properties.priority.as_deref() == Some("Spot"),
+            nodes: 1,
+            created_at: self
+                .properties
+                .time_created
+                .as_deref()
+                .and_then(Timestamp::parse_rfc3339)
+                .unwrap_or(Timestamp(0)),
+        })
+    }
+}
+
+/// The name of an attempt's VM: `<stack>-<16 hex>` (the same for every try).
+pub fn vm_name(stack: &str, key: &AllocationKey) -> String {
+    let digest = Sha256::digest(format!("{stack}\n{}\n{}", key.job, key.attempt));
+    format!("{stack}-{}", &hex::encode(digest)[..16])
+}
+
+impl ArmCompute {
+    /// VMs as `cfg` says, with what ARM forgets kept in `state` (the broker's
+    /// state container).
+    pub fn new(
+        cfg: ArmConfig,
+        credential: Arc<dyn TokenCredential>,
+        state: Arc<dyn ObjectStore>,
+    ) -> Result<ArmCompute, String> {
+        let stack_ok = (1..=40).contains(&cfg.stack.len())
+            && cfg.stack.starts_with(|c: char| c.is_ascii_lowercase())
+            && cfg
+                .stack
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !stack_ok {
+            return Err(format!(
+                "stack {:?}: VM names start with it, so 1 to 40 of a-z, 0-9 and '-', starting with a letter",
+                cfg.stack
+            ));
+        }
+        let http = reqwest_aws::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Ok(ArmCompute {
+            http,
+            credential,
+            cfg: ArmConfig {
+                endpoint: cfg.endpoint.trim_end_matches('/').to_owned(),
+                ..cfg
+            },
+            state,
+        })
+    }
+
+    fn vms_url(&self) -> String {
+        format!(
+            "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines",
+            self.cfg.endpoint, self.cfg.subscription, self.cfg.resource_group
+        )
+    }
+
+    fn vm_url(&self, name: &str) -> String {
+        format!("{}/{name}?api-version={API_VERSION}", self.vms_url())
+    }
+
+    /// One ARM call with a bearer token; a 429 is waited out (its `Retry-After`).
+    /// Answers the status, the `Azure-AsyncOperation` header and the body.
+    async fn call(
+        &self,
+        method: reqwest_aws::Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Option<String>, String), ArmError> {
+        let mut throttled = 0;
+        loop {
+            let token = self
+                .credential
+                .get_token(&[SCOPE], None)
+                .await
+                .map_err(|e| ArmError::transport(format!("no Entra ID token for ARM: {e}")))?;
+            let mut req = self
+                .http
+                .request(method.clone(), url)
+                .bearer_auth(token.token.secret());
+            if let Some(body) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| ArmError::transport(format!("{method} {url}: {e}")))?;
+            let status = resp.status().as_u16();
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let operation = header("azure-asyncoperation");
+            let retry_after = header("retry-after");
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| ArmError::transport(format!("{method} {url}: {e}")))?;
+            if status == 429 && throttled < THROTTLE_TRIES {
+                throttled += 1;
+                let wait = retry_after
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map_or(Duration::from_secs(5), Duration::from_secs)
+                    .min(MAX_RETRY_AFTER);
+                info!(%url, wait_s = wait.as_secs(), "ARM throttled the call; waiting as asked");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if (200..300).contains(&status) {
+                return Ok((status, operation, text));
+            }
+            return Err(ArmError::from_body(status, &text));
+        }
+    }
+
+    async fn get_vm(&self, name: &str) -> Result<Option<ArmVm>, ArmError> {
+        match self
+            .call(reqwest_aws::Method::GET, &self.vm_url(name), None)
+            .await
+        {
+            Ok((_, _, body)) => serde_json::from_str(&body)
+                .map(Some)
+                .map_err(|e| ArmError::transport(format!("GET VM {name}: {e}"))),
+            Err(e) if e.status == 404 => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_vm(&self, name: &str) -> Result<(), ArmError> {
+        match self
+            .call(reqwest_aws::Method::DELETE, &self.vm_url(name), None)
+            .await
+        {
+            Err(e) if e.status != 404 => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Follows a long-running operation for up to `cfg.follow`: `Some(Ok)` once it
+    /// succeeded, `Some(Err)` once it failed, `None` while it runs on.
+    async fn follow(&self, url: &str) -> Option<Result<(), ArmError>> {
+        let until = tokio::time::Instant::now() + self.cfg.follow;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.call(reqwest_aws::Method::GET, url, None).await {
+                Ok((_, _, body)) => match serde_json::from_str::<Operation>(&body) {
+                    Ok(op) if op.status == "Succeeded" => return Some(Ok(())),
+                    Ok(op) if matches!(op.status.as_str(), "Failed" | "Canceled") => {
+                        let e = op.error.unwrap_or(ErrorDetail {
+                            code: op.status.clone(),
+                            message: String::new(),
+                            details: Vec::new(),
+                        });
+                        return Some(Err(ArmError {
+                            status: 200,
+                            code: e.code.clone(),
+                            message: e.describe(),
+                        }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(%url, error = %e, "unreadable operation status"),
+                },
+                Err(e) => warn!(%url, error = %e.message, "cannot read the operation's status"),
+            }
+            if tokio::time::Instant::now() + pause > until {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn record_path(name: &str) -> Path {
+        Path::from(format!("azure-vms/{name}.json"))
+    }
+
+    async fn record(&self, name: &str) -> Result<Option<Record>, Error> {
+        match self.state.get(&Self::record_path(name)).await {
+            Ok(got) => {
+                let bytes = got
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::Unavailable(e.into()))?;
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::Unavailable(format!("VM record {name}: {e}").into()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::Unavailable(e.into())),
+        }
+    }
+
+    async fn put_record(&self, name: &str, record: &Record) -> Result<(), Error> {
+        let body = serde_json::to_vec(record).map_err(|e| Error::Unavailable(e.into()))?;
+        self.state
+            .put(&Self::record_path(name), PutPayload::from(body))
+            .await
+            .map(drop)
+            .map_err(|e| Error::Unavailable(e.into()))
+    }
+
+    /// The `PUT` body of `req`'s VM.
+    fn vm_body(&self, req: &AllocateRequest, name: &str, size: &str) -> Value {
+        let tags = json!({
+            TAG_STACK: self.cfg.stack,
+            TAG_JOB: req.key.job.to_string(),
+            TAG_ATTEMPT: req.key.attempt.to_string(),
+            TAG_PROJECT: req.project,
+        });
+        let script = custom_data(&self.cfg.agent, &req.key);
+        // Never used: the NSG admits no SSH, and no one keeps it. ARM wants either a
+        // password or a key for a Linux VM.
+        let password = format!("Rs1!{}", hex::encode(rand::random::<[u8; 24]>()));
+        let mut properties = json!({
+            "hardwareProfile": {"vmSize": size},
+            "storageProfile": {
+                "imageReference": self.cfg.image.reference(),
+                "osDisk": {
+                    "createOption": "FromImage",
+                    "deleteOption": "Delete",
+                    "managedDisk": {"storageAccountType": "StandardSSD_LRS"},
+                },
+            },
+            "osProfile": {
+                "computerName": name,
+                "adminUsername": "respawn",
+                "adminPassword": password,
+                "customData": base64::engine::general_purpose::STANDARD.encode(script),
+                "linuxConfiguration": {"disablePasswordAuthentication": false},
+            },
+            "networkProfile": {
+                "networkApiVersion": "2020-11-01",
+                "networkInterfaceConfigurations": [{
+                    "name": format!("{name}-nic"),
+                    "properties": {
+                        "primary": true,
+                        "deleteOption": "Delete",
+                        "ipConfigurations": [{
+                            "name": "ipconfig",
+                            "properties": {"subnet": {"id": self.cfg.subnet}},
+                        }],
+                    },
+                }],
+            },
+            "securityProfile": {"encryptionAtHost": false},
+            "diagnosticsProfile": {"bootDiagnostics": {"enabled": true}},
+        });
+        if req.placement.spot {
+            properties["priority"] = json!("Spot");
+            properties["evictionPolicy"] = json!("Delete");
+            properties["billingProfile"] =
+                json!({"maxPrice": req.placement.max_price.unwrap_or(self.cfg.max_price)});
+        } else {
+            properties["priority"] = json!("Regular");
+        }
+        let mut body = json!({
+            "location": self.cfg.location,
+            "tags": tags,
+            "properties": properties,
+        });
+        if let Some(identity) = &self.cfg.agent_identity {
+            body["identity"] = json!({
+                "type": "UserAssigned",
+                "userAssignedIdentities": {identity: {}},
+            });
+        }
+        body
+    }
+}
+
+#[async_trait]
+impl Compute for ArmCompute {
+    async fn allocate(&self, req: &AllocateRequest) -> Result<Vm, Error> {
+        if req.resources.nodes > 1 {
+            return Err(Error::NotSupported("multi-node jobs on Azure".into()));
+        }
+        let name = vm_name(&self.cfg.stack, &req.key);
+        let size = self.cfg.sizes.choose(&req.resources, &self.cfg.cpu_size)?;
+        let record = self.record(&name).await?;
+        let terminated = |r: &Record| Vm {
+            id: name.clone(),
+            key: req.key.clone(),
+            state: VmState::Terminated,
+            spot: r.spot,
+            nodes: 1,
+            created_at: r.created_at,
+        };
+        if let Some(r) = &record
+            && r.stage == Stage::Released
+        {
+            return Ok(terminated(r));
+        }
+        if let Some(found) = self.get_vm(&name).await.map_err(ArmError::into_compute)? {
+            return found
+                .to_vm()
+                .ok_or_else(|| Error::Invalid(format!("VM {name} has no respawn tags")));
+        }
+        if let Some(r) = &record
+            && r.stage == Stage::Created
+        {
+            // Made once and gone since: evicted. Never made twice.
+            return Ok(terminated(r));
+        }
+        if self.cfg.agent.api.is_empty() {
+            return Err(Error::Unavailable(
+                "no API address for agents to report to (RESPAWN_API_URL)".into(),
+            ));
+        }
+        let mut record = Record {
+            job: req.key.job.clone(),
+            attempt: req.key.attempt,
+            stage: Stage::Putting,
+            made: false,
+            spot: req.placement.spot,
+            created_at: Timestamp(crate::bands::now_ms()),
+        };
+        self.put_record(&name, &record).await?;
+        let body = self.vm_body(req, &name, &size);
+        let put = self
+            .call(reqwest_aws::Method::PUT, &self.vm_url(&name), Some(&body))
+            .await;
+        let (_, operation, answer) = match put {
+            Ok(ok) => ok,
+            Err(e) => {
+                if e.is_capacity() {
+                    info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, "no Spot capacity");
+                }
+                return Err(e.into_compute());
+            }
+        };
+        record.stage = Stage::Created;
+        record.made = true;
+        self.put_record(&name, &record).await?;
+        info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, %size, spot = req.placement.spot, "VM requested");
+        let mut vm: Vm = serde_json::from_str::<ArmVm>(&answer)
+            .ok()
+            .and_then(|v| v.to_vm())
+            .unwrap_or(Vm {
+                id: name.clone(),
+                key: req.key.clone(),
+                state: VmState::Requested,
+                spot: req.placement.spot,
+                nodes: 1,
+                created_at: record.created_at,
+            });
+        if let Some(url) = operation {
+            match self.follow(&url).await {
+                Some(Ok(())) => vm.state = VmState::Running,
+                Some(Err(e)) => {
+                    warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, error = %e.message, "VM creation failed; deleting it");
+                    if let Err(d) = self.delete_vm(&name).await {
+                        warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, error = %d.message, "cannot delete the failed VM; reconcile will");
+                    }
+                    return Err(e.into_compute());
+                }
+                None => {}
+            }
+        }
+        Ok(vm)
+    }
+
+    async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
+        let name = vm_name(&self.cfg.stack, key);
+        let record = self.record(&name).await?;
+        // Marked first: an allocation that comes later makes nothing.
+        let released = Record {
+            job: key.job.clone(),
+            attempt: key.attempt,
+            stage: Stage::Released,
+            made: record.as_ref().is_some_and(|r| r.made),
+            spot: record.as_ref().is_some_and(|r| r.spot),
+            created_at: record
+                .as_ref()
+                .map_or_else(|| Timestamp(crate::bands::now_ms()), |r| r.created_at),
+        };
+        if record.as_ref().is_none_or(|r| r.stage != Stage::Released) {
+            self.put_record(&name, &released).await?;
+        }
+        self.delete_vm(&name)
+            .await
+            .map_err(ArmError::into_compute)?;
+        info!(job_id = %key.job, attempt = key.attempt, vm = %name, "VM deleted");
+        Ok(())
+    }
+
+    async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        let name = vm_name(&self.cfg.stack, key);
+        let record = self.record(&name).await?;
+        let found = self.get_vm(&name).await.map_err(ArmError::into_compute)?;
+        let mut vm = found.as_ref().and_then(ArmVm::to_vm);
+        match (&record, &mut vm) {
+            (Some(r), Some(vm)) if r.stage == Stage::Released => vm.state = VmState::Terminated,
+            (Some(r), None) if r.made => {
+                return Ok(Some(Vm {
+                    id: name,
+                    key: key.clone(),
+                    state: VmState::Terminated,
+                    spot: r.spot,
+                    nodes: 1,
+                    created_at: r.created_at,
+                }));
+            }
+            _ => {}
+        }
+        Ok(vm)
+    }
+
+    async fn list(&self) -> Result<Vec<Vm>, Error> {
+        let mut url = Some(format!("{}?api-version={API_VERSION}", self.vms_url()));
+        let mut vms = Vec::new();
+        while let Some(next) = url.take() {
+            let (_, _, body) = self
+                .call(reqwest_aws::Method::GET, &next, None)
+                .await
+                .map_err(ArmError::into_compute)?;
+            let page: VmList = serde_json::from_str(&body)
+                .map_err(|e| Error::Unavailable(format!("VM list: {e}").into()))?;
+            vms.extend(
+                page.value
+                    .iter()
+                    .filter(|v| v.tags.get(TAG_STACK) == Some(&self.cfg.stack))
+                    .filter_map(ArmVm::to_vm),
+            );
+            url = page.next_link.filter(|l| !l.is_empty());
+        }
+        Ok(vms)
+    }
+
+    async fn orders(&self, _vm: &str) -> Result<Orders, Error> {
+        // No warm pools on Azure yet: every VM is single-use.
+        Ok(Orders::Retire)
+    }
+}
+
+/// The script cloud-init runs at first boot (as root): reads the VM's name from
+/// the instance metadata, keeps the metadata (and so the managed identity's tokens)
+/// from every user but root (the workload runs as another), leaves the attempt's
+/// credential where only root can read it, runs the agent with Scheduled Events
+/// as the eviction notice, and shuts the VM down (Spot VMs here are deleted) when
+/// the agent is done. The image may set `RESPAWN_AGENT_ARGS`; the emulated VMs of
+/// the tests set `RESPAWN_IMDS` and `RESPAWN_VM_ROOT`.
+pub fn custom_data(agent: &AgentBoot, key: &AllocationKey) -> String {
+    let credentials = AgentCredentials {
+        api: agent.api.clone(),
+        token: agent.attempt_key.credential(&key.job, key.attempt),
+    };
+    let credentials = serde_json::to_string(&credentials).unwrap_or_default();
+    format!(
+        r#"#!/bin/bash
+# respawn: job {job}, attempt {attempt}
+set -euo pipefail
+imds=${{RESPAWN_IMDS:-http://169.254.169.254}}
+root=${{RESPAWN_VM_ROOT:-/var/lib/respawn}}
+iptables -I OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT
+vm=$(curl -sf -H 'Metadata: true' "$imds/metadata/instance/compute/name?api-version=2021-02-01&format=text")
+dir="$root/$vm"
+install -d -m 0700 "$dir"
+(umask 077; printf '%s' {credentials} > "$dir/credentials")
+# shellcheck disable=SC2086
+respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" --job {job} --attempt {attempt} --scheduled-events "$imds/metadata/scheduledevents?api-version=2020-07-01" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap ${{RESPAWN_AGENT_ARGS:-}} || true
+shutdown -h now
+"#,
+        job = key.job,
+        attempt = key.attempt,
+        credentials = shell_quote(&credentials),
+        bucket = shell_quote(&agent.bucket),
+        heartbeat = agent.heartbeat_secs,
+        grace = agent.grace_secs,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_errors_are_told_from_refusals() {
+        let e = |status, code: &str, message: &str| ArmError {
+            status,
+            code: code.into(),
+            message: message.into(),
+        };
+        for code in [
+            "SkuNotAvailable",
+            "OverconstrainedAllocationRequest",
+            "AllocationFailed",
+            "ZonalAllocationFailed",
+        ] {
+            assert!(
+                matches!(e(409, code, "").into_compute(), Error::Capacity(_)),
+                "{code}"
+            );
+        }
+        let quota = e(
+            409,
+            "OperationNotAllowed",
+            "Operation could not be completed as it results in exceeding approved LowPriorityCores quota.",
+        );
+        assert!(matches!(quota.into_compute(), Error::Capacity(_)));
+        // A capacity code among the details.
+        let nested = e(200, "Conflict", " [AllocationFailed: no room]");
+        assert!(matches!(nested.into_compute(), Error::Capacity(_)));
+        assert!(matches!(
+            e(400, "InvalidParameter", "bad vmSize").into_compute(),
+            Error::Invalid(_)
+        ));
+        for status in [0, 401, 403, 429, 500, 503] {
+            assert!(
+                matches!(e(status, "X", "").into_compute(), Error::Unavailable(_)),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vm_name_is_the_attempts_and_fits_azure() {
+        let job = JobId::generate(Timestamp(1));
+        let k = |attempt| AllocationKey {
+            job: job.clone(),
+            attempt,
+        };
+        let name = vm_name("respawn", &k(1));
+        assert_eq!(name, vm_name("respawn", &k(1)));
+        assert_ne!(name, vm_name("respawn", &k(2)));
+        assert_ne!(name, vm_name("other", &k(1)));
+        assert!(name.len() <= 64 && name.starts_with("respawn-"));
+    }
+
+    #[test]
+    fn images_parse() {
+        assert_eq!(
+            "Canonical:ubuntu-24_04-lts:server:latest".parse::<Image>(),
+            Ok(Image::Marketplace {
+                publisher: "Canonical".into(),
+                offer: "ubuntu-24_04-lts".into(),
+                sku: "server".into(),
+                version: "latest".into()
+            })
+        );
+        assert!(matches!(
+            "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/images/i"
+                .parse::<Image>(),
+            Ok(Image::Id(_))
+        ));
+        assert!("ubuntu".parse::<Image>().is_err());
+        assert!("a::c:d".parse::<Image>().is_err());
+    }
+}

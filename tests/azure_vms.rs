@@ -1,0 +1,311 @@
+//! The Spot VM provider on Azure Resource Manager, against the ARM harness built
+//! from ARM's documented REST contract (support/arm.rs): the compute contract,
+//! what respawn asks ARM for, throttling, capacity misses (refused at once or
+//! failing later), evicted VMs, paging, and Entra ID tokens from `azure_identity`.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use base64::Engine;
+use object_store::memory::InMemory;
+use respawn_adapters::azvm::{self, AgentBoot, ArmCompute, ArmConfig};
+use respawn_core::attempt_auth::AttemptKey;
+use respawn_core::conformance::compute::{request, run};
+use respawn_core::job::JobId;
+use respawn_core::ports::compute::{Compute, Error, VmState};
+use respawn_core::time::Timestamp;
+use respawn_e2e::arm::{self, Arm, Fault};
+
+/// The harness's tokens, fetched as App Service's managed identity endpoint
+/// hands them out (the test of `azure_identity` itself is
+/// [`azure_identitys_managed_identity_gets_the_token`]).
+#[derive(Debug)]
+struct HarnessToken(String);
+
+#[async_trait::async_trait]
+impl TokenCredential for HarnessToken {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let resource = scopes[0].trim_end_matches("/.default");
+        let got: serde_json::Value = reqwest::Client::new()
+            .get(format!(
+                "{}/msi/token?api-version=2019-08-01&resource={resource}",
+                self.0
+            ))
+            .header("x-identity-header", arm::IDENTITY_HEADER)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Ok(AccessToken::new(
+            got["access_token"].as_str().unwrap().to_owned(),
+            azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+        ))
+    }
+}
+
+fn config(arm: &Arm) -> ArmConfig {
+    ArmConfig {
+        stack: "rs-test".into(),
+        endpoint: arm.url.clone(),
+        subscription: arm::SUBSCRIPTION.into(),
+        resource_group: arm::RESOURCE_GROUP.into(),
+        location: arm::LOCATION.into(),
+        subnet: arm.subnet(),
+        image: "Canonical:ubuntu-24_04-lts:server:latest".parse().unwrap(),
+        agent_identity: Some("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/agent".into()),
+        cpu_size: "Standard_D2s_v5".into(),
+        sizes: azvm::default_sizes(),
+        max_price: -1.0,
+        agent: AgentBoot {
+            api: "https://broker.example/api".into(),
+            bucket: "az://jobs".into(),
+            attempt_key: AttemptKey::from_bytes(&[7; 32]).unwrap(),
+            heartbeat_secs: 30,
+            grace_secs: 25,
+        },
+        follow: Duration::from_secs(5),
+    }
+}
+
+fn provider(arm: &Arm) -> ArmCompute {
+    ArmCompute::new(
+        config(arm),
+        Arc::new(HarnessToken(arm.url.clone())),
+        Arc::new(InMemory::new()),
+    )
+    .unwrap()
+}
+
+fn spot(job: &JobId, attempt: u32) -> respawn_core::ports::compute::AllocateRequest {
+    let mut r = request(job, attempt);
+    r.placement.spot = true;
+    r
+}
+
+#[tokio::test]
+async fn spot_vms_on_arm_pass_the_compute_conformance_suite() {
+    let arm = Arm::start().await;
+    run(&provider(&arm)).await;
+    assert!(
+        arm.vms().is_empty(),
+        "every VM released is deleted: {:?}",
+        arm.vms()
+    );
+}
+
+#[tokio::test]
+async fn a_spot_vm_is_what_arm_documents_and_carries_its_attempt() {
+    let arm = Arm::start().await;
+    let c = provider(&arm);
+    let job = JobId::generate(Timestamp(5));
+    let mut req = spot(&job, 3);
+    req.placement.max_price = Some(0.42);
+    req.resources.gpus = 1;
+    req.project = "vision".into();
+    let vm = c.allocate(&req).await.unwrap();
+    assert_eq!(
+        vm.state,
+        VmState::Running,
+        "the creation was followed to its end"
+    );
+    assert!(vm.spot);
+    assert_eq!(arm.created(), vec![vm.id.clone()]);
+    let put = &arm.puts()[0];
+    let p = &put["properties"];
+    assert_eq!(p["priority"], "Spot");
+    assert_eq!(p["evictionPolicy"], "Delete");
+    assert_eq!(p["billingProfile"]["maxPrice"], 0.42);
+    assert_eq!(p["hardwareProfile"]["vmSize"], "Standard_NC4as_T4_v3");
+    assert_eq!(p["storageProfile"]["osDisk"]["deleteOption"], "Delete");
+    assert_eq!(
+        p["networkProfile"]["networkInterfaceConfigurations"][0]["properties"]["deleteOption"],
+        "Delete"
+    );
+    assert_eq!(put["identity"]["type"], "UserAssigned");
+    let tags = arm.tags(&vm.id).unwrap();
+    assert_eq!(tags["respawn-stack"], "rs-test");
+    assert_eq!(tags["respawn-job"], job.to_string());
+    assert_eq!(tags["respawn-attempt"], "3");
+    assert_eq!(tags["respawn-project"], "vision");
+    let script = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(p["osProfile"]["customData"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let credential = AttemptKey::from_bytes(&[7; 32])
+        .unwrap()
+        .credential(&job, 3);
+    assert!(script.contains(&credential), "the attempt's own credential");
+    assert!(script.contains(&format!("--job {job} --attempt 3")));
+    assert!(script.contains("--scheduled-events"));
+    assert!(script.contains("--bucket 'az://jobs'"));
+    assert!(script.contains("iptables -I OUTPUT -d 169.254.169.254"));
+
+    // An on-demand job: a Regular VM, no eviction policy.
+    let mut on_demand = request(&job, 4);
+    on_demand.placement.spot = false;
+    let regular = c.allocate(&on_demand).await.unwrap();
+    assert!(!regular.spot);
+    assert_eq!(arm.puts()[1]["properties"]["priority"], "Regular");
+    assert!(arm.puts()[1]["properties"]["evictionPolicy"].is_null());
+}
+
+#[tokio::test]
+async fn throttling_is_waited_out_and_capacity_misses_spend_nothing() {
+    let arm = Arm::start().await;
+    let c = provider(&arm);
+    let job = JobId::generate(Timestamp(9));
+
+    arm.fault(Fault::Throttle(1));
+    let vm = c.allocate(&spot(&job, 1)).await.unwrap();
+    assert_eq!(arm.throttled(), 1);
+    assert_eq!(arm.created(), vec![vm.id.clone()], "one VM after the 429");
+
+    let misses = [
+        (
+            "SkuNotAvailable",
+            "The requested size for resource is currently not available in location 'westeurope'.",
+        ),
+        (
+            "OverconstrainedAllocationRequest",
+            "Allocation failed. VM(s) with the following constraints cannot be allocated.",
+        ),
+        (
+            "OperationNotAllowed",
+            "Operation could not be completed as it results in exceeding approved LowPriorityCores quota.",
+        ),
+    ];
+    for (attempt, (code, message)) in (2..).zip(misses) {
+        arm.fault(Fault::Refuse(409, code.into(), message.into()));
+        match c.allocate(&spot(&job, attempt)).await {
+            Err(Error::Capacity(why)) => assert!(why.contains(code), "{why}"),
+            other => panic!("{code}: expected a capacity miss, got {other:?}"),
+        }
+    }
+    arm.fault(Fault::Refuse(
+        400,
+        "InvalidParameter".into(),
+        "The value of parameter imageReference is invalid.".into(),
+    ));
+    assert!(
+        matches!(c.allocate(&spot(&job, 6)).await, Err(Error::Invalid(_))),
+        "a bad request is a refusal, not a capacity miss"
+    );
+
+    arm.fault(Fault::FailLater("AllocationFailed".into()));
+    match c.allocate(&spot(&job, 7)).await {
+        Err(Error::Capacity(why)) => assert!(why.contains("AllocationFailed"), "{why}"),
+        other => panic!("expected a capacity miss, got {other:?}"),
+    }
+    let failed = azvm::vm_name("rs-test", &spot(&job, 7).key);
+    assert!(arm.deleted().contains(&failed), "the failed VM is deleted");
+    assert_eq!(
+        arm.vms(),
+        vec![vm.id],
+        "only the one VM that was made is left"
+    );
+}
+
+#[tokio::test]
+async fn an_evicted_vm_is_terminated_and_never_made_again() {
+    let arm = Arm::start().await;
+    let c = provider(&arm);
+    let job = JobId::generate(Timestamp(11));
+    let vm = c.allocate(&spot(&job, 1)).await.unwrap();
+    arm.evict(&vm.id);
+    let gone = c.describe(&vm.key).await.unwrap().unwrap();
+    assert_eq!(gone.state, VmState::Terminated);
+    let again = c.allocate(&spot(&job, 1)).await.unwrap();
+    assert_eq!(again.state, VmState::Terminated);
+    assert_eq!(
+        arm.created().len(),
+        1,
+        "a retried allocation made no second VM"
+    );
+    c.release(&vm.key).await.unwrap();
+
+    // A key never allocated is unknown.
+    assert!(c.describe(&request(&job, 9).key).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn list_reads_every_page_and_only_this_stacks_vms() {
+    let arm = Arm::start().await;
+    let c = provider(&arm);
+    let mut other_cfg = config(&arm);
+    other_cfg.stack = "other".into();
+    let other = ArmCompute::new(
+        other_cfg,
+        Arc::new(HarnessToken(arm.url.clone())),
+        Arc::new(InMemory::new()),
+    )
+    .unwrap();
+    let job = JobId::generate(Timestamp(13));
+    for attempt in 1..=3 {
+        c.allocate(&spot(&job, attempt)).await.unwrap();
+    }
+    other.allocate(&spot(&job, 1)).await.unwrap();
+    let mut listed: Vec<u32> = c
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.key.attempt)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, vec![1, 2, 3], "three of four VMs, over two pages");
+}
+
+/// `azure_identity` reads its environment when a credential is made, and this
+/// process's environment is not the test's to change: the allocation runs in a
+/// child (this test binary again) with App Service's variables set.
+#[tokio::test]
+async fn azure_identitys_managed_identity_gets_the_token() {
+    let arm = Arm::start().await;
+    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "managed_identity_allocates",
+            "--ignored",
+            "--nocapture",
+        ])
+        .envs(arm.identity_env())
+        .env("RESPAWN_TEST_ARM", &arm.url)
+        .output()
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the child ran the allocation: {text}"
+    );
+    assert_eq!(
+        arm.created().len(),
+        1,
+        "the VM was made with azure_identity's token"
+    );
+}
+
+#[tokio::test]
+#[ignore = "run by azure_identitys_managed_identity_gets_the_token, with IDENTITY_ENDPOINT set"]
+async fn managed_identity_allocates() {
+    let url = std::env::var("RESPAWN_TEST_ARM").unwrap();
+    let mut cfg = config(&Arm::start().await);
+    cfg.endpoint = url;
+    let credential = azvm::credential_from_env().unwrap();
+    let c = ArmCompute::new(cfg, credential, Arc::new(InMemory::new())).unwrap();
+    c.allocate(&spot(&JobId::generate(Timestamp(17)), 1))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,817 @@
+//! A harness for the part of Azure Resource Manager respawn uses, built from its
+//! documented REST contract (nothing emulates ARM): virtual machines created,
+//! read, listed and deleted (`PUT`/`GET`/`DELETE …/virtualMachines/{name}`,
+//! `api-version` required), long-running operations behind
+//! `Azure-AsyncOperation`, error bodies `{"error": {"code", "message",
+//! "details"}}`, throttling (429 with `Retry-After`), and Bearer tokens from App
+//! Service's managed identity endpoint (`IDENTITY_ENDPOINT`, `X-IDENTITY-HEADER`),
+//! the one `azure_identity` asks inside a function app.
+//!
+//! With [`Boot`], every VM created boots: its custom data runs on this machine
+//! (as cloud-init would run it) with an instance metadata service of its own —
+//! the VM's name and Scheduled Events — and shims for `iptables` and `shutdown`.
+//! [`Arm::preempt`] schedules a `Preempt` event as Azure does before evicting a
+//! Spot VM; once the agent acknowledges it (or its `NotBefore` passes) the VM is
+//! evicted: its process group killed and the VM deleted (`evictionPolicy:
+//! Delete`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use base64::Engine;
+use serde_json::{Value, json};
+
+pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
+pub const RESOURCE_GROUP: &str = "respawn-rg";
+pub const LOCATION: &str = "westeurope";
+/// What `X-IDENTITY-HEADER` must carry (`IDENTITY_HEADER`).
+pub const IDENTITY_HEADER: &str = "harness-identity-secret";
+
+/// What the next VM creation meets, in order.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// 429, `Retry-After` seconds.
+    Throttle(u64),
+    /// The `PUT` refused at once: status, code (e.g. `SkuNotAvailable`), message.
+    Refuse(u16, String, String),
+    /// The `PUT` accepted, its operation then failing with this code (e.g.
+    /// `AllocationFailed`).
+    FailLater(String),
+}
+
+/// How VMs boot, when they do.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    /// Folders put first on the VM's `PATH` (respawn-agent's, the trainer's).
+    pub path: Vec<PathBuf>,
+    /// What every VM's processes get besides the custom data (the storage
+    /// endpoint a managed identity would reach, …).
+    pub env: Vec<(String, String)>,
+    /// Appended to the agent's command line (`RESPAWN_AGENT_ARGS`).
+    pub agent_args: String,
+}
+
+#[derive(Debug)]
+struct VmRecord {
+    body: Value,
+    provisioning: String,
+    created_at: u64,
+    events: Vec<Value>,
+    child: Option<Child>,
+}
+
+#[derive(Debug)]
+struct Operation {
+    /// Polls left before it ends.
+    polls: u32,
+    vm: String,
+    failure: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    vms: BTreeMap<String, VmRecord>,
+    ops: BTreeMap<String, Operation>,
+    faults: VecDeque<Fault>,
+    token: String,
+    /// Every VM ever created (names), in order.
+    created: Vec<String>,
+    deleted: Vec<String>,
+    evicted: Vec<String>,
+    /// `(vm, event id)` of acknowledged Scheduled Events.
+    acked: Vec<(String, String)>,
+    /// Requests answered 429.
+    throttled: u32,
+    /// Every `PUT` body, in order.
+    puts: Vec<Value>,
+    page_size: usize,
+    next_op: u64,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+/// The harness, serving on a port of its own until dropped (VMs' processes are
+/// killed then).
+#[derive(Debug, Clone)]
+pub struct Arm {
+    pub url: String,
+    inner: Shared,
+    boot: Option<Boot>,
+    root: Arc<tempfile::TempDir>,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        json!({"error": {"code": code, "message": message, "details": []}}).to_string(),
+    )
+        .into_response()
+}
+
+fn json_response(status: StatusCode, body: Value, headers: &[(&'static str, String)]) -> Response {
+    let mut r = (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    for (k, v) in headers {
+        r.headers_mut()
+            .insert(*k, axum::http::HeaderValue::from_str(v).unwrap());
+    }
+    r
+}
+
+impl Arm {
+    /// A harness whose VMs do not boot (the provider's contract alone).
+    pub async fn start() -> Arm {
+        Arm::start_with(None).await
+    }
+
+    pub async fn start_with(boot: Option<Boot>) -> Arm {
+        let mut inner = Inner::default();
+        inner.page_size = 2;
+        let inner: Shared = Arc::new(Mutex::new(inner));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let arm = Arm {
+            url: url.clone(),
+            inner: inner.clone(),
+            boot,
+            root: Arc::new(tempfile::tempdir().unwrap()),
+        };
+        let app = Router::new()
+            .route("/msi/token", get(token))
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines",
+                get(list),
+            )
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}",
+                any(vm),
+            )
+            .route(
+                "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{loc}/operations/{id}",
+                get(operation),
+            )
+            .route("/vms/{name}/metadata/instance/compute/name", get(imds_name))
+            .route("/vms/{name}/metadata/scheduledevents", any(scheduled_events))
+            .with_state(arm.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        arm
+    }
+
+    /// The environment `azure_identity`'s managed identity credential reads in a
+    /// function app.
+    pub fn identity_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "IDENTITY_ENDPOINT".into(),
+                format!("{}/msi/token", self.url),
+            ),
+            ("IDENTITY_HEADER".into(), IDENTITY_HEADER.into()),
+        ]
+    }
+
+    pub fn subnet(&self) -> String {
+        format!(
+            "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/virtualNetworks/agents/subnets/agents"
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues what the next VM creations meet.
+    pub fn fault(&self, f: Fault) {
+        self.lock().faults.push_back(f);
+    }
+
+    /// The VMs that exist now, by name.
+    pub fn vms(&self) -> Vec<String> {
+        self.lock().vms.keys().cloned().collect()
+    }
+
+    /// Every VM ever created, in order.
+    pub fn created(&self) -> Vec<String> {
+        self.lock().created.clone()
+    }
+
+    pub fn deleted(&self) -> Vec<String> {
+        self.lock().deleted.clone()
+    }
+
+    pub fn evicted(&self) -> Vec<String> {
+        self.lock().evicted.clone()
+    }
+
+    pub fn throttled(&self) -> u32 {
+        self.lock().throttled
+    }
+
+    /// Every `PUT` body the harness accepted or refused, in order.
+    pub fn puts(&self) -> Vec<Value> {
+        self.lock().puts.clone()
+    }
+
+    /// Scheduled Events acknowledged, as `(vm, event id)`.
+    pub fn acked(&self) -> Vec<(String, String)> {
+        self.lock().acked.clone()
+    }
+
+    /// A VM's tags.
+    pub fn tags(&self, name: &str) -> Option<Value> {
+        self.lock().vms.get(name).map(|v| v.body["tags"].clone())
+    }
+
+    /// Azure's eviction notice for Spot VM `name`: a `Preempt` Scheduled Event,
+    /// due in `notice`. The VM is evicted when the agent acknowledges it or when
+    /// it is due, whichever is first.
+    pub fn preempt(&self, name: &str, notice: Duration) {
+        let not_before = httpdate::fmt_http_date(SystemTime::now() + notice);
+        let id = format!("evict-{name}");
+        {
+            let mut inner = self.lock();
+            let vm = inner.vms.get_mut(name).expect("a VM to preempt");
+            vm.events.push(json!({
+                "EventId": id,
+                "EventType": "Preempt",
+                "ResourceType": "VirtualMachine",
+                "Resources": [name],
+                "EventStatus": "Scheduled",
+                "NotBefore": not_before,
+                "Description": "Virtual machine is being preempted.",
+                "EventSource": "Platform",
+                "DurationInSeconds": -1,
+            }));
+        }
+        let arm = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(notice).await;
+            arm.evict(&name);
+        });
+    }
+
+    /// Evicts `name` now: its processes killed, the VM deleted.
+    pub fn evict(&self, name: &str) {
+        let mut inner = self.lock();
+        if let Some(mut vm) = inner.vms.remove(name) {
+            kill(&mut vm);
+            inner.evicted.push(name.to_owned());
+        }
+    }
+
+    /// What VM `name` printed (its custom data and agent).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.root.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// What every VM printed.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for name in self.lock().created.clone() {
+            out.push_str(&format!("--- {name}\n{}", self.log(&name)));
+        }
+        out
+    }
+
+    fn boot(&self, name: &str, body: &Value) -> Option<Child> {
+        let boot = self.boot.as_ref()?;
+        let script = base64::engine::general_purpose::STANDARD
+            .decode(body["properties"]["osProfile"]["customData"].as_str()?)
+            .ok()?;
+        let root = self.root.path();
+        let shims = root.join("shims");
+        std::fs::create_dir_all(&shims).unwrap();
+        for (shim, text) in [
+            (
+                "iptables",
+                "#!/bin/sh\necho \"$@\" >> \"$RESPAWN_VM_ROOT/iptables.log\"\n",
+            ),
+            ("shutdown", "#!/bin/sh\nexit 0\n"),
+        ] {
+            let p = shims.join(shim);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let custom = root.join(format!("{name}.custom-data"));
+        std::fs::write(&custom, script).unwrap();
+        let path = std::env::join_paths(
+            std::iter::once(shims)
+                .chain(boot.path.iter().cloned())
+                .chain(std::env::split_paths(
+                    &std::env::var_os("PATH").unwrap_or_default(),
+                )),
+        )
+        .unwrap();
+        let log = std::fs::File::create(root.join(format!("{name}.log"))).unwrap();
+        Command::new("bash")
+            .arg("-x")
+            .arg(&custom)
+            .env_clear()
+            .env("PATH", path)
+            .env("RESPAWN_IMDS", format!("{}/vms/{name}", self.url))
+            .env("RESPAWN_VM_ROOT", root)
+            .env("RESPAWN_AGENT_ARGS", &boot.agent_args)
+            .envs(boot.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .ok()
+    }
+
+    /// Deletes the VMs whose custom data ended (`shutdown -h now` on a Spot VM
+    /// with `evictionPolicy: Delete` ends it; here, the VM is deleted as the
+    /// broker would find it gone).
+    pub fn reap(&self) -> Vec<String> {
+        let mut inner = self.lock();
+        let mut ended = Vec::new();
+        for (name, vm) in inner.vms.iter_mut() {
+            if let Some(c) = vm.child.as_mut()
+                && c.try_wait().ok().flatten().is_some()
+            {
+                ended.push(name.clone());
+            }
+        }
+        for name in &ended {
+            inner.vms.remove(name);
+            inner.deleted.push(name.clone());
+        }
+        ended
+    }
+}
+
+fn kill(vm: &mut VmRecord) {
+    if let Some(c) = vm.child.as_mut() {
+        let pid = nix::unistd::Pid::from_raw(-(c.id() as i32));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for vm in self.vms.values_mut() {
+            kill(vm);
+        }
+    }
+}
+
+async fn token(
+    State(arm): State<Arm>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if h.get("x-identity-header").and_then(|v| v.to_str().ok()) != Some(IDENTITY_HEADER) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "X-IDENTITY-HEADER missing or wrong",
+        );
+    }
+    let Some(resource) = q.get("resource") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "resource is required",
+        );
+    };
+    let token = format!("harness-token-{}", rand::random::<u64>());
+    arm.lock().token = token.clone();
+    json_response(
+        StatusCode::OK,
+        json!({
+            "access_token": token,
+            "expires_on": (now_s() + 3600).to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+        }),
+        &[],
+    )
+}
+
+/// The request's problem with its token or api-version, if any.
+fn refused(arm: &Arm, h: &HeaderMap, q: &BTreeMap<String, String>) -> Option<Response> {
+    let token = arm.lock().token.clone();
+    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+    if token.is_empty() || auth != Some(&format!("Bearer {token}")) {
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            "AuthenticationFailed",
+            "Authentication failed. The 'Authorization' header is missing or invalid.",
+        ));
+    }
+    if !q.contains_key("api-version") {
+        return Some(error(
+            StatusCode::BAD_REQUEST,
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        ));
+    }
+    None
+}
+
+fn vm_json(arm: &Arm, name: &str, v: &VmRecord) -> Value {
+    let mut properties = v.body["properties"].clone();
+    properties["provisioningState"] = json!(v.provisioning);
+    properties["timeCreated"] = json!(
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(v.created_at))
+            .to_string()
+    );
+    if let Some(os) = properties
+        .get_mut("osProfile")
+        .and_then(Value::as_object_mut)
+    {
+        // ARM never returns secrets or custom data.
+        os.remove("adminPassword");
+        os.remove("customData");
+    }
+    json!({
+        "name": name,
+        "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Compute/virtualMachines/{name}"),
+        "type": "Microsoft.Compute/virtualMachines",
+        "location": v.body["location"],
+        "tags": v.body["tags"],
+        "identity": v.body.get("identity").cloned().unwrap_or(Value::Null),
+        "properties": properties,
+        "_harness": arm.url,
+    })
+}
+
+/// What is wrong with a VM's `PUT` body, by the documented schema (the fields
+/// respawn must send).
+fn invalid(body: &Value) -> Option<String> {
+    let p = &body["properties"];
+    if !body["location"].is_string() {
+        return Some("location is required".into());
+    }
+    if !p["hardwareProfile"]["vmSize"].is_string() {
+        return Some("properties.hardwareProfile.vmSize is required".into());
+    }
+    if !p["storageProfile"]["imageReference"].is_object() {
+        return Some("properties.storageProfile.imageReference is required".into());
+    }
+    let data = p["osProfile"]["customData"].as_str().unwrap_or("");
+    if base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .is_err()
+        || data.len() > 87380
+    {
+        return Some(
+            "properties.osProfile.customData must be base64, at most 87380 characters".into(),
+        );
+    }
+    if p["networkProfile"]["networkInterfaceConfigurations"]
+        .as_array()
+        .is_none_or(Vec::is_empty)
+        && p["networkProfile"]["networkInterfaces"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    {
+        return Some("properties.networkProfile needs a network interface".into());
+    }
+    match p["priority"].as_str() {
+        Some("Spot" | "Low") => {
+            if !matches!(p["evictionPolicy"].as_str(), Some("Delete" | "Deallocate")) {
+                return Some(
+                    "properties.evictionPolicy must be Delete or Deallocate for Spot VMs".into(),
+                );
+            }
+            let price = p["billingProfile"]["maxPrice"].as_f64();
+            if price.is_none_or(|m| m != -1.0 && m <= 0.0) {
+                return Some("properties.billingProfile.maxPrice must be -1 or above 0".into());
+            }
+        }
+        Some("Regular") | None => {
+            if !p["evictionPolicy"].is_null() {
+                return Some("properties.evictionPolicy is only for Spot VMs".into());
+            }
+        }
+        Some(other) => {
+            return Some(format!(
+                "properties.priority {other:?} is not one of Regular, Low, Spot"
+            ));
+        }
+    }
+    None
+}
+
+async fn list(
+    State(arm): State<Arm>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    let inner = arm.lock();
+    let skip: usize = q
+        .get("$skipToken")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let names: Vec<&String> = inner.vms.keys().collect();
+    let page: Vec<Value> = names
+        .iter()
+        .skip(skip)
+        .take(inner.page_size)
+        .map(|n| vm_json(&arm, n, &inner.vms[*n]))
+        .collect();
+    let mut body = json!({ "value": page });
+    if skip + inner.page_size < names.len() {
+        body["nextLink"] = json!(format!(
+            "{}/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Compute/virtualMachines?api-version={}&$skipToken={}",
+            arm.url,
+            q["api-version"],
+            skip + inner.page_size
+        ));
+    }
+    json_response(StatusCode::OK, body, &[])
+}
+
+fn new_operation(
+    arm: &Arm,
+    inner: &mut Inner,
+    vm: &str,
+    polls: u32,
+    failure: Option<String>,
+) -> String {
+    inner.next_op += 1;
+    let id = format!("op-{}", inner.next_op);
+    inner.ops.insert(
+        id.clone(),
+        Operation {
+            polls,
+            vm: vm.to_owned(),
+            failure,
+        },
+    );
+    format!(
+        "{}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Compute/locations/{LOCATION}/operations/{id}?api-version=2024-07-01",
+        arm.url
+    )
+}
+
+async fn vm(
+    State(arm): State<Arm>,
+    method: Method,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    if sub != SUBSCRIPTION || rg != RESOURCE_GROUP {
+        return error(
+            StatusCode::NOT_FOUND,
+            "ResourceGroupNotFound",
+            &format!("Resource group '{rg}' could not be found."),
+        );
+    }
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            &format!(
+                "The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource group '{rg}' was not found."
+            ),
+        )
+    };
+    match method {
+        Method::GET => {
+            let inner = arm.lock();
+            match inner.vms.get(&name) {
+                Some(v) => json_response(StatusCode::OK, vm_json(&arm, &name, v), &[]),
+                None => not_found(),
+            }
+        }
+        Method::DELETE => {
+            let mut inner = arm.lock();
+            match inner.vms.remove(&name) {
+                Some(mut v) => {
+                    kill(&mut v);
+                    inner.deleted.push(name.clone());
+                    let op = new_operation(&arm, &mut inner, &name, 0, None);
+                    json_response(
+                        StatusCode::ACCEPTED,
+                        Value::Null,
+                        &[("azure-asyncoperation", op)],
+                    )
+                }
+                None => StatusCode::NO_CONTENT.into_response(),
+            }
+        }
+        Method::PUT => {
+            let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestContent",
+                    "The request content was invalid and could not be deserialized.",
+                );
+            };
+            let mut inner = arm.lock();
+            inner.puts.push(body.clone());
+            if let Some(v) = inner.vms.get(&name) {
+                // A PUT of an existing VM updates it; respawn never changes one.
+                return json_response(StatusCode::OK, vm_json(&arm, &name, v), &[]);
+            }
+            if let Some(why) = invalid(&body) {
+                return error(StatusCode::BAD_REQUEST, "InvalidParameter", &why);
+            }
+            let mut failure = None;
+            match inner.faults.pop_front() {
+                Some(Fault::Throttle(secs)) => {
+                    inner.throttled += 1;
+                    let mut r = error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "TooManyRequests",
+                        "The request is being throttled.",
+                    );
+                    r.headers_mut().insert("retry-after", secs.into());
+                    return r;
+                }
+                Some(Fault::Refuse(status, code, message)) => {
+                    return error(StatusCode::from_u16(status).unwrap(), &code, &message);
+                }
+                Some(Fault::FailLater(code)) => failure = Some(code),
+                None => {}
+            }
+            let record = VmRecord {
+                body: body.clone(),
+                provisioning: "Creating".into(),
+                created_at: now_s(),
+                events: Vec::new(),
+                child: None,
+            };
+            let answer = vm_json(&arm, &name, &record);
+            inner.vms.insert(name.clone(), record);
+            inner.created.push(name.clone());
+            let op = new_operation(&arm, &mut inner, &name, 1, failure);
+            drop(inner);
+            json_response(StatusCode::CREATED, answer, &[("azure-asyncoperation", op)])
+        }
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not a VM method",
+        ),
+    }
+}
+
+async fn operation(
+    State(arm): State<Arm>,
+    Path((_sub, _loc, id)): Path<(String, String, String)>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    let mut boot_vm = None;
+    let answer = {
+        let mut inner = arm.lock();
+        let Some(op) = inner.ops.get_mut(&id) else {
+            return error(StatusCode::NOT_FOUND, "NotFound", "no such operation");
+        };
+        if op.polls > 0 {
+            op.polls -= 1;
+            json!({"name": id, "status": "InProgress", "startTime": "2026-01-01T00:00:00Z"})
+        } else {
+            let vm = op.vm.clone();
+            let failure = op.failure.clone();
+            let state = if failure.is_some() {
+                "Failed"
+            } else {
+                "Succeeded"
+            };
+            if let Some(v) = inner.vms.get_mut(&vm)
+                && v.provisioning == "Creating"
+            {
+                v.provisioning = state.into();
+                if failure.is_none() {
+                    boot_vm = Some((vm.clone(), v.body.clone()));
+                }
+            }
+            match failure {
+                Some(code) => json!({"name": id, "status": "Failed", "error": {
+                    "code": code,
+                    "message": "Allocation failed.",
+                    "details": [{"code": code, "message": "Allocation failed. We do not have sufficient capacity for the requested VM size in this region."}],
+                }}),
+                None => json!({"name": id, "status": "Succeeded"}),
+            }
+        }
+    };
+    if let Some((name, body)) = boot_vm {
+        let child = arm.boot(&name, &body);
+        if let Some(v) = arm.lock().vms.get_mut(&name) {
+            v.child = child;
+        }
+    }
+    json_response(StatusCode::OK, answer, &[])
+}
+
+fn metadata(h: &HeaderMap) -> bool {
+    h.get("metadata").and_then(|v| v.to_str().ok()) == Some("true")
+}
+
+async fn imds_name(State(arm): State<Arm>, Path(name): Path<String>, h: HeaderMap) -> Response {
+    if !metadata(&h) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Required metadata header not specified",
+        )
+            .into_response();
+    }
+    if arm.lock().vms.contains_key(&name) {
+        name.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+async fn scheduled_events(
+    State(arm): State<Arm>,
+    method: Method,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !metadata(&h) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Required metadata header not specified",
+        )
+            .into_response();
+    }
+    match method {
+        Method::GET => {
+            let inner = arm.lock();
+            let events = inner
+                .vms
+                .get(&name)
+                .map(|v| v.events.clone())
+                .unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                json!({"DocumentIncarnation": events.len(), "Events": events}),
+                &[],
+            )
+        }
+        Method::POST => {
+            let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+                return StatusCode::BAD_REQUEST.into_response();
+            };
+            let ids: Vec<String> = req["StartRequests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["EventId"].as_str().map(str::to_owned))
+                .collect();
+            let mut evict = false;
+            {
+                let mut inner = arm.lock();
+                for id in &ids {
+                    inner.acked.push((name.clone(), id.clone()));
+                    evict |= id.starts_with("evict-");
+                }
+            }
+            if evict {
+                // Approved early: Azure goes ahead with the eviction.
+                let arm = arm.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    arm.evict(&name);
+                });
+            }
+            StatusCode::OK.into_response()
+        }
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
