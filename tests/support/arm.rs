@@ -344,26 +344,6 @@ impl Arm {
             .spawn()
             .ok()
     }
-
-    /// Deletes the VMs whose custom data ended (`shutdown -h now` on a Spot VM
-    /// with `evictionPolicy: Delete` ends it; here, the VM is deleted as the
-    /// broker would find it gone).
-    pub fn reap(&self) -> Vec<String> {
-        let mut inner = self.lock();
-        let mut ended = Vec::new();
-        for (name, vm) in inner.vms.iter_mut() {
-            if let Some(c) = vm.child.as_mut()
-                && c.try_wait().ok().flatten().is_some()
-            {
-                ended.push(name.clone());
-            }
-        }
-        for name in &ended {
-            inner.vms.remove(name);
-            inner.deleted.push(name.clone());
-        }
-        ended
-    }
 }
 
 fn kill(vm: &mut VmRecord) {

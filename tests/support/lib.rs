@@ -7,6 +7,8 @@ pub mod arm;
 pub mod aws;
 #[cfg(feature = "azure")]
 pub mod azure;
+#[cfg(feature = "azure")]
+pub mod functions_host;
 #[cfg(feature = "aws")]
 pub mod lambda;
 #[cfg(feature = "aws")]
@@ -34,7 +36,8 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

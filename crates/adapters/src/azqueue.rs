@@ -22,7 +22,11 @@
 //! - **Delays** beyond Azure's longest visibility (7 days) are sent on, 7 days at a
 //!   time, until due.
 //! - **Auth**: the account's shared key (the Storage REST API's `SharedKey`
-//!   scheme).
+//!   scheme), or an Entra ID token (`azure_identity`: a managed identity with
+//!   *Storage Queue Data Contributor*), where shared keys are turned off.
+//! - **Azure Functions**: a message the Functions host hands a queue-triggered
+//!   function becomes the same delivery ([`StorageQueue::triggered`]), settled
+//!   through the same calls.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -141,13 +145,27 @@ impl SharedKey {
     }
 }
 
+/// How requests are authorized.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    SharedKey(SharedKey),
+    /// Bearer tokens for `https://storage.azure.com/.default`.
+    Entra(std::sync::Arc<dyn azure_core::credentials::TokenCredential>),
+}
+
+impl From<SharedKey> for Auth {
+    fn from(k: SharedKey) -> Auth {
+        Auth::SharedKey(k)
+    }
+}
+
 /// A queue on Azure Storage Queues.
 pub struct StorageQueue {
     http: reqwest_aws::Client,
     /// The account's queue endpoint: `https://<account>.queue.core.windows.net`, or
     /// Azurite's `http://127.0.0.1:10001/devstoreaccount1`.
     endpoint: String,
-    key: SharedKey,
+    key: Auth,
     prefix: String,
     max_deliveries: u32,
 }
@@ -202,6 +220,16 @@ impl Receipt {
     }
 }
 
+/// A message as Storage Queues stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawMessage {
+    pub id: String,
+    pub pop_receipt: String,
+    pub dequeue_count: u32,
+    /// As stored (base64 where the sender encoded it).
+    pub text: String,
+}
+
 /// One message as Get Messages lists it.
 #[derive(Debug, Deserialize)]
 struct Listed {
@@ -238,7 +266,7 @@ impl StorageQueue {
     /// with `prefix` (e.g. the stack's name and a `-`).
     pub fn new(
         endpoint: &str,
-        key: SharedKey,
+        key: impl Into<Auth>,
         prefix: &str,
         max_deliveries: u32,
     ) -> Result<StorageQueue, String> {
@@ -249,7 +277,7 @@ impl StorageQueue {
         Ok(StorageQueue {
             http,
             endpoint: endpoint.trim_end_matches('/').to_owned(),
-            key,
+            key: key.into(),
             prefix: prefix.to_ascii_lowercase(),
             max_deliveries: max_deliveries.max(1),
         })
@@ -313,14 +341,23 @@ impl StorageQueue {
             url.query_pairs_mut()
                 .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
         }
-        let auth = self.key.authorization(
-            method.as_str(),
-            url.path(),
-            query,
-            &ms,
-            body.len(),
-            content_type,
-        );
+        let auth = match &self.key {
+            Auth::SharedKey(key) => key.authorization(
+                method.as_str(),
+                url.path(),
+                query,
+                &ms,
+                body.len(),
+                content_type,
+            ),
+            Auth::Entra(credential) => {
+                let token = credential
+                    .get_token(&["https://storage.azure.com/.default"], None)
+                    .await
+                    .map_err(|e| (0, format!("no Entra ID token for Storage Queues: {e}")))?;
+                format!("Bearer {}", token.token.secret())
+            }
+        };
         let mut req = self.http.request(method, url).header("authorization", auth);
         for (k, v) in &ms {
             req = req.header(*k, v);
@@ -596,6 +633,148 @@ impl StorageQueue {
             return Ok(None);
         }
         Ok(Some(delivery))
+    }
+}
+
+impl StorageQueue {
+    /// The delivery of message `m` that the Azure Functions host handed a
+    /// function triggered by physical queue `physical` (one of logical `queue`'s
+    /// bands), as [`Queue::receive`] would hand it out; `lease` is how long the host
+    /// keeps it invisible. `None` when it was settled here (dead-lettered past
+    /// `max_deliveries`, or sent on until due).
+    pub async fn triggered(
+        &self,
+        queue: &str,
+        physical: &str,
+        m: RawMessage,
+        lease: Duration,
+    ) -> Result<Option<Delivery>, Error> {
+        let band = Band::ALL
+            .into_iter()
+            .find(|b| self.physical(queue, *b).is_ok_and(|n| n == physical))
+            .ok_or_else(|| {
+                Error::Invalid(format!("{physical:?} is not one of queue {queue:?}'s"))
+            })?;
+        let receipt = Receipt {
+            band,
+            until_ms: now_ms().saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)),
+            message_id: m.id.clone(),
+            pop: m.pop_receipt.clone(),
+        };
+        let got = Got {
+            id: m.id,
+            pop: m.pop_receipt,
+            dequeue_count: m.dequeue_count,
+            text: m.text,
+        };
+        self.take(queue, band, physical, got, receipt).await
+    }
+
+    /// Up to `max` messages of physical queue `physical`, as Get Messages hands
+    /// them out (the text as stored), invisible for `visibility`: what the Azure
+    /// Functions host reads before it triggers a function.
+    pub async fn get_messages(
+        &self,
+        physical: &str,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<RawMessage>, Error> {
+        let query = [
+            ("numofmessages", max.clamp(1, MAX_BATCH).to_string()),
+            (
+                "visibilitytimeout",
+                seconds(visibility, MAX_VISIBILITY).max(1).to_string(),
+            ),
+        ];
+        let resp = match self
+            .call(
+                reqwest_aws::Method::GET,
+                &format!("/{physical}/messages"),
+                &query,
+                None,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err((404, _)) => return Ok(Vec::new()),
+            Err(e) => return Err(Self::failed(&format!("get from {physical}"), e)),
+        };
+        let xml = resp
+            .text()
+            .await
+            .map_err(|e| unavailable(format!("get from {physical}: {e}")))?;
+        let listed: Listed = quick_xml::de::from_str(&xml)
+            .map_err(|e| unavailable(format!("get from {physical}: unreadable answer: {e}")))?;
+        Ok(listed
+            .messages
+            .into_iter()
+            .map(|m| RawMessage {
+                id: m.id,
+                pop_receipt: m.pop,
+                dequeue_count: m.dequeue_count,
+                text: m.text,
+            })
+            .collect())
+    }
+
+    /// Deletes a message by id and pop receipt; `LeaseLost` when the receipt is
+    /// stale (another deleted or updated it).
+    pub async fn delete_message(&self, physical: &str, id: &str, pop: &str) -> Result<(), Error> {
+        self.delete(
+            physical,
+            &Receipt {
+                band: Band::ALL[0],
+                until_ms: u64::MAX,
+                message_id: id.to_owned(),
+                pop: pop.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Makes a message visible again after `after` (Update Message).
+    pub async fn hide_message(
+        &self,
+        physical: &str,
+        id: &str,
+        pop: &str,
+        after: Duration,
+    ) -> Result<(), Error> {
+        let query = [
+            ("popreceipt", pop.to_owned()),
+            (
+                "visibilitytimeout",
+                seconds(after, MAX_VISIBILITY).to_string(),
+            ),
+        ];
+        match self
+            .call(
+                reqwest_aws::Method::PUT,
+                &format!("/{physical}/messages/{id}"),
+                &query,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if lease_lost(&e) => Err(Error::LeaseLost { id: id.to_owned() }),
+            Err(e) => Err(Self::failed(&format!("update in {physical}"), e)),
+        }
+    }
+
+    /// Puts `text` (as stored: base64 for the Functions host) on physical queue
+    /// `physical`.
+    pub async fn put_message(&self, physical: &str, text: &str) -> Result<(), Error> {
+        self.put(physical, text, Duration::ZERO).await
+    }
+
+    /// The physical queues of logical `queue`, highest band first (what a function
+    /// app's queue triggers name).
+    pub fn physical_queues(&self, queue: &str) -> Result<Vec<String>, Error> {
+        Band::ALL
+            .into_iter()
+            .map(|b| self.physical(queue, b))
+            .collect()
     }
 }
 

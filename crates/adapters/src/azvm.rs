@@ -758,6 +758,11 @@ impl Compute for ArmCompute {
                     if let Err(d) = self.delete_vm(&name).await {
                         warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, error = %d.message, "cannot delete the failed VM; reconcile will");
                     }
+                    // It never ran: a capacity miss is retried under the same
+                    // attempt, which may make it again.
+                    record.stage = Stage::Putting;
+                    record.made = false;
+                    self.put_record(&name, &record).await?;
                     return Err(e.into_compute());
                 }
                 None => {}

@@ -21,7 +21,6 @@
 //!   ~1.2 M lines (minutes and ~9 GB of memory to compile on two cores); signing the
 //!   few form-encoded calls with `aws-sigv4` costs a few hundred lines here.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;

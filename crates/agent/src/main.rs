@@ -27,7 +27,8 @@ mod workload;
 #[derive(Debug, Parser)]
 #[command(name = "respawn-agent", version, about)]
 pub struct Args {
-    /// The bucket: its root folder, or `s3://name` (an agent built with feature `aws`).
+    /// The bucket: its root folder, `s3://name` (an agent built with feature `aws`) or
+    /// `az://container@account` (feature `azure`).
     #[arg(long)]
     pub bucket: String,
     /// This VM's own folder: work space, credentials and the preemption notice file.

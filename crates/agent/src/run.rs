@@ -53,9 +53,31 @@ struct Ready {
     secrets: BTreeMap<String, String>,
 }
 
-/// The bucket: a folder (the local provider's), or `s3://name` on EC2 (feature
-/// `aws`; credentials from the instance profile, or the environment).
+/// The bucket: a folder (the local provider's), `s3://name` on EC2 (feature
+/// `aws`; credentials from the instance profile, or the environment), or
+/// `az://container@account` on Azure (feature `azure`; the VM's managed identity,
+/// or the environment's `AZURE_*`).
 pub fn open_bucket(bucket: &str) -> Result<Arc<dyn ObjectStore>, String> {
+    if let Some(_rest) = bucket.strip_prefix("az://") {
+        #[cfg(feature = "azure")]
+        {
+            let rest = _rest.trim_end_matches('/');
+            let (container, account) = match rest.split_once('@') {
+                Some((c, a)) => (c, Some(a)),
+                None => (rest, None),
+            };
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(container);
+            if let Some(account) = account {
+                b = b.with_account(account);
+            }
+            return Ok(Arc::new(b.build().map_err(|e| e.to_string())?));
+        }
+        #[cfg(not(feature = "azure"))]
+        return Err(format!(
+            "{bucket}: Azure Blob storage is not supported in this build of the agent (feature azure)"
+        ));
+    }
     if let Some(_name) = bucket.strip_prefix("s3://") {
         #[cfg(feature = "aws")]
         {

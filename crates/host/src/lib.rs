@@ -15,8 +15,14 @@
 //! which compute provider or data folder is behind them.
 
 pub mod api;
+#[cfg(feature = "azure")]
+pub mod azure;
+#[cfg(any(feature = "aws", feature = "azure"))]
+pub mod cloud;
 pub mod egress;
 pub mod intake;
+#[cfg(any(feature = "aws", feature = "azure"))]
+pub mod invocation;
 #[cfg(feature = "aws")]
 pub mod lambda;
 pub mod loops;

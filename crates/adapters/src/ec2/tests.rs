@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use respawn_core::attempt_auth::AttemptKey;
 
 /// `DescribeInstances`'s answer, trimmed from the EC2 API reference's example.
 const DESCRIBE: &str = r#"<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">

@@ -144,3 +144,38 @@ pub fn app(api: Api) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route; see schemas/openapi.json".into()) })
         .with_state(api)
 }
+
+/// On a broker without tokens, mints the admin token of the default project and
+/// leaves its secret at `admin-token` in `state` (the broker's own store), for the
+/// operator. Of two hosts starting at once, the one whose secret is written first
+/// wins; the other revokes its token.
+pub async fn leave_first_admin(
+    api: &Api,
+    state: &respawn_core::ports::Blobs,
+) -> Result<(), String> {
+    let Some(secret) = mint_first_admin(api).await? else {
+        return Ok(());
+    };
+    let path = object_store::path::Path::from("admin-token");
+    let put = state
+        .put_opts(
+            &path,
+            format!("{secret}\n").into(),
+            object_store::PutMode::Create.into(),
+        )
+        .await;
+    match put {
+        Ok(_) => {
+            tracing::info!("admin token written to the state store (admin-token)");
+            Ok(())
+        }
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let hash = respawn_core::ports::tokens::hash_secret(&secret);
+            if let Ok(Some(mine)) = api.tokens.find_by_hash(&hash).await {
+                let _ = api.tokens.revoke(&mine.id).await;
+            }
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot write the admin token: {e}")),
+    }
+}

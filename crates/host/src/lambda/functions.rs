@@ -2,18 +2,18 @@
 //! `functions/*` binaries are these, under `lambda_runtime`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use respawn_core::cloud::{ec2, s3};
 use respawn_core::handlers::{self, blob_created};
 use respawn_core::lifecycle::Event;
+use respawn_core::ports::Ports;
 use respawn_core::ports::queue::Delivery;
-use respawn_core::ports::{Ports, Retryable};
 use serde_json::Value;
 use tracing::{info, warn};
 
 use super::Cloud;
+use crate::invocation::{Outcome, outcome, settle};
 use crate::notify::Notifier;
 use crate::{intake, loops};
 
@@ -76,39 +76,6 @@ pub async fn events(cloud: &Cloud, event: SqsEvent, deadline_ms: u64) -> SqsBatc
         .batch_item_failures
         .extend(more.batch_item_failures);
     response
-}
-
-/// What became of one message: done, try again later, or never.
-enum Outcome {
-    Done,
-    Retry(String),
-    Refuse(String),
-}
-
-async fn settle(ports: &Ports, d: &Delivery, outcome: Outcome) {
-    let result = match outcome {
-        Outcome::Done => ports.queue.ack(d).await,
-        Outcome::Retry(why) => {
-            warn!(queue = %d.queue, message_id = %d.id, %why, "will retry");
-            let backoff = Duration::from_secs(1u64 << d.deliveries.min(8));
-            ports.queue.retry_later(d, backoff).await
-        }
-        Outcome::Refuse(why) => {
-            warn!(queue = %d.queue, message_id = %d.id, %why, "dead-lettered");
-            ports.queue.dead_letter(d, &why).await
-        }
-    };
-    if let Err(e) = result {
-        warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle; it comes back");
-    }
-}
-
-fn outcome<E: Retryable + std::fmt::Display>(e: E) -> Outcome {
-    if e.is_retryable() {
-        Outcome::Retry(e.to_string())
-    } else {
-        Outcome::Refuse(e.to_string())
-    }
 }
 
 /// An EC2 event for one of the stack's instances, as the attempt's event.

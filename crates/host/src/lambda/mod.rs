@@ -31,10 +31,8 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
 
-use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use object_store::aws::AmazonS3Builder;
 use respawn_adapters::ec2::{AgentBoot, Ec2Compute, Ec2Config, InstanceTypes};
@@ -42,10 +40,9 @@ use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectSt
 use respawn_adapters::sqs::{Received, SqsQueue};
 use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::intake::Templates;
-use respawn_core::lifecycle::Timeouts;
 use respawn_core::pool::PoolSpec;
-use respawn_core::ports::queue::{self, Delivery, Outgoing, Queue, Receive};
-use respawn_core::ports::{Blobs, Ports, QueueNames, Tokens};
+use respawn_core::ports::queue::{self, Delivery, Receive};
+use respawn_core::ports::{Blobs, Ports, QueueNames};
 use respawn_core::seal::SealedQueue;
 use respawn_core::time::SystemClock;
 use respawn_core::trigger::TriggerRule;
@@ -60,22 +57,9 @@ pub use lambda_runtime;
 use lambda_runtime::{LambdaEvent, service_fn};
 
 use crate::api::{Api, ListedVms};
+use crate::cloud::{cloud_timeouts, load_config};
+use crate::invocation::Invocation;
 use crate::replies::Replies;
-
-/// Deadlines for cloud VMs: minutes to boot, heartbeats every 30 s.
-pub fn cloud_timeouts() -> Timeouts {
-    Timeouts {
-        redispatch: Duration::from_secs(120),
-        allocate: Duration::from_secs(300),
-        start: Duration::from_secs(900),
-        heartbeat: Duration::from_secs(180),
-        preempt_slack: Duration::from_secs(60),
-        failure_backoff: Duration::from_secs(10),
-        infra_backoff: Duration::from_secs(10),
-        capacity_backoff: Duration::from_secs(30),
-        capacity_backoff_max: Duration::from_secs(600),
-    }
-}
 
 /// What a function builds once per process.
 #[derive(Debug, Clone)]
@@ -253,33 +237,7 @@ impl Cloud {
     /// at once, the one whose secret is written first wins; the other revokes its
     /// token.
     pub async fn first_admin(&self) -> Result<(), String> {
-        let api = self.api();
-        let Some(secret) = crate::api::mint_first_admin(&api).await? else {
-            return Ok(());
-        };
-        let path = object_store::path::Path::from("admin-token");
-        let put = self
-            .state
-            .put_opts(
-                &path,
-                format!("{secret}\n").into(),
-                object_store::PutMode::Create.into(),
-            )
-            .await;
-        match put {
-            Ok(_) => {
-                info!("admin token written to the state bucket (admin-token)");
-                Ok(())
-            }
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let hash = respawn_core::ports::tokens::hash_secret(&secret);
-                if let Ok(Some(mine)) = self.tokens.find_by_hash(&hash).await {
-                    let _ = self.tokens.revoke(&mine.id).await;
-                }
-                Ok(())
-            }
-            Err(e) => Err(format!("cannot write the admin token: {e}")),
-        }
+        crate::api::leave_first_admin(&self.api(), &self.state).await
     }
 
     /// Hands the records of `event`, from logical queue `queue`, to `handle` (which
@@ -297,12 +255,7 @@ impl Cloud {
         F: FnOnce(Ports, Vec<Delivery>) -> Fut,
         Fut: Future<Output = ()>,
     {
-        let invocation = Arc::new(Invocation {
-            sqs: self.sqs.clone(),
-            queue: queue.to_owned(),
-            handed: Mutex::new(Vec::new()),
-            settled: Mutex::new(Vec::new()),
-        });
+        let invocation = Arc::new(Invocation::new(self.sqs.clone(), queue));
         let mut records = Vec::new();
         for r in event.records {
             let id = r.message_id.clone().unwrap_or_default();
@@ -329,7 +282,7 @@ impl Cloud {
             {
                 Ok(Some(d)) => {
                     records.push((id, Some(d.receipt.clone())));
-                    lock(&invocation.handed).push(d);
+                    invocation.hand(d);
                 }
                 // Settled by the adapter (dead-lettered, or sent on until due).
                 Ok(None) => records.push((id, None)),
@@ -355,7 +308,7 @@ impl Cloud {
             }
         };
         handle(ports, opened).await;
-        let settled = lock(&invocation.settled).clone();
+        let settled = invocation.settled();
         let mut response = SqsBatchResponse::default();
         for (id, receipt) in records {
             if let Some(receipt) = receipt
@@ -413,88 +366,4 @@ where
 /// The queues only the broker writes.
 fn sealed(q: &QueueNames) -> [String; 3] {
     [q.dispatch.clone(), q.events.clone(), q.notify.clone()]
-}
-
-fn load_config(dir: &std::path::Path) -> Result<(Vec<TriggerRule>, Templates, Vec<Hook>), String> {
-    let triggers = dir.join("triggers");
-    let (rules, errors) = if triggers.is_dir() {
-        respawn_core::trigger::load_rules_dir(&triggers)
-    } else {
-        Default::default()
-    };
-    for (path, e) in errors {
-        for err in &e.errors {
-            warn!(file = %path.display(), "trigger rule rejected: {err}");
-        }
-    }
-    let templates_dir = dir.join("templates");
-    let templates = if templates_dir.is_dir() {
-        let (t, errors) = Templates::load_dir(&templates_dir);
-        for (path, e) in errors {
-            warn!(file = %path.display(), "job template rejected: {e}");
-        }
-        t
-    } else {
-        Templates::default()
-    };
-    let hooks_file = dir.join("hooks.yaml");
-    let hooks = if hooks_file.is_file() {
-        respawn_core::webhook::load_hooks(&hooks_file)
-            .map_err(|e| format!("hooks in {}:\n{e}", hooks_file.display()))?
-    } else {
-        Vec::new()
-    };
-    Ok((rules, templates, hooks))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The SQS queue as one invocation sees it: `receive` on the invocation's queue
-/// hands out its records; settling goes to SQS and is remembered, so that what was
-/// not deleted can be reported.
-#[derive(Debug)]
-struct Invocation {
-    sqs: Arc<SqsQueue>,
-    queue: String,
-    handed: Mutex<Vec<Delivery>>,
-    /// Receipts of records deleted (acked or dead-lettered).
-    settled: Mutex<Vec<String>>,
-}
-
-#[async_trait]
-impl Queue for Invocation {
-    async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, queue::Error> {
-        self.sqs.send(queue, msg).await
-    }
-
-    async fn receive(&self, queue: &str, opts: Receive) -> Result<Vec<Delivery>, queue::Error> {
-        if queue == self.queue {
-            return Ok(std::mem::take(&mut *lock(&self.handed)));
-        }
-        self.sqs.receive(queue, opts).await
-    }
-
-    async fn ack(&self, d: &Delivery) -> Result<(), queue::Error> {
-        self.sqs.ack(d).await?;
-        lock(&self.settled).push(d.receipt.clone());
-        Ok(())
-    }
-
-    async fn retry_later(&self, d: &Delivery, delay: Duration) -> Result<(), queue::Error> {
-        // Left in the queue with its visibility set to the backoff: reported as a
-        // failure so that Lambda does not delete it.
-        self.sqs.retry_later(d, delay).await
-    }
-
-    async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), queue::Error> {
-        self.sqs.dead_letter(d, reason).await?;
-        lock(&self.settled).push(d.receipt.clone());
-        Ok(())
-    }
-
-    async fn declare(&self, queue: &str) -> Result<(), queue::Error> {
-        self.sqs.declare(queue).await
-    }
 }

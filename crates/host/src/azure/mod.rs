@@ -1,0 +1,366 @@
+//! The Azure host (feature `azure`): the ports a function app builds once from its
+//! environment (Blob storage, Storage Queues, Spot VMs through ARM), and the
+//! Azure Functions custom handler's invocations handed to the same handlers
+//! `respawn up` and the Lambda functions run.
+//!
+//! The Functions host calls the custom handler (`functions/azure`, one small HTTP
+//! server) with `POST /<function>` and `{"Data": {…}, "Metadata": {…}}` for queue,
+//! Event Grid and timer triggers, and forwards HTTP requests as they came
+//! (`enableForwardingHttpRequest`) to the API. See [`handler`].
+//!
+//! A queue-triggered message becomes the delivery the Storage Queue adapter would
+//! have handed out ([`StorageQueue::triggered`]): the handlers settle it through
+//! the queue as always (ack and dead-letter delete it with the host's pop receipt,
+//! retry-later sets its visibility). The handler answers 200 when the message was
+//! settled and 500 when it was not, so that the Functions host never deletes a
+//! message the handlers kept (its own delete or update then fails on a stale pop
+//! receipt, which it logs and lets be).
+//!
+//! # Environment
+//!
+//! | variable | what |
+//! | --- | --- |
+//! | `RESPAWN_STACK` | the broker's name: prefixes its queues and VMs, tags its VMs |
+//! | `RESPAWN_KEY` | the broker's secret, hex (≥ 32 bytes; a Key Vault reference) |
+//! | `RESPAWN_STORAGE_ACCOUNT` | the storage account of queues and containers |
+//! | `RESPAWN_STORAGE_KEY` | its shared key; unset: Entra ID tokens (the function app's identity) |
+//! | `RESPAWN_STORAGE_EMULATOR` | `1`: Azurite on its default ports (tests) |
+//! | `RESPAWN_STATE_CONTAINER` | job records, tokens, secrets (no agent can read it) |
+//! | `RESPAWN_CONTAINER` | the job container: inputs, checkpoints, logs, outputs |
+//! | `RESPAWN_API_URL` | where agents report (the function app's `https://…/api`) |
+//! | `RESPAWN_AZURE_SUBSCRIPTION`, `RESPAWN_AZURE_RESOURCE_GROUP`, `RESPAWN_AZURE_LOCATION` | where VMs are made |
+//! | `RESPAWN_AZURE_SUBNET` | the agents' subnet (a resource id) |
+//! | `RESPAWN_AZURE_IMAGE` | `publisher:offer:sku:version` or an image's resource id |
+//! | `RESPAWN_AZURE_AGENT_IDENTITY` | the user-assigned identity VMs get (the job container only) |
+//! | `RESPAWN_AZURE_CPU_SIZE`, `RESPAWN_AZURE_VM_SIZES`, `RESPAWN_AZURE_DEFAULT_GPU` | VM sizes (`model:gpus=size,…`) |
+//! | `RESPAWN_AZURE_MAX_PRICE` | Spot price cap when a job names none (default `-1`: on-demand price) |
+//! | `RESPAWN_ARM_ENDPOINT` | ARM (default `https://management.azure.com`) |
+//! | `RESPAWN_EVENTGRID_KEY` | the secret Event Grid's webhook URL carries (`?key=`); unset: no webhook |
+//! | `RESPAWN_CONFIG` | `triggers/`, `templates/`, `hooks.yaml` (default: `config/` beside the app) |
+//!
+//! and `azure_identity`'s own (`AZURE_CLIENT_ID`, App Service's `IDENTITY_ENDPOINT`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azure_core::credentials::TokenCredential;
+use object_store::azure::{AzureCredential, MicrosoftAzureBuilder};
+use respawn_adapters::azqueue::{Auth, SharedKey, StorageQueue};
+use respawn_adapters::azvm::{self, AgentBoot, ArmCompute, ArmConfig};
+use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
+use respawn_core::attempt_auth::AttemptKey;
+use respawn_core::intake::Templates;
+use respawn_core::ports::queue::{self, Delivery};
+use respawn_core::ports::{Blobs, Ports, QueueNames};
+use respawn_core::seal::SealedQueue;
+use respawn_core::time::SystemClock;
+use respawn_core::trigger::TriggerRule;
+use respawn_core::webhook::Hook;
+use respawn_core::webhook::standard::Secret;
+use tracing::{info, warn};
+
+pub mod handler;
+
+use crate::api::{Api, ListedVms};
+use crate::replies::Replies;
+
+/// The logical queue Event Grid puts BlobCreated events on (`<stack>-uploads-no`).
+pub const UPLOADS: &str = "uploads";
+
+/// What the function app builds once per process.
+#[derive(Debug, Clone)]
+pub struct AzCloud {
+    /// The ports, with the broker's queues sealed.
+    pub ports: Ports,
+    pub queue: Arc<StorageQueue>,
+    pub arm: Arc<ArmCompute>,
+    pub tokens: Arc<ObjectStoreTokens>,
+    pub attempt_key: AttemptKey,
+    pub notify_secret: Arc<Secret>,
+    pub rules: Arc<Vec<TriggerRule>>,
+    pub templates: Arc<Templates>,
+    pub hooks: Arc<Vec<Hook>>,
+    /// The job container's name.
+    pub container: String,
+    /// The state container (records, tokens, secrets, the first admin token).
+    pub state: Blobs,
+    /// What Event Grid's webhook URL must carry, if it is on.
+    pub eventgrid_key: Option<String>,
+    seal: Vec<u8>,
+}
+
+fn var(name: &str) -> Result<String, String> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("{name} is not set"))
+}
+
+/// Blob storage with the function app's Entra ID tokens.
+#[derive(Debug)]
+struct EntraBlobs(Arc<dyn TokenCredential>);
+
+#[async_trait]
+impl object_store::CredentialProvider for EntraBlobs {
+    type Credential = AzureCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AzureCredential>> {
+        let token = self
+            .0
+            .get_token(&["https://storage.azure.com/.default"], None)
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "MicrosoftAzure",
+                source: Box::new(e),
+            })?;
+        Ok(Arc::new(AzureCredential::BearerToken(
+            token.token.secret().to_owned(),
+        )))
+    }
+}
+
+/// How the storage account is reached.
+struct Storage {
+    account: String,
+    emulator: bool,
+    key: Option<String>,
+    credential: Option<Arc<dyn TokenCredential>>,
+}
+
+impl Storage {
+    fn container(&self, name: &str) -> Result<Blobs, String> {
+        let mut b = MicrosoftAzureBuilder::new().with_container_name(name);
+        if self.emulator {
+            b = b.with_use_emulator(true);
+        } else {
+            b = b.with_account(&self.account);
+            b = match (&self.key, &self.credential) {
+                (Some(key), _) => b.with_access_key(key),
+                (None, Some(c)) => b.with_credentials(Arc::new(EntraBlobs(c.clone()))),
+                (None, None) => b,
+            };
+        }
+        Ok(Arc::new(
+            b.build().map_err(|e| format!("container {name}: {e}"))?,
+        ))
+    }
+
+    fn queue_endpoint(&self) -> String {
+        if self.emulator {
+            std::env::var("AZURITE_QUEUE_STORAGE_URL")
+                .unwrap_or_else(|_| "http://127.0.0.1:10001".into())
+                .trim_end_matches('/')
+                .to_owned()
+                + "/devstoreaccount1"
+        } else {
+            format!("https://{}.queue.core.windows.net", self.account)
+        }
+    }
+
+    fn queue_auth(&self) -> Result<Auth, String> {
+        match (&self.key, &self.credential) {
+            (Some(key), _) => Ok(SharedKey::new(&self.account, key)?.into()),
+            (None, Some(c)) => Ok(Auth::Entra(c.clone())),
+            (None, None) => Err("no storage credential".into()),
+        }
+    }
+}
+
+/// Azurite's development account and its well-known key (public, in Azure's docs).
+const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+const EMULATOR_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl AzCloud {
+    /// The ports from the environment (see the module's table).
+    pub async fn from_env() -> Result<AzCloud, String> {
+        let stack = var("RESPAWN_STACK")?;
+        let key = hex::decode(var("RESPAWN_KEY")?)
+            .ok()
+            .and_then(|k| (k.len() >= 32).then_some(k))
+            .ok_or("RESPAWN_KEY: expected at least 32 bytes, hex")?;
+        let attempt_key = AttemptKey::from_bytes(&key).ok_or("RESPAWN_KEY is too short")?;
+        let credential = azvm::credential_from_env()?;
+        let emulator = std::env::var("RESPAWN_STORAGE_EMULATOR").is_ok_and(|v| v == "1");
+        let storage = if emulator {
+            Storage {
+                account: EMULATOR_ACCOUNT.into(),
+                emulator,
+                key: Some(EMULATOR_KEY.into()),
+                credential: None,
+            }
+        } else {
+            Storage {
+                account: var("RESPAWN_STORAGE_ACCOUNT")?,
+                emulator,
+                key: var("RESPAWN_STORAGE_KEY").ok(),
+                credential: Some(credential.clone()),
+            }
+        };
+        let state = storage.container(&var("RESPAWN_STATE_CONTAINER")?)?;
+        let container = var("RESPAWN_CONTAINER")?;
+        let blobs = storage.container(&container)?;
+        let queue = Arc::new(StorageQueue::new(
+            &storage.queue_endpoint(),
+            storage.queue_auth()?,
+            &format!("{stack}-"),
+            queue::DEFAULT_MAX_DELIVERIES,
+        )?);
+        let sizes = match std::env::var("RESPAWN_AZURE_VM_SIZES") {
+            Ok(table) if !table.is_empty() => azvm::InstanceTypes::parse(
+                &table,
+                &var("RESPAWN_AZURE_DEFAULT_GPU").unwrap_or_else(|_| "t4".into()),
+            )
+            .map_err(|e| format!("RESPAWN_AZURE_VM_SIZES: {e}"))?,
+            _ => azvm::default_sizes(),
+        };
+        let max_price = match var("RESPAWN_AZURE_MAX_PRICE") {
+            Ok(p) => p
+                .parse()
+                .map_err(|_| format!("RESPAWN_AZURE_MAX_PRICE: {p:?} is not a number"))?,
+            Err(_) => -1.0,
+        };
+        let arm = Arc::new(ArmCompute::new(
+            ArmConfig {
+                stack: stack.clone(),
+                endpoint: var("RESPAWN_ARM_ENDPOINT")
+                    .unwrap_or_else(|_| "https://management.azure.com".into()),
+                subscription: var("RESPAWN_AZURE_SUBSCRIPTION")?,
+                resource_group: var("RESPAWN_AZURE_RESOURCE_GROUP")?,
+                location: var("RESPAWN_AZURE_LOCATION")?,
+                subnet: var("RESPAWN_AZURE_SUBNET")?,
+                image: var("RESPAWN_AZURE_IMAGE")
+                    .unwrap_or_else(|_| "Canonical:ubuntu-24_04-lts:server:latest".into())
+                    .parse()
+                    .map_err(|e| format!("RESPAWN_AZURE_IMAGE: {e}"))?,
+                agent_identity: var("RESPAWN_AZURE_AGENT_IDENTITY").ok(),
+                cpu_size: var("RESPAWN_AZURE_CPU_SIZE")
+                    .unwrap_or_else(|_| "Standard_D2s_v5".into()),
+                sizes,
+                max_price,
+                agent: AgentBoot {
+                    // The API's own host allocates no VM, so it needs none.
+                    api: var("RESPAWN_API_URL").unwrap_or_default(),
+                    bucket: format!("az://{container}@{}", storage.account),
+                    attempt_key: attempt_key.clone(),
+                    heartbeat_secs: 30,
+                    // Under Azure's 30 s eviction notice.
+                    grace_secs: 25,
+                },
+                follow: Duration::from_secs(20),
+            },
+            credential,
+            state.clone(),
+        )?);
+        let queues = QueueNames::with_prefix("");
+        let seal = attempt_key.derive("respawn queue seal");
+        let ports = Ports {
+            ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
+            queue: Arc::new(SealedQueue::new(queue.clone(), &seal, sealed(&queues))),
+            compute: arm.clone(),
+            secrets: Arc::new(ObjectStoreSecrets::new(state.clone())),
+            blobs,
+            clock: Arc::new(SystemClock),
+            timeouts: crate::cloud::cloud_timeouts(),
+            queues,
+        };
+        let config = std::env::var_os("RESPAWN_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("AzureWebJobsScriptRoot").map(|r| PathBuf::from(r).join("config"))
+            })
+            .unwrap_or_else(|| PathBuf::from("config"));
+        let (rules, templates, hooks) = crate::cloud::load_config(&config)?;
+        Ok(AzCloud {
+            ports,
+            tokens: Arc::new(ObjectStoreTokens::new(state.clone())),
+            notify_secret: Arc::new(Secret::from_bytes(attempt_key.derive("respawn notify"))),
+            attempt_key,
+            queue,
+            arm,
+            rules: Arc::new(rules),
+            templates: Arc::new(templates),
+            hooks: Arc::new(hooks),
+            container,
+            state,
+            eventgrid_key: var("RESPAWN_EVENTGRID_KEY").ok(),
+            seal,
+        })
+    }
+
+    /// The API's view of the broker.
+    pub fn api(&self) -> Api {
+        Api {
+            ports: self.ports.clone(),
+            tokens: self.tokens.clone(),
+            hooks: self.hooks.clone(),
+            rules: Arc::new(RwLock::new(self.rules.as_ref().clone())),
+            attempt_key: self.attempt_key.clone(),
+            operator: Arc::new(ListedVms(self.arm.clone())),
+            // Workloads run on VMs of their own, never beside the broker.
+            others_refused: None,
+        }
+    }
+
+    /// Replies to queue submitters: none on Azure yet (a reply queue is the
+    /// submitter's own Storage Queue, which the broker has no right to).
+    pub fn replies(&self) -> Replies {
+        Replies::None
+    }
+
+    /// The ports of one invocation of logical queue `queue`, holding `d`; and the
+    /// invocation, to ask afterwards whether `d` was settled.
+    fn invocation(&self, queue: &str, d: Delivery) -> (Ports, Arc<crate::invocation::Invocation>) {
+        let invocation = Arc::new(crate::invocation::Invocation::new(
+            self.queue.clone(),
+            queue,
+        ));
+        invocation.hand(d);
+        let ports = Ports {
+            queue: Arc::new(SealedQueue::new(
+                invocation.clone(),
+                &self.seal,
+                sealed(&self.ports.queues),
+            )),
+            ..self.ports.clone()
+        };
+        (ports, invocation)
+    }
+}
+
+/// The queues only the broker writes.
+fn sealed(q: &QueueNames) -> [String; 3] {
+    [q.dispatch.clone(), q.events.clone(), q.notify.clone()]
+}
+
+/// Logs as the Functions host collects them (stderr, JSON; `RUST_LOG` filters,
+/// `info` by default), then the ports from the environment.
+pub async fn start() -> Result<&'static AzCloud, String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cloud = AzCloud::from_env().await?;
+    if let Err(e) = crate::api::leave_first_admin(&cloud.api(), &cloud.state).await {
+        warn!(error = %e, "cannot mint the first admin token; the next start tries again");
+    } else {
+        info!(stack = ?cloud.arm, "azure host ready");
+    }
+    Ok(Box::leak(Box::new(cloud)))
+}
+
+/// Trigger metadata as the Functions host sends it: numbers sometimes as strings.
+fn meta_str(meta: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<String> {
+    match meta.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}

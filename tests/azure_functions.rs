@@ -1,0 +1,523 @@
+//! The Azure function app: the custom handler (`respawn-azure`) under the Azure
+//! Functions host's part (support/functions_host.rs), its storage on Azurite, its
+//! VMs on the ARM harness (support/arm.rs), which boots each Spot VM's custom data
+//! with Scheduled Events of its own.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStoreExt;
+use object_store::azure::MicrosoftAzureBuilder;
+use respawn_adapters::azqueue::{SharedKey, StorageQueue};
+use respawn_adapters::objstore::ObjectStoreLedger;
+use respawn_core::job::{AttemptOutcome, JobRecord, JobState};
+use respawn_core::ports::Ledger;
+use respawn_core::ports::ledger::ListQuery;
+use respawn_e2e::arm::{self, Arm, Boot, Fault};
+use respawn_e2e::azure;
+use respawn_e2e::functions_host::FunctionsHost;
+use serde_json::{Value, json};
+
+const TRAINER_ARGS: [&str; 10] = [
+    "--steps",
+    "800",
+    "--checkpoint-every",
+    "50",
+    "--hidden",
+    "8",
+    "--seed",
+    "11",
+    "--step-delay-ms",
+    "20",
+];
+
+/// A function app of its own: stack, containers and queues no other test uses.
+struct App {
+    stack: String,
+    data: String,
+    state: String,
+    arm: Arm,
+    host: FunctionsHost,
+    eventgrid_key: String,
+    _dir: tempfile::TempDir,
+}
+
+fn queue_client(prefix: &str) -> StorageQueue {
+    StorageQueue::new(
+        &azure::azurite().queue,
+        SharedKey::new(azure::ACCOUNT, azure::KEY).unwrap(),
+        prefix,
+        5,
+    )
+    .unwrap()
+}
+
+fn store(container: &str) -> Arc<dyn object_store::ObjectStore> {
+    Arc::new(
+        MicrosoftAzureBuilder::new()
+            .with_use_emulator(true)
+            .with_container_name(container)
+            .build()
+            .unwrap(),
+    )
+}
+
+impl App {
+    async fn start(rule: &str) -> App {
+        let stack = azure::unique("fn");
+        let data = azure::unique("jobs");
+        let state = azure::unique("state");
+        azure::azurite().container(&data);
+        azure::azurite().container(&state);
+        let bin = respawn_e2e::binary("respawn-agent");
+        let bin_dir = bin.parent().unwrap().to_owned();
+        let arm = Arm::start_with(Some(Boot {
+            path: vec![bin_dir.clone()],
+            // The VM's identity reaches the job container; here, Azurite.
+            env: vec![("AZURE_STORAGE_USE_EMULATOR".into(), "true".into())],
+            agent_args: format!("--read-only {}", bin_dir.display()),
+        }))
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::create_dir_all(config.join("triggers")).unwrap();
+        std::fs::write(config.join("triggers/train.yaml"), rule).unwrap();
+        let port = respawn_e2e::free_port();
+        let eventgrid_key = format!("k{}", rand::random::<u64>());
+        let mut settings: Vec<(String, String)> = vec![
+            ("RESPAWN_STACK", stack.clone()),
+            ("RESPAWN_KEY", "ab".repeat(32)),
+            ("RESPAWN_STORAGE_EMULATOR", "1".into()),
+            ("RESPAWN_STORAGE_ACCOUNT", azure::ACCOUNT.into()),
+            ("RESPAWN_STATE_CONTAINER", state.clone()),
+            ("RESPAWN_CONTAINER", data.clone()),
+            ("RESPAWN_API_URL", format!("http://127.0.0.1:{port}/api")),
+            ("RESPAWN_AZURE_SUBSCRIPTION", arm::SUBSCRIPTION.into()),
+            ("RESPAWN_AZURE_RESOURCE_GROUP", arm::RESOURCE_GROUP.into()),
+            ("RESPAWN_AZURE_LOCATION", arm::LOCATION.into()),
+            ("RESPAWN_AZURE_SUBNET", arm.subnet()),
+            ("RESPAWN_ARM_ENDPOINT", arm.url.clone()),
+            ("RESPAWN_EVENTGRID_KEY", eventgrid_key.clone()),
+            ("RESPAWN_CONFIG", config.display().to_string()),
+            ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
+            ("RUST_LOG", "info".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        settings.extend(arm.identity_env());
+        let host = FunctionsHost::start(
+            &respawn_e2e::binary("respawn-azure"),
+            &azure::root().join("functions/azure/app"),
+            &settings,
+            queue_client(""),
+            dir.path().join("handler.log"),
+        )
+        .await;
+        App {
+            stack,
+            data,
+            state,
+            arm,
+            host,
+            eventgrid_key,
+            _dir: dir,
+        }
+    }
+
+    /// The first admin token, which the handler's first start left in the state
+    /// container for the operator.
+    async fn admin_token(&self) -> String {
+        let got = store(&self.state)
+            .get(&"admin-token".into())
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        String::from_utf8(got.to_vec()).unwrap().trim().to_owned()
+    }
+
+    async fn jobs(&self) -> Vec<JobRecord> {
+        ObjectStoreLedger::new(store(&self.state))
+            .list(&ListQuery {
+                limit: 100,
+                ..ListQuery::default()
+            })
+            .await
+            .unwrap()
+            .jobs
+    }
+
+    /// Uploads `bytes` to `name` in the job container with Azure's Python SDK.
+    fn upload(&self, name: &str, bytes: &[u8]) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("upload");
+        std::fs::write(&file, bytes).unwrap();
+        azure::azurite().python(&format!(
+            r#"
+from azure.storage.blob import BlobServiceClient
+blob = BlobServiceClient.from_connection_string("{{conn}}").get_blob_client("{data}", "{name}")
+blob.upload_blob(open("{file}", "rb").read())
+"#,
+            data = self.data,
+            file = file.display(),
+        ));
+    }
+
+    /// The BlobCreated event of blob `name` as it is now, after the documented
+    /// example in `fixture` (Event Grid or CloudEvents schema).
+    fn event_of(&self, fixture: &str, name: &str) -> Value {
+        let path = azure::root().join("schemas/fixtures/azure").join(fixture);
+        let out = azure::azurite().python(&format!(
+            r#"
+import json
+from azure.storage.blob import BlobServiceClient
+blob = BlobServiceClient.from_connection_string("{{conn}}").get_blob_client("{data}", "{name}")
+props = blob.get_blob_properties()
+e = json.load(open("{path}"))
+e = e[0] if isinstance(e, list) else e
+e["subject"] = "/blobServices/default/containers/{data}/blobs/{name}"
+e["data"]["url"] = blob.url
+e["data"]["eTag"] = props.etag
+e["data"]["contentLength"] = props.size
+del e["data"]["sequencer"]  # Azurite's blobs have none; the ETag tells writes apart
+print(json.dumps(e))
+"#,
+            data = self.data,
+            path = path.display(),
+        ));
+        serde_json::from_str(out.trim()).unwrap()
+    }
+
+    /// Event Grid's delivery of `event` to the uploads queue (base64, as the
+    /// Storage Queue destination writes it).
+    async fn deliver_to_queue(&self, event: &Value) {
+        use base64::Engine;
+        queue_client("")
+            .put_message(
+                &format!("{}-uploads-no", self.stack),
+                &base64::engine::general_purpose::STANDARD.encode(event.to_string()),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("{}/api{path}", self.host.url)
+    }
+}
+
+fn fixture(name: &str) -> Value {
+    let path = azure::root()
+        .join("schemas/fixtures/azure/functions")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn train_rule() -> String {
+    format!(
+        "name: train-on-csv\nmatch:\n  prefix: incoming/\n  glob: \"*.csv\"\ntemplate:\n  name: train-${{stem}}\n  command: [respawn-trainer, {}]\n  inputs: [\"${{uri}}\"]\n",
+        TRAINER_ARGS.map(|a| format!("\"{a}\"")).join(", ")
+    )
+}
+
+/// Each trigger's documented request payload, answered: a queue message that is no
+/// job spec goes to the poison queue with the reason; the Event Grid trigger's
+/// BlobCreated makes one job however often it comes; the timer runs reconcile;
+/// HTTP requests reach the API; Event Grid's webhook answers both validation
+/// handshakes, checks its key, and makes no second job for the same write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_custom_handler_answers_each_triggers_documented_payload() {
+    let app = App::start(&train_rule()).await;
+    let http = reqwest::Client::new();
+    let names: Vec<&String> = app.host.functions.keys().collect();
+    for f in [
+        "api",
+        "eventgrid",
+        "reconcile",
+        "submit-no",
+        "dispatch-hi",
+        "events-lo",
+        "notify-no",
+        "uploads-no",
+    ] {
+        assert!(
+            app.host.functions.contains_key(f),
+            "function {f} in the app: {names:?}"
+        );
+    }
+
+    // Queue trigger: the documented example's text, put on the real submit queue;
+    // Id and PopReceipt as Get Messages gave them.
+    let mut payload = fixture("queue-trigger.json");
+    let text = payload["Data"]["myQueueItem"].as_str().unwrap().to_owned();
+    let q = queue_client("");
+    let physical = format!("{}-submit-no", app.stack);
+    use base64::Engine;
+    q.put_message(
+        &physical,
+        &base64::engine::general_purpose::STANDARD.encode(&text),
+    )
+    .await
+    .unwrap();
+    let got = q
+        .get_messages(&physical, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    payload["Metadata"]["Id"] = json!(got[0].id);
+    payload["Metadata"]["PopReceipt"] = json!(got[0].pop_receipt);
+    let (status, answer) = app.host.invoke("submit-no", &payload).await;
+    assert_eq!(status, 200, "{answer}\n{}", app.host.log());
+    assert!(
+        answer.get("Outputs").is_some(),
+        "the custom handler's answer: {answer}"
+    );
+    let poison = q
+        .get_messages(&format!("{physical}-poison"), 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(poison.len(), 1, "the bad submission is in the poison queue");
+    let env = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(&poison[0].text)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(env.contains("reason"), "with its reason: {env}");
+    assert!(
+        q.get_messages(&physical, 1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A trigger payload without the message's metadata is refused, with the field.
+    let mut bad = fixture("queue-trigger.json");
+    bad["Metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("PopReceipt");
+    let (status, answer) = app.host.invoke("submit-no", &bad).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer.to_string().contains("Metadata.PopReceipt"),
+        "{answer}"
+    );
+
+    // Event Grid trigger: the documented BlobCreated event, for a blob uploaded
+    // by Azure's SDK; twice, and as CloudEvents through the webhook: one job.
+    app.upload("incoming/points.csv", b"x,y\n1,2\n");
+    let mut grid = fixture("eventgrid-trigger.json");
+    grid["Data"]["event"] = app.event_of("eventgrid-blob-created.json", "incoming/points.csv");
+    for _ in 0..2 {
+        let (status, answer) = app.host.invoke("eventgrid", &grid).await;
+        assert_eq!(status, 200, "{answer}\n{}", app.host.log());
+    }
+    let hook = app.api("/eventgrid");
+    let cloud = app.event_of("cloudevents-blob-created.json", "incoming/points.csv");
+    let r = http
+        .post(format!("{hook}?key={}", app.eventgrid_key))
+        .json(&cloud)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let jobs = app.jobs().await;
+    assert_eq!(jobs.len(), 1, "one job for one write: {jobs:?}");
+    assert_eq!(jobs[0].spec.name, "train-points");
+    assert_eq!(jobs[0].spec.inputs[0].uri, "bucket://incoming/points.csv");
+
+    // The webhook's handshakes, and its key.
+    let validation: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            azure::root().join("schemas/fixtures/azure/eventgrid-subscription-validation.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let code = validation[0]["data"]["validationCode"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .post(format!("{hook}?key={}", app.eventgrid_key))
+        .json(&validation)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["validationResponse"], code);
+    let r = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{hook}?key={}", app.eventgrid_key),
+        )
+        .header("WebHook-Request-Origin", "eventgrid.azure.net")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["webhook-allowed-origin"], "eventgrid.azure.net");
+    for url in [format!("{hook}?key=wrong"), hook.clone()] {
+        let r = http.post(&url).json(&validation).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{url}");
+    }
+    let r = http
+        .post(format!("{hook}?key={}", app.eventgrid_key))
+        .body("{\"not\": \"an event\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "a delivery that is no event is refused (Event Grid dead-letters it)"
+    );
+
+    // Timer trigger.
+    let (status, answer) = app
+        .host
+        .invoke("reconcile", &fixture("timer-trigger.json"))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // HTTP, forwarded: the API with the first admin token.
+    let token = app.admin_token().await;
+    let r = http
+        .get(app.api(&format!("/v1/jobs/{}", jobs[0].id)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http.get(app.api("/v1/jobs")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the API wants a token");
+}
+
+/// The whole Azure path with the custom handler as the only host: a file
+/// uploaded with Azure's SDK and its BlobCreated event on the uploads queue make
+/// a job; its first Spot VM meets a 429 and then no capacity (SkuNotAvailable),
+/// both survived; the VM that runs it boots from its custom data, and a Preempt
+/// Scheduled Event makes the agent checkpoint and acknowledge; the VM is evicted;
+/// the job resumes on a new VM from that checkpoint and its model lands in the
+/// job container, equal to an uninterrupted run's; no VM is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_file_trains_on_azure_spot_through_an_eviction_to_the_same_model() {
+    let app = App::start(&train_rule()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("points.csv");
+    respawn_e2e::generate_csv(300, &csv);
+    let expected = respawn_e2e::baseline_model(&csv, &TRAINER_ARGS);
+
+    app.arm.fault(Fault::Throttle(1));
+    app.arm.fault(Fault::Refuse(
+        409,
+        "SkuNotAvailable".into(),
+        "The requested size for resource is currently not available in location 'westeurope' zones '' for subscription.".into(),
+    ));
+    app.upload("incoming/points.csv", &std::fs::read(&csv).unwrap());
+    app.deliver_to_queue(&app.event_of("eventgrid-blob-created.json", "incoming/points.csv"))
+        .await;
+
+    let deadline = Instant::now()
+        + Duration::from_secs(
+            std::env::var("E2E_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(300),
+        );
+    let mut evicted: Option<String> = None;
+    let mut last_tick = Instant::now();
+    let job = loop {
+        assert!(
+            Instant::now() < deadline,
+            "not done in time: {:?}\nhandler: {}\nVMs: {}",
+            app.jobs().await,
+            app.host.log(),
+            app.arm.logs()
+        );
+        app.host.pump().await;
+        if last_tick.elapsed() > Duration::from_secs(2) {
+            app.host.tick("reconcile").await;
+            last_tick = Instant::now();
+        }
+        let jobs = app.jobs().await;
+        let Some(job) = jobs.first() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if job.state == JobState::Succeeded {
+            break job.clone();
+        }
+        assert!(!job.state.is_terminal(), "{job:?}\nVMs: {}", app.arm.logs());
+        if evicted.is_none()
+            && job.state == JobState::Running
+            && job
+                .attempts
+                .last()
+                .is_some_and(|a| a.last_checkpoint.is_some())
+            && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
+            && app.arm.vms().contains(&vm)
+        {
+            app.arm.preempt(&vm, Duration::from_secs(30));
+            evicted = Some(vm);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let first = evicted.expect("the first VM was preempted");
+    assert!(app.arm.throttled() >= 1, "the 429 was met");
+    assert_eq!(
+        app.arm.acked(),
+        vec![(first.clone(), format!("evict-{first}"))],
+        "the agent acknowledged the eviction"
+    );
+    // Gone: evicted by Azure, or deleted by the broker first once the attempt
+    // ended preempted.
+    assert!(
+        app.arm.evicted().contains(&first) || app.arm.deleted().contains(&first),
+        "the preempted VM is gone"
+    );
+    let ran: Vec<&_> = job.attempts.iter().collect();
+    assert_eq!(ran.len(), 2, "the capacity miss spent no attempt: {job:?}");
+    assert_eq!(ran[0].outcome, Some(AttemptOutcome::Preempted), "{job:?}");
+    assert!(
+        ran[1].restored_checkpoint.is_some(),
+        "attempt 2 resumed from a checkpoint: {job:?}"
+    );
+    assert_eq!(
+        ran[1].restored_checkpoint, ran[0].last_checkpoint,
+        "from the checkpoint uploaded before the eviction"
+    );
+    let model = store(&app.data)
+        .get(&format!("jobs/{}/outputs/model.txt", job.id).as_str().into())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        model.as_ref() == expected.as_slice(),
+        "the model differs from an uninterrupted run's"
+    );
+    // The finished job's VM is deleted by the broker; none is left.
+    for _ in 0..40 {
+        app.host.pump().await;
+        if app.arm.vms().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        app.arm.vms(),
+        Vec::<String>::new(),
+        "VMs left:\n{}",
+        app.arm.logs()
+    );
+    assert_eq!(
+        app.arm.created().len(),
+        2,
+        "one VM per attempt that ran: {:?}",
+        app.arm.created()
+    );
+}
