@@ -353,6 +353,13 @@ def network(resources):
         "properties": {"priority": 4096, "direction": "Inbound", "access": "Deny", "protocol": "*",
                        "sourceAddressPrefix": "Internet", "sourcePortRange": "*",
                        "destinationAddressPrefix": "*", "destinationPortRange": "*"},
+    }, {
+        # One job's VM must not reach another's (the default AllowVnetInBound
+        # would let it): agents take no connections at all.
+        "name": "deny-vnet-inbound",
+        "properties": {"priority": 4095, "direction": "Inbound", "access": "Deny", "protocol": "*",
+                       "sourceAddressPrefix": "VirtualNetwork", "sourcePortRange": "*",
+                       "destinationAddressPrefix": "*", "destinationPortRange": "*"},
     }]}, location=LOCATION))
     resources.append(res(VNET, {
         "addressSpace": {"addressPrefixes": [ex(P("vnetAddressPrefix"))]},
@@ -446,7 +453,7 @@ def parameters():
         return {**d, **extra}
 
     return {
-        "stackName": p("string", "respawn", "Prefix of every name: lowercase letters, digits and single '-' (queues are <stackName>-<queue>-<band>[-poison])", minLength=3, maxLength=44),
+        "stackName": p("string", "respawn", "Prefix of every name: lowercase letters, digits and single '-', starting with a letter (queues are <stackName>-<queue>-<band>[-poison]; VM names <stackName>-<16 hex>, which the broker holds to 40)", minLength=3, maxLength=40),
         "location": p("string", "[resourceGroup().location]", "Where everything runs, the agents' VMs too"),
         "brokerKey": p("securestring", None, "The broker key (RESPAWN_KEY): at least 64 hex digits, e.g. $(openssl rand -hex 32); kept in Key Vault", minLength=64),
         "agentImage": p("string", "Canonical:ubuntu-24_04-lts:server:latest", "The agents' image: an image or gallery image version resource id, or publisher:offer:sku:version; it needs respawn-agent (--features azure), bubblewrap and iptables"),
