@@ -670,6 +670,7 @@ async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_t
                 .unwrap_or(240),
         );
     let mut interrupted: Option<String> = None;
+    let mut workload_uids = Vec::new();
     let job = loop {
         assert!(
             std::time::Instant::now() < deadline,
@@ -687,6 +688,9 @@ async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_t
             break job.clone();
         }
         assert!(!job.state.is_terminal(), "{job:?}");
+        if job.state == JobState::Running && workload_uids.is_empty() {
+            workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
+        }
         if interrupted.is_none()
             && job.attempt == 1
             && job.state == JobState::Running
@@ -700,6 +704,13 @@ async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_t
         }
     };
     let first = interrupted.expect("the first instance was interrupted");
+    assert!(!workload_uids.is_empty(), "the workload was seen running");
+    assert!(
+        workload_uids
+            .iter()
+            .all(|u| *u == respawn_adapters::cloudvm::WORKLOAD_UID),
+        "the workload runs as its own uid, which the firewall keeps from the metadata: {workload_uids:?}"
+    );
     assert_eq!(job.attempts.len(), 2, "{job:?}");
     assert_eq!(
         job.attempts[0].outcome,

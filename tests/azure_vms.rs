@@ -309,3 +309,53 @@ async fn managed_identity_allocates() {
         .await
         .unwrap();
 }
+
+/// A release racing an allocation of the same attempt (a cancel while dispatch
+/// runs): whichever comes first, no VM of the released attempt is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_racing_an_allocation_leaves_no_vm() {
+    let arm = Arm::start().await;
+    let c = Arc::new(provider(&arm));
+    let job = JobId::generate(Timestamp(19));
+    for attempt in 1..=8 {
+        let req = spot(&job, attempt);
+        let (a, r) = (c.clone(), c.clone());
+        let (key, req2) = (req.key.clone(), req.clone());
+        let allocating = tokio::spawn(async move { a.allocate(&req2).await });
+        let releasing = tokio::spawn(async move { r.release(&key).await });
+        let _ = allocating.await.unwrap();
+        releasing.await.unwrap().unwrap();
+        // The allocation may still be on its way when release returns; once both
+        // are done, nothing of the attempt runs.
+        assert!(
+            !arm.vms().contains(&azvm::vm_name("rs-test", &req.key)),
+            "attempt {attempt}: a released attempt's VM is left: {:?}",
+            arm.vms()
+        );
+        assert_eq!(
+            c.allocate(&req).await.unwrap().state,
+            VmState::Terminated,
+            "and is never made again"
+        );
+    }
+}
+
+/// A VM made by a PUT whose answer was never written down (the dispatcher died
+/// after it) is taken as made by the next allocation: once evicted, it is not made
+/// a second time.
+#[tokio::test]
+async fn a_vm_found_unrecorded_counts_as_made() {
+    let arm = Arm::start().await;
+    let first = provider(&arm);
+    let job = JobId::generate(Timestamp(23));
+    let vm = first.allocate(&spot(&job, 1)).await.unwrap();
+    // Another dispatcher whose state store never saw the answer.
+    let second = provider(&arm);
+    assert_eq!(second.allocate(&spot(&job, 1)).await.unwrap().id, vm.id);
+    arm.evict(&vm.id);
+    assert_eq!(
+        second.allocate(&spot(&job, 1)).await.unwrap().state,
+        VmState::Terminated
+    );
+    assert_eq!(arm.created().len(), 1, "one VM for the attempt, ever");
+}

@@ -152,11 +152,18 @@ impl Arm {
         let inner: Shared = Arc::new(Mutex::new(inner));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let root = tempfile::tempdir().unwrap();
+        // As /var/lib/respawn on a VM: the workload (another uid) passes through.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         let arm = Arm {
             url: url.clone(),
             inner: inner.clone(),
             boot,
-            root: Arc::new(tempfile::tempdir().unwrap()),
+            root: Arc::new(root),
         };
         let app = Router::new()
             .route("/msi/token", get(token))
@@ -381,8 +388,14 @@ async fn token(
             "resource is required",
         );
     };
-    let token = format!("harness-token-{}", rand::random::<u64>());
-    arm.lock().token = token.clone();
+    // One token for the harness's life, as a managed identity's is cached.
+    let token = {
+        let mut inner = arm.lock();
+        if inner.token.is_empty() {
+            inner.token = format!("harness-token-{}", rand::random::<u64>());
+        }
+        inner.token.clone()
+    };
     json_response(
         StatusCode::OK,
         json!({
@@ -585,9 +598,29 @@ async fn vm(
     };
     match method {
         Method::GET => {
-            let inner = arm.lock();
-            match inner.vms.get(&name) {
-                Some(v) => json_response(StatusCode::OK, vm_json(&arm, &name, v), &[]),
+            let mut inner = arm.lock();
+            match inner.vms.get_mut(&name) {
+                Some(v) => {
+                    let mut body = vm_json(&arm, &name, v);
+                    if q.get("$expand").is_some_and(|e| e == "instanceView") {
+                        // The guest shut down when its custom data ended: the VM
+                        // is stopped (and still billed), not gone.
+                        let ended = v
+                            .child
+                            .as_mut()
+                            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                        let power = match v.provisioning.as_str() {
+                            "Succeeded" if ended => "PowerState/stopped",
+                            "Succeeded" => "PowerState/running",
+                            _ => "PowerState/starting",
+                        };
+                        body["properties"]["instanceView"] = json!({"statuses": [
+                            {"code": format!("ProvisioningState/{}", v.provisioning.to_lowercase())},
+                            {"code": power},
+                        ]});
+                    }
+                    json_response(StatusCode::OK, body, &[])
+                }
                 None => not_found(),
             }
         }

@@ -182,6 +182,20 @@ impl FunctionsHost {
         self.invoke(function, &payload).await
     }
 
+    /// Moves `m` from `queue` to `poison` (a copy first, as the host does).
+    async fn move_to(&self, poison: &str, queue: &str, m: &respawn_adapters::azqueue::RawMessage) {
+        self.storage.put_message(poison, &m.text).await.unwrap();
+        let _ = self
+            .storage
+            .delete_message(queue, &m.id, &m.pop_receipt)
+            .await;
+    }
+
+    /// The host's `maxDequeueCount` (host.json).
+    pub fn max_dequeue(&self) -> u32 {
+        self.max_dequeue
+    }
+
     /// One pass over every queue-triggered function's queue; the messages handed
     /// to the handler.
     pub async fn pump(&self) -> usize {
@@ -195,35 +209,28 @@ impl FunctionsHost {
             for m in got {
                 handed += 1;
                 let poison = format!("{}-poison", f.queue);
-                if m.dequeue_count > self.max_dequeue {
-                    self.storage.put_message(&poison, &m.text).await.unwrap();
-                    let _ = self
-                        .storage
-                        .delete_message(&f.queue, &m.id, &m.pop_receipt)
-                        .await;
-                    continue;
-                }
                 let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(m.text.trim())
                 else {
                     // The host cannot decode it: poison at once.
-                    self.storage.put_message(&poison, &m.text).await.unwrap();
-                    let _ = self
-                        .storage
-                        .delete_message(&f.queue, &m.id, &m.pop_receipt)
-                        .await;
+                    self.move_to(&poison, &f.queue, &m).await;
                     continue;
                 };
                 let now =
                     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                // As the host encodes each value (azure-functions-host,
+                // GetHttpScriptInvocationContextValue): what is not an object goes
+                // through JsonConvert.SerializeObject, so a string arrives as the
+                // JSON text of that string and a number as its text.
+                let enc = |s: &str| serde_json::to_string(s).unwrap();
                 let payload = json!({
-                    "Data": {f.binding.clone(): String::from_utf8_lossy(&bytes)},
+                    "Data": {f.binding.clone(): enc(&String::from_utf8_lossy(&bytes))},
                     "Metadata": {
-                        "DequeueCount": m.dequeue_count,
+                        "DequeueCount": m.dequeue_count.to_string(),
                         "ExpirationTime": "9999-12-31T23:59:59+00:00",
-                        "Id": m.id,
+                        "Id": enc(&m.id),
                         "InsertionTime": now,
                         "NextVisibleTime": now,
-                        "PopReceipt": m.pop_receipt,
+                        "PopReceipt": enc(&m.pop_receipt),
                         "sys": {"MethodName": f.name, "UtcNow": now, "RandGuid": "00000000-0000-0000-0000-000000000000"},
                     },
                 });
@@ -235,6 +242,9 @@ impl FunctionsHost {
                         .storage
                         .delete_message(&f.queue, &m.id, &m.pop_receipt)
                         .await;
+                } else if m.dequeue_count >= self.max_dequeue {
+                    // Failed its last allowed time: the host moves it to poison.
+                    self.move_to(&poison, &f.queue, &m).await;
                 } else {
                     let _ = self
                         .storage

@@ -407,3 +407,32 @@ pub fn sigterm_step(stdout: &str) -> Option<u64> {
             .ok()
     })
 }
+
+/// The uids (as the machine sees them, outside any sandbox) of job `job`'s
+/// `respawn-trainer` processes running now.
+pub fn workload_uids(job: &str) -> Vec<u32> {
+    let mut uids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = entry.path();
+        let Ok(env) = std::fs::read(dir.join("environ")) else {
+            continue;
+        };
+        let wanted = format!("RESPAWN_JOB_ID={job}");
+        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+        if !env.split(|b| *b == 0).any(|v| v == wanted.as_bytes())
+            || !cmdline.starts_with(b"respawn-trainer")
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(uid) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok())
+        {
+            uids.push(uid);
+        }
+    }
+    uids
+}

@@ -106,6 +106,12 @@ impl Vms {
     /// endpoint and credentials an instance profile would give).
     pub fn new(stack: &str, env: Vec<(String, String)>) -> Vms {
         let root = tempfile::tempdir().unwrap();
+        // As /var/lib/respawn on a VM: the workload (another uid) passes through.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         let shims = root.path().join("shims");
         std::fs::create_dir_all(&shims).unwrap();
         for (name, body) in [

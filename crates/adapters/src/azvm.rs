@@ -35,8 +35,7 @@ use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
 use base64::Engine;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use respawn_core::attempt_auth::AgentCredentials;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
 use respawn_core::job::JobId;
 use respawn_core::ports::compute::{
     AllocateRequest, AllocationKey, Compute, Error, Orders, Vm, VmState,
@@ -47,8 +46,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::cloudvm::shell_quote;
 pub use crate::cloudvm::{AgentBoot, InstanceTypes};
+use crate::cloudvm::{Cloud, boot_script};
 
 pub const TAG_STACK: &str = "respawn-stack";
 pub const TAG_JOB: &str = "respawn-job";
@@ -56,6 +55,9 @@ pub const TAG_ATTEMPT: &str = "respawn-attempt";
 pub const TAG_PROJECT: &str = "respawn-project";
 const API_VERSION: &str = "2024-07-01";
 const SCOPE: &str = "https://management.azure.com/.default";
+/// How often a step re-reads a record another writer changed before giving up
+/// (the message comes back).
+const RACES: u32 = 5;
 /// How many throttled answers one call waits out before it gives up (the next
 /// delivery of its message tries again).
 const THROTTLE_TRIES: u32 = 4;
@@ -294,6 +296,17 @@ impl ArmError {
     }
 }
 
+/// Codes of a failed operation that no retry mends: the request was wrong.
+const PERMANENT: &[&str] = &[
+    "InvalidParameter",
+    "BadRequest",
+    "ImageNotFound",
+    "PlatformImageNotFound",
+    "InvalidResourceReference",
+    "VMMarketplaceInvalidInput",
+    "OperationNotAllowed",
+];
+
 /// Whether an ARM error code (or one of its details) means no Spot capacity or
 /// quota now.
 fn is_capacity(code: &str, message: &str) -> bool {
@@ -365,6 +378,20 @@ struct ArmVmProperties {
     priority: Option<String>,
     #[serde(default)]
     time_created: Option<String>,
+    #[serde(default)]
+    instance_view: Option<InstanceView>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct InstanceView {
+    #[serde(default)]
+    statuses: Vec<Status>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Status {
+    #[serde(default)]
+    code: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,7 +405,21 @@ struct VmList {
 
 impl ArmVm {
     fn state(&self) -> VmState {
+        // A VM whose OS shut down is stopped, not gone: still billed, and no
+        // agent runs on it.
+        let stopped = self.properties.instance_view.as_ref().is_some_and(|v| {
+            v.statuses.iter().any(|s| {
+                matches!(
+                    s.code.as_str(),
+                    "PowerState/stopped"
+                        | "PowerState/stopping"
+                        | "PowerState/deallocated"
+                        | "PowerState/deallocating"
+                )
+            })
+        });
         match self.properties.provisioning_state.as_str() {
+            _ if stopped => VmState::Terminated,
             "Succeeded" => VmState::Running,
             "Failed" | "Deleting" | "Canceled" => VmState::Terminated,
             // Creating, Updating, Migrating: not yet.
@@ -462,6 +503,11 @@ impl ArmCompute {
         format!("{}/{name}?api-version={API_VERSION}", self.vms_url())
     }
 
+    /// The VM with its instance view (its power state).
+    fn vm_view_url(&self, name: &str) -> String {
+        format!("{}&$expand=instanceView", self.vm_url(name))
+    }
+
     /// One ARM call with a bearer token; a 429 is waited out (its `Retry-After`).
     /// Answers the status, the `Azure-AsyncOperation` header and the body.
     async fn call(
@@ -522,7 +568,7 @@ impl ArmCompute {
 
     async fn get_vm(&self, name: &str) -> Result<Option<ArmVm>, ArmError> {
         match self
-            .call(reqwest_aws::Method::GET, &self.vm_url(name), None)
+            .call(reqwest_aws::Method::GET, &self.vm_view_url(name), None)
             .await
         {
             Ok((_, _, body)) => serde_json::from_str(&body)
@@ -558,8 +604,15 @@ impl ArmCompute {
                             message: String::new(),
                             details: Vec::new(),
                         });
+                        // The request was taken, so a failure is the platform's
+                        // unless its code says the request itself was wrong.
+                        let status = if PERMANENT.contains(&e.code.as_str()) {
+                            400
+                        } else {
+                            500
+                        };
                         return Some(Err(ArmError {
-                            status: 200,
+                            status,
                             code: e.code.clone(),
                             message: e.describe(),
                         }));
@@ -581,29 +634,194 @@ impl ArmCompute {
         Path::from(format!("azure-vms/{name}.json"))
     }
 
-    async fn record(&self, name: &str) -> Result<Option<Record>, Error> {
+    /// The record of VM `name` and its version, for a conditional write.
+    async fn record(&self, name: &str) -> Result<Option<(Record, UpdateVersion)>, Error> {
         match self.state.get(&Self::record_path(name)).await {
             Ok(got) => {
+                let version = UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
                 let bytes = got
                     .bytes()
                     .await
                     .map_err(|e| Error::Unavailable(e.into()))?;
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| Error::Unavailable(format!("VM record {name}: {e}").into()))
+                let record = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Unavailable(format!("VM record {name}: {e}").into()))?;
+                Ok(Some((record, version)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::Unavailable(e.into())),
         }
     }
 
-    async fn put_record(&self, name: &str, record: &Record) -> Result<(), Error> {
+    /// Writes `record` if the stored one is still the version `seen` (none yet:
+    /// `None`); its new version, or `None` when another wrote first.
+    async fn put_record(
+        &self,
+        name: &str,
+        record: &Record,
+        seen: Option<&UpdateVersion>,
+    ) -> Result<Option<UpdateVersion>, Error> {
         let body = serde_json::to_vec(record).map_err(|e| Error::Unavailable(e.into()))?;
-        self.state
-            .put(&Self::record_path(name), PutPayload::from(body))
+        let mode = match seen {
+            Some(v) => PutMode::Update(v.clone()),
+            None => PutMode::Create,
+        };
+        match self
+            .state
+            .put_opts(
+                &Self::record_path(name),
+                PutPayload::from(body),
+                mode.into(),
+            )
             .await
-            .map(drop)
-            .map_err(|e| Error::Unavailable(e.into()))
+        {
+            Ok(r) => Ok(Some(UpdateVersion {
+                e_tag: r.e_tag,
+                version: r.version,
+            })),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(None),
+            Err(e) => Err(Error::Unavailable(e.into())),
+        }
+    }
+
+    /// One try at `req`'s VM: `None` when the record changed under it (try again).
+    async fn allocate_once(
+        &self,
+        req: &AllocateRequest,
+        name: &str,
+        size: &str,
+    ) -> Result<Option<Vm>, Error> {
+        let current = self.record(name).await?;
+        let terminated = |r: &Record| Vm {
+            id: name.to_owned(),
+            key: req.key.clone(),
+            state: VmState::Terminated,
+            spot: r.spot,
+            nodes: 1,
+            created_at: r.created_at,
+        };
+        if let Some((r, _)) = &current
+            && r.stage == Stage::Released
+        {
+            return Ok(Some(terminated(r)));
+        }
+        if let Some(found) = self.get_vm(name).await.map_err(ArmError::into_compute)? {
+            let made = current.as_ref().is_some_and(|(r, _)| r.made);
+            if !made && found.state() == VmState::Terminated {
+                // A creation that failed, still being deleted: it never ran, and
+                // the attempt waits (no budget) until the name is free.
+                let _ = self.delete_vm(name).await;
+                return Err(Error::Capacity(format!(
+                    "VM {name}: an earlier creation failed and is being deleted"
+                )));
+            }
+            if !made {
+                // Made by a PUT whose answer never got written down.
+                let r = Record {
+                    stage: Stage::Created,
+                    made: true,
+                    ..self.new_record(req)
+                };
+                if self
+                    .put_record(name, &r, current.as_ref().map(|(_, v)| v))
+                    .await?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+            }
+            return found
+                .to_vm()
+                .map(Some)
+                .ok_or_else(|| Error::Invalid(format!("VM {name} has no respawn tags")));
+        }
+        if let Some((r, _)) = &current
+            && r.made
+        {
+            // Made once and gone since: evicted. Never made twice.
+            return Ok(Some(terminated(r)));
+        }
+        if self.cfg.agent.api.is_empty() {
+            return Err(Error::Unavailable(
+                "no API address for agents to report to (RESPAWN_API_URL)".into(),
+            ));
+        }
+        let putting = self.new_record(req);
+        let Some(version) = self
+            .put_record(name, &putting, current.as_ref().map(|(_, v)| v))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let body = self.vm_body(req, name, size);
+        let (_, operation, answer) = match self
+            .call(reqwest_aws::Method::PUT, &self.vm_url(name), Some(&body))
+            .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                if e.is_capacity() {
+                    info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, "no Spot capacity");
+                }
+                return Err(e.into_compute());
+            }
+        };
+        let created = Record {
+            stage: Stage::Created,
+            made: true,
+            ..putting.clone()
+        };
+        let Some(version) = self.put_record(name, &created, Some(&version)).await? else {
+            // Released while the PUT was on its way: what it made goes.
+            warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, "released during its creation; deleting it");
+            self.delete_vm(name).await.map_err(ArmError::into_compute)?;
+            return Ok(Some(terminated(&putting)));
+        };
+        info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, %size, spot = req.placement.spot, "VM requested");
+        let mut vm: Vm = serde_json::from_str::<ArmVm>(&answer)
+            .ok()
+            .and_then(|v| v.to_vm())
+            .unwrap_or(Vm {
+                id: name.to_owned(),
+                key: req.key.clone(),
+                state: VmState::Requested,
+                spot: req.placement.spot,
+                nodes: 1,
+                created_at: putting.created_at,
+            });
+        if let Some(url) = operation {
+            match self.follow(&url).await {
+                Some(Ok(())) => vm.state = VmState::Running,
+                Some(Err(e)) => {
+                    warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, error = %e.message, "VM creation failed; deleting it");
+                    if let Err(d) = self.delete_vm(name).await {
+                        warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, error = %d.message, "cannot delete the failed VM; the next allocation tries again");
+                    }
+                    // It never ran: the attempt is retried under its number, and
+                    // may make it again (once the failed one is gone).
+                    self.put_record(name, &putting, Some(&version)).await?;
+                    return Err(e.into_compute());
+                }
+                None => {}
+            }
+        }
+        Ok(Some(vm))
+    }
+
+    fn new_record(&self, req: &AllocateRequest) -> Record {
+        Record {
+            job: req.key.job.clone(),
+            attempt: req.key.attempt,
+            stage: Stage::Putting,
+            made: false,
+            spot: req.placement.spot,
+            created_at: Timestamp(crate::bands::now_ms()),
+        }
     }
 
     /// The `PUT` body of `req`'s VM.
@@ -683,110 +901,56 @@ impl Compute for ArmCompute {
         }
         let name = vm_name(&self.cfg.stack, &req.key);
         let size = self.cfg.sizes.choose(&req.resources, &self.cfg.cpu_size)?;
-        let record = self.record(&name).await?;
-        let terminated = |r: &Record| Vm {
-            id: name.clone(),
-            key: req.key.clone(),
-            state: VmState::Terminated,
-            spot: r.spot,
-            nodes: 1,
-            created_at: r.created_at,
-        };
-        if let Some(r) = &record
-            && r.stage == Stage::Released
-        {
-            return Ok(terminated(r));
-        }
-        if let Some(found) = self.get_vm(&name).await.map_err(ArmError::into_compute)? {
-            return found
-                .to_vm()
-                .ok_or_else(|| Error::Invalid(format!("VM {name} has no respawn tags")));
-        }
-        if let Some(r) = &record
-            && r.stage == Stage::Created
-        {
-            // Made once and gone since: evicted. Never made twice.
-            return Ok(terminated(r));
-        }
-        if self.cfg.agent.api.is_empty() {
-            return Err(Error::Unavailable(
-                "no API address for agents to report to (RESPAWN_API_URL)".into(),
-            ));
-        }
-        let mut record = Record {
-            job: req.key.job.clone(),
-            attempt: req.key.attempt,
-            stage: Stage::Putting,
-            made: false,
-            spot: req.placement.spot,
-            created_at: Timestamp(crate::bands::now_ms()),
-        };
-        self.put_record(&name, &record).await?;
-        let body = self.vm_body(req, &name, &size);
-        let put = self
-            .call(reqwest_aws::Method::PUT, &self.vm_url(&name), Some(&body))
-            .await;
-        let (_, operation, answer) = match put {
-            Ok(ok) => ok,
-            Err(e) => {
-                if e.is_capacity() {
-                    info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, "no Spot capacity");
-                }
-                return Err(e.into_compute());
-            }
-        };
-        record.stage = Stage::Created;
-        record.made = true;
-        self.put_record(&name, &record).await?;
-        info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, %size, spot = req.placement.spot, "VM requested");
-        let mut vm: Vm = serde_json::from_str::<ArmVm>(&answer)
-            .ok()
-            .and_then(|v| v.to_vm())
-            .unwrap_or(Vm {
-                id: name.clone(),
-                key: req.key.clone(),
-                state: VmState::Requested,
-                spot: req.placement.spot,
-                nodes: 1,
-                created_at: record.created_at,
-            });
-        if let Some(url) = operation {
-            match self.follow(&url).await {
-                Some(Ok(())) => vm.state = VmState::Running,
-                Some(Err(e)) => {
-                    warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, error = %e.message, "VM creation failed; deleting it");
-                    if let Err(d) = self.delete_vm(&name).await {
-                        warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, error = %d.message, "cannot delete the failed VM; reconcile will");
-                    }
-                    // It never ran: a capacity miss is retried under the same
-                    // attempt, which may make it again.
-                    record.stage = Stage::Putting;
-                    record.made = false;
-                    self.put_record(&name, &record).await?;
-                    return Err(e.into_compute());
-                }
-                None => {}
+        // Every step re-reads what it acts on: a release, or another dispatcher
+        // of the same attempt, may have moved the record since.
+        for _ in 0..RACES {
+            match self.allocate_once(req, &name, &size).await? {
+                Some(vm) => return Ok(vm),
+                None => continue,
             }
         }
-        Ok(vm)
+        Err(Error::Unavailable(
+            format!("VM {name}: its record kept changing under this allocation").into(),
+        ))
     }
 
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
         let name = vm_name(&self.cfg.stack, key);
-        let record = self.record(&name).await?;
-        // Marked first: an allocation that comes later makes nothing.
-        let released = Record {
-            job: key.job.clone(),
-            attempt: key.attempt,
-            stage: Stage::Released,
-            made: record.as_ref().is_some_and(|r| r.made),
-            spot: record.as_ref().is_some_and(|r| r.spot),
-            created_at: record
+        // Marked first (conditionally: no allocation's write is lost), so that an
+        // allocation that comes later makes nothing, or deletes what it made.
+        let mut marked = false;
+        for _ in 0..RACES {
+            let current = self.record(&name).await?;
+            if current
                 .as_ref()
-                .map_or_else(|| Timestamp(crate::bands::now_ms()), |r| r.created_at),
-        };
-        if record.as_ref().is_none_or(|r| r.stage != Stage::Released) {
-            self.put_record(&name, &released).await?;
+                .is_some_and(|(r, _)| r.stage == Stage::Released)
+            {
+                marked = true;
+                break;
+            }
+            let released = Record {
+                job: key.job.clone(),
+                attempt: key.attempt,
+                stage: Stage::Released,
+                made: current.as_ref().is_some_and(|(r, _)| r.made),
+                spot: current.as_ref().is_some_and(|(r, _)| r.spot),
+                created_at: current
+                    .as_ref()
+                    .map_or_else(|| Timestamp(crate::bands::now_ms()), |(r, _)| r.created_at),
+            };
+            if self
+                .put_record(&name, &released, current.as_ref().map(|(_, v)| v))
+                .await?
+                .is_some()
+            {
+                marked = true;
+                break;
+            }
+        }
+        if !marked {
+            return Err(Error::Unavailable(
+                format!("VM {name}: its record kept changing under this release").into(),
+            ));
         }
         self.delete_vm(&name)
             .await
@@ -797,7 +961,7 @@ impl Compute for ArmCompute {
 
     async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
         let name = vm_name(&self.cfg.stack, key);
-        let record = self.record(&name).await?;
+        let record = self.record(&name).await?.map(|(r, _)| r);
         let found = self.get_vm(&name).await.map_err(ArmError::into_compute)?;
         let mut vm = found.as_ref().and_then(ArmVm::to_vm);
         match (&record, &mut vm) {
@@ -844,40 +1008,25 @@ impl Compute for ArmCompute {
     }
 }
 
-/// The script cloud-init runs at first boot (as root): reads the VM's name from
-/// the instance metadata, keeps the metadata (and so the managed identity's tokens)
-/// from every user but root (the workload runs as another), leaves the attempt's
-/// credential where only root can read it, runs the agent with Scheduled Events
-/// as the eviction notice, and shuts the VM down (Spot VMs here are deleted) when
-/// the agent is done. The image may set `RESPAWN_AGENT_ARGS`; the emulated VMs of
-/// the tests set `RESPAWN_IMDS` and `RESPAWN_VM_ROOT`.
+/// What Azure's first-boot script does its own way: the VM's name from the
+/// instance metadata, evictions from Scheduled Events; the wire server (the host
+/// agent's address) is root's too.
+const AZURE: Cloud<'static> = Cloud {
+    vm_id: r#"vm=$(curl -sf --retry 5 -H 'Metadata: true' "$imds/metadata/instance/compute/name?api-version=2021-02-01&format=text")"#,
+    notice: r#"--scheduled-events "$imds/metadata/scheduledevents?api-version=2020-07-01""#,
+    root_only: &["169.254.169.254", "168.63.129.16"],
+};
+
+/// The script cloud-init runs at first boot ([`boot_script`]) for `key`'s
+/// attempt. The VM's managed identity (the job container, nothing else) is
+/// behind the instance metadata, which only root reaches.
 pub fn custom_data(agent: &AgentBoot, key: &AllocationKey) -> String {
-    let credentials = AgentCredentials {
-        api: agent.api.clone(),
-        token: agent.attempt_key.credential(&key.job, key.attempt),
-    };
-    let credentials = serde_json::to_string(&credentials).unwrap_or_default();
-    format!(
-        r#"#!/bin/bash
-# respawn: job {job}, attempt {attempt}
-set -euo pipefail
-imds=${{RESPAWN_IMDS:-http://169.254.169.254}}
-root=${{RESPAWN_VM_ROOT:-/var/lib/respawn}}
-iptables -I OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT
-vm=$(curl -sf -H 'Metadata: true' "$imds/metadata/instance/compute/name?api-version=2021-02-01&format=text")
-dir="$root/$vm"
-install -d -m 0700 "$dir"
-(umask 077; printf '%s' {credentials} > "$dir/credentials")
-# shellcheck disable=SC2086
-respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" --job {job} --attempt {attempt} --scheduled-events "$imds/metadata/scheduledevents?api-version=2020-07-01" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap ${{RESPAWN_AGENT_ARGS:-}} || true
-shutdown -h now
-"#,
-        job = key.job,
-        attempt = key.attempt,
-        credentials = shell_quote(&credentials),
-        bucket = shell_quote(&agent.bucket),
-        heartbeat = agent.heartbeat_secs,
-        grace = agent.grace_secs,
+    boot_script(
+        agent,
+        &AZURE,
+        &format!("job {}, attempt {}", key.job, key.attempt),
+        &agent.attempt_key.credential(&key.job, key.attempt),
+        &format!("--job {} --attempt {}", key.job, key.attempt),
     )
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use respawn_core::attempt_auth::AttemptKey;
+use respawn_core::attempt_auth::{AgentCredentials, AttemptKey};
 use respawn_core::ports::compute::Error;
 use respawn_core::spec::Resources;
 
@@ -102,6 +102,73 @@ impl InstanceTypes {
                 ))
             })
     }
+}
+
+/// The uid the workload runs as on a cloud VM (outside its sandbox): not root,
+/// so that the firewall keeps it from the instance metadata, where the VM's
+/// credentials are. No user needs to exist for it.
+pub const WORKLOAD_UID: u32 = 64000;
+
+/// What differs between clouds in a VM's first-boot script.
+pub(crate) struct Cloud<'a> {
+    /// Shell that sets `$vm`, the VM's name or id, from the metadata at `$imds`.
+    pub vm_id: &'a str,
+    /// The agent's flag for the preemption notice (with `$imds`).
+    pub notice: &'a str,
+    /// Addresses only root may reach (the metadata service, the host agent's).
+    pub root_only: &'a [&'a str],
+}
+
+/// The script a cloud VM runs at first boot (as root): finds its VM name or id
+/// in the metadata, keeps the metadata (the VM's credentials are there) and
+/// whatever else `cloud.root_only` names from every user but root — the workload
+/// runs as [`WORKLOAD_UID`], containers through FORWARD — leaves `token` where
+/// only root can read it, runs the agent with `role` (`--job … --attempt …`, or
+/// `--pool-api`), and shuts the VM down when the agent is done or anything
+/// before it failed. The image may set `RESPAWN_AGENT_ARGS` (e.g.
+/// `--container-runtime docker`); the emulated VMs of the tests set it and the
+/// metadata address.
+pub(crate) fn boot_script(
+    agent: &AgentBoot,
+    cloud: &Cloud<'_>,
+    what: &str,
+    token: &str,
+    role: &str,
+) -> String {
+    let credentials = AgentCredentials {
+        api: agent.api.clone(),
+        token: token.to_owned(),
+    };
+    let credentials = serde_json::to_string(&credentials).unwrap_or_default();
+    let mut firewall = String::new();
+    for addr in cloud.root_only {
+        firewall.push_str(&format!(
+            "iptables -I OUTPUT -d {addr} -m owner ! --uid-owner 0 -j REJECT\niptables -I FORWARD -d {addr} -j REJECT\n"
+        ));
+    }
+    format!(
+        r#"#!/bin/bash
+# respawn: {what}
+set -euo pipefail
+trap 'shutdown -h now' EXIT
+imds=${{RESPAWN_IMDS:-http://169.254.169.254}}
+root=${{RESPAWN_VM_ROOT:-/var/lib/respawn}}
+{firewall}{vm_id}
+dir="$root/$vm"
+# The workload reaches its work folder below; nothing else here is its own.
+install -d -m 0711 "$dir"
+(umask 077; printf '%s' {credentials} > "$dir/credentials")
+# shellcheck disable=SC2086
+respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" {role} {notice} --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap --workload-uid {uid} ${{RESPAWN_AGENT_ARGS:-}} || true
+"#,
+        vm_id = cloud.vm_id,
+        notice = cloud.notice,
+        uid = WORKLOAD_UID,
+        credentials = shell_quote(&credentials),
+        bucket = shell_quote(&agent.bucket),
+        heartbeat = agent.heartbeat_secs,
+        grace = agent.grace_secs,
+    )
 }
 
 /// `s` as one word for `sh`, whatever it holds.

@@ -31,10 +31,9 @@ use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, si
 use aws_sigv4::sign::v4;
 use base64::Engine;
 use object_store::ObjectStore;
-use respawn_core::attempt_auth::AgentCredentials;
 
-use crate::cloudvm::shell_quote;
 pub use crate::cloudvm::{AgentBoot, InstanceTypes};
+use crate::cloudvm::{Cloud, boot_script};
 use respawn_core::job::JobId;
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{
@@ -517,16 +516,21 @@ fn client_token_of(stack: &str, vm: &str) -> String {
     hex::encode(Sha256::digest(format!("{stack}\npool vm\n{vm}")))
 }
 
-/// The script EC2 runs at first boot (as root): reads the instance id from IMDSv2,
-/// keeps the instance metadata from every user but root (the workload runs as
-/// another user, and the instance profile's credentials are there), leaves the
-/// attempt's credential where only root can read it, runs the agent, and shuts the
-/// instance down (so terminates it) when the agent is done. The image may set
-/// `RESPAWN_AGENT_ARGS` (e.g. `--container-runtime docker`); the emulated VMs of
-/// the tests set it and the metadata address.
+/// What EC2's first-boot script does its own way: the instance id from IMDSv2,
+/// interruptions from IMDSv2.
+const EC2: Cloud<'static> = Cloud {
+    vm_id: r#"token=$(curl -sf --retry 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$imds/latest/api/token")
+vm=$(curl -sf --retry 5 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/instance-id")"#,
+    notice: r#"--imds "$imds""#,
+    root_only: &["169.254.169.254"],
+};
+
+/// The script EC2 runs at first boot ([`boot_script`]); the instance shuts down,
+/// so terminates, when the agent is done.
 pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
     boot_script(
         agent,
+        &EC2,
         &format!("job {}, attempt {}", key.job, key.attempt),
         &agent.attempt_key.credential(&key.job, key.attempt),
         &format!("--job {} --attempt {}", key.job, key.attempt),
@@ -539,38 +543,10 @@ pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
 pub fn pool_user_data(agent: &AgentBoot, vm: &str) -> String {
     boot_script(
         agent,
+        &EC2,
         &format!("pool vm {vm}"),
         &agent.attempt_key.vm_credential(vm),
         "--pool-api",
-    )
-}
-
-fn boot_script(agent: &AgentBoot, what: &str, token: &str, role: &str) -> String {
-    let credentials = AgentCredentials {
-        api: agent.api.clone(),
-        token: token.to_owned(),
-    };
-    let credentials = serde_json::to_string(&credentials).unwrap_or_default();
-    format!(
-        r#"#!/bin/bash
-# respawn: {what}
-set -euo pipefail
-imds=${{RESPAWN_IMDS:-http://169.254.169.254}}
-root=${{RESPAWN_VM_ROOT:-/var/lib/respawn}}
-iptables -I OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT
-token=$(curl -sf -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$imds/latest/api/token")
-id=$(curl -sf -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/instance-id")
-dir="$root/$id"
-install -d -m 0700 "$dir"
-(umask 077; printf '%s' {credentials} > "$dir/credentials")
-# shellcheck disable=SC2086
-respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$id" {role} --imds "$imds" --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap ${{RESPAWN_AGENT_ARGS:-}} || true
-shutdown -h now
-"#,
-        credentials = shell_quote(&credentials),
-        bucket = shell_quote(&agent.bucket),
-        heartbeat = agent.heartbeat_secs,
-        grace = agent.grace_secs,
     )
 }
 

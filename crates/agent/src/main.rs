@@ -65,6 +65,13 @@ pub struct Args {
     /// Folders the workload may read besides the system's (e.g. respawn's binaries).
     #[arg(long)]
     pub read_only: Vec<PathBuf>,
+    /// The uid (and gid) the sandboxed workload runs as, outside its sandbox: on a
+    /// cloud VM the agent is root, and bubblewrap's user namespace maps the
+    /// workload to whoever starts it, so without this a firewall rule by owner
+    /// (the instance metadata, root only) could not tell the workload from the
+    /// agent. Its work folder is handed to this uid; needs setpriv (util-linux).
+    #[arg(long)]
+    pub workload_uid: Option<u32>,
     /// The instance metadata service to poll for spot interruptions (IMDSv2), e.g.
     /// `http://169.254.169.254` on EC2; without it, the local simulator's notice file.
     #[arg(long, conflicts_with = "scheduled_events")]

@@ -167,6 +167,21 @@ fn process_env(
     env
 }
 
+/// Gives the work folder, and everything the agent staged in it, to `uid` (its
+/// group too), so that the workload running as it can write there.
+fn hand_over(root: &Path, uid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(root, Some(uid), Some(uid))?;
+    for entry in std::fs::read_dir(root)? {
+        let path = entry?.path();
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            hand_over(&path, uid)?;
+        } else {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(uid))?;
+        }
+    }
+    Ok(())
+}
+
 impl Workload {
     pub fn spawn(
         spec: &JobSpec,
@@ -203,7 +218,22 @@ impl Workload {
                             cwd,
                             masked,
                         };
-                        let mut cmd = Command::new(bwrap);
+                        let mut cmd = match args.workload_uid {
+                            Some(uid) => {
+                                hand_over(&dirs.root, uid).map_err(|source| Error::Spawn {
+                                    program: program.clone(),
+                                    source,
+                                })?;
+                                let mut cmd = Command::new("setpriv");
+                                cmd.arg(format!("--reuid={uid}"))
+                                    .arg(format!("--regid={uid}"))
+                                    .arg("--clear-groups")
+                                    .arg("--")
+                                    .arg(bwrap);
+                                cmd
+                            }
+                            None => Command::new(bwrap),
+                        };
                         cmd.args(sandbox::bwrap_args(&mounts));
                         cmd
                     }
@@ -563,6 +593,7 @@ mod tests {
             grace_secs: 5,
             sandbox: "none".into(),
             read_only: Vec::new(),
+            workload_uid: None,
             imds: None,
             scheduled_events: None,
         };

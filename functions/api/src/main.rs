@@ -8,6 +8,6 @@ use respawn_host::lambda;
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     let cloud = lambda::start().await?;
-    cloud.first_admin().await?;
-    lambda_http::run(api::app(cloud.api())).await
+    cloud.broker.first_admin().await?;
+    lambda_http::run(api::app(cloud.broker.api())).await
 }

@@ -12,7 +12,7 @@ use respawn_host::notify::Notifier;
 async fn main() -> Result<(), lambda_runtime::Error> {
     let cloud = lambda::start().await?;
     let notifier = Arc::new(Notifier::new(
-        cloud.notify_secret.clone(),
+        cloud.broker.notify_secret.clone(),
         cloud.replies.clone(),
         false,
     )?);

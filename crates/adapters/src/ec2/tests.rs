@@ -184,7 +184,14 @@ fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
     assert!(script.contains(r"it'\''s"));
     assert!(script.contains(&format!("--job {job} --attempt 3 --imds")));
     assert!(script.contains("--bucket 's3://bucket'"));
-    assert!(script.trim_end().ends_with("shutdown -h now"));
+    // The instance shuts down however the script ends.
+    assert!(script.contains("trap 'shutdown -h now' EXIT"));
+    // The workload runs as a uid of its own, which the firewall keeps from the
+    // instance metadata (the instance profile's credentials).
+    assert!(script.contains(&format!("--workload-uid {}", crate::cloudvm::WORKLOAD_UID)));
+    assert!(
+        script.contains("iptables -I OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT")
+    );
 }
 
 fn config() -> Ec2Config {

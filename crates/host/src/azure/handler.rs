@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::{AzCloud, UPLOADS, meta_str};
+use super::{AzCloud, UPLOADS, host_value, meta_str};
 use crate::invocation::{Outcome, outcome, settle};
 use crate::notify::Notifier;
 use crate::{intake, loops};
@@ -64,12 +64,12 @@ struct Handler {
 /// The custom handler's router over `cloud`.
 pub fn router(cloud: &'static AzCloud) -> Result<Router, String> {
     let notifier = Arc::new(Notifier::new(
-        cloud.notify_secret.clone(),
+        cloud.broker.notify_secret.clone(),
         cloud.replies(),
         false,
     )?);
     let h = Handler { cloud, notifier };
-    let api = crate::api::app(cloud.api());
+    let api = crate::api::app(cloud.broker.api());
     let hook = Router::new()
         .route("/eventgrid", any(webhook))
         .with_state(h.clone());
@@ -108,8 +108,12 @@ async fn invoke(
             let Some(event) = inv.data.into_values().next() else {
                 return refuse("eventgrid: Data holds no event".into());
             };
-            let body = serde_json::to_vec(&event).unwrap_or_default();
-            match uploaded(h.cloud, &h.cloud.ports, &body).await {
+            // An object, or the JSON text of one.
+            let body = match host_value(&event) {
+                Value::String(text) => text.into_bytes(),
+                other => serde_json::to_vec(&other).unwrap_or_default(),
+            };
+            match uploaded(h.cloud, &h.cloud.broker.ports, &body).await {
                 Outcome::Done => answer(StatusCode::OK, &[], Value::Null),
                 Outcome::Retry(why) => {
                     answer(StatusCode::INTERNAL_SERVER_ERROR, &[why], Value::Null)
@@ -136,7 +140,7 @@ async fn invoke(
 }
 
 async fn reconcile(cloud: &AzCloud) -> Response {
-    match handlers::reconcile(&cloud.ports).await {
+    match handlers::reconcile(&cloud.broker.ports).await {
         Ok(report) => {
             info!(?report, "reconciled");
             answer(StatusCode::OK, &[], json!(format!("{report:?}")))
@@ -159,8 +163,8 @@ async fn queued(h: &Handler, queue: &str, band: &str, inv: Invocation) -> Respon
     let Some(text) = inv.data.into_values().next() else {
         return refuse(format!("{queue}-{band}: Data holds no message"));
     };
-    // The host hands a JSON message over parsed; the text is what was sent.
-    let text = match text {
+    // The text as sent: the host hands it over JSON-encoded, or parsed.
+    let text = match host_value(&text) {
         Value::String(s) => s.into_bytes(),
         other => other.to_string().into_bytes(),
     };
@@ -207,7 +211,8 @@ async fn queued(h: &Handler, queue: &str, band: &str, inv: Invocation) -> Respon
         }
     };
     let receipt = d.receipt.clone();
-    let (ports, invocation) = cloud.invocation(queue, d);
+    let (ports, invocation) = cloud.broker.invocation(cloud.queue.clone(), queue);
+    invocation.hand(d);
     let opened = match ports.queue.receive(queue, Receive::default()).await {
         Ok(d) => d,
         Err(e) => {
@@ -216,7 +221,9 @@ async fn queued(h: &Handler, queue: &str, band: &str, inv: Invocation) -> Respon
         }
     };
     match queue {
-        "submit" => intake::handle_all(&ports, &cloud.templates, &cloud.replies(), opened).await,
+        "submit" => {
+            intake::handle_all(&ports, &cloud.broker.templates, &cloud.replies(), opened).await
+        }
         "dispatch" | "events" => loops::process(&ports, opened).await,
         "notify" => h.notifier.handle(&ports, opened).await,
         _ => {
@@ -255,7 +262,7 @@ async fn uploaded(cloud: &AzCloud, ports: &Ports, body: &[u8]) -> Outcome {
             warn!(account = %b.account, container = %b.container, "event for another container; ignored");
             continue;
         }
-        if let Err(e) = blob_created(ports, &cloud.rules, &b.blob).await {
+        if let Err(e) = blob_created(ports, &cloud.broker.rules, &b.blob).await {
             return outcome(e);
         }
     }
@@ -271,7 +278,8 @@ fn key_matches(expected: &str, given: Option<&String>) -> bool {
 /// Event Grid's webhook: the subscription's validation handshake (Event Grid's
 /// `validationCode`, and CloudEvents' `OPTIONS` abuse protection), then
 /// deliveries (one event or a batch) handled as the `eventgrid` function's. The
-/// URL carries the key (`?key=`); Entra ID tokens are checked by App Service
+/// key comes in the `X-Respawn-Key` header (a delivery attribute marked secret)
+/// or the URL (`?key=`); Entra ID tokens are checked by App Service
 /// Authentication in front of the app, where it is turned on.
 async fn webhook(
     State(h): State<Handler>,
@@ -287,10 +295,17 @@ async fn webhook(
         )
             .into_response();
     };
-    if !key_matches(key, q.get("key")) {
+    // The key in a header (an Event Grid delivery attribute marked secret) stays
+    // out of request logs; `?key=` works where headers cannot be set.
+    let given = headers
+        .get("x-respawn-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| q.get("key").cloned());
+    if !key_matches(key, given.as_ref()) {
         return (
             StatusCode::UNAUTHORIZED,
-            "the URL's key is missing or wrong",
+            "the webhook's key is missing or wrong",
         )
             .into_response();
     }
@@ -321,7 +336,7 @@ async fn webhook(
         )
             .into_response();
     }
-    match uploaded(h.cloud, &h.cloud.ports, &body).await {
+    match uploaded(h.cloud, &h.cloud.broker.ports, &body).await {
         Outcome::Done => StatusCode::OK.into_response(),
         // Event Grid retries 503s with backoff.
         Outcome::Retry(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),

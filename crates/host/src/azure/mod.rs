@@ -41,8 +41,7 @@
 //! and `azure_identity`'s own (`AZURE_CLIENT_ID`, App Service's `IDENTITY_ENDPOINT`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -50,21 +49,13 @@ use azure_core::credentials::TokenCredential;
 use object_store::azure::{AzureCredential, MicrosoftAzureBuilder};
 use respawn_adapters::azqueue::{Auth, SharedKey, StorageQueue};
 use respawn_adapters::azvm::{self, AgentBoot, ArmCompute, ArmConfig};
-use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
-use respawn_core::attempt_auth::AttemptKey;
-use respawn_core::intake::Templates;
-use respawn_core::ports::queue::{self, Delivery};
-use respawn_core::ports::{Blobs, Ports, QueueNames};
-use respawn_core::seal::SealedQueue;
-use respawn_core::time::SystemClock;
-use respawn_core::trigger::TriggerRule;
-use respawn_core::webhook::Hook;
-use respawn_core::webhook::standard::Secret;
+use respawn_core::ports::Blobs;
+use respawn_core::ports::queue::{self};
 use tracing::{info, warn};
 
 pub mod handler;
 
-use crate::api::{Api, ListedVms};
+use crate::cloud::{Broker, config_dir, key_from_env, var};
 use crate::replies::Replies;
 
 /// The logical queue Event Grid puts BlobCreated events on (`<stack>-uploads-no`).
@@ -73,30 +64,13 @@ pub const UPLOADS: &str = "uploads";
 /// What the function app builds once per process.
 #[derive(Debug, Clone)]
 pub struct AzCloud {
-    /// The ports, with the broker's queues sealed.
-    pub ports: Ports,
+    pub broker: Broker,
     pub queue: Arc<StorageQueue>,
     pub arm: Arc<ArmCompute>,
-    pub tokens: Arc<ObjectStoreTokens>,
-    pub attempt_key: AttemptKey,
-    pub notify_secret: Arc<Secret>,
-    pub rules: Arc<Vec<TriggerRule>>,
-    pub templates: Arc<Templates>,
-    pub hooks: Arc<Vec<Hook>>,
     /// The job container's name.
     pub container: String,
-    /// The state container (records, tokens, secrets, the first admin token).
-    pub state: Blobs,
     /// What Event Grid's webhook URL must carry, if it is on.
     pub eventgrid_key: Option<String>,
-    seal: Vec<u8>,
-}
-
-fn var(name: &str) -> Result<String, String> {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| format!("{name} is not set"))
 }
 
 /// Blob storage with the function app's Entra ID tokens.
@@ -178,11 +152,7 @@ impl AzCloud {
     /// The ports from the environment (see the module's table).
     pub async fn from_env() -> Result<AzCloud, String> {
         let stack = var("RESPAWN_STACK")?;
-        let key = hex::decode(var("RESPAWN_KEY")?)
-            .ok()
-            .and_then(|k| (k.len() >= 32).then_some(k))
-            .ok_or("RESPAWN_KEY: expected at least 32 bytes, hex")?;
-        let attempt_key = AttemptKey::from_bytes(&key).ok_or("RESPAWN_KEY is too short")?;
+        let attempt_key = key_from_env()?;
         let credential = azvm::credential_from_env()?;
         let emulator = std::env::var("RESPAWN_STORAGE_EMULATOR").is_ok_and(|v| v == "1");
         let storage = if emulator {
@@ -255,54 +225,21 @@ impl AzCloud {
             credential,
             state.clone(),
         )?);
-        let queues = QueueNames::with_prefix("");
-        let seal = attempt_key.derive("respawn queue seal");
-        let ports = Ports {
-            ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
-            queue: Arc::new(SealedQueue::new(queue.clone(), &seal, sealed(&queues))),
-            compute: arm.clone(),
-            secrets: Arc::new(ObjectStoreSecrets::new(state.clone())),
-            blobs,
-            clock: Arc::new(SystemClock),
-            timeouts: crate::cloud::cloud_timeouts(),
-            queues,
-        };
-        let config = std::env::var_os("RESPAWN_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("AzureWebJobsScriptRoot").map(|r| PathBuf::from(r).join("config"))
-            })
-            .unwrap_or_else(|| PathBuf::from("config"));
-        let (rules, templates, hooks) = crate::cloud::load_config(&config)?;
-        Ok(AzCloud {
-            ports,
-            tokens: Arc::new(ObjectStoreTokens::new(state.clone())),
-            notify_secret: Arc::new(Secret::from_bytes(attempt_key.derive("respawn notify"))),
+        let broker = Broker::new(
             attempt_key,
+            state,
+            blobs,
+            queue.clone(),
+            arm.clone(),
+            &config_dir("AzureWebJobsScriptRoot"),
+        )?;
+        Ok(AzCloud {
+            broker,
             queue,
             arm,
-            rules: Arc::new(rules),
-            templates: Arc::new(templates),
-            hooks: Arc::new(hooks),
             container,
-            state,
             eventgrid_key: var("RESPAWN_EVENTGRID_KEY").ok(),
-            seal,
         })
-    }
-
-    /// The API's view of the broker.
-    pub fn api(&self) -> Api {
-        Api {
-            ports: self.ports.clone(),
-            tokens: self.tokens.clone(),
-            hooks: self.hooks.clone(),
-            rules: Arc::new(RwLock::new(self.rules.as_ref().clone())),
-            attempt_key: self.attempt_key.clone(),
-            operator: Arc::new(ListedVms(self.arm.clone())),
-            // Workloads run on VMs of their own, never beside the broker.
-            others_refused: None,
-        }
     }
 
     /// Replies to queue submitters: none on Azure yet (a reply queue is the
@@ -310,30 +247,6 @@ impl AzCloud {
     pub fn replies(&self) -> Replies {
         Replies::None
     }
-
-    /// The ports of one invocation of logical queue `queue`, holding `d`; and the
-    /// invocation, to ask afterwards whether `d` was settled.
-    fn invocation(&self, queue: &str, d: Delivery) -> (Ports, Arc<crate::invocation::Invocation>) {
-        let invocation = Arc::new(crate::invocation::Invocation::new(
-            self.queue.clone(),
-            queue,
-        ));
-        invocation.hand(d);
-        let ports = Ports {
-            queue: Arc::new(SealedQueue::new(
-                invocation.clone(),
-                &self.seal,
-                sealed(&self.ports.queues),
-            )),
-            ..self.ports.clone()
-        };
-        (ports, invocation)
-    }
-}
-
-/// The queues only the broker writes.
-fn sealed(q: &QueueNames) -> [String; 3] {
-    [q.dispatch.clone(), q.events.clone(), q.notify.clone()]
 }
 
 /// Logs as the Functions host collects them (stderr, JSON; `RUST_LOG` filters,
@@ -348,7 +261,7 @@ pub async fn start() -> Result<&'static AzCloud, String> {
         .with_writer(std::io::stderr)
         .init();
     let cloud = AzCloud::from_env().await?;
-    if let Err(e) = crate::api::leave_first_admin(&cloud.api(), &cloud.state).await {
+    if let Err(e) = cloud.broker.first_admin().await {
         warn!(error = %e, "cannot mint the first admin token; the next start tries again");
     } else {
         info!(stack = ?cloud.arm, "azure host ready");
@@ -356,11 +269,56 @@ pub async fn start() -> Result<&'static AzCloud, String> {
     Ok(Box::leak(Box::new(cloud)))
 }
 
-/// Trigger metadata as the Functions host sends it: numbers sometimes as strings.
+/// A value as the Functions host sends it, as the value it stands for. The host
+/// passes each binding's value through `JsonConvert.SerializeObject` unless it
+/// is an object (azure-functions-host, `GetHttpScriptInvocationContextValue`):
+/// a string arrives as the JSON text of that string (`"\"abc\""`), a number as
+/// its text (`"1"`). The documentation's examples show them plain; both are
+/// taken.
+pub(crate) fn host_value(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::String(s) => match serde_json::from_str::<String>(s) {
+            Ok(inner) => serde_json::Value::String(inner),
+            Err(_) => v.clone(),
+        },
+        other => other.clone(),
+    }
+}
+
+/// Trigger metadata `key` as text (see [`host_value`]).
 fn meta_str(meta: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<String> {
-    match meta.get(key)? {
-        serde_json::Value::String(s) => Some(s.clone()),
+    match host_value(meta.get(key)?) {
+        serde_json::Value::String(s) => Some(s),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn host_values_are_taken_as_sent_and_as_documented() {
+        let meta: BTreeMap<String, serde_json::Value> = [
+            ("Id".to_owned(), json!("\"5d0d\"")),
+            ("PopReceipt".to_owned(), json!("AgAA+w==")),
+            ("DequeueCount".to_owned(), json!("2")),
+            ("Plain".to_owned(), json!(3)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(meta_str(&meta, "Id").as_deref(), Some("5d0d"));
+        assert_eq!(meta_str(&meta, "PopReceipt").as_deref(), Some("AgAA+w=="));
+        assert_eq!(meta_str(&meta, "DequeueCount").as_deref(), Some("2"));
+        assert_eq!(meta_str(&meta, "Plain").as_deref(), Some("3"));
+        // A message whose text is JSON arrives as the JSON text of that text.
+        let sent = r#"{"a":"b"}"#;
+        let encoded = json!(serde_json::to_string(sent).unwrap());
+        assert_eq!(host_value(&encoded), json!(sent));
+        assert_eq!(host_value(&json!(sent)), json!(sent));
     }
 }

@@ -29,17 +29,17 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// `submit`: job submissions by message (specs or templates), replies to
 /// submitters' own queues.
 pub async fn submit(cloud: &Cloud, event: SqsEvent, deadline_ms: u64) -> SqsBatchResponse {
-    let q = cloud.ports.queues.submit.clone();
+    let q = cloud.broker.ports.queues.submit.clone();
     cloud
         .batch(&q, event, deadline_ms, |ports, got| async move {
-            intake::handle_all(&ports, &cloud.templates, &cloud.replies, got).await;
+            intake::handle_all(&ports, &cloud.broker.templates, &cloud.replies, got).await;
         })
         .await
 }
 
 /// `dispatch`: attempts taken off the dispatch queue get their VM.
 pub async fn dispatch(cloud: &Cloud, event: SqsEvent, deadline_ms: u64) -> SqsBatchResponse {
-    let q = cloud.ports.queues.dispatch.clone();
+    let q = cloud.broker.ports.queues.dispatch.clone();
     cloud
         .batch(&q, event, deadline_ms, |ports, got| async move {
             loops::process(&ports, got).await;
@@ -59,7 +59,7 @@ pub async fn events(cloud: &Cloud, event: SqsEvent, deadline_ms: u64) -> SqsBatc
     reported.records = reports;
     let mut from_ec2 = SqsEvent::default();
     from_ec2.records = ec2_records;
-    let q = cloud.ports.queues.events.clone();
+    let q = cloud.broker.ports.queues.events.clone();
     let mut response = cloud
         .batch(&q, reported, deadline_ms, |ports, got| async move {
             loops::process(&ports, got).await;
@@ -141,7 +141,7 @@ pub async fn notify(
     event: SqsEvent,
     deadline_ms: u64,
 ) -> SqsBatchResponse {
-    let q = cloud.ports.queues.notify.clone();
+    let q = cloud.broker.ports.queues.notify.clone();
     cloud
         .batch(&q, event, deadline_ms, |ports, got| async move {
             notifier.handle(&ports, got).await;
@@ -175,7 +175,7 @@ async fn upload(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
             warn!(bucket = %o.bucket, "notification for another bucket; ignored");
             continue;
         }
-        if let Err(e) = blob_created(ports, &cloud.rules, &o.blob).await {
+        if let Err(e) = blob_created(ports, &cloud.broker.rules, &o.blob).await {
             // Each rule's job is keyed by rule, key and version: a retry of the
             // whole message makes no job twice.
             return outcome(e);
@@ -187,7 +187,7 @@ async fn upload(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
 /// `reconcile`: deadlines, lost VMs and orphans, and the warm pools' size, on a
 /// schedule.
 pub async fn reconcile(cloud: &Cloud, _event: Value) -> Result<Value, Error> {
-    let report = handlers::reconcile(&cloud.ports).await;
+    let report = handlers::reconcile(&cloud.broker.ports).await;
     // The pools are tended whatever became of the jobs' pass.
     let tended = cloud.ec2.tend_pools().await;
     let report = report?;

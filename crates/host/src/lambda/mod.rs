@@ -30,24 +30,15 @@
 //! emulator).
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use object_store::aws::AmazonS3Builder;
 use respawn_adapters::ec2::{AgentBoot, Ec2Compute, Ec2Config, InstanceTypes};
-use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectStoreTokens};
 use respawn_adapters::sqs::{Received, SqsQueue};
-use respawn_core::attempt_auth::AttemptKey;
-use respawn_core::intake::Templates;
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::queue::{self, Delivery, Receive};
-use respawn_core::ports::{Blobs, Ports, QueueNames};
-use respawn_core::seal::SealedQueue;
-use respawn_core::time::SystemClock;
-use respawn_core::trigger::TriggerRule;
-use respawn_core::webhook::Hook;
-use respawn_core::webhook::standard::Secret;
+use respawn_core::ports::{Blobs, Ports};
 use tracing::{info, warn};
 
 pub mod functions;
@@ -56,37 +47,18 @@ pub use aws_lambda_events;
 pub use lambda_runtime;
 use lambda_runtime::{LambdaEvent, service_fn};
 
-use crate::api::{Api, ListedVms};
-use crate::cloud::{cloud_timeouts, load_config};
-use crate::invocation::Invocation;
+use crate::cloud::{Broker, config_dir, key_from_env, var};
 use crate::replies::Replies;
 
 /// What a function builds once per process.
 #[derive(Debug, Clone)]
 pub struct Cloud {
-    /// The ports, with the broker's queues sealed.
-    pub ports: Ports,
+    pub broker: Broker,
     pub sqs: Arc<SqsQueue>,
     pub ec2: Arc<Ec2Compute>,
-    pub tokens: Arc<ObjectStoreTokens>,
-    pub attempt_key: AttemptKey,
-    pub notify_secret: Arc<Secret>,
     pub replies: Replies,
-    pub rules: Arc<Vec<TriggerRule>>,
-    pub templates: Arc<Templates>,
-    pub hooks: Arc<Vec<Hook>>,
     /// The job bucket's name.
     pub bucket: String,
-    /// The state bucket (records, tokens, secrets, the first admin token).
-    pub state: Blobs,
-    seal: Vec<u8>,
-}
-
-fn var(name: &str) -> Result<String, String> {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| format!("{name} is not set"))
 }
 
 /// `RESPAWN_EC2_POOLS`: pools separated by `;` (a pool's settings use `,`).
@@ -126,11 +98,7 @@ impl Cloud {
     /// The ports from the environment (see the module's table).
     pub async fn from_env() -> Result<Cloud, String> {
         let stack = var("RESPAWN_STACK")?;
-        let key = hex::decode(var("RESPAWN_KEY")?)
-            .ok()
-            .and_then(|k| (k.len() >= 32).then_some(k))
-            .ok_or("RESPAWN_KEY: expected at least 32 bytes, hex")?;
-        let attempt_key = AttemptKey::from_bytes(&key).ok_or("RESPAWN_KEY is too short")?;
+        let attempt_key = key_from_env()?;
         let sdk = aws_config::load_from_env().await;
         let state = bucket(&var("RESPAWN_STATE_BUCKET")?)?;
         let data_bucket = var("RESPAWN_BUCKET")?;
@@ -176,68 +144,26 @@ impl Cloud {
             )?
             .with_pools(state.clone())?,
         );
-        let queues = QueueNames::with_prefix("");
-        let seal = attempt_key.derive("respawn queue seal");
-        let ports = Ports {
-            ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
-            queue: Arc::new(SealedQueue::new(sqs.clone(), &seal, sealed(&queues))),
-            compute: ec2.clone(),
-            secrets: Arc::new(ObjectStoreSecrets::new(state.clone())),
-            blobs,
-            clock: Arc::new(SystemClock),
-            timeouts: cloud_timeouts(),
-            queues,
-        };
-        let config = std::env::var_os("RESPAWN_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("LAMBDA_TASK_ROOT").map(|r| PathBuf::from(r).join("config"))
-            })
-            .unwrap_or_else(|| PathBuf::from("config"));
-        let (rules, templates, hooks) = load_config(&config)?;
-        Ok(Cloud {
-            ports,
-            tokens: Arc::new(ObjectStoreTokens::new(state.clone())),
-            notify_secret: Arc::new(Secret::from_bytes(attempt_key.derive("respawn notify"))),
-            replies: Replies::Sqs(sqs.clone()),
+        let broker = Broker::new(
             attempt_key,
+            state,
+            blobs,
+            sqs.clone(),
+            ec2.clone(),
+            &config_dir("LAMBDA_TASK_ROOT"),
+        )?;
+        Ok(Cloud {
+            broker,
+            replies: Replies::Sqs(sqs.clone()),
             sqs,
             ec2,
-            rules: Arc::new(rules),
-            templates: Arc::new(templates),
-            hooks: Arc::new(hooks),
             bucket: data_bucket,
-            state,
-            seal,
         })
     }
 
     /// Whether `arn` is one of logical queue `queue`'s SQS queues.
     pub fn is_queue(&self, queue: &str, arn: &str) -> bool {
         self.sqs.is_source(queue, arn)
-    }
-
-    /// The API's view of the stack.
-    pub fn api(&self) -> Api {
-        Api {
-            ports: self.ports.clone(),
-            tokens: self.tokens.clone(),
-            hooks: self.hooks.clone(),
-            rules: Arc::new(RwLock::new(self.rules.as_ref().clone())),
-            attempt_key: self.attempt_key.clone(),
-            operator: Arc::new(ListedVms(self.ec2.clone())),
-            // Workloads run on VMs of their own, never beside the broker.
-            others_refused: None,
-        }
-    }
-
-    /// On a stack without tokens, mints the admin token of the default project and
-    /// leaves its secret at `admin-token` in the state bucket, for the operator
-    /// (`aws s3 cp s3://<stack>-state/admin-token -`). Of two functions starting
-    /// at once, the one whose secret is written first wins; the other revokes its
-    /// token.
-    pub async fn first_admin(&self) -> Result<(), String> {
-        crate::api::leave_first_admin(&self.api(), &self.state).await
     }
 
     /// Hands the records of `event`, from logical queue `queue`, to `handle` (which
@@ -255,7 +181,7 @@ impl Cloud {
         F: FnOnce(Ports, Vec<Delivery>) -> Fut,
         Fut: Future<Output = ()>,
     {
-        let invocation = Arc::new(Invocation::new(self.sqs.clone(), queue));
+        let (ports, invocation) = self.broker.invocation(self.sqs.clone(), queue);
         let mut records = Vec::new();
         for r in event.records {
             let id = r.message_id.clone().unwrap_or_default();
@@ -292,14 +218,6 @@ impl Cloud {
                 }
             }
         }
-        let ports = Ports {
-            queue: Arc::new(SealedQueue::new(
-                invocation.clone(),
-                &self.seal,
-                sealed(&self.ports.queues),
-            )),
-            ..self.ports.clone()
-        };
         let opened = match ports.queue.receive(queue, Receive::default()).await {
             Ok(d) => d,
             Err(e) => {
@@ -361,9 +279,4 @@ where
         async move { Ok::<_, lambda_runtime::Error>(answer.await) }
     }))
     .await
-}
-
-/// The queues only the broker writes.
-fn sealed(q: &QueueNames) -> [String; 3] {
-    [q.dispatch.clone(), q.events.clone(), q.notify.clone()]
 }
