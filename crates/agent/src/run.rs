@@ -172,7 +172,7 @@ pub async fn attempt(
     } = ready;
     info!(job_id = %job, attempt, restored = ?restored, "checkpoint restored");
 
-    if let Err(e) = stage::inputs(bucket.as_ref(), &spec, &dirs.inputs).await {
+    if let Err(e) = stage::inputs(bucket.as_ref(), &args.bucket, &spec, &dirs.inputs).await {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
         // user's budget (it is the spec's inputs that are wrong), with the reason
         // in the attempt's stderr.
@@ -226,7 +226,8 @@ pub async fn attempt(
     let _ = out_task.await;
     let _ = err_task.await;
     if !ended_by_broker
-        && let Err(e) = stage::outputs(bucket.as_ref(), &spec, &job, &dirs.outputs).await
+        && let Err(e) =
+            stage::outputs(bucket.as_ref(), &args.bucket, &spec, &job, &dirs.outputs).await
     {
         stderr
             .write_line(&format!("respawn: cannot upload outputs: {e}"))

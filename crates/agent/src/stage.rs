@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use respawn_core::blob_uri::Store;
 use respawn_core::spec::JobSpec;
 use respawn_core::{JobId, layout};
 
@@ -35,20 +36,24 @@ enum Location {
     File(PathBuf),
 }
 
-fn locate(uri: &str) -> Result<Location, Error> {
-    let unsupported = |scheme: &str| Error::Uri {
+/// Where `uri` is: `bucket://` and a URI naming the agent's own bucket (`own`,
+/// its `--bucket`: `s3://name`, `az://container@account`) are keys in it, in any
+/// of the forms [`respawn_core::blob_uri`] reads; `file://` a local path.
+fn locate(uri: &str, own: &str) -> Result<Location, Error> {
+    let parsed = respawn_core::blob_uri::parse(uri).map_err(|message| Error::Uri {
         uri: uri.to_owned(),
-        message: format!(
-            "{scheme}:// is not supported by the local agent; use bucket:// (the local bucket) or file://"
-        ),
-    };
-    match uri.split_once("://") {
-        Some(("bucket", key)) => Ok(Location::Bucket(key.trim_start_matches('/').to_owned())),
-        Some(("file", path)) => Ok(Location::File(PathBuf::from(path))),
-        Some((scheme, _)) => Err(unsupported(scheme)),
-        None => Err(Error::Uri {
+        message,
+    })?;
+    let own = respawn_core::blob_uri::parse(own).ok();
+    match parsed.store {
+        Store::Bucket => Ok(Location::Bucket(parsed.key.to_owned())),
+        Store::File => Ok(Location::File(PathBuf::from(parsed.key))),
+        _ if own.as_ref().is_some_and(|o| parsed.is_in(o)) => {
+            Ok(Location::Bucket(parsed.key.to_owned()))
+        }
+        _ => Err(Error::Uri {
             uri: uri.to_owned(),
-            message: "not a URI".into(),
+            message: "names another bucket than the job's: put it in the job's bucket (bucket://KEY names a key there)".into(),
         }),
     }
 }
@@ -62,14 +67,19 @@ fn last_segment(s: &str) -> String {
 }
 
 /// Stages every input into `into`.
-pub async fn inputs(bucket: &dyn ObjectStore, spec: &JobSpec, into: &Path) -> Result<(), Error> {
+pub async fn inputs(
+    bucket: &dyn ObjectStore,
+    own: &str,
+    spec: &JobSpec,
+    into: &Path,
+) -> Result<(), Error> {
     for input in &spec.inputs {
         let name = input
             .path
             .clone()
             .unwrap_or_else(|| last_segment(&input.uri));
         let dest = into.join(&name);
-        match locate(&input.uri)? {
+        match locate(&input.uri, own)? {
             Location::Bucket(key) => copy_from_bucket(bucket, &input.uri, &key, &dest).await?,
             Location::File(path) => copy_local(&path, &dest)?,
         }
@@ -161,12 +171,13 @@ fn rel_key(rel: &Path) -> String {
 /// Uploads everything in `from` to the spec's outputs (default: the job's prefix).
 pub async fn outputs(
     bucket: &dyn ObjectStore,
+    own: &str,
     spec: &JobSpec,
     job: &JobId,
     from: &Path,
 ) -> Result<(), Error> {
     let base = match &spec.outputs {
-        Some(uri) => match locate(uri)? {
+        Some(uri) => match locate(uri, own)? {
             Location::Bucket(key) => key.trim_end_matches('/').to_owned(),
             Location::File(path) => return outputs_to_folder(from, &path),
         },
@@ -180,4 +191,53 @@ pub async fn outputs(
         bucket.put(&Key::from(key), PutPayload::from(bytes)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(uri: &str, own: &str) -> Option<String> {
+        match locate(uri, own) {
+            Ok(Location::Bucket(k)) => Some(k),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_jobs_own_bucket_is_a_key_in_any_form() {
+        let own = "az://jobs@acct";
+        for uri in [
+            "bucket://projects/p/a.csv",
+            "az://jobs/projects/p/a.csv",
+            "abfss://jobs@acct.dfs.core.windows.net/projects/p/a.csv",
+            "https://acct.blob.core.windows.net/jobs/projects/p/a.csv",
+        ] {
+            assert_eq!(key(uri, own).as_deref(), Some("projects/p/a.csv"), "{uri}");
+        }
+        assert_eq!(
+            key("s3://data/projects/p/a.csv", "s3://data").as_deref(),
+            Some("projects/p/a.csv")
+        );
+    }
+
+    #[test]
+    fn another_bucket_is_refused_with_what_to_do() {
+        for (uri, own) in [
+            (
+                "https://other.blob.core.windows.net/jobs/a.csv",
+                "az://jobs@acct",
+            ),
+            ("az://elsewhere/a.csv", "az://jobs@acct"),
+            ("s3://other/a.csv", "s3://data"),
+            ("s3://data/a.csv", "/var/lib/respawn/bucket"),
+        ] {
+            match locate(uri, own) {
+                Err(Error::Uri { message, .. }) => {
+                    assert!(message.contains("bucket://"), "{uri}: {message}")
+                }
+                _ => panic!("{uri} from {own}: expected a refusal"),
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod attempt_auth;
 pub mod beneath;
+pub mod blob_uri;
 pub mod checkpoint;
 pub mod cloud;
 #[cfg(feature = "conformance")]

@@ -42,12 +42,9 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// The object key a URI points at, without its bucket.
 fn key_of(uri: &str) -> Option<(&str, &str)> {
-    let (scheme, rest) = uri.split_once("://")?;
-    let key = match scheme {
-        "bucket" | "file" => rest,
-        _ => rest.split_once('/').map_or("", |(_, k)| k),
-    };
-    Some((scheme, key.trim_start_matches('/')))
+    let scheme = uri.split_once("://")?.0;
+    let parsed = crate::blob_uri::parse(uri).ok()?;
+    Some((scheme, parsed.key.trim_start_matches('/')))
 }
 
 /// Who is submitting, as far as the bucket is concerned.
@@ -178,6 +175,25 @@ mod tests {
         Submitter {
             local_files: true,
             ..api(project)
+        }
+    }
+
+    #[test]
+    fn azure_blob_uris_keep_to_the_project_prefix_in_every_form() {
+        for uri in [
+            "az://jobs/projects/a/x.csv",
+            "abfss://jobs@acct.dfs.core.windows.net/projects/a/x.csv",
+            "https://acct.blob.core.windows.net/jobs/projects/a/x.csv",
+        ] {
+            assert!(check_access(&spec(&[uri], None), api("a")).is_ok(), "{uri}");
+            let other = uri.replace("projects/a/", "projects/b/");
+            let e = check_access(&spec(&[&other], None), api("a")).unwrap_err();
+            assert!(e.errors[0].message.contains("outside project a"), "{other}");
+            let broker = uri.replace("projects/a/x.csv", "jobs/01j/outputs/x");
+            assert!(
+                check_access(&spec(&[&broker], None), api("a")).is_err(),
+                "{broker}"
+            );
         }
     }
 

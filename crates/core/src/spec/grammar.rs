@@ -22,9 +22,10 @@ pub const LABEL_KEY: &str = r"^[A-Za-z0-9._/-]{1,63}$";
 pub const MAX_LABEL_VALUE: usize = 256;
 /// An object-store URI: a known scheme and a key without control characters;
 /// `file://` takes an absolute path (`file:///data/x`): a relative one would be read
-/// from wherever the agent happens to run.
-pub const URI: &str =
-    r"^(?:(?:s3|az|azure|gs|bucket)://[^\u0000-\u001f\u007f]+|file:///[^\u0000-\u001f\u007f]*)$";
+/// from wherever the agent happens to run. Azure Blob storage is also named as
+/// Data Lake Storage does (`abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/KEY`)
+/// and by a blob's URL (`https://ACCOUNT.blob.core.windows.net/CONTAINER/KEY`).
+pub const URI: &str = r"^(?:(?:s3|az|azure|gs|bucket)://[^\u0000-\u001f\u007f]+|file:///[^\u0000-\u001f\u007f]*|https://[A-Za-z0-9-]+\.blob\.[A-Za-z0-9.-]+/[^/\u0000-\u001f\u007f]+(?:/[^\u0000-\u001f\u007f]*)?|abfss?://[^/@\u0000-\u001f\u007f]+@[A-Za-z0-9-]+\.dfs\.[A-Za-z0-9.-]+(?:/[^\u0000-\u001f\u007f]*)?)$";
 /// A `..` segment, refused in URIs and relative paths.
 pub const DOTDOT: &str = r"(?:^|/)\.\.(?:/|$)";
 /// A path relative to `RESPAWN_INPUT_DIR`.
@@ -36,6 +37,21 @@ pub const URL: &str =
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 pub const URI_SCHEMES: [&str; 6] = ["s3", "az", "azure", "gs", "file", "bucket"];
+
+/// `ACCOUNT.<kind>.SUFFIX`, as a storage account's host names are written.
+fn account_host(host: &str, kind: &str) -> bool {
+    host.split_once(&format!(".{kind}."))
+        .is_some_and(|(account, suffix)| {
+            !account.is_empty()
+                && !suffix.is_empty()
+                && account
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && suffix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
+}
 
 pub fn is_name(s: &str) -> bool {
     (1..=MAX_NAME).contains(&s.len())
@@ -75,7 +91,33 @@ pub fn has_dotdot(s: &str) -> bool {
 
 /// Why `uri` is not an object-store URI, if it is not. `..` is checked apart.
 pub fn uri_problem(uri: &str) -> Option<String> {
+    let control = || {
+        uri.contains(is_control)
+            .then(|| format!("expected a URI without control characters, got {uri:?}"))
+    };
     match uri.split_once("://") {
+        Some(("https", rest)) => {
+            let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let container = path.split('/').next().unwrap_or("");
+            if !account_host(host, "blob") || container.is_empty() {
+                Some(format!(
+                    "https:// URIs name Azure Blob storage: expected https://ACCOUNT.blob.core.windows.net/CONTAINER/KEY, got {uri:?}"
+                ))
+            } else {
+                control()
+            }
+        }
+        Some((scheme @ ("abfss" | "abfs"), rest)) => {
+            let first = rest.split('/').next().unwrap_or("");
+            match first.split_once('@') {
+                Some((container, host)) if !container.is_empty() && account_host(host, "dfs") => {
+                    control()
+                }
+                _ => Some(format!(
+                    "expected {scheme}://CONTAINER@ACCOUNT.dfs.core.windows.net/KEY, got {uri:?}"
+                )),
+            }
+        }
         Some(("file", rest)) if !rest.starts_with('/') => Some(format!(
             "file:// takes an absolute path (file:///data/x), got {uri:?}"
         )),
@@ -83,7 +125,7 @@ pub fn uri_problem(uri: &str) -> Option<String> {
             .contains(is_control)
             .then(|| format!("expected a URI without control characters, got {uri:?}")),
         Some((scheme, _)) if !URI_SCHEMES.contains(&scheme) => Some(format!(
-            "unsupported scheme {scheme:?}; expected one of s3, az, gs, file, bucket"
+            "unsupported scheme {scheme:?}; expected one of s3, az, abfss, https (Azure Blob storage), gs, file, bucket"
         )),
         _ => Some(format!(
             "expected a URI such as s3://bucket/key, got {uri:?}"

@@ -279,7 +279,7 @@ mod agreement {
         "notify.0",
     ];
 
-    const STRINGS: [&str; 40] = [
+    const STRINGS: [&str; 47] = [
         "",
         " ",
         "x",
@@ -299,6 +299,13 @@ mod agreement {
         "s3://b/..",
         "s3://b/x\ny",
         "bucket://projects/a/x",
+        "https://acct.blob.core.windows.net/jobs/k",
+        "https://acct.blob.core.windows.net/",
+        "https://acct.blob.core.windows.net//k",
+        "abfss://jobs@acct.dfs.core.windows.net/k",
+        "abfss://@acct.dfs.core.windows.net/k",
+        "abfs://jobs@acct.blob.core.windows.net/k",
+        "abfss://jobs@a@b.dfs.core.windows.net/k",
         "file:///etc/passwd",
         "ftp://x/y",
         "data.csv",
