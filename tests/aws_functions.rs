@@ -15,6 +15,7 @@ use respawn_core::job::{JobRecord, JobState};
 use respawn_core::ports::Ledger;
 use respawn_core::ports::ledger::ListQuery;
 use respawn_core::ports::queue::{Queue, Receive};
+use respawn_e2e::CLOUD_TRAINER_ARGS as TRAINER_ARGS;
 use respawn_e2e::aws::Emulator;
 use respawn_e2e::lambda::{self, Function};
 use serde_json::{Value, json};
@@ -608,19 +609,6 @@ async fn the_api_answers_function_url_requests_the_cli_works_against_it_and_reco
         .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
 }
 
-const TRAINER_ARGS: [&str; 10] = [
-    "--steps",
-    "800",
-    "--checkpoint-every",
-    "50",
-    "--hidden",
-    "8",
-    "--seed",
-    "11",
-    "--step-delay-ms",
-    "20",
-];
-
 /// The whole AWS path with the function binaries as the only hosts: the AWS CLI
 /// copies a file into the bucket, S3 notifies, `on-upload` makes the job,
 /// `dispatch` launches a spot instance, the emulated VM runs the instance's user
@@ -704,13 +692,7 @@ async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_t
         }
     };
     let first = interrupted.expect("the first instance was interrupted");
-    assert!(!workload_uids.is_empty(), "the workload was seen running");
-    assert!(
-        workload_uids
-            .iter()
-            .all(|u| *u == respawn_adapters::cloudvm::WORKLOAD_UID),
-        "the workload runs as its own uid, which the firewall keeps from the metadata: {workload_uids:?}"
-    );
+    respawn_e2e::assert_workload_uid(&workload_uids);
     assert_eq!(job.attempts.len(), 2, "{job:?}");
     assert_eq!(
         job.attempts[0].outcome,

@@ -19,18 +19,7 @@ use respawn_e2e::azure;
 use respawn_e2e::functions_host::FunctionsHost;
 use serde_json::{Value, json};
 
-const TRAINER_ARGS: [&str; 10] = [
-    "--steps",
-    "800",
-    "--checkpoint-every",
-    "50",
-    "--hidden",
-    "8",
-    "--seed",
-    "11",
-    "--step-delay-ms",
-    "20",
-];
+use respawn_e2e::CLOUD_TRAINER_ARGS as TRAINER_ARGS;
 
 /// A function app of its own: stack, containers and queues no other test uses.
 struct App {
@@ -483,13 +472,7 @@ async fn an_uploaded_file_trains_on_azure_spot_through_an_eviction_to_the_same_m
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let first = evicted.expect("the first VM was preempted");
-    assert!(!workload_uids.is_empty(), "the workload was seen running");
-    assert!(
-        workload_uids
-            .iter()
-            .all(|u| *u == respawn_adapters::cloudvm::WORKLOAD_UID),
-        "the workload runs as its own uid, which the firewall keeps from the metadata: {workload_uids:?}"
-    );
+    respawn_e2e::assert_workload_uid(&workload_uids);
     assert!(app.arm.throttled() >= 1, "the 429 was met");
     assert_eq!(
         app.arm.acked(),

@@ -16,7 +16,7 @@ use respawn_core::conformance::compute::{request, run};
 use respawn_core::job::JobId;
 use respawn_core::ports::compute::{Compute, Error, VmState};
 use respawn_core::time::Timestamp;
-use respawn_e2e::arm::{self, Arm, Fault};
+use respawn_e2e::arm::{self, Arm, Fault, SlowDelete};
 
 /// The harness's tokens, fetched as App Service's managed identity endpoint
 /// hands them out (the test of `azure_identity` itself is
@@ -358,4 +358,35 @@ async fn a_vm_found_unrecorded_counts_as_made() {
         VmState::Terminated
     );
     assert_eq!(arm.created().len(), 1, "one VM for the attempt, ever");
+}
+
+/// A creation that failed is deleted, and on Azure that takes a while: the
+/// attempt, retried under its number meanwhile, is a capacity miss (no budget),
+/// and once the name is free its VM is made.
+#[tokio::test]
+async fn a_failed_creation_still_being_deleted_is_waited_out() {
+    let arm = Arm::start().await;
+    arm.slow_delete(SlowDelete(3));
+    let c = provider(&arm);
+    let job = JobId::generate(Timestamp(29));
+    arm.fault(Fault::FailLater("AllocationFailed".into()));
+    assert!(matches!(
+        c.allocate(&spot(&job, 1)).await,
+        Err(Error::Capacity(_))
+    ));
+    let mut waits = 0;
+    let vm = loop {
+        match c.allocate(&spot(&job, 1)).await {
+            Err(Error::Capacity(why)) => {
+                assert!(why.contains("being deleted"), "{why}");
+                waits += 1;
+                assert!(waits < 10, "the failed VM never went");
+            }
+            Ok(vm) => break vm,
+            Err(e) => panic!("expected a capacity miss while it is deleted: {e}"),
+        }
+    };
+    assert!(waits >= 1, "the retry met the VM still being deleted");
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(arm.created().len(), 2, "the failed VM, then the attempt's");
 }

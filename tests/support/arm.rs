@@ -49,6 +49,11 @@ pub enum Fault {
     FailLater(String),
 }
 
+/// How long a deleted VM stays `Deleting` (GETs that still find it), as on Azure,
+/// where a delete takes minutes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlowDelete(pub u32);
+
 /// How VMs boot, when they do.
 #[derive(Debug, Clone)]
 pub struct Boot {
@@ -96,6 +101,10 @@ struct Inner {
     puts: Vec<Value>,
     page_size: usize,
     next_op: u64,
+    /// GETs a deleted VM survives (see [`SlowDelete`]).
+    slow_delete: u32,
+    /// VMs being deleted, with the GETs left before they are gone.
+    deleting: BTreeMap<String, u32>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -215,6 +224,11 @@ impl Arm {
         self.lock().faults.push_back(f);
     }
 
+    /// Deletes from now on leave the VM `Deleting` for this many GETs.
+    pub fn slow_delete(&self, d: SlowDelete) {
+        self.lock().slow_delete = d.0;
+    }
+
     /// The VMs that exist now, by name.
     pub fn vms(&self) -> Vec<String> {
         self.lock().vms.keys().cloned().collect()
@@ -311,19 +325,7 @@ impl Arm {
             .ok()?;
         let root = self.root.path();
         let shims = root.join("shims");
-        std::fs::create_dir_all(&shims).unwrap();
-        for (shim, text) in [
-            (
-                "iptables",
-                "#!/bin/sh\necho \"$@\" >> \"$RESPAWN_VM_ROOT/iptables.log\"\n",
-            ),
-            ("shutdown", "#!/bin/sh\nexit 0\n"),
-        ] {
-            let p = shims.join(shim);
-            std::fs::write(&p, text).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
+        crate::vm_shims(&shims);
         let custom = root.join(format!("{name}.custom-data"));
         std::fs::write(&custom, script).unwrap();
         let path = std::env::join_paths(
@@ -599,6 +601,14 @@ async fn vm(
     match method {
         Method::GET => {
             let mut inner = arm.lock();
+            if let Some(left) = inner.deleting.get_mut(&name) {
+                if *left == 0 {
+                    inner.deleting.remove(&name);
+                    inner.vms.remove(&name);
+                } else {
+                    *left -= 1;
+                }
+            }
             match inner.vms.get_mut(&name) {
                 Some(v) => {
                     let mut body = vm_json(&arm, &name, v);
@@ -626,6 +636,24 @@ async fn vm(
         }
         Method::DELETE => {
             let mut inner = arm.lock();
+            if inner.slow_delete > 0
+                && let Some(v) = inner.vms.get_mut(&name)
+            {
+                // Still there a while, Deleting; a second DELETE changes nothing.
+                v.provisioning = "Deleting".into();
+                kill(v);
+                let polls = inner.slow_delete;
+                inner.deleting.entry(name.clone()).or_insert(polls);
+                if !inner.deleted.contains(&name) {
+                    inner.deleted.push(name.clone());
+                }
+                let op = new_operation(&arm, &mut inner, &name, 0, None);
+                return json_response(
+                    StatusCode::ACCEPTED,
+                    Value::Null,
+                    &[("azure-asyncoperation", op)],
+                );
+            }
             match inner.vms.remove(&name) {
                 Some(mut v) => {
                     kill(&mut v);
@@ -650,6 +678,13 @@ async fn vm(
             };
             let mut inner = arm.lock();
             inner.puts.push(body.clone());
+            if inner.deleting.contains_key(&name) {
+                return error(
+                    StatusCode::CONFLICT,
+                    "OperationNotAllowed",
+                    "Operation 'PUT' is not allowed on VM while it is being deleted.",
+                );
+            }
             if let Some(v) = inner.vms.get(&name) {
                 // A PUT of an existing VM updates it; respawn never changes one.
                 return json_response(StatusCode::OK, vm_json(&arm, &name, v), &[]);

@@ -436,3 +436,49 @@ pub fn workload_uids(job: &str) -> Vec<u32> {
     }
     uids
 }
+
+/// The trainer's arguments in the cloud end-to-end tests: long enough (800 steps,
+/// 20 ms each) to be preempted after a checkpoint (every 50 steps).
+pub const CLOUD_TRAINER_ARGS: [&str; 10] = [
+    "--steps",
+    "800",
+    "--checkpoint-every",
+    "50",
+    "--hidden",
+    "8",
+    "--seed",
+    "11",
+    "--step-delay-ms",
+    "20",
+];
+
+/// Stand-ins, in `dir`, for what an emulated VM's boot script must not do to
+/// this machine: `iptables` (logged to `$RESPAWN_VM_ROOT/iptables.log`) and
+/// `shutdown`.
+pub fn vm_shims(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, body) in [
+        (
+            "iptables",
+            "#!/bin/sh\necho \"$@\" >> \"$RESPAWN_VM_ROOT/iptables.log\"\n",
+        ),
+        ("shutdown", "#!/bin/sh\nexit 0\n"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+}
+
+/// That every uid seen is the one cloud VMs run workloads as (the firewall keeps
+/// it from the instance metadata), and that some were seen.
+#[cfg(any(feature = "aws", feature = "azure"))]
+pub fn assert_workload_uid(uids: &[u32]) {
+    assert!(!uids.is_empty(), "the workload was seen running");
+    assert!(
+        uids.iter()
+            .all(|u| *u == respawn_adapters::cloudvm::WORKLOAD_UID),
+        "the workload runs as its own uid, which the firewall keeps from the metadata: {uids:?}"
+    );
+}

@@ -113,19 +113,7 @@ impl Vms {
         )
         .unwrap();
         let shims = root.path().join("shims");
-        std::fs::create_dir_all(&shims).unwrap();
-        for (name, body) in [
-            (
-                "iptables",
-                "#!/bin/sh\necho \"$@\" >> \"$RESPAWN_VM_ROOT/iptables.log\"\n",
-            ),
-            ("shutdown", "#!/bin/sh\nexit 0\n"),
-        ] {
-            let path = shims.join(name);
-            std::fs::write(&path, body).unwrap();
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
+        crate::vm_shims(&shims);
         Vms {
             stack: stack.to_owned(),
             root,
