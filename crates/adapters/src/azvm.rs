@@ -427,6 +427,15 @@ impl ArmVm {
         }
     }
 
+    /// Whether ARM itself ended this VM's creation (failed, cancelled, or being
+    /// deleted after): not a VM that ran and stopped.
+    fn creation_failed(&self) -> bool {
+        matches!(
+            self.properties.provisioning_state.as_str(),
+            "Failed" | "Canceled" | "Deleting"
+        )
+    }
+
     fn key(&self) -> Option<AllocationKey> {
         Some(AllocationKey {
             job: self.tags.get(TAG_JOB)?.parse().ok()?,
@@ -712,7 +721,7 @@ impl ArmCompute {
         }
         if let Some(found) = self.get_vm(name).await.map_err(ArmError::into_compute)? {
             let made = current.as_ref().is_some_and(|(r, _)| r.made);
-            if !made && found.state() == VmState::Terminated {
+            if !made && found.creation_failed() {
                 // A creation that failed, still being deleted: it never ran, and
                 // the attempt waits (no budget) until the name is free.
                 let _ = self.delete_vm(name).await;
@@ -777,7 +786,16 @@ impl ArmCompute {
             ..putting.clone()
         };
         let Some(version) = self.put_record(name, &created, Some(&version)).await? else {
-            // Released while the PUT was on its way: what it made goes.
+            // Changed while the PUT was on its way: by a release (what it made
+            // goes), or by another dispatcher of the attempt (the next try finds
+            // the VM and its record).
+            let released = self
+                .record(name)
+                .await?
+                .is_some_and(|(r, _)| r.stage == Stage::Released);
+            if !released {
+                return Ok(None);
+            }
             warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, "released during its creation; deleting it");
             self.delete_vm(name).await.map_err(ArmError::into_compute)?;
             return Ok(Some(terminated(&putting)));
@@ -799,12 +817,14 @@ impl ArmCompute {
                 Some(Ok(())) => vm.state = VmState::Running,
                 Some(Err(e)) => {
                     warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, code = %e.code, error = %e.message, "VM creation failed; deleting it");
+                    // It never ran: recorded as not made before it goes, so that
+                    // nothing reads its absence as an eviction; the attempt is
+                    // retried under its number and may make it again (once the
+                    // failed one is gone). A release since keeps its mark.
+                    self.put_record(name, &putting, Some(&version)).await?;
                     if let Err(d) = self.delete_vm(name).await {
                         warn!(job_id = %req.key.job, attempt = req.key.attempt, vm = %name, error = %d.message, "cannot delete the failed VM; the next allocation tries again");
                     }
-                    // It never ran: the attempt is retried under its number, and
-                    // may make it again (once the failed one is gone).
-                    self.put_record(name, &putting, Some(&version)).await?;
                     return Err(e.into_compute());
                 }
                 None => {}

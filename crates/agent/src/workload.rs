@@ -167,6 +167,42 @@ fn process_env(
     env
 }
 
+/// `program` as found on the agent's own PATH (unchanged when it names a path, or
+/// is not found: spawning then says so).
+fn on_agents_path(program: &Path) -> PathBuf {
+    if program.components().count() > 1 {
+        return program.to_owned();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| program.to_owned())
+}
+
+/// Whether the container runtime's own CLI (root, on a cloud VM) would read the
+/// variable `name` from its environment: the dynamic loader's, the runtime's
+/// settings, where it looks for programs and configuration.
+fn read_by_runtime(name: &str) -> bool {
+    [
+        "LD_",
+        "DOCKER_",
+        "CONTAINERS_",
+        "CONTAINER_",
+        "PODMAN_",
+        "XDG_",
+        "GCONV_",
+        "MALLOC_",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+        || matches!(
+            name,
+            "PATH" | "HOME" | "TMPDIR" | "HOSTALIASES" | "LOCALDOMAIN" | "RES_OPTIONS"
+        )
+}
+
 /// Gives the work folder, and everything the agent staged in it, to `uid` (its
 /// group too), so that the workload running as it can write there.
 fn hand_over(root: &Path, uid: u32) -> std::io::Result<()> {
@@ -218,22 +254,19 @@ impl Workload {
                             cwd,
                             masked,
                         };
-                        let mut cmd = match args.workload_uid {
-                            Some(uid) => {
-                                hand_over(&dirs.root, uid).map_err(|source| Error::Spawn {
-                                    program: program.clone(),
-                                    source,
-                                })?;
-                                let mut cmd = Command::new("setpriv");
-                                cmd.arg(format!("--reuid={uid}"))
-                                    .arg(format!("--regid={uid}"))
-                                    .arg("--clear-groups")
-                                    .arg("--")
-                                    .arg(bwrap);
-                                cmd
-                            }
-                            None => Command::new(bwrap),
-                        };
+                        // Found on the agent's PATH, not the job's: the command's
+                        // environment is the job's own.
+                        let mut cmd = Command::new(on_agents_path(bwrap));
+                        if let Some(uid) = args.workload_uid {
+                            hand_over(&dirs.root, uid).map_err(|source| Error::Spawn {
+                                program: program.clone(),
+                                source,
+                            })?;
+                            // Dropped in the child before bubblewrap starts (and its
+                            // supplementary groups with it): no process of the agent's
+                            // uid ever runs with the job's environment (LD_PRELOAD…).
+                            cmd.uid(uid).gid(uid);
+                        }
                         cmd.args(sandbox::bwrap_args(&mounts));
                         cmd
                     }
@@ -400,7 +433,14 @@ fn container_command(
         cmd.arg(format!("--gpus=\"device={gpus}\""));
     }
     for (k, v) in secrets {
-        cmd.arg(format!("--env={k}")).env(k, v);
+        if read_by_runtime(k) {
+            // Never in the runtime CLI's own environment (LD_PRELOAD would run
+            // the job's code as root): on its command line, seen only on this VM.
+            cmd.arg(format!("--env={k}={v}"));
+        } else {
+            // Off the command line, which every process may read.
+            cmd.arg(format!("--env={k}")).env(k, v);
+        }
     }
     if let Some(wd) = &spec.working_dir {
         cmd.arg(format!("--workdir={wd}"));
@@ -597,7 +637,10 @@ mod tests {
             imds: None,
             scheduled_events: None,
         };
-        let secrets = BTreeMap::from([("TOKEN".to_owned(), "s3cret".to_owned())]);
+        let secrets = BTreeMap::from([
+            ("TOKEN".to_owned(), "s3cret".to_owned()),
+            ("LD_PRELOAD".to_owned(), "/work/evil.so".to_owned()),
+        ]);
         let cmd = container_command(
             "docker",
             "ubuntu:24.04",
@@ -632,5 +675,25 @@ mod tests {
             "a secret on the command line"
         );
         assert!(argv.contains(&"--env=TOKEN".to_owned()));
+        // What the runtime's own CLI (root) would read never reaches its
+        // environment.
+        let env: Vec<String> = cmd
+            .as_std()
+            .get_envs()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        assert!(!env.contains(&"LD_PRELOAD".to_owned()), "{env:?}");
+        assert!(env.contains(&"TOKEN".to_owned()));
+        assert!(argv.contains(&"--env=LD_PRELOAD=/work/evil.so".to_owned()));
+    }
+
+    #[test]
+    fn the_sandbox_is_found_on_the_agents_path() {
+        let found = on_agents_path(Path::new("sh"));
+        assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
+        assert_eq!(
+            on_agents_path(Path::new("/opt/bwrap")),
+            Path::new("/opt/bwrap")
+        );
     }
 }

@@ -79,6 +79,23 @@ fn check_uri(who: Submitter<'_>, field: Field, path: &str, uri: &str, errs: &mut
     if key.split('/').any(|s| s == "..") {
         return deny(format!("`..` is not allowed in URIs, got {uri:?}"));
     }
+    if scheme != "file" {
+        // A store names keys, not paths: `.` or an empty segment would be a second
+        // spelling of a key the prefix rules below never see, and no key at all is
+        // the whole bucket, every job's files in it.
+        let segments: Vec<&str> = key.split('/').collect();
+        let last = segments.len() - 1;
+        if key.is_empty()
+            || segments
+                .iter()
+                .enumerate()
+                .any(|(i, s)| *s == "." || (s.is_empty() && i != last))
+        {
+            return deny(format!(
+                "expected a key inside the bucket without empty or `.` segments, got {uri:?}"
+            ));
+        }
+    }
     if scheme == "file" {
         if project != DEFAULT {
             deny(format!(
@@ -106,7 +123,7 @@ fn check_uri(who: Submitter<'_>, field: Field, path: &str, uri: &str, errs: &mut
     }
     let own = format!("projects/{project}/");
     if project == DEFAULT {
-        if key.starts_with("projects/") {
+        if key == "projects" || key.starts_with("projects/") {
             deny(format!(
                 "{uri} is inside another project's prefix (projects/…)"
             ));
@@ -176,6 +193,25 @@ mod tests {
             local_files: true,
             ..api(project)
         }
+    }
+
+    #[test]
+    fn no_uri_reaches_the_whole_bucket_or_spells_a_key_twice() {
+        for uri in [
+            "bucket:///",
+            "az://jobs",
+            "https://acct.blob.core.windows.net/jobs",
+            "abfss://jobs@acct.dfs.core.windows.net",
+            "bucket://./jobs/01j/spec.json",
+            "bucket://data//x",
+            "bucket://projects",
+        ] {
+            for who in [api("default"), api("a")] {
+                let as_output = check_access(&spec(&[], Some(uri)), who);
+                assert!(as_output.is_err(), "{uri} as outputs, for {}", who.project);
+            }
+        }
+        assert!(check_access(&spec(&["bucket://data/x/"], None), api("default")).is_ok());
     }
 
     #[test]

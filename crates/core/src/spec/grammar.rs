@@ -24,8 +24,9 @@ pub const MAX_LABEL_VALUE: usize = 256;
 /// `file://` takes an absolute path (`file:///data/x`): a relative one would be read
 /// from wherever the agent happens to run. Azure Blob storage is also named as
 /// Data Lake Storage does (`abfss://CONTAINER@ACCOUNT.dfs.core.windows.net/KEY`)
-/// and by a blob's URL (`https://ACCOUNT.blob.core.windows.net/CONTAINER/KEY`).
-pub const URI: &str = r"^(?:(?:s3|az|azure|gs|bucket)://[^\u0000-\u001f\u007f]+|file:///[^\u0000-\u001f\u007f]*|https://[A-Za-z0-9-]+\.blob\.[A-Za-z0-9.-]+/[^/\u0000-\u001f\u007f]+(?:/[^\u0000-\u001f\u007f]*)?|abfss?://[^/@\u0000-\u001f\u007f]+@[A-Za-z0-9-]+\.dfs\.[A-Za-z0-9.-]+(?:/[^\u0000-\u001f\u007f]*)?)$";
+/// and by a blob's URL (`https://ACCOUNT.blob.core.windows.net/CONTAINER/KEY`),
+/// neither with a query or fragment.
+pub const URI: &str = r"^(?:(?:s3|az|azure|gs|bucket)://[^\u0000-\u001f\u007f]+|file:///[^\u0000-\u001f\u007f]*|https://[A-Za-z0-9-]+\.blob\.[A-Za-z0-9.-]+/[^/?#\u0000-\u001f\u007f]+(?:/[^?#\u0000-\u001f\u007f]*)?|abfss?://[^/@?#\u0000-\u001f\u007f]+@[A-Za-z0-9-]+\.dfs\.[A-Za-z0-9.-]+(?:/[^?#\u0000-\u001f\u007f]*)?)$";
 /// A `..` segment, refused in URIs and relative paths.
 pub const DOTDOT: &str = r"(?:^|/)\.\.(?:/|$)";
 /// A path relative to `RESPAWN_INPUT_DIR`.
@@ -96,6 +97,9 @@ pub fn uri_problem(uri: &str) -> Option<String> {
             .then(|| format!("expected a URI without control characters, got {uri:?}"))
     };
     match uri.split_once("://") {
+        Some(("https" | "abfss" | "abfs", rest)) if rest.contains(['?', '#']) => Some(format!(
+            "expected a blob's name without a query or fragment (?…, #…): a SAS token is a secret, and the broker's identity reads the blob; got {uri:?}"
+        )),
         Some(("https", rest)) => {
             let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
             let container = path.split('/').next().unwrap_or("");

@@ -279,7 +279,7 @@ mod agreement {
         "notify.0",
     ];
 
-    const STRINGS: [&str; 47] = [
+    const STRINGS: [&str; 49] = [
         "",
         " ",
         "x",
@@ -306,6 +306,8 @@ mod agreement {
         "abfss://@acct.dfs.core.windows.net/k",
         "abfs://jobs@acct.blob.core.windows.net/k",
         "abfss://jobs@a@b.dfs.core.windows.net/k",
+        "https://acct.blob.core.windows.net/jobs/k?sig=x",
+        "abfss://jobs@acct.dfs.core.windows.net/k#f",
         "file:///etc/passwd",
         "ftp://x/y",
         "data.csv",

@@ -277,10 +277,13 @@ pub async fn start() -> Result<&'static AzCloud, String> {
 /// taken.
 pub(crate) fn host_value(v: &serde_json::Value) -> serde_json::Value {
     match v {
-        serde_json::Value::String(s) => match serde_json::from_str::<String>(s) {
-            Ok(inner) => serde_json::Value::String(inner),
-            Err(_) => v.clone(),
-        },
+        // Exactly a JSON string literal, nothing around it.
+        serde_json::Value::String(s) if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') => {
+            match serde_json::from_str::<String>(s) {
+                Ok(inner) => serde_json::Value::String(inner),
+                Err(_) => v.clone(),
+            }
+        }
         other => other.clone(),
     }
 }
@@ -320,5 +323,7 @@ mod tests {
         let encoded = json!(serde_json::to_string(sent).unwrap());
         assert_eq!(host_value(&encoded), json!(sent));
         assert_eq!(host_value(&json!(sent)), json!(sent));
+        // Only a literal with nothing around it is unwrapped.
+        assert_eq!(host_value(&json!(" \"abc\" ")), json!(" \"abc\" "));
     }
 }
