@@ -377,6 +377,60 @@ async fn the_custom_handler_answers_each_triggers_documented_payload() {
         "a delivery that is no event is refused (Event Grid dead-letters it)"
     );
 
+    // A submission by message, with its reply queue: the submitter hears that
+    // its job was accepted, with its correlation id, on its own queue.
+    let replies = azure::unique("replies");
+    q.put_message(&replies, "x").await.unwrap();
+    for m in q
+        .get_messages(&replies, 1, Duration::from_secs(1))
+        .await
+        .unwrap()
+    {
+        q.delete_message(&replies, &m.id, &m.pop_receipt)
+            .await
+            .unwrap();
+    }
+    let broker = queue_client(&format!("{}-", app.stack));
+    let mut msg = respawn_core::ports::queue::Outgoing::new(
+        json!({"spec": {"name": "by-message", "command": ["true"]}}).to_string(),
+    );
+    msg.attributes.insert("reply_to".into(), replies.clone());
+    msg.attributes
+        .insert("correlation_id".into(), "corr-7".into());
+    respawn_core::ports::Queue::send(&broker, "submit", msg)
+        .await
+        .unwrap();
+    let mut heard = None;
+    for _ in 0..50 {
+        app.host.pump().await;
+        if let Some(m) = q
+            .get_messages(&replies, 1, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .pop()
+        {
+            heard = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let heard = heard.unwrap_or_else(|| panic!("no reply\n{}", app.host.log()));
+    let reply: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(&heard.text)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reply["type"], "accepted", "{reply}");
+    assert_eq!(reply["correlation_id"], "corr-7", "{reply}");
+    // A reply can never be aimed at the broker's own queues.
+    assert!(
+        broker
+            .reply(&format!("{}-dispatch-no", app.stack), None, b"{}")
+            .await
+            .is_err()
+    );
+
     // Timer trigger.
     let (status, answer) = app
         .host

@@ -768,6 +768,55 @@ impl StorageQueue {
         self.put(physical, text, Duration::ZERO).await
     }
 
+    /// Sends `body` (JSON) to a submitter's own queue `to` (its name, in this
+    /// account), base64 as the Functions host and Azure's SDKs read it, with
+    /// `correlation_id` added to the object; `Ok(false)` when that queue does not
+    /// exist. The broker's own queues (its prefix) are never a reply's.
+    pub async fn reply(
+        &self,
+        to: &str,
+        correlation_id: Option<&str>,
+        body: &[u8],
+    ) -> Result<bool, Error> {
+        if !self.prefix.is_empty() && to.to_ascii_lowercase().starts_with(&self.prefix) {
+            return Err(Error::Invalid(format!(
+                "{to:?} is one of the broker's queues, not a reply queue"
+            )));
+        }
+        let ok = (3..=63).contains(&to.len())
+            && to
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            return Err(Error::Invalid(format!(
+                "{to:?} is not a Storage Queue name (3 to 63 of a-z, 0-9 and '-')"
+            )));
+        }
+        let mut value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| Error::Invalid(e.to_string()))?;
+        if let (Some(id), Some(obj)) = (correlation_id, value.as_object_mut()) {
+            obj.insert("correlation_id".into(), id.into());
+        }
+        let text = base64::engine::general_purpose::STANDARD.encode(value.to_string());
+        let xml = format!(
+            "<QueueMessage><MessageText>{}</MessageText></QueueMessage>",
+            xml_escape(&text)
+        );
+        match self
+            .call(
+                reqwest_aws::Method::POST,
+                &format!("/{to}/messages"),
+                &[("messagettl", "-1".to_owned())],
+                Some(xml),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err((404, _)) => Ok(false),
+            Err(e) => Err(Self::failed(&format!("reply to {to}"), e)),
+        }
+    }
+
     /// The physical queues of logical `queue`, highest band first (what a function
     /// app's queue triggers name).
     pub fn physical_queues(&self, queue: &str) -> Result<Vec<String>, Error> {

@@ -1,9 +1,10 @@
-//! Replies to queue submitters (`reply_to` + `correlation_id`, on RabbitMQ or SQS).
+//! Replies to queue submitters (`reply_to` + `correlation_id`, on RabbitMQ, SQS or
+//! Storage Queues).
 
 use respawn_core::job::ReplyTo;
 use serde_json::Value;
 use tracing::debug;
-#[cfg(any(feature = "amqp", feature = "aws"))]
+#[cfg(any(feature = "amqp", feature = "aws", feature = "azure"))]
 use tracing::warn;
 
 /// Where replies can go: nowhere without a queue server, else through it.
@@ -16,6 +17,9 @@ pub enum Replies {
     /// To the SQS queue (URL or name) the submitter named.
     #[cfg(feature = "aws")]
     Sqs(std::sync::Arc<respawn_adapters::sqs::SqsQueue>),
+    /// To the Storage Queue (of the broker's account) the submitter named.
+    #[cfg(feature = "azure")]
+    Storage(std::sync::Arc<respawn_adapters::azqueue::StorageQueue>),
 }
 
 impl Replies {
@@ -43,12 +47,19 @@ impl Replies {
                     .await
                     .map_err(|e| e.to_string()),
             ),
+            #[cfg(feature = "azure")]
+            Replies::Storage(q) => told(
+                to,
+                q.reply(&to.queue, correlation, text.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
         }
     }
 }
 
 /// Logs what became of a reply: sent, its queue gone, or not sent.
-#[cfg(any(feature = "amqp", feature = "aws"))]
+#[cfg(any(feature = "amqp", feature = "aws", feature = "azure"))]
 fn told(to: &ReplyTo, sent: Result<bool, String>) {
     match sent {
         Ok(true) => {}

@@ -242,10 +242,10 @@ impl AzCloud {
         })
     }
 
-    /// Replies to queue submitters: none on Azure yet (a reply queue is the
-    /// submitter's own Storage Queue, which the broker has no right to).
+    /// Replies to queue submitters: to the Storage Queue (of this account) a
+    /// submission names in `reply_to`.
     pub fn replies(&self) -> Replies {
-        Replies::None
+        Replies::Storage(self.queue.clone())
     }
 }
 
