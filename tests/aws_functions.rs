@@ -650,13 +650,7 @@ async fn a_file_copied_with_the_aws_cli_trains_on_spot_through_an_interruption_t
     let uploads = vec![format!("{}-uploads-no", stack.name)];
     let mut event_queues = stack.bands("events");
     event_queues.push(format!("{}-ec2-no", stack.name));
-    let deadline = std::time::Instant::now()
-        + Duration::from_secs(
-            std::env::var("E2E_SECS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(240),
-        );
+    let deadline = respawn_e2e::e2e_deadline(Duration::from_secs(240));
     let mut interrupted: Option<String> = None;
     let mut workload_uids = Vec::new();
     let job = loop {

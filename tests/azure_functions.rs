@@ -476,13 +476,7 @@ async fn an_uploaded_file_trains_on_azure_spot_through_an_eviction_to_the_same_m
     app.deliver_to_queue(&app.event_of("eventgrid-blob-created.json", "incoming/points.csv"))
         .await;
 
-    let deadline = Instant::now()
-        + Duration::from_secs(
-            std::env::var("E2E_SECS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(300),
-        );
+    let deadline = respawn_e2e::e2e_deadline(Duration::from_secs(300));
     let mut evicted: Option<String> = None;
     let mut workload_uids = Vec::new();
     let mut last_tick = Instant::now();

@@ -482,3 +482,12 @@ pub fn assert_workload_uid(uids: &[u32]) {
         "the workload runs as its own uid, which the firewall keeps from the metadata: {uids:?}"
     );
 }
+
+/// When a long end-to-end test gives up: `default` from now, or `E2E_SECS`.
+pub fn e2e_deadline(default: Duration) -> Instant {
+    let secs = std::env::var("E2E_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(default, Duration::from_secs);
+    Instant::now() + secs
+}

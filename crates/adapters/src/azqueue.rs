@@ -255,6 +255,18 @@ fn lease_lost((status, text): &(u16, String)) -> bool {
     *status == 404 || (*status == 400 && text.contains("<Code>PopReceiptMismatch</Code>"))
 }
 
+/// Whether `name` is a Storage Queue's name of at most `max` characters: a-z,
+/// 0-9 and single '-', starting and ending with a letter or digit.
+fn is_queue_name(name: &str, max: usize) -> bool {
+    (3..=max).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.contains("--")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -300,14 +312,7 @@ impl StorageQueue {
         }
         // A queue's poison queue must fit too.
         let room = if poison { 63 } else { 63 - "-poison".len() };
-        let ok = (3..=room).contains(&name.len())
-            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && name.ends_with(|c: char| c.is_ascii_alphanumeric())
-            && !name.contains("--")
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !ok {
+        if !is_queue_name(&name, room) {
             return Err(Error::Invalid(format!(
                 "queue {queue:?} makes the Storage Queue name {name:?}: names are 3 to 63 of a-z, 0-9 and single '-' (56 for a queue, whose poison queue adds \"-poison\")"
             )));
@@ -783,13 +788,9 @@ impl StorageQueue {
                 "{to:?} is one of the broker's queues, not a reply queue"
             )));
         }
-        let ok = (3..=63).contains(&to.len())
-            && to
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !ok {
+        if !is_queue_name(to, 63) {
             return Err(Error::Invalid(format!(
-                "{to:?} is not a Storage Queue name (3 to 63 of a-z, 0-9 and '-')"
+                "{to:?} is not a Storage Queue name (3 to 63 of a-z, 0-9 and single '-')"
             )));
         }
         let mut value: serde_json::Value =
