@@ -54,6 +54,11 @@ fn store(container: &str) -> Arc<dyn object_store::ObjectStore> {
 
 impl App {
     async fn start(rule: &str) -> App {
+        App::start_with(rule, &[]).await
+    }
+
+    /// The app with `extra` app settings besides the test's own.
+    async fn start_with(rule: &str, extra: &[(&str, &str)]) -> App {
         let stack = azure::unique("fn");
         let data = azure::unique("jobs");
         let state = azure::unique("state");
@@ -94,6 +99,11 @@ impl App {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
         .collect();
         settings.extend(arm.identity_env());
         let host = FunctionsHost::start(
@@ -195,6 +205,45 @@ print(json.dumps(e))
 
     fn api(&self, path: &str) -> String {
         format!("{}/api{path}", self.host.url)
+    }
+
+    /// Runs the function app — its queues pumped, `reconcile` ticked every 2 s —
+    /// handing the jobs to `check` until it returns something.
+    async fn drive<T>(&self, what: &str, mut check: impl FnMut(&[JobRecord]) -> Option<T>) -> T {
+        let deadline = respawn_e2e::e2e_deadline(Duration::from_secs(300));
+        let mut last_tick = Instant::now();
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not in time: {:?}\nhandler: {}\nVMs: {}",
+                self.jobs().await,
+                self.host.log(),
+                self.arm.logs()
+            );
+            self.host.pump().await;
+            if last_tick.elapsed() > Duration::from_secs(2) {
+                self.host.tick("reconcile").await;
+                last_tick = Instant::now();
+            }
+            if let Some(t) = check(&self.jobs().await) {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Submits `spec` through the API as the first admin.
+    async fn submit(&self, spec: &Value) -> String {
+        let r = reqwest::Client::new()
+            .post(self.api("/v1/jobs"))
+            .bearer_auth(self.admin_token().await)
+            .json(spec)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{r:?}");
+        let body: Value = r.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
     }
 }
 
@@ -476,49 +525,33 @@ async fn an_uploaded_file_trains_on_azure_spot_through_an_eviction_to_the_same_m
     app.deliver_to_queue(&app.event_of("eventgrid-blob-created.json", "incoming/points.csv"))
         .await;
 
-    let deadline = respawn_e2e::e2e_deadline(Duration::from_secs(300));
     let mut evicted: Option<String> = None;
     let mut workload_uids = Vec::new();
-    let mut last_tick = Instant::now();
-    let job = loop {
-        assert!(
-            Instant::now() < deadline,
-            "not done in time: {:?}\nhandler: {}\nVMs: {}",
-            app.jobs().await,
-            app.host.log(),
-            app.arm.logs()
-        );
-        app.host.pump().await;
-        if last_tick.elapsed() > Duration::from_secs(2) {
-            app.host.tick("reconcile").await;
-            last_tick = Instant::now();
-        }
-        let jobs = app.jobs().await;
-        let Some(job) = jobs.first() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        if job.state == JobState::Succeeded {
-            break job.clone();
-        }
-        assert!(!job.state.is_terminal(), "{job:?}\nVMs: {}", app.arm.logs());
-        if job.state == JobState::Running && workload_uids.is_empty() {
-            workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
-        }
-        if evicted.is_none()
-            && job.state == JobState::Running
-            && job
-                .attempts
-                .last()
-                .is_some_and(|a| a.last_checkpoint.is_some())
-            && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
-            && app.arm.vms().contains(&vm)
-        {
-            app.arm.preempt(&vm, Duration::from_secs(30));
-            evicted = Some(vm);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let job = app
+        .drive("the job succeeded", |jobs| {
+            let job = jobs.first()?;
+            if job.state == JobState::Succeeded {
+                return Some(job.clone());
+            }
+            assert!(!job.state.is_terminal(), "{job:?}\nVMs: {}", app.arm.logs());
+            if job.state == JobState::Running && workload_uids.is_empty() {
+                workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
+            }
+            if evicted.is_none()
+                && job.state == JobState::Running
+                && job
+                    .attempts
+                    .last()
+                    .is_some_and(|a| a.last_checkpoint.is_some())
+                && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
+                && app.arm.vms().contains(&vm)
+            {
+                app.arm.preempt(&vm, Duration::from_secs(30));
+                evicted = Some(vm);
+            }
+            None
+        })
+        .await;
     let first = evicted.expect("the first VM was preempted");
     respawn_e2e::assert_workload_uid(&workload_uids);
     assert!(app.arm.throttled() >= 1, "the 429 was met");
@@ -575,4 +608,152 @@ async fn an_uploaded_file_trains_on_azure_spot_through_an_eviction_to_the_same_m
         "one VM per attempt that ran: {:?}",
         app.arm.created()
     );
+}
+
+/// Whether slot 0 of pool `warm` holds an idle VM that takes work (its record in
+/// the state container).
+fn pool_slot_idle(app: &App) -> Option<()> {
+    let out = azure::azurite().python(&format!(
+        r#"
+from azure.storage.blob import BlobServiceClient
+c = BlobServiceClient.from_connection_string("{{conn}}").get_container_client("{state}")
+b = c.get_blob_client("pools/warm/0.json")
+print(b.download_blob().readall().decode() if b.exists() else "{{}}")
+"#,
+        state = app.state
+    ));
+    let slot: Value = serde_json::from_str(out.trim()).unwrap();
+    (slot["instance"].is_string()
+        && slot["current"].is_null()
+        && slot["draining"] == false
+        && slot["closing"] == false)
+        .then_some(())
+}
+
+/// A warm pool on Azure through the function app (`max=1`): an uploaded file's
+/// training job runs on a pool VM; a Preempt Scheduled Event on that VM makes its
+/// agent checkpoint, acknowledge and take no more work; the job resumes on a new
+/// pool VM from that checkpoint to the same model. Jobs after it run on that same
+/// VM, each finding nothing the one before left; idle past the pool's timeout,
+/// `reconcile` retires the VM and its agent ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_pool_on_azure_runs_jobs_in_a_row_and_survives_an_eviction() {
+    let app = App::start_with(
+        &train_rule(),
+        &[("RESPAWN_AZURE_POOLS", "warm:max=1,idle=15s")],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("points.csv");
+    respawn_e2e::generate_csv(300, &csv);
+    let expected = respawn_e2e::baseline_model(&csv, &TRAINER_ARGS);
+    app.upload("incoming/points.csv", &std::fs::read(&csv).unwrap());
+    app.deliver_to_queue(&app.event_of("eventgrid-blob-created.json", "incoming/points.csv"))
+        .await;
+
+    let mut evicted: Option<String> = None;
+    let mut workload_uids = Vec::new();
+    let job = app
+        .drive("the training job succeeded", |jobs| {
+            let job = jobs.first()?;
+            if job.state == JobState::Succeeded {
+                return Some(job.clone());
+            }
+            assert!(!job.state.is_terminal(), "{job:?}\nVMs: {}", app.arm.logs());
+            if job.state == JobState::Running && workload_uids.is_empty() {
+                workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
+            }
+            if evicted.is_none()
+                && job.state == JobState::Running
+                && job
+                    .attempts
+                    .last()
+                    .is_some_and(|a| a.last_checkpoint.is_some())
+                && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
+            {
+                app.arm.preempt(&vm, Duration::from_secs(10));
+                evicted = Some(vm);
+            }
+            None
+        })
+        .await;
+    let first = evicted.expect("the first pool VM was preempted");
+    respawn_e2e::assert_workload_uid(&workload_uids);
+    assert_eq!(
+        app.arm.tags(&job.attempts[1].vm.clone().unwrap()).unwrap()["respawn-pool"],
+        "warm",
+        "the job ran on pool VMs"
+    );
+    assert_eq!(
+        app.arm.acked(),
+        vec![(first.clone(), format!("evict-{first}"))],
+        "the agent acknowledged the eviction"
+    );
+    assert!(
+        app.arm
+            .log(&first)
+            .contains("the vm was given notice; taking no more work"),
+        "{}",
+        app.arm.log(&first)
+    );
+    assert_eq!(job.attempts.len(), 2, "{job:?}");
+    assert_eq!(job.attempts[0].outcome, Some(AttemptOutcome::Preempted));
+    assert_ne!(job.attempts[1].vm.as_ref(), Some(&first), "{job:?}");
+    assert_eq!(
+        job.attempts[1].restored_checkpoint, job.attempts[0].last_checkpoint,
+        "resumed from the checkpoint uploaded on the notice: {job:?}"
+    );
+    let model = store(&app.data)
+        .get(&format!("jobs/{}/outputs/model.txt", job.id).as_str().into())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        model.as_ref() == expected.as_slice(),
+        "the model differs from an uninterrupted run's"
+    );
+    let warm = job.attempts[1].vm.clone().unwrap();
+
+    // Jobs in a row on the one warm VM; each fails if anything of an earlier one
+    // is in its folders, and leaves some behind.
+    let look = r#"test ! -e left && test ! -e "$RESPAWN_OUTPUT_DIR/left" && touch left "$RESPAWN_OUTPUT_DIR/left""#;
+    for n in 0..2 {
+        // Once the VM's agent has asked for work again (its slot no longer
+        // draining): a job that came sooner would wait out a capacity backoff.
+        app.drive("the warm VM idle", |_| pool_slot_idle(&app))
+            .await;
+        let id = app
+            .submit(&json!({"name": format!("warm-{n}"), "command": ["sh", "-c", look]}))
+            .await;
+        let done = app
+            .drive(&format!("warm-{n} succeeded"), |jobs| {
+                let j = jobs.iter().find(|j| j.id.to_string() == id)?;
+                assert!(
+                    !j.state.is_terminal() || j.state == JobState::Succeeded,
+                    "{j:?}\nVMs: {}",
+                    app.arm.logs()
+                );
+                (j.state == JobState::Succeeded).then(|| j.clone())
+            })
+            .await;
+        assert_eq!(done.attempts.len(), 1, "{done:?}");
+        assert_eq!(
+            done.attempts[0].vm.as_ref(),
+            Some(&warm),
+            "{done:?}\nhandler: {}\nVMs: {}",
+            app.host.log(),
+            app.arm.logs()
+        );
+    }
+    assert_eq!(app.arm.created().len(), 2, "{:?}", app.arm.created());
+
+    // Idle past 15 s (long enough for the jobs above to find it warm), reconcile
+    // retires the VM.
+    app.drive("the idle pool VM retired", |_| {
+        app.arm.vms().is_empty().then_some(())
+    })
+    .await;
+    assert!(app.arm.deleted().contains(&warm));
 }

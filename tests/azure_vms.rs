@@ -72,6 +72,7 @@ fn config(arm: &Arm) -> ArmConfig {
             grace_secs: 25,
         },
         follow: Duration::from_secs(5),
+        pools: Vec::new(),
     }
 }
 
@@ -389,4 +390,159 @@ async fn a_failed_creation_still_being_deleted_is_waited_out() {
     assert!(waits >= 1, "the retry met the VM still being deleted");
     assert_eq!(vm.state, VmState::Running);
     assert_eq!(arm.created().len(), 2, "the failed VM, then the attempt's");
+}
+
+fn pooled(arm: &Arm, pools: &[&str]) -> ArmCompute {
+    let mut cfg = config(arm);
+    cfg.pools = pools.iter().map(|p| p.parse().unwrap()).collect();
+    ArmCompute::new(
+        cfg,
+        Arc::new(HarnessToken(arm.url.clone())),
+        Arc::new(InMemory::new()),
+    )
+    .unwrap()
+}
+
+/// The pool VM name a VM of the harness was made as (its `respawn-vm` tag).
+fn pool_vm_of(arm: &Arm, name: &str) -> String {
+    arm.tags(name).unwrap()["respawn-vm"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn pooled_spot_vms_on_arm_pass_the_compute_conformance_suite() {
+    let arm = Arm::start().await;
+    let c = pooled(&arm, &["warm:max=4"]);
+    run(&c).await;
+    // The suite's attempts ran on pool VMs: tagged with the pool, not a job.
+    let vms = arm.vms();
+    assert!(!vms.is_empty());
+    for vm in &vms {
+        let tags = arm.tags(vm).unwrap();
+        assert_eq!(tags["respawn-pool"], "warm", "{tags}");
+        assert!(tags.get("respawn-job").is_none(), "{tags}");
+    }
+}
+
+/// A warm pool on Azure: attempts in a row run on one VM, made once, whose
+/// custom data boots the agent in pool mode with the VM's own credential; the
+/// pool never grows past `max`; an evicted pool VM ends its attempt and its slot;
+/// idle VMs retire after the idle timeout; a capacity miss on a pool VM frees its
+/// slot for the next try.
+#[tokio::test]
+async fn a_pool_vm_on_arm_runs_attempt_after_attempt_and_retires_when_idle() {
+    let arm = Arm::start().await;
+    let c = pooled(&arm, &["warm:max=2,idle=1s"]);
+    let jobs: Vec<JobId> = (0..5)
+        .map(|i| JobId::generate(Timestamp(900 + i)))
+        .collect();
+
+    let first = c.allocate(&spot(&jobs[0], 1)).await.unwrap();
+    assert_eq!(arm.created(), vec![first.id.clone()]);
+    let vm = pool_vm_of(&arm, &first.id);
+    let put = &arm.puts()[0];
+    assert_eq!(put["properties"]["priority"], "Spot");
+    assert_eq!(put["tags"]["respawn-pool"], "warm");
+    let script = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(
+                put["properties"]["osProfile"]["customData"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(script.contains("--pool-api"), "{script}");
+    assert!(script.contains(&format!("pool vm {vm}")), "{script}");
+    use respawn_core::ports::compute::Orders;
+    assert_eq!(c.orders(&vm).await.unwrap(), Orders::Run(first.key.clone()));
+
+    // Released: the VM drains until its agent asks again, then takes the next.
+    c.release(&first.key).await.unwrap();
+    assert_eq!(
+        c.describe(&first.key).await.unwrap().map(|v| v.state),
+        Some(VmState::Terminated)
+    );
+    assert_eq!(arm.vms(), vec![first.id.clone()], "the VM is kept");
+    assert_eq!(c.orders(&vm).await.unwrap(), Orders::Wait);
+    let second = c.allocate(&spot(&jobs[1], 1)).await.unwrap();
+    assert_eq!(second.id, first.id, "the next attempt took the warm VM");
+    assert_eq!(
+        c.orders(&vm).await.unwrap(),
+        Orders::Run(second.key.clone())
+    );
+    assert_eq!(arm.created().len(), 1, "no VM made for it");
+
+    // A second VM while the first is busy; no third (max=2).
+    let third = c.allocate(&spot(&jobs[2], 1)).await.unwrap();
+    assert_ne!(third.id, first.id);
+    assert!(matches!(
+        c.allocate(&spot(&jobs[3], 1)).await,
+        Err(Error::Capacity(_))
+    ));
+    assert_eq!(arm.vms().len(), 2);
+
+    // Evicted under its attempt: the attempt's VM is gone at once (ARM forgets a
+    // deleted VM), and once released its slot is freed by tending.
+    arm.evict(&first.id);
+    assert_eq!(
+        c.describe(&second.key).await.unwrap().map(|v| v.state),
+        Some(VmState::Terminated)
+    );
+    c.release(&second.key).await.unwrap();
+    c.release(&third.key).await.unwrap();
+    assert_eq!(
+        c.orders(&pool_vm_of(&arm, &third.id)).await.unwrap(),
+        Orders::Wait
+    );
+    c.tend_pools().await.unwrap();
+    assert_eq!(arm.vms(), vec![third.id.clone()], "not idle for 1 s yet");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    c.tend_pools().await.unwrap();
+    assert!(arm.vms().is_empty(), "the idle VM retired: {:?}", arm.vms());
+    assert!(arm.deleted().contains(&third.id));
+    assert_eq!(c.orders(&vm).await.unwrap(), Orders::Retire);
+
+    // No capacity for a new pool VM: a capacity miss, and the slot is free again.
+    arm.fault(Fault::Refuse(
+        409,
+        "SkuNotAvailable".into(),
+        "The requested size is not available.".into(),
+    ));
+    assert!(matches!(
+        c.allocate(&spot(&jobs[4], 1)).await,
+        Err(Error::Capacity(_))
+    ));
+    let retried = c.allocate(&spot(&jobs[4], 1)).await.unwrap();
+    assert_eq!(arm.vms(), vec![retried.id.clone()]);
+    c.release(&retried.key).await.unwrap();
+}
+
+/// Tending keeps `min` VMs warm before any job, and the next job takes one.
+#[tokio::test]
+async fn tending_keeps_min_pool_vms_warm_on_arm() {
+    let arm = Arm::start().await;
+    let c = pooled(&arm, &["warm:min=1,max=2,idle=1s"]);
+    c.tend_pools().await.unwrap();
+    let warm = arm.vms();
+    assert_eq!(warm.len(), 1, "min=1 is made before any job");
+    c.tend_pools().await.unwrap();
+    assert_eq!(arm.vms(), warm, "tending again makes nothing more");
+    let job = JobId::generate(Timestamp(950));
+    let vm = c.allocate(&spot(&job, 1)).await.unwrap();
+    assert_eq!(vm.id, warm[0], "the job took the warm VM");
+    // Evicted while idle: tending frees the slot and makes a new one for min.
+    c.release(&vm.key).await.unwrap();
+    assert_eq!(
+        c.orders(&pool_vm_of(&arm, &vm.id)).await.unwrap(),
+        respawn_core::ports::compute::Orders::Wait
+    );
+    arm.evict(&vm.id);
+    c.tend_pools().await.unwrap();
+    let now = arm.vms();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], vm.id, "a new VM keeps the minimum");
 }

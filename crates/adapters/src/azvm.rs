@@ -26,6 +26,10 @@
 //!   tag names).
 //! - **Credentials**: [`credential_from_env`] (`azure_identity`): workload
 //!   identity, a client secret, or the managed identity.
+//! - **Warm pools** (`RESPAWN_AZURE_POOLS`): VMs that run attempt after attempt,
+//!   as on EC2 ([`crate::vmpool`]): named `<stack>-p<16 hex>` from their pool VM
+//!   name, tagged `respawn-pool` and `respawn-vm`, their agent asking the API for
+//!   its orders with the VM's own credential.
 
 use std::fmt;
 use std::sync::Arc;
@@ -37,9 +41,11 @@ use base64::Engine;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
 use respawn_core::job::JobId;
+use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{
     AllocateRequest, AllocationKey, Compute, Error, Orders, Vm, VmState,
 };
+use respawn_core::spec::Resources;
 use respawn_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -48,11 +54,15 @@ use tracing::{info, warn};
 
 pub use crate::cloudvm::{AgentBoot, InstanceTypes};
 use crate::cloudvm::{Cloud, boot_script};
+use crate::vmpool::{Member, PoolCloud, Pools};
 
 pub const TAG_STACK: &str = "respawn-stack";
 pub const TAG_JOB: &str = "respawn-job";
 pub const TAG_ATTEMPT: &str = "respawn-attempt";
 pub const TAG_PROJECT: &str = "respawn-project";
+/// A pool VM's pool and name (it has no job or attempt tags: it runs many).
+pub const TAG_POOL: &str = "respawn-pool";
+pub const TAG_VM: &str = "respawn-vm";
 const API_VERSION: &str = "2024-07-01";
 const SCOPE: &str = "https://management.azure.com/.default";
 /// How often a step re-reads a record another writer changed before giving up
@@ -141,6 +151,8 @@ pub struct ArmConfig {
     /// How long `allocate` follows the creation before it answers (a fast
     /// capacity failure is a capacity miss; a later one is a lost VM).
     pub follow: Duration,
+    /// Warm pools; their records are in the state store.
+    pub pools: Vec<PoolSpec>,
 }
 
 /// GPU VM sizes by GPU model and count (NVIDIA models only: the agent's images
@@ -229,6 +241,7 @@ pub struct ArmCompute {
     credential: Arc<dyn TokenCredential>,
     cfg: ArmConfig,
     state: Arc<dyn ObjectStore>,
+    pools: Option<Pools>,
 }
 
 impl fmt::Debug for ArmCompute {
@@ -443,6 +456,19 @@ impl ArmVm {
         })
     }
 
+    fn to_member(&self) -> Member {
+        Member {
+            id: self.name.clone(),
+            vm: self.tags.get(TAG_VM).cloned(),
+            state: self.state(),
+            launched: self
+                .properties
+                .time_created
+                .as_deref()
+                .and_then(Timestamp::parse_rfc3339),
+        }
+    }
+
     fn to_vm(&self) -> Option<Vm> {
         Some(Vm {
             id: self.name.clone(),
@@ -490,9 +516,20 @@ impl ArmCompute {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let mut cfg = cfg;
+        for pool in &mut cfg.pools {
+            // A pool with GPUs and no model gets the default model's size.
+            if pool.gpus > 0 && pool.gpu_type.is_none() {
+                pool.gpu_type = Some(cfg.sizes.default_gpu.clone());
+            }
+            cfg.sizes
+                .choose(&pool_resources(pool), &cfg.cpu_size)
+                .map_err(|e| format!("pool {}: {e}", pool.name))?;
+        }
         Ok(ArmCompute {
             http,
             credential,
+            pools: Pools::new(cfg.pools.clone(), state.clone()),
             cfg: ArmConfig {
                 endpoint: cfg.endpoint.trim_end_matches('/').to_owned(),
                 ..cfg
@@ -767,7 +804,7 @@ impl ArmCompute {
         else {
             return Ok(None);
         };
-        let body = self.vm_body(req, name, size);
+        let body = self.attempt_body(req, name, size);
         let (_, operation, answer) = match self
             .call(reqwest_aws::Method::PUT, &self.vm_url(name), Some(&body))
             .await
@@ -845,7 +882,7 @@ impl ArmCompute {
     }
 
     /// The `PUT` body of `req`'s VM.
-    fn vm_body(&self, req: &AllocateRequest, name: &str, size: &str) -> Value {
+    fn attempt_body(&self, req: &AllocateRequest, name: &str, size: &str) -> Value {
         let tags = json!({
             TAG_STACK: self.cfg.stack,
             TAG_JOB: req.key.job.to_string(),
@@ -853,6 +890,20 @@ impl ArmCompute {
             TAG_PROJECT: req.project,
         });
         let script = custom_data(&self.cfg.agent, &req.key);
+        let spot = req.placement.spot.then_some(req.placement.max_price);
+        self.vm_body(name, size, tags, &script, spot)
+    }
+
+    /// The `PUT` body of a VM: Spot with `spot`'s price cap (`Some(None)`: the
+    /// default cap), else a regular one.
+    fn vm_body(
+        &self,
+        name: &str,
+        size: &str,
+        tags: Value,
+        script: &str,
+        spot: Option<Option<f64>>,
+    ) -> Value {
         // Never used: the NSG admits no SSH, and no one keeps it. ARM wants either a
         // password or a key for a Linux VM.
         let password = format!("Rs1!{}", hex::encode(rand::random::<[u8; 24]>()));
@@ -890,11 +941,11 @@ impl ArmCompute {
             "securityProfile": {"encryptionAtHost": false},
             "diagnosticsProfile": {"bootDiagnostics": {"enabled": true}},
         });
-        if req.placement.spot {
+        if let Some(max_price) = spot {
             properties["priority"] = json!("Spot");
             properties["evictionPolicy"] = json!("Delete");
             properties["billingProfile"] =
-                json!({"maxPrice": req.placement.max_price.unwrap_or(self.cfg.max_price)});
+                json!({"maxPrice": max_price.unwrap_or(self.cfg.max_price)});
         } else {
             properties["priority"] = json!("Regular");
         }
@@ -919,6 +970,11 @@ impl Compute for ArmCompute {
         if req.resources.nodes > 1 {
             return Err(Error::NotSupported("multi-node jobs on Azure".into()));
         }
+        if let Some(pools) = &self.pools
+            && let Some(pool) = pools.pool_for(req)?
+        {
+            return pools.allocate(self, req, &pool).await;
+        }
         let name = vm_name(&self.cfg.stack, &req.key);
         let size = self.cfg.sizes.choose(&req.resources, &self.cfg.cpu_size)?;
         // Every step re-reads what it acts on: a release, or another dispatcher
@@ -935,12 +991,19 @@ impl Compute for ArmCompute {
     }
 
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
+        // Both kinds: an attempt placed in a pool, and one (placed before the pool
+        // settings changed) on a VM of its own.
+        if let Some(pools) = &self.pools {
+            pools.release(key).await?;
+        }
         let name = vm_name(&self.cfg.stack, key);
         // Marked first (conditionally: no allocation's write is lost), so that an
         // allocation that comes later makes nothing, or deletes what it made.
         let mut marked = false;
+        let mut made = false;
         for _ in 0..RACES {
             let current = self.record(&name).await?;
+            made = current.as_ref().is_some_and(|(r, _)| r.made);
             if current
                 .as_ref()
                 .is_some_and(|(r, _)| r.stage == Stage::Released)
@@ -972,14 +1035,23 @@ impl Compute for ArmCompute {
                 format!("VM {name}: its record kept changing under this release").into(),
             ));
         }
+        // Deleted even when no record says it was made: a VM found unrecorded
+        // counts as made.
         self.delete_vm(&name)
             .await
             .map_err(ArmError::into_compute)?;
-        info!(job_id = %key.job, attempt = key.attempt, vm = %name, "VM deleted");
+        if made {
+            info!(job_id = %key.job, attempt = key.attempt, vm = %name, "VM deleted");
+        }
         Ok(())
     }
 
     async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        if let Some(pools) = &self.pools
+            && let Some(vm) = pools.describe(self, key).await?
+        {
+            return Ok(Some(vm));
+        }
         let name = vm_name(&self.cfg.stack, key);
         let record = self.record(&name).await?.map(|(r, _)| r);
         let found = self.get_vm(&name).await.map_err(ArmError::into_compute)?;
@@ -1002,6 +1074,28 @@ impl Compute for ArmCompute {
     }
 
     async fn list(&self) -> Result<Vec<Vm>, Error> {
+        let all = self.stack_vms().await?;
+        // A pool VM (no job tags) is listed by its slot, as the VM of the attempt
+        // it runs.
+        let mut vms: Vec<Vm> = all.iter().filter_map(ArmVm::to_vm).collect();
+        if let Some(pools) = &self.pools {
+            let listed = all.iter().map(|v| (v.name.clone(), v.state())).collect();
+            vms.extend(pools.list(self, &listed).await?);
+        }
+        Ok(vms)
+    }
+
+    async fn orders(&self, vm: &str) -> Result<Orders, Error> {
+        match &self.pools {
+            Some(pools) => pools.orders(vm).await,
+            None => Ok(Orders::Retire),
+        }
+    }
+}
+
+impl ArmCompute {
+    /// Every VM of the resource group that is this stack's.
+    async fn stack_vms(&self) -> Result<Vec<ArmVm>, Error> {
         let mut url = Some(format!("{}?api-version={API_VERSION}", self.vms_url()));
         let mut vms = Vec::new();
         while let Some(next) = url.take() {
@@ -1013,19 +1107,135 @@ impl Compute for ArmCompute {
                 .map_err(|e| Error::Unavailable(format!("VM list: {e}").into()))?;
             vms.extend(
                 page.value
-                    .iter()
-                    .filter(|v| v.tags.get(TAG_STACK) == Some(&self.cfg.stack))
-                    .filter_map(ArmVm::to_vm),
+                    .into_iter()
+                    .filter(|v| v.tags.get(TAG_STACK) == Some(&self.cfg.stack)),
             );
             url = page.next_link.filter(|l| !l.is_empty());
         }
         Ok(vms)
     }
 
-    async fn orders(&self, _vm: &str) -> Result<Orders, Error> {
-        // No warm pools on Azure yet: every VM is single-use.
-        Ok(Orders::Retire)
+    /// Keeps every warm pool's size; run on the reconcile function's schedule.
+    pub async fn tend_pools(&self) -> Result<(), Error> {
+        match &self.pools {
+            Some(pools) => pools.tend(self).await,
+            None => Ok(()),
+        }
     }
+}
+
+/// Pool VMs are VMs tagged with their pool and VM name; see [`crate::vmpool`].
+#[async_trait]
+impl PoolCloud for ArmCompute {
+    async fn launch(&self, pool: &PoolSpec, vm: &str) -> Result<Member, Error> {
+        let name = pool_vm_name(&self.cfg.stack, vm);
+        if let Some(found) = self.get_vm(&name).await.map_err(ArmError::into_compute)? {
+            if !found.creation_failed() {
+                return Ok(found.to_member());
+            }
+            // Its creation failed: it goes, and the next try makes it anew.
+            self.delete_vm(&name)
+                .await
+                .map_err(ArmError::into_compute)?;
+            return Err(Error::Unavailable(
+                format!("pool VM {name}: its creation had failed; deleted").into(),
+            ));
+        }
+        if self.cfg.agent.api.is_empty() {
+            return Err(Error::Unavailable(
+                "no API address for agents to ask for work (RESPAWN_API_URL)".into(),
+            ));
+        }
+        let size = self
+            .cfg
+            .sizes
+            .choose(&pool_resources(pool), &self.cfg.cpu_size)?;
+        let tags = json!({
+            TAG_STACK: self.cfg.stack,
+            TAG_POOL: pool.name,
+            TAG_VM: vm,
+        });
+        let script = pool_custom_data(&self.cfg.agent, vm);
+        let body = self.vm_body(&name, &size, tags, &script, pool.spot.then_some(None));
+        let (_, operation, answer) = self
+            .call(reqwest_aws::Method::PUT, &self.vm_url(&name), Some(&body))
+            .await
+            .map_err(|e| {
+                if e.is_capacity() {
+                    info!(pool = %pool.name, vm, name = %name, code = %e.code, "no capacity for a pool VM");
+                }
+                e.into_compute()
+            })?;
+        let mut member = serde_json::from_str::<ArmVm>(&answer)
+            .map(|v| v.to_member())
+            .unwrap_or(Member {
+                id: name.clone(),
+                vm: Some(vm.to_owned()),
+                state: VmState::Requested,
+                launched: None,
+            });
+        if let Some(url) = operation {
+            match self.follow(&url).await {
+                Some(Ok(())) => member.state = VmState::Running,
+                Some(Err(e)) => {
+                    warn!(pool = %pool.name, vm, name = %name, code = %e.code, error = %e.message, "pool VM creation failed; deleting it");
+                    if let Err(d) = self.delete_vm(&name).await {
+                        warn!(pool = %pool.name, vm, name = %name, error = %d.message, "cannot delete the failed pool VM; tending deletes it");
+                    }
+                    return Err(e.into_compute());
+                }
+                None => {}
+            }
+        }
+        Ok(member)
+    }
+
+    async fn state(&self, id: &str) -> Result<Option<VmState>, Error> {
+        Ok(self
+            .get_vm(id)
+            .await
+            .map_err(ArmError::into_compute)?
+            .map(|v| v.state()))
+    }
+
+    async fn members(&self, pool: &str) -> Result<Vec<Member>, Error> {
+        Ok(self
+            .stack_vms()
+            .await?
+            .iter()
+            .filter(|v| v.tags.get(TAG_POOL).is_some_and(|p| p == pool))
+            .map(ArmVm::to_member)
+            .collect())
+    }
+
+    async fn terminate(&self, ids: &[&str]) -> Result<(), Error> {
+        for id in ids {
+            self.delete_vm(id).await.map_err(ArmError::into_compute)?;
+            info!(vm = %id, "pool VM deleted");
+        }
+        Ok(())
+    }
+
+    fn unseen_grace(&self) -> Duration {
+        // A VM ARM does not find after its PUT was answered is gone.
+        Duration::ZERO
+    }
+}
+
+/// What a pool's VMs are made for.
+fn pool_resources(pool: &PoolSpec) -> Resources {
+    Resources {
+        gpus: pool.gpus,
+        gpu_type: pool.gpu_type.clone(),
+        ..Resources::default()
+    }
+}
+
+/// The ARM name of pool VM `vm`: `<stack>-p<16 hex>` (pool names may be long;
+/// ARM's are at most 64 characters).
+pub fn pool_vm_name(stack: &str, vm: &str) -> String {
+    let digest = Sha256::digest(format!("{stack}\npool vm\n{vm}"));
+    format!("{stack}-p{}", &hex::encode(digest)[..16])
 }
 
 /// What Azure's first-boot script does its own way: the VM's name from the
@@ -1047,6 +1257,19 @@ pub fn custom_data(agent: &AgentBoot, key: &AllocationKey) -> String {
         &format!("job {}, attempt {}", key.job, key.attempt),
         &agent.attempt_key.credential(&key.job, key.attempt),
         &format!("--job {} --attempt {}", key.job, key.attempt),
+    )
+}
+
+/// The first-boot script of pool VM `vm`: as [`custom_data`], but the credential
+/// is the VM's, and the agent asks the API for attempt after attempt until it is
+/// told to retire.
+pub fn pool_custom_data(agent: &AgentBoot, vm: &str) -> String {
+    boot_script(
+        agent,
+        &AZURE,
+        &format!("pool vm {vm}"),
+        &agent.attempt_key.vm_credential(vm),
+        "--pool-api",
     )
 }
 

@@ -16,7 +16,7 @@
 //!   [`user_data`]); IMDSv2 is required and its hop limit is 1, so containers on the
 //!   VM behind a bridge cannot reach the instance's metadata.
 //! - **Warm pools** (`RESPAWN_EC2_POOLS`): instances that run attempt after attempt,
-//!   their state in the broker's state bucket; see [`pool`].
+//!   their state in the broker's state bucket; see [`crate::vmpool`].
 //! - **Why the Query API**: the provider needs five EC2 actions. `aws-sdk-ec2` is
 //!   ~1.2 M lines (minutes and ~9 GB of memory to compile on two cores); signing the
 //!   few form-encoded calls with `aws-sigv4` costs a few hundred lines here.
@@ -34,6 +34,7 @@ use object_store::ObjectStore;
 
 pub use crate::cloudvm::{AgentBoot, InstanceTypes};
 use crate::cloudvm::{Cloud, boot_script};
+use crate::vmpool::{Member, PoolCloud, Pools};
 use respawn_core::job::JobId;
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{
@@ -82,7 +83,7 @@ pub struct Ec2Compute {
     region: String,
     credentials: SharedCredentialsProvider,
     cfg: Ec2Config,
-    pool_state: Option<pool::PoolState>,
+    pools: Option<Pools>,
 }
 
 impl fmt::Debug for Ec2Compute {
@@ -120,7 +121,7 @@ impl Ec2Compute {
             region,
             credentials,
             cfg,
-            pool_state: None,
+            pools: None,
         })
     }
 
@@ -142,9 +143,7 @@ impl Ec2Compute {
                 .choose(&resources, &self.cfg.cpu_instance_type)
                 .map_err(|e| format!("pool {}: {e}", pool.name))?;
         }
-        if self.cfg.pools.iter().any(|p| p.reuse) {
-            self.pool_state = Some(pool::PoolState::new(state));
-        }
+        self.pools = Pools::new(self.cfg.pools.clone(), state);
         Ok(self)
     }
 
@@ -263,7 +262,10 @@ impl Ec2Compute {
             return Ok(None);
         };
         if instance.tag(TAG_POOL).is_some() {
-            return self.pooled_key_of(instance).await;
+            let (Some(pools), Some(vm)) = (&self.pools, instance.tag(TAG_VM)) else {
+                return Ok(None);
+            };
+            return pools.key_of(vm, &instance.id).await;
         }
         Ok(instance.to_vm().ok().map(|vm| vm.key))
     }
@@ -429,8 +431,10 @@ impl Compute for Ec2Compute {
         if req.resources.nodes > 1 {
             return Err(Error::NotSupported("multi-node jobs on EC2".into()));
         }
-        if let Some(pool) = self.pool_for(req)? {
-            return self.allocate_pooled(req, &pool).await;
+        if let Some(pools) = &self.pools
+            && let Some(pool) = pools.pool_for(req)?
+        {
+            return pools.allocate(self, req, &pool).await;
         }
         let found = self.of_attempt(&req.key).await?;
         if let Some(first) = found.first() {
@@ -461,7 +465,9 @@ impl Compute for Ec2Compute {
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
         // Both kinds: an attempt placed in a pool, and one (placed before the pool
         // settings changed) on a single-use instance.
-        self.release_pooled(key).await?;
+        if let Some(pools) = &self.pools {
+            pools.release(key).await?;
+        }
         let live: Vec<String> = self
             .of_attempt(key)
             .await?
@@ -478,7 +484,9 @@ impl Compute for Ec2Compute {
     }
 
     async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
-        if let Some(vm) = self.describe_pooled(key).await? {
+        if let Some(pools) = &self.pools
+            && let Some(vm) = pools.describe(self, key).await?
+        {
             return Ok(Some(vm));
         }
         self.of_attempt(key)
@@ -496,12 +504,21 @@ impl Compute for Ec2Compute {
         // An instance without respawn's tags (made by hand in the stack, or a pool
         // VM, listed by its slot) is not a VM of any attempt.
         let mut vms: Vec<Vm> = instances.iter().filter_map(|i| i.to_vm().ok()).collect();
-        vms.extend(self.list_pooled(&instances).await?);
+        if let Some(pools) = &self.pools {
+            let listed = instances
+                .iter()
+                .map(|i| (i.id.clone(), i.state()))
+                .collect();
+            vms.extend(pools.list(self, &listed).await?);
+        }
         Ok(vms)
     }
 
     async fn orders(&self, vm: &str) -> Result<Orders, Error> {
-        self.orders_of(vm).await
+        match &self.pools {
+            Some(pools) => pools.orders(vm).await,
+            None => Ok(Orders::Retire),
+        }
     }
 }
 
@@ -697,18 +714,6 @@ impl Instance {
         }
     }
 
-    /// A pool instance as the VM of `key`.
-    fn to_pool_vm(&self, key: &AllocationKey) -> Result<Vm, Error> {
-        Ok(Vm {
-            id: self.id.clone(),
-            key: key.clone(),
-            state: self.state(),
-            spot: self.lifecycle.as_deref() == Some("spot"),
-            nodes: 1,
-            created_at: Timestamp::parse_rfc3339(&self.launch_time).unwrap_or(Timestamp(0)),
-        })
-    }
-
     fn to_vm(&self) -> Result<Vm, Error> {
         let job = self
             .tag(TAG_JOB)
@@ -729,9 +734,114 @@ impl Instance {
     }
 }
 
-mod pool;
-
-pub use pool::PoolState;
-
 #[cfg(test)]
 mod tests;
+
+/// Pool VMs are instances tagged with their pool and VM name; see [`crate::vmpool`].
+#[async_trait]
+impl PoolCloud for Ec2Compute {
+    async fn launch(&self, pool: &PoolSpec, vm: &str) -> Result<Member, Error> {
+        let found = self
+            .instances(&[(TAG_VM, vm.to_owned())], None)
+            .await
+            .map_err(Ec2Error::into_compute)?;
+        let instance = match found
+            .into_iter()
+            .filter(|i| i.state() != VmState::Terminated)
+            .min_by(|a, b| a.launch_time.cmp(&b.launch_time))
+        {
+            Some(i) => i,
+            None => {
+                let resources = Resources {
+                    gpus: pool.gpus,
+                    gpu_type: pool.gpu_type.clone(),
+                    ..Resources::default()
+                };
+                let launch = Launch {
+                    instance_type: self
+                        .cfg
+                        .instance_types
+                        .choose(&resources, &self.cfg.cpu_instance_type)?,
+                    client_token: client_token_of(&self.cfg.stack, vm),
+                    boot: Boot::Pool(vm),
+                    tags: vec![(TAG_POOL, pool.name.clone()), (TAG_VM, vm.to_owned())],
+                    spot: pool.spot,
+                    max_price: None,
+                };
+                self.run_instance(&launch).await?
+            }
+        };
+        Ok(instance.to_member())
+    }
+
+    async fn state(&self, id: &str) -> Result<Option<VmState>, Error> {
+        match self.instances(&[], Some(id)).await {
+            Ok(found) => Ok(found.into_iter().find(|i| i.id == id).map(|i| i.state())),
+            Err(e) if e.code.starts_with("InvalidInstanceID") => Ok(None),
+            Err(e) => Err(e.into_compute()),
+        }
+    }
+
+    async fn members(&self, pool: &str) -> Result<Vec<Member>, Error> {
+        Ok(self
+            .instances(&[(TAG_POOL, pool.to_owned())], None)
+            .await
+            .map_err(Ec2Error::into_compute)?
+            .iter()
+            .map(Instance::to_member)
+            .collect())
+    }
+
+    async fn terminate(&self, ids: &[&str]) -> Result<(), Error> {
+        Ec2Compute::terminate(self, ids)
+            .await
+            .map_err(Ec2Error::into_compute)
+    }
+
+    fn unseen_grace(&self) -> std::time::Duration {
+        // DescribeInstances may not list a new instance for a while.
+        std::time::Duration::from_secs(300)
+    }
+}
+
+impl Ec2Compute {
+    /// EC2 warned of or began the end of `instance_id`: if it is a pool VM, its
+    /// slot takes no more attempts.
+    pub async fn pool_vm_closing(&self, instance_id: &str) -> Result<(), Error> {
+        let Some(pools) = &self.pools else {
+            return Ok(());
+        };
+        let found = match self.instances(&[], Some(instance_id)).await {
+            Ok(found) => found,
+            Err(e) if e.code.starts_with("InvalidInstanceID") => return Ok(()),
+            Err(e) => return Err(e.into_compute()),
+        };
+        match found
+            .iter()
+            .find(|i| i.id == instance_id)
+            .and_then(|i| i.tag(TAG_VM))
+        {
+            Some(vm) => pools.closing(vm, instance_id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Keeps every warm pool's size; run on the reconcile function's schedule.
+    pub async fn tend_pools(&self) -> Result<(), Error> {
+        match &self.pools {
+            Some(pools) => pools.tend(self).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Instance {
+    fn to_member(&self) -> Member {
+        Member {
+            id: self.id.clone(),
+            vm: self.tag(TAG_VM).map(str::to_owned),
+            state: self.state(),
+            launched: Timestamp::parse_rfc3339(&self.launch_time),
+        }
+    }
+}

@@ -9,6 +9,8 @@
 //! - [`sqs`] (feature `aws`): a queue on Amazon SQS.
 //! - [`azqueue`] and [`azvm`] (feature `azure`): a queue on Storage Queues, Spot
 //!   VMs through Azure Resource Manager.
+//! - [`vmpool`] (either cloud): warm pools of cloud VMs, their records in the
+//!   broker's state bucket.
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
@@ -28,3 +30,5 @@ pub mod memory;
 pub mod objstore;
 #[cfg(feature = "aws")]
 pub mod sqs;
+#[cfg(any(feature = "aws", feature = "azure"))]
+pub mod vmpool;

@@ -45,14 +45,15 @@ fn undumpable(args: &Args) {
 }
 
 /// Runs one attempt to its end and cleans the work folder: the next job must find
-/// nothing of this one (or the VM goes: an error ends the agent).
+/// nothing of this one (or the VM goes: an error ends the agent). Whether the
+/// provider gave notice that the VM goes.
 async fn run_one(
     args: &Args,
     task: &Task,
     creds: AgentCredentials,
     bucket: Arc<dyn ObjectStore>,
     last_words: &mut JoinSet<()>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let ended = match run::attempt(args, task, creds, bucket).await {
         Ok(e) => e,
         Err(e) => {
@@ -60,6 +61,7 @@ async fn run_one(
             return Err(e);
         }
     };
+    let noticed = ended.noticed();
     // The VM takes the next attempt while this one's last reports go out.
     last_words.spawn(ended.last_word());
     while last_words.try_join_next().is_some() {}
@@ -73,7 +75,7 @@ async fn run_one(
             message: format!("{}: {e}", root.display()),
         });
     }
-    Ok(())
+    Ok(noticed)
 }
 
 pub async fn serve(args: &Args) -> Result<(), Error> {
@@ -180,8 +182,13 @@ pub async fn serve_api(args: &Args) -> Result<(), Error> {
         };
         let outcome = run_one(args, &task, creds, bucket.clone(), &mut last_words).await;
         watch.abort();
-        outcome?;
+        let noticed = outcome?;
         ran += 1;
+        if noticed {
+            // The VM goes (preempted): no next attempt may start on it.
+            info!(job_id = %key.job, attempt = key.attempt, vm = %args.vm, ran, "the vm was given notice; taking no more work");
+            break;
+        }
         info!(job_id = %key.job, attempt = key.attempt, vm = %args.vm, ran, "attempt finished; vm idle");
         done = Some(key);
     }

@@ -242,6 +242,7 @@ pub async fn attempt(
     finish(&reporter, &dirs);
     Ok(Ended {
         reporter,
+        noticed: notice.is_some(),
         ack: notice.and_then(|n| n.ack),
     })
 }
@@ -250,6 +251,8 @@ pub async fn attempt(
 /// acknowledge) may still be on their way.
 pub struct Ended {
     reporter: Reporter,
+    /// The provider gave notice that the VM goes.
+    noticed: bool,
     ack: Option<crate::notice::Ack>,
 }
 
@@ -257,8 +260,15 @@ impl Ended {
     fn quietly(reporter: Reporter) -> Ended {
         Ended {
             reporter,
+            noticed: false,
             ack: None,
         }
+    }
+
+    /// Whether the provider gave notice that the VM goes (a pool VM then takes no
+    /// more work).
+    pub fn noticed(&self) -> bool {
+        self.noticed
     }
 
     /// Delivers the last reports, then tells the provider the VM may go: by then
@@ -354,6 +364,7 @@ async fn fail_attempt(
     why: &str,
     code: i32,
 ) {
+    warn!(job_id = %reporter.job, attempt = reporter.attempt, %why, exit_code = code, "the attempt failed before its workload ran");
     stderr.write_line(&format!("respawn: {why}")).await;
     stderr.close().await;
     reporter.send(Event::WorkloadExited {

@@ -11,6 +11,7 @@ use respawn_adapters::objstore::{ObjectStoreLedger, ObjectStoreSecrets, ObjectSt
 use respawn_core::attempt_auth::AttemptKey;
 use respawn_core::intake::Templates;
 use respawn_core::lifecycle::Timeouts;
+use respawn_core::pool::PoolSpec;
 use respawn_core::ports::{Blobs, Compute, Ports, Queue, QueueNames};
 use respawn_core::seal::SealedQueue;
 use respawn_core::time::SystemClock;
@@ -28,6 +29,25 @@ pub fn var(name: &str) -> Result<String, String> {
         .ok()
         .filter(|v| !v.is_empty())
         .ok_or_else(|| format!("{name} is not set"))
+}
+
+/// The warm pools in variable `name`: pools separated by `;` (a pool's settings
+/// use `,`), e.g. `cpu:max=4,idle=10m;a10g:gpus=1,max=8`.
+pub fn pools_from_env(name: &str) -> Result<Vec<PoolSpec>, String> {
+    let mut pools: Vec<PoolSpec> = Vec::new();
+    for spec in std::env::var(name)
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let pool: PoolSpec = spec.parse().map_err(|e| format!("{name}: {e}"))?;
+        if pools.iter().any(|p| p.name == pool.name) {
+            return Err(format!("{name}: pool {:?} twice", pool.name));
+        }
+        pools.push(pool);
+    }
+    Ok(pools)
 }
 
 /// The broker's secret, `RESPAWN_KEY` (hex, at least 32 bytes): agent credentials,

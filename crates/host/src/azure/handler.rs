@@ -9,7 +9,7 @@
 //! | `notify-*` | queue `<stack>-notify-<band>` | state changes POSTed to jobs' URLs |
 //! | `uploads-no` | queue `<stack>-uploads-no` | Event Grid's BlobCreated events (queue delivery) make jobs |
 //! | `eventgrid` | Event Grid | the same, delivered to the function |
-//! | `reconcile` | timer, every minute | deadlines, lost VMs, orphans |
+//! | `reconcile` | timer, every minute | deadlines, lost VMs, orphans, warm pools' size |
 //! | `api` | HTTP, forwarded (`/api/{*path}`) | the API, and `/api/eventgrid` (Event Grid's webhook) |
 //!
 //! An invocation is `POST /<function>` with `{"Data": {<binding>: …}, "Metadata":
@@ -140,7 +140,17 @@ async fn invoke(
 }
 
 async fn reconcile(cloud: &AzCloud) -> Response {
-    match handlers::reconcile(&cloud.broker.ports).await {
+    let report = handlers::reconcile(&cloud.broker.ports).await;
+    // The pools are tended whatever became of the jobs' pass.
+    if let Err(e) = cloud.arm.tend_pools().await {
+        warn!(error = %e, "cannot tend the warm pools; the next tick tries again");
+        return answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &[e.to_string()],
+            Value::Null,
+        );
+    }
+    match report {
         Ok(report) => {
             info!(?report, "reconciled");
             answer(StatusCode::OK, &[], json!(format!("{report:?}")))

@@ -34,6 +34,7 @@
 //! | `RESPAWN_AZURE_AGENT_IDENTITY` | the user-assigned identity VMs get (the job container only) |
 //! | `RESPAWN_AZURE_CPU_SIZE`, `RESPAWN_AZURE_VM_SIZES`, `RESPAWN_AZURE_DEFAULT_GPU` | VM sizes (`model:gpus=size,…`) |
 //! | `RESPAWN_AZURE_MAX_PRICE` | Spot price cap when a job names none (default `-1`: on-demand price) |
+//! | `RESPAWN_AZURE_POOLS` | warm pools, `;`-separated [`PoolSpec`](respawn_core::pool::PoolSpec)s (e.g. `cpu:max=4,idle=10m`); their records are in the state container |
 //! | `RESPAWN_ARM_ENDPOINT` | ARM (default `https://management.azure.com`) |
 //! | `RESPAWN_EVENTGRID_KEY` | the secret Event Grid's webhook URL carries (`?key=`); unset: no webhook |
 //! | `RESPAWN_CONFIG` | `triggers/`, `templates/`, `hooks.yaml` (default: `config/` beside the app) |
@@ -55,7 +56,7 @@ use tracing::{info, warn};
 
 pub mod handler;
 
-use crate::cloud::{Broker, config_dir, key_from_env, var};
+use crate::cloud::{Broker, config_dir, key_from_env, pools_from_env, var};
 use crate::replies::Replies;
 
 /// The logical queue Event Grid puts BlobCreated events on (`<stack>-uploads-no`).
@@ -221,6 +222,7 @@ impl AzCloud {
                     grace_secs: 25,
                 },
                 follow: Duration::from_secs(20),
+                pools: pools_from_env("RESPAWN_AZURE_POOLS")?,
             },
             credential,
             state.clone(),

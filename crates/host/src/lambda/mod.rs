@@ -23,7 +23,7 @@
 //! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
 //! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
 //! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE` | where instances run, as whom |
-//! | `RESPAWN_EC2_POOLS` | warm pools, `;`-separated [`PoolSpec`]s (e.g. `cpu:max=4,idle=10m;a10g:gpus=1,max=8`); their state is in the state bucket |
+//! | `RESPAWN_EC2_POOLS` | warm pools, `;`-separated [`PoolSpec`](respawn_core::pool::PoolSpec)s (e.g. `cpu:max=4,idle=10m;a10g:gpus=1,max=8`); their state is in the state bucket |
 //! | `RESPAWN_CONFIG` | a folder with `triggers/`, `templates/` and `hooks.yaml` (default: `config/` beside the function) |
 //!
 //! and the AWS SDK's own (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL` for an
@@ -36,7 +36,6 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use object_store::aws::AmazonS3Builder;
 use respawn_adapters::ec2::{AgentBoot, Ec2Compute, Ec2Config, InstanceTypes};
 use respawn_adapters::sqs::{Received, SqsQueue};
-use respawn_core::pool::PoolSpec;
 use respawn_core::ports::queue::{self, Delivery, Receive};
 use respawn_core::ports::{Blobs, Ports};
 use tracing::{info, warn};
@@ -47,7 +46,7 @@ pub use aws_lambda_events;
 pub use lambda_runtime;
 use lambda_runtime::{LambdaEvent, service_fn};
 
-use crate::cloud::{Broker, config_dir, key_from_env, var};
+use crate::cloud::{Broker, config_dir, key_from_env, pools_from_env, var};
 use crate::replies::Replies;
 
 /// What a function builds once per process.
@@ -59,26 +58,6 @@ pub struct Cloud {
     pub replies: Replies,
     /// The job bucket's name.
     pub bucket: String,
-}
-
-/// `RESPAWN_EC2_POOLS`: pools separated by `;` (a pool's settings use `,`).
-fn pools_from_env() -> Result<Vec<PoolSpec>, String> {
-    let mut pools: Vec<PoolSpec> = Vec::new();
-    for spec in std::env::var("RESPAWN_EC2_POOLS")
-        .unwrap_or_default()
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let pool: PoolSpec = spec
-            .parse()
-            .map_err(|e| format!("RESPAWN_EC2_POOLS: {e}"))?;
-        if pools.iter().any(|p| p.name == pool.name) {
-            return Err(format!("RESPAWN_EC2_POOLS: pool {:?} twice", pool.name));
-        }
-        pools.push(pool);
-    }
-    Ok(pools)
 }
 
 fn bucket(name: &str) -> Result<Blobs, String> {
@@ -139,7 +118,7 @@ impl Cloud {
                         heartbeat_secs: 30,
                         grace_secs: 100,
                     },
-                    pools: pools_from_env()?,
+                    pools: pools_from_env("RESPAWN_EC2_POOLS")?,
                 },
             )?
             .with_pools(state.clone())?,

@@ -1,4 +1,7 @@
-//! Warm pools on EC2: instances that run attempt after attempt.
+//! Warm pools on the clouds: VMs that run attempt after attempt, whatever cloud
+//! makes them (EC2, Azure). A provider gives [`Pools`] four things through
+//! [`PoolCloud`] — launch the VM of a slot, the state of one VM, the VMs of a pool,
+//! terminate — and the records, races and tending are the same everywhere.
 //!
 //! - **State** lives in the broker's state bucket (which no agent can read), written
 //!   with conditional puts:
@@ -15,48 +18,47 @@
 //!     after the attempt (later asks for that attempt get its ended VM, never a new
 //!     one) and is pruned a day later.
 //! - **Identity**: a slot's VM has a name, `<pool>-s<slot>-<nonce>`, tagged on the
-//!   instance (`respawn:vm`) and named by the VM credential in its user data. The
-//!   agent asks the API for its orders with it (`GET /v1/agent/assignment`); the API
-//!   reads the slot ([`Ec2Compute::orders`]) and answers with the assigned attempt's
-//!   own credential while that attempt is live. A VM whose slot has been retired (or
-//!   re-taken, with a new nonce) is told to retire.
-//! - **Crash safety**: the slot is written before its instance is launched; the
-//!   launch carries a `ClientToken` from the VM name and is looked up by its tag
-//!   first, so a retried allocation finds the instance instead of making another. A
+//!   cloud's VM and named by the VM credential in its boot script. The agent asks
+//!   the API for its orders with it (`GET /v1/agent/assignment`); the API reads the
+//!   slot ([`Pools::orders`]) and answers with the assigned attempt's own credential
+//!   while that attempt is live. A VM whose slot has been retired (or re-taken, with
+//!   a new nonce) is told to retire.
+//! - **Crash safety**: the slot is written before its VM is launched; a launch
+//!   looks the slot's VM up first (EC2 also carries a `ClientToken`, ARM's `PUT` is
+//!   by name), so a retried allocation finds the VM instead of making another. A
 //!   placement left unfinished by a dead dispatcher is taken over after
 //!   [`PLACING`], and the slot it may have claimed is found by its attempt.
 //! - **Release** leaves the slot *draining*: its VM takes the next attempt only
 //!   after its agent has asked for orders again, which it does once the work folder
 //!   is clean. A VM whose agent never asks again (hung, rebooted, gone) is retired.
 //!   The agent asks during an attempt too, and kills the workload when the orders
-//!   stop naming it (cancelled, timed out).
-//! - **Tending** (on the reconcile function's schedule, [`Ec2Compute::tend_pools`]):
-//!   slots whose instance is gone are freed, idle VMs above `min` retire after
-//!   `idle`, interrupted and long-draining ones at once, pool instances no slot
-//!   names are terminated, `min` VMs are kept warm, and old placements pruned.
+//!   stop naming it (cancelled, timed out). An agent whose attempt got a
+//!   preemption notice takes no more work.
+//! - **Tending** (on the reconcile function's schedule, [`Pools::tend`]): slots
+//!   whose VM is gone are freed, idle VMs above `min` retire after `idle`,
+//!   interrupted and long-draining ones at once, pool VMs no slot names are
+//!   terminated, `min` VMs are kept warm, and old placements pruned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Error, Orders, Vm, VmState};
-use respawn_core::spec::Resources;
 use respawn_core::time::{Clock, SystemClock, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{Boot, Ec2Compute, Ec2Error, Instance, Launch, TAG_POOL, TAG_VM};
-
 /// How often a claim or release is tried again after losing a race.
 const ROUNDS: usize = 8;
-/// A launched instance not seen by `DescribeInstances` for this long is gone (a
-/// new one may not be listed at once).
-const UNSEEN_GRACE: Duration = Duration::from_secs(300);
+/// A pool VM that no slot names is terminated once launched this long ago (its
+/// launcher may still be about to record it).
+const STRAY_GRACE: Duration = Duration::from_secs(300);
 /// A placement unfinished for this long was left by a dispatcher that died.
 const PLACING: Duration = Duration::from_secs(60);
 /// A released VM whose agent has not asked for work within this long is retired.
@@ -69,7 +71,8 @@ const PLACEMENT_KEPT: Duration = Duration::from_secs(24 * 3600);
 struct Slot {
     /// The VM's name (see the module docs).
     vm: String,
-    /// Set once `RunInstances` answered.
+    /// The cloud's id of the VM (EC2's instance id, ARM's VM name), set once its
+    /// launch answered.
     #[serde(default)]
     instance: Option<String>,
     #[serde(default)]
@@ -137,7 +140,7 @@ struct Read {
 
 /// The pools' records on an object store.
 #[derive(Debug, Clone)]
-pub struct PoolState {
+struct PoolState {
     store: Arc<dyn ObjectStore>,
 }
 
@@ -171,7 +174,7 @@ fn now() -> Timestamp {
 }
 
 impl PoolState {
-    pub fn new(store: Arc<dyn ObjectStore>) -> PoolState {
+    fn new(store: Arc<dyn ObjectStore>) -> PoolState {
         PoolState { store }
     }
 
@@ -321,22 +324,80 @@ impl PoolState {
     }
 }
 
-impl Ec2Compute {
-    fn pool_state(&self) -> Result<&PoolState, Error> {
-        self.pool_state
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("pools need the broker's state bucket".into()))
+/// One VM of a pool as its cloud lists it.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    /// The cloud's id of it (see [`Slot::instance`]).
+    pub id: String,
+    /// The pool VM name it was launched as (its tag); `None` when it has none.
+    pub vm: Option<String>,
+    pub state: VmState,
+    /// When it was launched, if the cloud says.
+    pub launched: Option<Timestamp>,
+}
+
+/// What a cloud does for its warm pools.
+#[async_trait]
+pub(crate) trait PoolCloud: Send + Sync {
+    /// The VM of pool VM `vm` (booting its agent in pool mode with `vm`'s
+    /// credential): the one already launched for it, else a new one. No capacity
+    /// is [`Error::Capacity`].
+    async fn launch(&self, pool: &PoolSpec, vm: &str) -> Result<Member, Error>;
+    /// VM `id`'s state; `None` when the cloud does not list it.
+    async fn state(&self, id: &str) -> Result<Option<VmState>, Error>;
+    /// The VMs the cloud lists as pool `pool`'s.
+    async fn members(&self, pool: &str) -> Result<Vec<Member>, Error>;
+    async fn terminate(&self, ids: &[&str]) -> Result<(), Error>;
+    /// How long a launched VM may go unlisted before it counts as gone (EC2 lists
+    /// a new instance only after a while; ARM at once).
+    fn unseen_grace(&self) -> Duration;
+}
+
+/// The warm pools of one cloud provider: which pool VM runs which attempt.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    state: PoolState,
+    /// Every configured pool (single-use ones only choose where an attempt goes).
+    specs: Vec<PoolSpec>,
+}
+
+impl Pools {
+    /// The pools `specs` with their records in `state`, the broker's state bucket;
+    /// `None` when none of them reuses VMs (then nothing is kept, and no call
+    /// reads the bucket).
+    pub fn new(specs: Vec<PoolSpec>, state: Arc<dyn ObjectStore>) -> Option<Pools> {
+        specs.iter().any(|p| p.reuse).then(|| Pools {
+            state: PoolState::new(state),
+            specs,
+        })
     }
 
     fn pool(&self, name: &str) -> Option<&PoolSpec> {
-        self.cfg.pools.iter().find(|p| p.name == name && p.reuse)
+        self.specs.iter().find(|p| p.name == name && p.reuse)
+    }
+
+    fn reused(&self) -> impl Iterator<Item = &PoolSpec> {
+        self.specs.iter().filter(|p| p.reuse)
     }
 
     /// The reusable pool `req` runs in, if any.
-    pub(super) fn pool_for(&self, req: &AllocateRequest) -> Result<Option<PoolSpec>, Error> {
-        Ok(PoolSpec::choose(&self.cfg.pools, req)?
+    pub fn pool_for(&self, req: &AllocateRequest) -> Result<Option<PoolSpec>, Error> {
+        Ok(PoolSpec::choose(&self.specs, req)?
             .filter(|p| p.reuse)
             .cloned())
+    }
+
+    /// The state of VM `id` as `cloud` sees it; one it does not list, launched
+    /// longer than its [`PoolCloud::unseen_grace`] ago, is gone.
+    async fn vm_state(
+        cloud: &dyn PoolCloud,
+        id: &str,
+        launched: Option<Timestamp>,
+    ) -> Result<VmState, Error> {
+        Ok(match cloud.state(id).await? {
+            Some(s) => s,
+            None => unseen(cloud, launched, now()),
+        })
     }
 
     /// Where `key` was placed, with the slot as it is now (`None` if gone).
@@ -344,25 +405,24 @@ impl Ec2Compute {
         &self,
         key: &AllocationKey,
     ) -> Result<Option<(Placement, Option<Read>)>, Error> {
-        let Some(state) = self.pool_state.as_ref() else {
-            return Ok(None);
-        };
-        let Some(p) = state.get::<Placement>(&placement_path(key)).await? else {
+        let Some(p) = self.state.get::<Placement>(&placement_path(key)).await? else {
             return Ok(None);
         };
         let read = match p.value.slot {
-            Some(n) => state.slot(&p.value.pool, n).await?,
+            Some(n) => self.state.slot(&p.value.pool, n).await?,
             None => None,
         };
         Ok(Some((p.value, read)))
     }
 
-    pub(super) async fn allocate_pooled(
+    /// Runs `req` on a VM of `pool` (see the module docs).
+    pub(crate) async fn allocate(
         &self,
+        cloud: &dyn PoolCloud,
         req: &AllocateRequest,
         pool: &PoolSpec,
     ) -> Result<Vm, Error> {
-        let state = self.pool_state()?;
+        let state = &self.state;
         let key = &req.key;
         let path = placement_path(key);
         for _ in 0..ROUNDS {
@@ -386,7 +446,7 @@ impl Ec2Compute {
                     let spec = self.pool(pool).unwrap_or(pool_spec_gone());
                     return match state.slot(pool, n).await? {
                         Some(r) if r.slot.current.as_ref() == Some(key) => {
-                            self.launched(spec, r, key).await
+                            self.launched(cloud, spec, r, key).await
                         }
                         // Released (or its VM retired): the attempt is over; no
                         // second VM for it.
@@ -425,7 +485,7 @@ impl Ec2Compute {
                         .put(&path, PutPayload::from(body))
                         .await
                         .map_err(unavailable)?;
-                    self.launched(pool, read, key).await
+                    self.launched(cloud, pool, read, key).await
                 }
                 Err(e) => {
                     // Nothing placed: a later try starts afresh.
@@ -446,7 +506,7 @@ impl Ec2Compute {
     /// Puts `key` on a slot of `pool`: the one that already names it (a dispatcher
     /// died before finishing the placement), an idle VM, or a new slot.
     async fn place(&self, pool: &PoolSpec, key: &AllocationKey) -> Result<Read, Error> {
-        let state = self.pool_state()?;
+        let state = &self.state;
         for _ in 0..ROUNDS {
             let slots = state.slots(&pool.name).await?;
             if let Some(r) = slots.iter().find(|r| r.slot.current.as_ref() == Some(key)) {
@@ -491,39 +551,56 @@ impl Ec2Compute {
     /// The slot's VM as `key`'s, launched if it is not yet (a slot is written first).
     async fn launched(
         &self,
+        cloud: &dyn PoolCloud,
         pool: &PoolSpec,
         read: Read,
         key: &AllocationKey,
     ) -> Result<Vm, Error> {
         if let Some(id) = &read.slot.instance {
-            let state = self.instance_state(id, read.slot.launched_at).await?;
+            let state = Self::vm_state(cloud, id, read.slot.launched_at).await?;
             return Ok(slot_vm(pool, &read.slot, key, state));
         }
-        let instance = match self.launch_pool_vm(pool, &read.slot.vm).await {
-            Ok(i) => i,
+        let member = match cloud.launch(pool, &read.slot.vm).await {
+            Ok(m) => m,
             Err(e @ Error::Capacity(_)) => {
-                // Nothing runs in the slot: free it for the next try.
-                self.pool_state()?
-                    .delete(&slot_path(&read.pool, read.n))
-                    .await?;
+                // Nothing runs in the slot: free it, and the attempt's placement,
+                // for the next try (under the same attempt: no budget spent).
+                self.state.delete(&slot_path(&read.pool, read.n)).await?;
+                self.state.delete(&placement_path(key)).await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
-        let id = self.record_instance(read, &instance.id).await?;
-        let mut vm = instance.to_pool_vm(key)?;
-        vm.id = id;
-        vm.spot = pool.spot;
+        info!(job_id = %key.job, attempt = key.attempt, pool = %pool.name, vm = %read.slot.vm, instance = %member.id, spot = pool.spot, "pool vm launched");
+        let mut slot = read.slot.clone();
+        let id = match self.record_instance(cloud, read, &member.id).await {
+            Ok(id) => id,
+            Err(e @ Error::Capacity(_)) => {
+                self.state.delete(&placement_path(key)).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        slot.instance = Some(id.clone());
+        let mut vm = slot_vm(pool, &slot, key, member.state);
+        if let Some(at) = member.launched {
+            vm.created_at = at;
+        }
         Ok(vm)
     }
 
-    /// Notes the instance in its slot; the id the slot names in the end (should
-    /// another launch have been recorded first, this one is terminated).
-    async fn record_instance(&self, read: Read, id: &str) -> Result<String, Error> {
+    /// Notes the VM in its slot; the id the slot names in the end (should another
+    /// launch have been recorded first, this one is terminated).
+    async fn record_instance(
+        &self,
+        cloud: &dyn PoolCloud,
+        read: Read,
+        id: &str,
+    ) -> Result<String, Error> {
         let vm = read.slot.vm.clone();
         let t = now();
         let recorded = self
-            .pool_state()?
+            .state
             .change(read, |s| {
                 if s.vm != vm || s.instance.is_some() {
                     return false;
@@ -537,89 +614,30 @@ impl Ec2Compute {
             return Ok(id.to_owned());
         }
         let (pool, n) = parse_vm(&vm).unwrap_or_default();
-        let now_there = self.pool_state()?.slot(pool, n).await?;
+        let now_there = self.state.slot(pool, n).await?;
         match now_there.and_then(|r| (r.slot.vm == vm).then_some(r.slot.instance)) {
             Some(Some(other)) if other == id => Ok(other),
             Some(Some(other)) => {
                 warn!(vm = %vm, instance = id, kept = %other, "a second instance of one pool vm; terminating it");
-                self.terminate(&[id])
-                    .await
-                    .map_err(Ec2Error::into_compute)?;
+                cloud.terminate(&[id]).await?;
                 Ok(other)
             }
-            // Retired meanwhile: the instance is no pool's.
+            // Retired meanwhile: the VM is no pool's.
             _ => {
-                self.terminate(&[id])
-                    .await
-                    .map_err(Ec2Error::into_compute)?;
+                cloud.terminate(&[id]).await?;
                 Err(Error::Capacity("the pool VM was retired".into()))
             }
         }
     }
 
-    /// The instance of VM `vm`: the one already launched for it, else a new one.
-    async fn launch_pool_vm(&self, pool: &PoolSpec, vm: &str) -> Result<Instance, Error> {
-        let found = self
-            .instances(&[(TAG_VM, vm.to_owned())], None)
-            .await
-            .map_err(Ec2Error::into_compute)?;
-        if let Some(i) = found
-            .into_iter()
-            .filter(|i| i.state() != VmState::Terminated)
-            .min_by(|a, b| a.launch_time.cmp(&b.launch_time))
-        {
-            return Ok(i);
-        }
-        let resources = Resources {
-            gpus: pool.gpus,
-            gpu_type: pool.gpu_type.clone(),
-            ..Resources::default()
-        };
-        let launch = Launch {
-            instance_type: self
-                .cfg
-                .instance_types
-                .choose(&resources, &self.cfg.cpu_instance_type)?,
-            client_token: super::client_token_of(&self.cfg.stack, vm),
-            boot: Boot::Pool(vm),
-            tags: vec![(TAG_POOL, pool.name.clone()), (TAG_VM, vm.to_owned())],
-            spot: pool.spot,
-            max_price: None,
-        };
-        let instance = self.run_instance(&launch).await?;
-        info!(pool = %pool.name, vm, instance = %instance.id, spot = pool.spot, "pool vm launched");
-        Ok(instance)
-    }
-
-    /// An instance's state; one EC2 no longer lists, launched longer than
-    /// [`UNSEEN_GRACE`] ago, is gone.
-    async fn instance_state(
-        &self,
-        id: &str,
-        launched: Option<Timestamp>,
-    ) -> Result<VmState, Error> {
-        let found = match self.instances(&[], Some(id)).await {
-            Ok(found) => found.into_iter().find(|i| i.id == id),
-            Err(e) if e.code.starts_with("InvalidInstanceID") => None,
-            Err(e) => return Err(e.into_compute()),
-        };
-        Ok(match found {
-            Some(i) => i.state(),
-            None if launched.is_some_and(|at| now().since(at) > UNSEEN_GRACE) => {
-                VmState::Terminated
-            }
-            None => VmState::Requested,
-        })
-    }
-
     /// Ends `key`'s attempt on its pool VM: the slot drains (see the module docs).
-    pub(super) async fn release_pooled(&self, key: &AllocationKey) -> Result<(), Error> {
+    pub async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
         let Some((_, Some(read))) = self.placed(key).await? else {
             return Ok(());
         };
         let t = now();
         let released = self
-            .pool_state()?
+            .state
             .change(read, |s| {
                 if s.current.as_ref() != Some(key) {
                     return false;
@@ -636,7 +654,12 @@ impl Ec2Compute {
         Ok(())
     }
 
-    pub(super) async fn describe_pooled(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+    /// `key`'s VM if it was placed in a pool.
+    pub(crate) async fn describe(
+        &self,
+        cloud: &dyn PoolCloud,
+        key: &AllocationKey,
+    ) -> Result<Option<Vm>, Error> {
         let Some((placement, read)) = self.placed(key).await? else {
             return Ok(None);
         };
@@ -650,35 +673,29 @@ impl Ec2Compute {
             return Ok(Some(slot_vm(spec, &read.slot, key, VmState::Terminated)));
         }
         let state = match &read.slot.instance {
-            Some(id) => self.instance_state(id, read.slot.launched_at).await?,
+            Some(id) => Self::vm_state(cloud, id, read.slot.launched_at).await?,
             None => VmState::Requested,
         };
         Ok(Some(slot_vm(spec, &read.slot, key, state)))
     }
 
-    /// The attempts running on pool VMs, with their instances' states.
-    pub(super) async fn list_pooled(&self, instances: &[Instance]) -> Result<Vec<Vm>, Error> {
-        let Some(state) = self.pool_state.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let by_id: BTreeMap<&str, &Instance> =
-            instances.iter().map(|i| (i.id.as_str(), i)).collect();
+    /// The attempts running on pool VMs, with their VMs' states as `listed` (every
+    /// VM the cloud lists, by id) has them.
+    pub(crate) async fn list(
+        &self,
+        cloud: &dyn PoolCloud,
+        listed: &BTreeMap<String, VmState>,
+    ) -> Result<Vec<Vm>, Error> {
+        let t = now();
         let mut vms = Vec::new();
-        for pool in self.cfg.pools.iter().filter(|p| p.reuse) {
-            for r in state.slots(&pool.name).await? {
+        for pool in self.reused() {
+            for r in self.state.slots(&pool.name).await? {
                 let Some(key) = &r.slot.current else { continue };
                 let vm_state = match r.slot.instance.as_deref() {
-                    Some(id) => match by_id.get(id) {
-                        Some(i) => i.state(),
-                        None if r
-                            .slot
-                            .launched_at
-                            .is_some_and(|at| now().since(at) > UNSEEN_GRACE) =>
-                        {
-                            VmState::Terminated
-                        }
-                        None => VmState::Requested,
-                    },
+                    Some(id) => listed
+                        .get(id)
+                        .copied()
+                        .unwrap_or_else(|| unseen(cloud, r.slot.launched_at, t)),
                     None => VmState::Requested,
                 };
                 vms.push(slot_vm(pool, &r.slot, key, vm_state));
@@ -687,50 +704,32 @@ impl Ec2Compute {
         Ok(vms)
     }
 
-    /// The attempt pool instance `instance` runs; `None` when idle.
-    pub(super) async fn pooled_key_of(
-        &self,
-        instance: &Instance,
-    ) -> Result<Option<AllocationKey>, Error> {
-        Ok(self
-            .slot_of_instance(instance)
-            .await?
-            .and_then(|r| r.slot.current))
+    /// The attempt pool VM `vm` (cloud id `id`) runs; `None` when idle.
+    pub async fn key_of(&self, vm: &str, id: &str) -> Result<Option<AllocationKey>, Error> {
+        Ok(self.slot_of(vm, id).await?.and_then(|r| r.slot.current))
     }
 
-    /// The slot of pool instance `instance` (by its `respawn:vm` tag).
-    async fn slot_of_instance(&self, instance: &Instance) -> Result<Option<Read>, Error> {
-        let (Some(state), Some(vm)) = (self.pool_state.as_ref(), instance.tag(TAG_VM)) else {
-            return Ok(None);
-        };
+    /// The slot of pool VM `vm` while it is cloud VM `id`.
+    async fn slot_of(&self, vm: &str, id: &str) -> Result<Option<Read>, Error> {
         let Some((pool, n)) = parse_vm(vm) else {
             return Ok(None);
         };
-        Ok(state.slot(pool, n).await?.filter(|r| {
-            r.slot.vm == vm && r.slot.instance.as_deref() == Some(instance.id.as_str())
-        }))
+        Ok(self
+            .state
+            .slot(pool, n)
+            .await?
+            .filter(|r| r.slot.vm == vm && r.slot.instance.as_deref() == Some(id)))
     }
 
-    /// EC2 warned of or began the end of `instance_id`: if it is a pool VM, its slot
-    /// takes no more attempts (what it runs now is told by the event, like any
-    /// attempt's).
-    pub async fn pool_vm_closing(&self, instance_id: &str) -> Result<(), Error> {
-        if self.pool_state.is_none() {
-            return Ok(());
-        }
-        let found = match self.instances(&[], Some(instance_id)).await {
-            Ok(found) => found,
-            Err(e) if e.code.starts_with("InvalidInstanceID") => return Ok(()),
-            Err(e) => return Err(e.into_compute()),
-        };
-        let Some(instance) = found.iter().find(|i| i.id == instance_id) else {
-            return Ok(());
-        };
-        let Some(read) = self.slot_of_instance(instance).await? else {
+    /// The cloud warned of or began the end of pool VM `vm` (cloud id `id`): its
+    /// slot takes no more attempts (what it runs now is told by the event, like
+    /// any attempt's).
+    pub async fn closing(&self, vm: &str, id: &str) -> Result<(), Error> {
+        let Some(read) = self.slot_of(vm, id).await? else {
             return Ok(());
         };
         let closed = self
-            .pool_state()?
+            .state
             .change(read, |s| {
                 let first = !s.closing;
                 s.closing = true;
@@ -738,21 +737,18 @@ impl Ec2Compute {
             })
             .await?;
         if let Some(s) = closed {
-            info!(vm = %s.vm, instance = instance_id, "pool vm closing; it takes no more attempts");
+            info!(vm = %s.vm, instance = id, "pool vm closing; it takes no more attempts");
         }
         Ok(())
     }
 
     /// Keeps every pool's size (see the module docs). Run on a schedule (the
     /// reconcile function). One pool's trouble does not stop the others'.
-    pub async fn tend_pools(&self) -> Result<(), Error> {
-        let Some(state) = self.pool_state.as_ref() else {
-            return Ok(());
-        };
+    pub(crate) async fn tend(&self, cloud: &dyn PoolCloud) -> Result<(), Error> {
         let mut first_error = None;
         let mut running = BTreeSet::new();
-        for pool in self.cfg.pools.iter().filter(|p| p.reuse) {
-            match self.tend_pool(pool).await {
+        for pool in self.reused() {
+            match self.tend_pool(cloud, pool).await {
                 Ok(busy) => running.extend(busy),
                 Err(e) => {
                     warn!(pool = %pool.name, error = %e, "cannot tend the pool");
@@ -761,7 +757,7 @@ impl Ec2Compute {
             }
         }
         if first_error.is_none()
-            && let Err(e) = state.prune_placements(&running).await
+            && let Err(e) = self.state.prune_placements(&running).await
         {
             warn!(error = %e, "cannot prune pool placements");
         }
@@ -769,14 +765,17 @@ impl Ec2Compute {
     }
 
     /// Tends one pool; the attempts its VMs run.
-    async fn tend_pool(&self, pool: &PoolSpec) -> Result<Vec<AllocationKey>, Error> {
-        let state = self.pool_state()?;
-        let instances: BTreeMap<String, Instance> = self
-            .instances(&[(TAG_POOL, pool.name.clone())], None)
-            .await
-            .map_err(Ec2Error::into_compute)?
+    async fn tend_pool(
+        &self,
+        cloud: &dyn PoolCloud,
+        pool: &PoolSpec,
+    ) -> Result<Vec<AllocationKey>, Error> {
+        let state = &self.state;
+        let members: BTreeMap<String, Member> = cloud
+            .members(&pool.name)
+            .await?
             .into_iter()
-            .map(|i| (i.id.clone(), i))
+            .map(|m| (m.id.clone(), m))
             .collect();
         let t = now();
         let slots = state.slots(&pool.name).await?;
@@ -784,9 +783,9 @@ impl Ec2Compute {
         for r in &slots {
             let s = &r.slot;
             let gone = match s.instance.as_deref() {
-                Some(id) => match instances.get(id) {
-                    Some(i) => i.state() == VmState::Terminated,
-                    None => s.launched_at.is_some_and(|at| t.since(at) > UNSEEN_GRACE),
+                Some(id) => match members.get(id) {
+                    Some(m) => m.state == VmState::Terminated,
+                    None => unseen(cloud, s.launched_at, t) == VmState::Terminated,
                 },
                 None => false,
             };
@@ -795,7 +794,7 @@ impl Ec2Compute {
                 if drained_out && !gone {
                     warn!(pool = %pool.name, vm = %s.vm, "the pool vm's agent did not ask for work after its attempt; retiring it");
                 }
-                self.retire(r).await?;
+                self.retire(cloud, r).await?;
             } else if gone {
                 // Its attempt learns of the loss from its VM's state; the slot goes
                 // once that attempt is released.
@@ -804,7 +803,7 @@ impl Ec2Compute {
                     .await?;
             } else if s.current.is_none() && s.instance.is_none() {
                 // A warm VM whose launch did not finish (its launcher died).
-                match self.launched_idle(pool, r.clone()).await {
+                match self.launched_idle(cloud, pool, r.clone()).await {
                     Ok(()) => kept.push(r),
                     Err(e) => {
                         warn!(pool = %pool.name, vm = %s.vm, error = %e, "cannot launch a warm pool vm")
@@ -827,28 +826,23 @@ impl Ec2Compute {
             if live <= pool.min {
                 break;
             }
-            if self.retire(r).await? {
+            if self.retire(cloud, r).await? {
                 live -= 1;
             }
         }
-        // Instances of the pool that no slot names (a launch whose slot was freed
-        // or retired before it was recorded) would run on unseen.
+        // VMs of the pool that no slot names (a launch whose slot was freed or
+        // retired before it was recorded) would run on unseen.
         let named: BTreeSet<&str> = slots.iter().map(|r| r.slot.vm.as_str()).collect();
-        let strays: Vec<&str> = instances
+        let strays: Vec<&str> = members
             .values()
-            .filter(|i| i.state() != VmState::Terminated)
-            .filter(|i| i.tag(TAG_VM).is_none_or(|vm| !named.contains(vm)))
-            .filter(|i| {
-                Timestamp::parse_rfc3339(&i.launch_time)
-                    .is_some_and(|at| t.since(at) > UNSEEN_GRACE)
-            })
-            .map(|i| i.id.as_str())
+            .filter(|m| m.state != VmState::Terminated)
+            .filter(|m| m.vm.as_deref().is_none_or(|vm| !named.contains(vm)))
+            .filter(|m| m.launched.is_some_and(|at| t.since(at) > STRAY_GRACE))
+            .map(|m| m.id.as_str())
             .collect();
         if !strays.is_empty() {
-            warn!(pool = %pool.name, instances = ?strays, "terminating pool instances no slot names");
-            self.terminate(&strays)
-                .await
-                .map_err(Ec2Error::into_compute)?;
+            warn!(pool = %pool.name, instances = ?strays, "terminating pool vms no slot names");
+            cloud.terminate(&strays).await?;
         }
         let taken: BTreeSet<u32> = state.slots(&pool.name).await?.iter().map(|r| r.n).collect();
         let mut free = (0..pool.max as u32).filter(|n| !taken.contains(n));
@@ -858,20 +852,26 @@ impl Ec2Compute {
             if state.put(&slot_path(&pool.name, n), &slot, None).await?
                 && let Some(read) = state.slot(&pool.name, n).await?
             {
-                self.launched_idle(pool, read).await?;
+                self.launched_idle(cloud, pool, read).await?;
                 live += 1;
             }
         }
         Ok(slots.into_iter().filter_map(|r| r.slot.current).collect())
     }
 
-    async fn launched_idle(&self, pool: &PoolSpec, read: Read) -> Result<(), Error> {
-        match self.launch_pool_vm(pool, &read.slot.vm).await {
-            Ok(i) => self.record_instance(read, &i.id).await.map(drop),
+    async fn launched_idle(
+        &self,
+        cloud: &dyn PoolCloud,
+        pool: &PoolSpec,
+        read: Read,
+    ) -> Result<(), Error> {
+        match cloud.launch(pool, &read.slot.vm).await {
+            Ok(m) => {
+                info!(pool = %pool.name, vm = %read.slot.vm, instance = %m.id, spot = pool.spot, "warm pool vm launched");
+                self.record_instance(cloud, read, &m.id).await.map(drop)
+            }
             Err(e @ Error::Capacity(_)) => {
-                self.pool_state()?
-                    .delete(&slot_path(&read.pool, read.n))
-                    .await?;
+                self.state.delete(&slot_path(&read.pool, read.n)).await?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -880,33 +880,30 @@ impl Ec2Compute {
 
     /// Terminates an idle slot's VM and frees the slot, unless a dispatcher claims
     /// it first (`false`).
-    async fn retire(&self, read: &Read) -> Result<bool, Error> {
-        let state = self.pool_state()?;
+    async fn retire(&self, cloud: &dyn PoolCloud, read: &Read) -> Result<bool, Error> {
         let mut closing = read.slot.clone();
         closing.closing = true;
-        if !state.update(read, &closing).await? {
+        if !self.state.update(read, &closing).await? {
             return Ok(false);
         }
         if let Some(id) = &read.slot.instance {
-            self.terminate(&[id.as_str()])
-                .await
-                .map_err(Ec2Error::into_compute)?;
+            cloud.terminate(&[id.as_str()]).await?;
         }
-        state.delete(&slot_path(&read.pool, read.n)).await?;
+        self.state.delete(&slot_path(&read.pool, read.n)).await?;
         info!(pool = %read.pool, vm = %read.slot.vm, instance = ?read.slot.instance, "pool vm retired");
         Ok(true)
     }
 
     /// What pool VM `vm` is to do: see [`Orders`]. Asking is how a drained VM's
     /// agent says it is clean and alive: its slot becomes claimable.
-    pub(super) async fn orders_of(&self, vm: &str) -> Result<Orders, Error> {
-        let (Some((pool, n)), Some(state)) = (parse_vm(vm), self.pool_state.as_ref()) else {
+    pub async fn orders(&self, vm: &str) -> Result<Orders, Error> {
+        let Some((pool, n)) = parse_vm(vm) else {
             return Ok(Orders::Retire);
         };
         if self.pool(pool).is_none() {
             return Ok(Orders::Retire);
         }
-        let Some(read) = state.slot(pool, n).await?.filter(|r| r.slot.vm == vm) else {
+        let Some(read) = self.state.slot(pool, n).await?.filter(|r| r.slot.vm == vm) else {
             return Ok(Orders::Retire);
         };
         match &read.slot.current {
@@ -917,13 +914,23 @@ impl Ec2Compute {
         if read.slot.draining {
             // A conflict means the slot changed meanwhile (claimed, closed): the
             // next ask sees what it became.
-            state
+            self.state
                 .change(read, |s| {
                     s.current.is_none() && std::mem::take(&mut s.draining)
                 })
                 .await?;
         }
         Ok(Orders::Wait)
+    }
+}
+
+/// The state of a launched VM its cloud does not list: gone once launched longer
+/// than the cloud's grace ago.
+fn unseen(cloud: &dyn PoolCloud, launched: Option<Timestamp>, t: Timestamp) -> VmState {
+    if launched.is_some_and(|at| t.since(at) >= cloud.unseen_grace()) {
+        VmState::Terminated
+    } else {
+        VmState::Requested
     }
 }
 
