@@ -412,6 +412,7 @@ def function_app(resources, broker_roles):
         "RESPAWN_AZURE_AGENT_IDENTITY": ex(AGENT.id),
         "RESPAWN_AZURE_VM_SIZES": ex(P("vmSizes")),
         "RESPAWN_AZURE_MAX_PRICE": ex(P("maxPrice")),
+        "RESPAWN_AZURE_POOLS": ex(P("pools")),
         # azure_identity picks the user-assigned identity by it.
         "AZURE_CLIENT_ID": ex(client_id),
     }
@@ -459,6 +460,7 @@ def parameters():
         "agentImage": p("string", "Canonical:ubuntu-24_04-lts:server:latest", "The agents' image: an image or gallery image version resource id, or publisher:offer:sku:version; it needs respawn-agent (--features azure), bubblewrap and iptables"),
         "vmSizes": p("string", "", "GPU VM sizes as model:gpus=size,... (empty: respawn's built-in table)"),
         "maxPrice": p("string", "-1", "Spot max price in USD an hour (-1: up to the pay-as-you-go price, evicted for capacity only)"),
+        "pools": p("string", "", "Warm pools, ';'-separated (e.g. cpu:max=4,idle=10m;t4:gpus=1,gpu=t4,max=8); empty: every VM is single-use"),
         "eventDeliverySchema": p("string", "EventGridSchema", "The schema of the BlobCreated events on the uploads queue", allowedValues=["EventGridSchema", "CloudEventSchemaV1_0"]),
         "storageSku": p("string", "Standard_ZRS", "Replication of the storage account", allowedValues=["Standard_LRS", "Standard_ZRS", "Standard_GRS", "Standard_GZRS", "Standard_RAGRS", "Standard_RAGZRS"]),
         "infrastructureEncryption": p("bool", False, "Encrypt the storage account twice (fixed at creation)"),
