@@ -8,6 +8,11 @@
 //! - `RESPAWN_OUTPUT_DIR`: `model.txt` and `metrics.json` at the end.
 //! - SIGTERM: finish the step, checkpoint, print `checkpointed step N on SIGTERM`,
 //!   exit 143.
+//! - Multi-node (`RESPAWN_NUM_NODES` > 1, `RESPAWN_NODE_RANK`, `MASTER_ADDR`,
+//!   `MASTER_PORT`; torchrun's `WORLD_SIZE` / `NODE_RANK` too): data-parallel steps
+//!   with an all-reduce over TCP each step; rank 0 checkpoints and writes the
+//!   outputs; a SIGTERM on any rank stops all of them after the same step (see
+//!   `dist.rs`).
 //!
 //! A run that is interrupted and resumed any number of times writes a `model.txt`
 //! byte-identical to an uninterrupted run with the same flags: see `model.rs` and
@@ -17,6 +22,7 @@
 
 mod checkpoint;
 mod data;
+mod dist;
 mod error;
 mod math;
 mod model;

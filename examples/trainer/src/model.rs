@@ -135,13 +135,34 @@ impl Model {
 
     /// One SGD step on the mini-batch that `(seed, step)` selects.
     pub fn sgd_step(&mut self, data: &Dataset, seed: u64, step: u64, batch: usize, lr: f64) {
+        let grad = self.gradient_share(data, seed, step, batch, 0, 1);
+        self.apply(&grad, lr, batch);
+    }
+
+    /// The summed gradient of the examples `j` of step `step`'s batch with
+    /// `j % ranks == rank`: one rank's share in data-parallel training (all of it
+    /// for one rank). The batch is the same whatever the number of ranks.
+    pub fn gradient_share(
+        &self,
+        data: &Dataset,
+        seed: u64,
+        step: u64,
+        batch: usize,
+        rank: usize,
+        ranks: usize,
+    ) -> Vec<f64> {
         let mut grad = vec![0.0; self.params.len()];
-        for j in 0..batch {
+        for j in (rank..batch).step_by(ranks.max(1)) {
             let row = rng::below(rng::draw(seed, Stream::Batch, step, j as u64), data.rows);
             self.accumulate_gradient(data.row(row), data.labels[row], &mut grad);
         }
+        grad
+    }
+
+    /// One SGD update with the batch's summed gradient `grad`.
+    pub fn apply(&mut self, grad: &[f64], lr: f64, batch: usize) {
         let scale = lr / batch as f64;
-        for (p, g) in self.params.iter_mut().zip(&grad) {
+        for (p, g) in self.params.iter_mut().zip(grad) {
             *p -= scale * g;
         }
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::Args;
 use crate::checkpoint::{self, Settings, State};
 use crate::data::{self, Dataset};
+use crate::dist::{Link, Start, World};
 use crate::error::Error;
 use crate::model::{Model, Shape};
 
@@ -87,6 +88,8 @@ struct Trainer<'a> {
     settings: Settings,
     checkpoint_dir: Option<PathBuf>,
     term: &'a AtomicBool,
+    /// Its place among the ranks of a multi-node run.
+    world: Option<World>,
 }
 
 /// Trains per `args` and the environment; returns the exit code.
@@ -102,7 +105,15 @@ pub fn run(args: &Args, term: &AtomicBool) -> Result<ExitCode, Error> {
         data.features,
         data.classes()
     );
+    let world = World::from_env()?;
+    if let Some(w) = &world {
+        println!(
+            "rank {} of {} (data-parallel; rank 0 checkpoints and writes the model)",
+            w.rank, w.ranks
+        );
+    }
     let trainer = Trainer {
+        world,
         settings: Settings {
             seed: args.seed,
             lr: args.lr,
@@ -115,7 +126,20 @@ pub fn run(args: &Args, term: &AtomicBool) -> Result<ExitCode, Error> {
         term,
     };
     let mut state = trainer.resume_or_start()?;
-    match trainer.train(&mut state)? {
+    let mut link = match &trainer.world {
+        Some(w) => {
+            let start = Start::of(state.step, &state.model.params);
+            match Link::meet(w, start, term)? {
+                Some(link) => Some(link),
+                None => {
+                    println!("SIGTERM before the ranks met, at step {}", state.step);
+                    return Ok(ExitCode::from(EXIT_SIGTERM));
+                }
+            }
+        }
+        None => None,
+    };
+    match trainer.train(&mut state, link.as_mut())? {
         Stop::Terminated => Ok(ExitCode::from(EXIT_SIGTERM)),
         Stop::Finished => {
             trainer.finish(&state, contract.output_dir.as_deref())?;
@@ -203,11 +227,18 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// SGD steps until `--steps` or a SIGTERM, checkpointing every `--checkpoint-every`.
-    fn train(&self, state: &mut State) -> Result<Stop, Error> {
+    /// Whether this rank writes checkpoints and outputs: rank 0, or the only one.
+    fn writes(&self) -> bool {
+        self.world.as_ref().is_none_or(|w| w.rank == 0)
+    }
+
+    /// SGD steps until `--steps` or a SIGTERM (on any rank, with `link`),
+    /// checkpointing every `--checkpoint-every`.
+    fn train(&self, state: &mut State, mut link: Option<&mut Link>) -> Result<Stop, Error> {
         let batch = self.settings.batch_size;
         loop {
-            if self.term.load(Ordering::SeqCst) {
+            let stop = self.term.load(Ordering::SeqCst);
+            if stop && link.is_none() {
                 self.checkpoint_on_sigterm(state)?;
                 return Ok(Stop::Terminated);
             }
@@ -215,9 +246,22 @@ impl Trainer<'_> {
                 return Ok(Stop::Finished);
             }
             let (seed, lr) = (self.settings.seed, self.settings.lr);
-            state
-                .model
-                .sgd_step(&self.data, seed, state.step, batch, lr);
+            match (&mut link, &self.world) {
+                (Some(link), Some(w)) => {
+                    let mut grad = state
+                        .model
+                        .gradient_share(&self.data, seed, state.step, batch, w.rank, w.ranks);
+                    // Every rank stops before the same step when any got SIGTERM.
+                    if !link.all_reduce(&mut grad, stop)? {
+                        self.checkpoint_on_sigterm(state)?;
+                        return Ok(Stop::Terminated);
+                    }
+                    state.model.apply(&grad, lr, batch);
+                }
+                _ => state
+                    .model
+                    .sgd_step(&self.data, seed, state.step, batch, lr),
+            }
             state.step += 1;
             if self.args.log_every > 0 && state.step.is_multiple_of(self.args.log_every) {
                 println!("step {}", state.step);
@@ -246,7 +290,7 @@ impl Trainer<'_> {
 
     /// Saves `state` (unless complete already) and prunes old checkpoints.
     fn checkpoint(&self, state: &State) -> Result<(), Error> {
-        let Some(dir) = &self.checkpoint_dir else {
+        let Some(dir) = self.checkpoint_dir.as_ref().filter(|_| self.writes()) else {
             return Ok(());
         };
         if checkpoint::save(dir, state)? {
@@ -256,6 +300,13 @@ impl Trainer<'_> {
     }
 
     fn checkpoint_on_sigterm(&self, state: &State) -> Result<(), Error> {
+        if !self.writes() {
+            println!(
+                "stopped at step {} on SIGTERM (rank 0 checkpoints)",
+                state.step
+            );
+            return Ok(());
+        }
         if self.checkpoint_dir.is_none() {
             println!("SIGTERM at step {}: checkpointing is off", state.step);
             return Ok(());
@@ -270,7 +321,7 @@ impl Trainer<'_> {
     fn finish(&self, state: &State, output_dir: Option<&Path>) -> Result<(), Error> {
         self.checkpoint(state)?;
         let (loss, accuracy) = state.model.evaluate(&self.data);
-        match output_dir {
+        match output_dir.filter(|_| self.writes()) {
             Some(dir) => write_outputs(dir, state, loss, accuracy)?,
             None => println!("no RESPAWN_OUTPUT_DIR: model not written"),
         }
