@@ -232,6 +232,48 @@ print(json.dumps(e))
         }
     }
 
+    /// Drives the first job to success, preempting its VM with `notice` once it
+    /// has uploaded a checkpoint: the job, the preempted VM, and the uids its
+    /// workload was seen running as.
+    async fn train_through_a_preemption(&self, notice: Duration) -> (JobRecord, String, Vec<u32>) {
+        let mut evicted: Option<String> = None;
+        let mut workload_uids = Vec::new();
+        let job = self
+            .drive("the training job succeeded", |jobs| {
+                let job = jobs.first()?;
+                if job.state == JobState::Succeeded {
+                    return Some(job.clone());
+                }
+                assert!(
+                    !job.state.is_terminal(),
+                    "{job:?}\nVMs: {}",
+                    self.arm.logs()
+                );
+                if job.state == JobState::Running && workload_uids.is_empty() {
+                    workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
+                }
+                if evicted.is_none()
+                    && job.state == JobState::Running
+                    && job
+                        .attempts
+                        .last()
+                        .is_some_and(|a| a.last_checkpoint.is_some())
+                    && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
+                    && self.arm.vms().contains(&vm)
+                {
+                    self.arm.preempt(&vm, notice);
+                    evicted = Some(vm);
+                }
+                None
+            })
+            .await;
+        (
+            job,
+            evicted.expect("the first VM was preempted"),
+            workload_uids,
+        )
+    }
+
     /// Submits `spec` through the API as the first admin.
     async fn submit(&self, spec: &Value) -> String {
         let r = reqwest::Client::new()
@@ -525,34 +567,9 @@ async fn an_uploaded_file_trains_on_azure_spot_through_an_eviction_to_the_same_m
     app.deliver_to_queue(&app.event_of("eventgrid-blob-created.json", "incoming/points.csv"))
         .await;
 
-    let mut evicted: Option<String> = None;
-    let mut workload_uids = Vec::new();
-    let job = app
-        .drive("the job succeeded", |jobs| {
-            let job = jobs.first()?;
-            if job.state == JobState::Succeeded {
-                return Some(job.clone());
-            }
-            assert!(!job.state.is_terminal(), "{job:?}\nVMs: {}", app.arm.logs());
-            if job.state == JobState::Running && workload_uids.is_empty() {
-                workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
-            }
-            if evicted.is_none()
-                && job.state == JobState::Running
-                && job
-                    .attempts
-                    .last()
-                    .is_some_and(|a| a.last_checkpoint.is_some())
-                && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
-                && app.arm.vms().contains(&vm)
-            {
-                app.arm.preempt(&vm, Duration::from_secs(30));
-                evicted = Some(vm);
-            }
-            None
-        })
+    let (job, first, workload_uids) = app
+        .train_through_a_preemption(Duration::from_secs(30))
         .await;
-    let first = evicted.expect("the first VM was preempted");
     respawn_e2e::assert_workload_uid(&workload_uids);
     assert!(app.arm.throttled() >= 1, "the 429 was met");
     assert_eq!(
@@ -651,33 +668,9 @@ async fn a_warm_pool_on_azure_runs_jobs_in_a_row_and_survives_an_eviction() {
     app.deliver_to_queue(&app.event_of("eventgrid-blob-created.json", "incoming/points.csv"))
         .await;
 
-    let mut evicted: Option<String> = None;
-    let mut workload_uids = Vec::new();
-    let job = app
-        .drive("the training job succeeded", |jobs| {
-            let job = jobs.first()?;
-            if job.state == JobState::Succeeded {
-                return Some(job.clone());
-            }
-            assert!(!job.state.is_terminal(), "{job:?}\nVMs: {}", app.arm.logs());
-            if job.state == JobState::Running && workload_uids.is_empty() {
-                workload_uids = respawn_e2e::workload_uids(&job.id.to_string());
-            }
-            if evicted.is_none()
-                && job.state == JobState::Running
-                && job
-                    .attempts
-                    .last()
-                    .is_some_and(|a| a.last_checkpoint.is_some())
-                && let Some(vm) = job.attempts.last().and_then(|a| a.vm.clone())
-            {
-                app.arm.preempt(&vm, Duration::from_secs(10));
-                evicted = Some(vm);
-            }
-            None
-        })
+    let (job, first, workload_uids) = app
+        .train_through_a_preemption(Duration::from_secs(10))
         .await;
-    let first = evicted.expect("the first pool VM was preempted");
     respawn_e2e::assert_workload_uid(&workload_uids);
     assert_eq!(
         app.arm.tags(&job.attempts[1].vm.clone().unwrap()).unwrap()["respawn-pool"],
