@@ -30,7 +30,10 @@
 //!   [`PLACING`], and the slot it may have claimed is found by its attempt.
 //! - **Release** leaves the slot *draining*: its VM takes the next attempt only
 //!   after its agent has asked for orders again, which it does once the work folder
-//!   is clean. A VM whose agent never asks again (hung, rebooted, gone) is retired.
+//!   is clean; an allocation that finds every VM busy but one draining waits for
+//!   it (up to [`DRAIN_WAIT`]) rather than take a capacity miss, which would wait
+//!   out a backoff. A VM whose agent never asks again (hung, rebooted, gone) is
+//!   retired.
 //!   The agent asks during an attempt too, and kills the workload when the orders
 //!   stop naming it (cancelled, timed out). An agent whose attempt got a
 //!   preemption notice takes no more work.
@@ -63,6 +66,11 @@ const STRAY_GRACE: Duration = Duration::from_secs(300);
 const PLACING: Duration = Duration::from_secs(60);
 /// A released VM whose agent has not asked for work within this long is retired.
 const DRAIN_GRACE: Duration = Duration::from_secs(180);
+/// How long an allocation that finds every VM busy waits for a draining one (its
+/// agent asks for work every 2 s once its work folder is clean) …
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// … looking this often.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
 /// Placements of attempts placed longer ago than this are pruned (once over).
 const PLACEMENT_KEPT: Duration = Duration::from_secs(24 * 3600);
 
@@ -507,7 +515,9 @@ impl Pools {
     /// died before finishing the placement), an idle VM, or a new slot.
     async fn place(&self, pool: &PoolSpec, key: &AllocationKey) -> Result<Read, Error> {
         let state = &self.state;
-        for _ in 0..ROUNDS {
+        let until = tokio::time::Instant::now() + DRAIN_WAIT;
+        let mut races = 0;
+        while races < ROUNDS {
             let slots = state.slots(&pool.name).await?;
             if let Some(r) = slots.iter().find(|r| r.slot.current.as_ref() == Some(key)) {
                 return Ok(r.clone());
@@ -523,10 +533,21 @@ impl Pools {
                         ..r.clone()
                     });
                 }
+                races += 1;
                 continue;
             }
             let taken: BTreeSet<u32> = slots.iter().map(|r| r.n).collect();
             let Some(free) = (0..pool.max as u32).find(|n| !taken.contains(n)) else {
+                // A VM whose attempt just ended takes work as soon as its agent
+                // asks again (within seconds): worth waiting for, rather than
+                // a capacity backoff that is tens of seconds or more.
+                let draining = slots
+                    .iter()
+                    .any(|r| r.slot.current.is_none() && r.slot.draining && !r.slot.closing);
+                if draining && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(DRAIN_POLL).await;
+                    continue;
+                }
                 return Err(Error::Capacity(format!(
                     "pool {} has all its {} VM(s) busy",
                     pool.name, pool.max
@@ -538,6 +559,7 @@ impl Pools {
             {
                 return Ok(read);
             }
+            races += 1;
         }
         Err(Error::Unavailable(
             format!(
