@@ -16,6 +16,14 @@ Mini-batches are a pure function of (seed, step), so a resumed run needs no RNG 
 and, with deterministic kernels on the same kind of device, trains exactly as an
 uninterrupted run.
 
+Multi-node, under torchrun (one process per GPU; on respawn's multi-node contract:
+torchrun --nnodes=$RESPAWN_NUM_NODES --node_rank=$RESPAWN_NODE_RANK
+--nproc_per_node=<GPUs per node> --master_addr=$MASTER_ADDR --master_port=$MASTER_PORT
+train.py ...): DistributedDataParallel over NCCL (gloo on CPUs), each process
+taking its share of every step's batch, so the update is the same batch's as on one
+process. A SIGTERM on any process stops all of them after the same step; rank 0 alone
+writes checkpoints and outputs, and every rank must have restored the same step.
+
 Exit codes: 0 done, 1 I/O error, 2 bad flags / data / checkpoint, 143 SIGTERM.
 """
 
@@ -34,6 +42,7 @@ from pathlib import Path
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 KEEP_LOCAL = 2
@@ -275,18 +284,41 @@ def write_outputs(out_dir, model, meta, steps, loss, accuracy):
 
 
 def pick_device():
-    """CUDA when there is a GPU; deterministic kernels either way."""
+    """CUDA when there is a GPU (torchrun's LOCAL_RANK picks which); deterministic
+    kernels either way."""
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
     if torch.cuda.is_available():
-        device = torch.device("cuda")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
         print(f"device cuda ({torch.cuda.get_device_name(device)}), "
               f"CUDA_VISIBLE_DEVICES={visible}", flush=True)
     else:
         device = torch.device("cpu")
         print(f"device cpu (no CUDA), CUDA_VISIBLE_DEVICES={visible}", flush=True)
     return device
+
+
+def join_processes(device):
+    """(rank, world size): torch.distributed's, when torchrun started more than one
+    process (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE in the environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    print(f"rank {rank} of {world} (rank 0 checkpoints and writes the model)", flush=True)
+    return rank, world
+
+
+def agree(value, device, op):
+    """`value` reduced over every process with `op` (one process: itself)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=op)
+    return int(t.item())
 
 
 def pause(delay_ms):
@@ -312,25 +344,43 @@ def train(args):
     meta = {"features": x.shape[1], "hidden": args.hidden, "classes": len(names),
             "class_names": names, "seed": args.seed}
 
+    rank, world = join_processes(device)
+    if rank != 0:
+        ckpt_dir = out_dir = None  # rank 0 writes them; this rank only restores
     torch.manual_seed(args.seed)
     model = build_model(x.shape[1], args.hidden, len(names)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    step = resume(ckpt_dir, device, model, optimizer, meta)
+    step = resume(env_path("RESPAWN_CHECKPOINT_DIR"), device, model, optimizer, meta)
     # load_state_dict restored the checkpoint's learning rate; this run's flag wins.
     for group in optimizer.param_groups:
         group["lr"] = args.lr
+    net = model
+    if world > 1:
+        if agree(step, device, dist.ReduceOp.MIN) != agree(step, device, dist.ReduceOp.MAX):
+            raise InputError(f"rank {rank} resumed from step {step}, another rank from "
+                             "another: every rank must restore the same checkpoint")
+        net = nn.parallel.DistributedDataParallel(model)
 
     while True:
-        if stop_requested:
+        # Every process stops before the same step when any got SIGTERM.
+        stop = agree(int(stop_requested), device, dist.ReduceOp.MAX)
+        if stop:
             if ckpt_dir:
                 save_checkpoint(ckpt_dir, step, model, optimizer, meta)
-            print(f"checkpointed step {step} on SIGTERM", flush=True)
+                print(f"checkpointed step {step} on SIGTERM", flush=True)
+            else:
+                print(f"stopped at step {step} on SIGTERM (rank 0 checkpoints)", flush=True)
             return EXIT_SIGTERM
         if step >= args.steps:
             break
         idx = batch_indices(args.seed, step, len(y), args.batch_size).to(device)
+        # This process's share of the batch; DDP averages the gradients over the
+        # processes, so the sum over the share, scaled by world / batch, makes the
+        # batch's mean gradient.
+        share = idx[rank::world]
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        loss = nn.functional.cross_entropy(net(x[share]), y[share], reduction="sum")
+        (loss * world / args.batch_size).backward()
         optimizer.step()
         step += 1
         pause(args.step_delay_ms)
