@@ -546,3 +546,26 @@ async fn tending_keeps_min_pool_vms_warm_on_arm() {
     assert_eq!(now.len(), 1, "{now:?}");
     assert_ne!(now[0], vm.id, "a new VM keeps the minimum");
 }
+
+/// Pool settings are checked whatever pools are configured: a job naming a pool
+/// that does not exist is refused, one naming a single-use pool gets a VM of its
+/// own.
+#[tokio::test]
+async fn a_named_pool_must_exist_even_among_single_use_pools() {
+    let arm = Arm::start().await;
+    let c = pooled(&arm, &["cold:single-use"]);
+    let job = JobId::generate(Timestamp(970));
+    let mut req = spot(&job, 1);
+    req.placement.pool = Some("nope".into());
+    assert!(
+        matches!(c.allocate(&req).await, Err(Error::Invalid(_))),
+        "an unknown pool is refused"
+    );
+    req.placement.pool = Some("cold".into());
+    let vm = c.allocate(&req).await.unwrap();
+    let tags = arm.tags(&vm.id).unwrap();
+    assert_eq!(tags["respawn-job"], job.to_string(), "{tags}");
+    assert!(tags.get("respawn-pool").is_none(), "{tags}");
+    c.release(&vm.key).await.unwrap();
+    assert!(arm.vms().is_empty());
+}

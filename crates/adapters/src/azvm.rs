@@ -466,6 +466,8 @@ impl ArmVm {
                 .time_created
                 .as_deref()
                 .and_then(Timestamp::parse_rfc3339),
+            // ARM keeps a VM that failed or stopped until it is deleted.
+            lingers: true,
         }
     }
 
@@ -970,10 +972,12 @@ impl Compute for ArmCompute {
         if req.resources.nodes > 1 {
             return Err(Error::NotSupported("multi-node jobs on Azure".into()));
         }
-        if let Some(pools) = &self.pools
-            && let Some(pool) = pools.pool_for(req)?
+        // Every pool setting is checked, reusable pools or not (a pool the job
+        // names must exist and fit it).
+        if let Some(pool) = PoolSpec::choose(&self.cfg.pools, req)?.filter(|p| p.reuse)
+            && let Some(pools) = &self.pools
         {
-            return pools.allocate(self, req, &pool).await;
+            return pools.allocate(self, req, pool).await;
         }
         let name = vm_name(&self.cfg.stack, &req.key);
         let size = self.cfg.sizes.choose(&req.resources, &self.cfg.cpu_size)?;
@@ -991,10 +995,12 @@ impl Compute for ArmCompute {
     }
 
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
-        // Both kinds: an attempt placed in a pool, and one (placed before the pool
-        // settings changed) on a VM of its own.
-        if let Some(pools) = &self.pools {
-            pools.release(key).await?;
+        // An attempt placed in a pool has no VM of its own: no record to write
+        // and no VM to delete.
+        if let Some(pools) = &self.pools
+            && pools.release(key).await?
+        {
+            return Ok(());
         }
         let name = vm_name(&self.cfg.stack, key);
         // Marked first (conditionally: no allocation's write is lost), so that an
@@ -1173,6 +1179,7 @@ impl PoolCloud for ArmCompute {
                 vm: Some(vm.to_owned()),
                 state: VmState::Requested,
                 launched: None,
+                lingers: true,
             });
         if let Some(url) = operation {
             match self.follow(&url).await {

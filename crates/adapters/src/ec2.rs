@@ -431,10 +431,15 @@ impl Compute for Ec2Compute {
         if req.resources.nodes > 1 {
             return Err(Error::NotSupported("multi-node jobs on EC2".into()));
         }
-        if let Some(pools) = &self.pools
-            && let Some(pool) = pools.pool_for(req)?
-        {
-            return pools.allocate(self, req, &pool).await;
+        // Every pool setting is checked, reusable pools or not (a pool the job
+        // names must exist and fit it).
+        if let Some(pool) = PoolSpec::choose(&self.cfg.pools, req)?.filter(|p| p.reuse) {
+            let Some(pools) = &self.pools else {
+                return Err(Error::Invalid(
+                    "pools need the broker's state bucket".into(),
+                ));
+            };
+            return pools.allocate(self, req, pool).await;
         }
         let found = self.of_attempt(&req.key).await?;
         if let Some(first) = found.first() {
@@ -466,6 +471,8 @@ impl Compute for Ec2Compute {
         // Both kinds: an attempt placed in a pool, and one (placed before the pool
         // settings changed) on a single-use instance.
         if let Some(pools) = &self.pools {
+            // Also a single-use instance below: one made before the pool settings
+            // changed.
             pools.release(key).await?;
         }
         let live: Vec<String> = self
@@ -842,6 +849,8 @@ impl Instance {
             vm: self.tag(TAG_VM).map(str::to_owned),
             state: self.state(),
             launched: Timestamp::parse_rfc3339(&self.launch_time),
+            // A terminated instance is gone; shutdown terminates pool instances.
+            lingers: false,
         }
     }
 }

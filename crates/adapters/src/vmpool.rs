@@ -342,6 +342,9 @@ pub(crate) struct Member {
     pub state: VmState,
     /// When it was launched, if the cloud says.
     pub launched: Option<Timestamp>,
+    /// Ended, yet still there (and billed) until deleted: ARM keeps a VM whose
+    /// creation failed, or that stopped.
+    pub lingers: bool,
 }
 
 /// What a cloud does for its warm pools.
@@ -386,13 +389,6 @@ impl Pools {
 
     fn reused(&self) -> impl Iterator<Item = &PoolSpec> {
         self.specs.iter().filter(|p| p.reuse)
-    }
-
-    /// The reusable pool `req` runs in, if any.
-    pub fn pool_for(&self, req: &AllocateRequest) -> Result<Option<PoolSpec>, Error> {
-        Ok(PoolSpec::choose(&self.specs, req)?
-            .filter(|p| p.reuse)
-            .cloned())
     }
 
     /// The state of VM `id` as `cloud` sees it; one it does not list, launched
@@ -585,20 +581,24 @@ impl Pools {
         let member = match cloud.launch(pool, &read.slot.vm).await {
             Ok(m) => m,
             Err(e @ Error::Capacity(_)) => {
-                // Nothing runs in the slot: free it, and the attempt's placement,
-                // for the next try (under the same attempt: no budget spent).
-                self.state.delete(&slot_path(&read.pool, read.n)).await?;
-                self.state.delete(&placement_path(key)).await?;
+                // Nothing runs in the slot: it is freed, and the attempt's placement
+                // with it, for the next try (under the same attempt: no budget
+                // spent). Both conditionally: another dispatcher of the attempt
+                // may have met the same miss, and a third placed it anew since.
+                if self.free_slot(&read).await? {
+                    self.unplace(key, &read).await?;
+                }
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
         info!(job_id = %key.job, attempt = key.attempt, pool = %pool.name, vm = %read.slot.vm, instance = %member.id, spot = pool.spot, "pool vm launched");
         let mut slot = read.slot.clone();
+        let read_after = read.clone();
         let id = match self.record_instance(cloud, read, &member.id).await {
             Ok(id) => id,
             Err(e @ Error::Capacity(_)) => {
-                self.state.delete(&placement_path(key)).await?;
+                self.unplace(key, &read_after).await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -609,6 +609,39 @@ impl Pools {
             vm.created_at = at;
         }
         Ok(vm)
+    }
+
+    /// Frees slot `read` unless it changed since it was read (`false` then): closed
+    /// first with a conditional write, so that of two dispatchers freeing it one
+    /// does, and nothing claims it meanwhile; then deleted.
+    async fn free_slot(&self, read: &Read) -> Result<bool, Error> {
+        let mut closing = read.slot.clone();
+        closing.closing = true;
+        if !self.state.update(read, &closing).await? {
+            return Ok(false);
+        }
+        self.state.delete(&slot_path(&read.pool, read.n)).await?;
+        Ok(true)
+    }
+
+    /// Undoes `key`'s placement on slot `read`, if it still names that slot: left as
+    /// an unfinished placement from long ago, which the next allocation of `key`
+    /// takes over (a conditional write: a newer placement is never undone).
+    async fn unplace(&self, key: &AllocationKey, read: &Read) -> Result<(), Error> {
+        let path = placement_path(key);
+        let Some(p) = self.state.get::<Placement>(&path).await? else {
+            return Ok(());
+        };
+        if p.value.pool != read.pool || p.value.slot != Some(read.n) {
+            return Ok(());
+        }
+        let undone = Placement {
+            pool: read.pool.clone(),
+            slot: None,
+            at: Timestamp(0),
+        };
+        self.state.put(&path, &undone, Some(&p.version)).await?;
+        Ok(())
     }
 
     /// Notes the VM in its slot; the id the slot names in the end (should another
@@ -653,9 +686,13 @@ impl Pools {
     }
 
     /// Ends `key`'s attempt on its pool VM: the slot drains (see the module docs).
-    pub async fn release(&self, key: &AllocationKey) -> Result<(), Error> {
-        let Some((_, Some(read))) = self.placed(key).await? else {
-            return Ok(());
+    /// Whether `key` was placed in a pool at all.
+    pub async fn release(&self, key: &AllocationKey) -> Result<bool, Error> {
+        let Some((placement, read)) = self.placed(key).await? else {
+            return Ok(false);
+        };
+        let Some(read) = read else {
+            return Ok(placement.slot.is_some());
         };
         let t = now();
         let released = self
@@ -673,7 +710,7 @@ impl Pools {
         if let Some(s) = released {
             info!(job_id = %key.job, attempt = key.attempt, vm = %s.vm, "attempt released; pool vm drains");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// `key`'s VM if it was placed in a pool.
@@ -793,13 +830,14 @@ impl Pools {
         pool: &PoolSpec,
     ) -> Result<Vec<AllocationKey>, Error> {
         let state = &self.state;
+        // Before the listing: a slot recorded after it is not counted as unlisted.
+        let t = now();
         let members: BTreeMap<String, Member> = cloud
             .members(&pool.name)
             .await?
             .into_iter()
             .map(|m| (m.id.clone(), m))
             .collect();
-        let t = now();
         let slots = state.slots(&pool.name).await?;
         let mut kept = Vec::new();
         for r in &slots {
@@ -857,7 +895,7 @@ impl Pools {
         let named: BTreeSet<&str> = slots.iter().map(|r| r.slot.vm.as_str()).collect();
         let strays: Vec<&str> = members
             .values()
-            .filter(|m| m.state != VmState::Terminated)
+            .filter(|m| m.state != VmState::Terminated || m.lingers)
             .filter(|m| m.vm.as_deref().is_none_or(|vm| !named.contains(vm)))
             .filter(|m| m.launched.is_some_and(|at| t.since(at) > STRAY_GRACE))
             .map(|m| m.id.as_str())
@@ -893,7 +931,7 @@ impl Pools {
                 self.record_instance(cloud, read, &m.id).await.map(drop)
             }
             Err(e @ Error::Capacity(_)) => {
-                self.state.delete(&slot_path(&read.pool, read.n)).await?;
+                self.free_slot(&read).await?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -949,7 +987,9 @@ impl Pools {
 /// The state of a launched VM its cloud does not list: gone once launched longer
 /// than the cloud's grace ago.
 fn unseen(cloud: &dyn PoolCloud, launched: Option<Timestamp>, t: Timestamp) -> VmState {
-    if launched.is_some_and(|at| t.since(at) >= cloud.unseen_grace()) {
+    // Strictly past: a VM recorded after `t` (after its cloud's listing) is not
+    // yet listed, not gone.
+    if launched.is_some_and(|at| at < t && t.since(at) >= cloud.unseen_grace()) {
         VmState::Terminated
     } else {
         VmState::Requested
