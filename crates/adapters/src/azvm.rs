@@ -39,7 +39,7 @@ use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
 use base64::Engine;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
+use object_store::{ObjectStore, UpdateVersion};
 use respawn_core::job::JobId;
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{
@@ -53,7 +53,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 pub use crate::cloudvm::{AgentBoot, InstanceTypes};
-use crate::cloudvm::{Cloud, boot_script};
+use crate::cloudvm::{Cloud, Records, boot_script};
 use crate::vmpool::{Member, PoolCloud, Pools};
 
 pub const TAG_STACK: &str = "respawn-stack";
@@ -240,7 +240,8 @@ pub struct ArmCompute {
     http: reqwest_aws::Client,
     credential: Arc<dyn TokenCredential>,
     cfg: ArmConfig,
-    state: Arc<dyn ObjectStore>,
+    /// What ARM forgets, in the broker's state store.
+    records: Records,
     pools: Option<Pools>,
 }
 
@@ -536,7 +537,7 @@ impl ArmCompute {
                 endpoint: cfg.endpoint.trim_end_matches('/').to_owned(),
                 ..cfg
             },
-            state,
+            records: Records { store: state },
         })
     }
 
@@ -684,23 +685,14 @@ impl ArmCompute {
 
     /// The record of VM `name` and its version, for a conditional write.
     async fn record(&self, name: &str) -> Result<Option<(Record, UpdateVersion)>, Error> {
-        match self.state.get(&Self::record_path(name)).await {
-            Ok(got) => {
-                let version = UpdateVersion {
-                    e_tag: got.meta.e_tag.clone(),
-                    version: got.meta.version.clone(),
-                };
-                let bytes = got
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::Unavailable(e.into()))?;
-                let record = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Unavailable(format!("VM record {name}: {e}").into()))?;
-                Ok(Some((record, version)))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::Unavailable(e.into())),
-        }
+        // Unreadable is the store's trouble, not the request's: tried again.
+        self.records
+            .get(&Self::record_path(name))
+            .await
+            .map_err(|e| match e {
+                Error::Invalid(why) => Error::Unavailable(why.into()),
+                e => e,
+            })
     }
 
     /// Writes `record` if the stored one is still the version `seen` (none yet:
@@ -711,30 +703,9 @@ impl ArmCompute {
         record: &Record,
         seen: Option<&UpdateVersion>,
     ) -> Result<Option<UpdateVersion>, Error> {
-        let body = serde_json::to_vec(record).map_err(|e| Error::Unavailable(e.into()))?;
-        let mode = match seen {
-            Some(v) => PutMode::Update(v.clone()),
-            None => PutMode::Create,
-        };
-        match self
-            .state
-            .put_opts(
-                &Self::record_path(name),
-                PutPayload::from(body),
-                mode.into(),
-            )
+        self.records
+            .put(&Self::record_path(name), record, seen)
             .await
-        {
-            Ok(r) => Ok(Some(UpdateVersion {
-                e_tag: r.e_tag,
-                version: r.version,
-            })),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Ok(None),
-            Err(e) => Err(Error::Unavailable(e.into())),
-        }
     }
 
     /// One try at `req`'s VM: `None` when the record changed under it (try again).

@@ -1,11 +1,91 @@
-//! What the cloud VM providers share: how the agent on a new VM is started, and
-//! which instance type (VM size) a job's GPUs need.
+//! What the cloud VM providers share: how the agent on a new VM is started,
+//! which instance type (VM size) a job's GPUs need, and the records they keep in
+//! the broker's state store.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use respawn_core::attempt_auth::{AgentCredentials, AttemptKey};
 use respawn_core::ports::compute::Error;
 use respawn_core::spec::Resources;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub(crate) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Unavailable(Box::new(e))
+}
+
+/// JSON records in the broker's state store (which no agent can read), each
+/// written only where absent or over the version it was read at: what the cloud
+/// providers keep that their clouds forget (VM records, pool slots, placements).
+#[derive(Debug, Clone)]
+pub(crate) struct Records {
+    pub store: Arc<dyn ObjectStore>,
+}
+
+impl Records {
+    /// The record at `path` and its version; one that does not parse is
+    /// [`Error::Invalid`].
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(T, UpdateVersion)>, Error> {
+        let got = match self.store.get(path).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got.bytes().await.map_err(unavailable)?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("{path}: unreadable record: {e}")))?;
+        Ok(Some((value, version)))
+    }
+
+    /// Writes `value` at `path`: only if absent (`None`), or only over `version`.
+    /// Its new version; `None` when that condition failed.
+    pub async fn put<T: Serialize>(
+        &self,
+        path: &Path,
+        value: &T,
+        version: Option<&UpdateVersion>,
+    ) -> Result<Option<UpdateVersion>, Error> {
+        let body = PutPayload::from(serde_json::to_vec(value).map_err(unavailable)?);
+        let mode = match version {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(v.clone()),
+        };
+        match self
+            .store
+            .put_opts(path, body, PutOptions::from(mode))
+            .await
+        {
+            Ok(r) => Ok(Some(UpdateVersion {
+                e_tag: r.e_tag,
+                version: r.version,
+            })),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }
+                | object_store::Error::NotFound { .. },
+            ) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Deletes the record at `path`; one already gone is fine.
+    pub async fn delete(&self, path: &Path) -> Result<(), Error> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
 
 /// How the agent on a new instance is started.
 #[derive(Debug, Clone)]

@@ -49,13 +49,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, UpdateVersion};
 use respawn_core::pool::PoolSpec;
 use respawn_core::ports::compute::{AllocateRequest, AllocationKey, Error, Orders, Vm, VmState};
 use respawn_core::time::{Clock, SystemClock, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+
+use crate::cloudvm::{Records, unavailable};
 
 /// How often a claim or release is tried again after losing a race.
 const ROUNDS: usize = 8;
@@ -149,7 +151,7 @@ struct Read {
 /// The pools' records on an object store.
 #[derive(Debug, Clone)]
 struct PoolState {
-    store: Arc<dyn ObjectStore>,
+    records: Records,
 }
 
 fn slot_path(pool: &str, n: u32) -> Path {
@@ -158,10 +160,6 @@ fn slot_path(pool: &str, n: u32) -> Path {
 
 fn placement_path(key: &AllocationKey) -> Path {
     Path::from(format!("pool-placements/{}.{}", key.job, key.attempt))
-}
-
-fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Unavailable(Box::new(e))
 }
 
 fn vm_name(pool: &str, n: u32) -> String {
@@ -183,23 +181,17 @@ fn now() -> Timestamp {
 
 impl PoolState {
     fn new(store: Arc<dyn ObjectStore>) -> PoolState {
-        PoolState { store }
+        PoolState {
+            records: Records { store },
+        }
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &Path) -> Result<Option<Versioned<T>>, Error> {
-        let got = match self.store.get(path).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(unavailable(e)),
-        };
-        let version = UpdateVersion {
-            e_tag: got.meta.e_tag.clone(),
-            version: got.meta.version.clone(),
-        };
-        let bytes = got.bytes().await.map_err(unavailable)?;
-        let value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Invalid(format!("{path}: unreadable pool record: {e}")))?;
-        Ok(Some(Versioned { value, version }))
+        Ok(self
+            .records
+            .get(path)
+            .await?
+            .map(|(value, version)| Versioned { value, version }))
     }
 
     /// Writes `value` at `path`: only if absent (`None`), or only over `version`.
@@ -210,31 +202,11 @@ impl PoolState {
         value: &T,
         version: Option<&UpdateVersion>,
     ) -> Result<bool, Error> {
-        let body = PutPayload::from(serde_json::to_vec(value).unwrap_or_default());
-        let mode = match version {
-            None => PutMode::Create,
-            Some(v) => PutMode::Update(v.clone()),
-        };
-        match self
-            .store
-            .put_opts(path, body, PutOptions::from(mode))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. }
-                | object_store::Error::NotFound { .. },
-            ) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
+        Ok(self.records.put(path, value, version).await?.is_some())
     }
 
     async fn delete(&self, path: &Path) -> Result<(), Error> {
-        match self.store.delete(path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.records.delete(path).await
     }
 
     async fn slot(&self, pool: &str, n: u32) -> Result<Option<Read>, Error> {
@@ -249,6 +221,7 @@ impl PoolState {
     async fn slots(&self, pool: &str) -> Result<Vec<Read>, Error> {
         let prefix = Path::from(format!("pools/{pool}"));
         let metas: Vec<_> = self
+            .records
             .store
             .list(Some(&prefix))
             .try_collect()
@@ -303,6 +276,7 @@ impl PoolState {
     async fn prune_placements(&self, live: &BTreeSet<AllocationKey>) -> Result<(), Error> {
         let t = now();
         let old: Vec<Path> = self
+            .records
             .store
             .list(Some(&Path::from("pool-placements")))
             .try_filter(|m| {
@@ -485,6 +459,7 @@ impl Pools {
                     // PLACING passes); the slot already names the attempt.
                     let body = serde_json::to_vec(&done).unwrap_or_default();
                     state
+                        .records
                         .store
                         .put(&path, PutPayload::from(body))
                         .await
