@@ -76,6 +76,18 @@ pub struct Args {
     /// `http://169.254.169.254` on EC2; without it, the local simulator's notice file.
     #[arg(long, conflicts_with = "scheduled_events")]
     pub imds: Option<String>,
+    /// This node's rank in a multi-node attempt. Rank 0 reports the attempt and
+    /// uploads its checkpoints and outputs; the others run their share of the
+    /// workload and report only a failure of their own.
+    #[arg(long, default_value_t = 0, requires = "hosts")]
+    pub rank: u32,
+    /// The addresses of a multi-node attempt's nodes in rank order, comma-separated:
+    /// rank 0's is MASTER_ADDR, all of them go into the hostfile.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["pool", "pool_api"])]
+    pub hosts: Vec<String>,
+    /// The port rank 0's workload listens on for its peers (MASTER_PORT).
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
     /// Azure's Scheduled Events endpoint to poll for evictions, e.g.
     /// `http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01`;
     /// events naming `--vm` count.
@@ -97,6 +109,16 @@ impl Args {
         }
     }
 
+    /// How many nodes the attempt runs on.
+    pub fn nodes(&self) -> u32 {
+        self.hosts.len().max(1) as u32
+    }
+
+    /// Whether this agent is rank 0, the one that speaks for the attempt.
+    pub fn leads(&self) -> bool {
+        self.rank == 0
+    }
+
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs.max(1))
     }
@@ -111,6 +133,14 @@ fn main() -> ExitCode {
         return workload::launch();
     }
     let args = Args::parse();
+    if args.rank >= args.nodes() {
+        eprintln!(
+            "respawn-agent: --rank {} is not one of the {} nodes in --hosts",
+            args.rank,
+            args.nodes()
+        );
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RESPAWN_LOG")

@@ -145,10 +145,11 @@ pub async fn attempt(
     let masked = sandboxed
         .then(|| tokio::task::spawn_blocking(respawn_adapters::local::sandbox::masked_files));
     let reporter = Reporter::spawn(api.clone(), job.clone(), attempt);
-    info!(job_id = %job, attempt, vm = %args.vm, "agent starting");
+    let (rank, leads) = (args.rank, args.leads());
+    info!(job_id = %job, attempt, vm = %args.vm, rank, nodes = args.nodes(), "agent starting");
 
-    let stdout = LogShipper::new(bucket.clone(), &job, attempt, layout::Stream::Stdout);
-    let stderr = LogShipper::new(bucket.clone(), &job, attempt, layout::Stream::Stderr);
+    let stdout = LogShipper::new(bucket.clone(), &job, attempt, rank, layout::Stream::Stdout);
+    let stderr = LogShipper::new(bucket.clone(), &job, attempt, rank, layout::Stream::Stderr);
     let ready = match prepare(args, task, bucket.as_ref(), &api).await {
         Ok(r) => r,
         Err(why) => {
@@ -190,11 +191,13 @@ pub async fn attempt(
             }
         };
     drop(secrets);
-    reporter.send(Event::WorkloadStarted {
-        attempt,
-        restored_checkpoint: restored,
-    });
-    info!(job_id = %job, attempt, pid = workload.pid(), "workload started");
+    if leads {
+        reporter.send(Event::WorkloadStarted {
+            attempt,
+            restored_checkpoint: restored,
+        });
+    }
+    info!(job_id = %job, attempt, rank, pid = workload.pid(), "workload started");
     let out_task = stdout.pump(workload.take_stdout());
     let err_task = stderr.clone().pump(workload.take_stderr());
 
@@ -212,6 +215,27 @@ pub async fn attempt(
     // workload comes next.
     workload.kill_group();
     let _ = std::fs::remove_file(args.vm_dir.join("workload.pgid"));
+    if !leads {
+        // Rank 0 speaks for the attempt: its checkpoints, outputs and exit. Another
+        // rank reports only a failure of its own (one budget for the attempt, not
+        // one per node); a signal means the gang is going, which rank 0 reports.
+        let _ = out_task.await;
+        let _ = err_task.await;
+        stderr.close().await;
+        info!(job_id = %job, attempt, rank, exit_code = code, "workload exited");
+        if code != 0 && code < 128 && notice.is_none() {
+            reporter.send(Event::WorkloadExited {
+                attempt,
+                exit_code: code,
+            });
+        }
+        finish(&reporter, &dirs);
+        return Ok(Ended {
+            reporter,
+            noticed: notice.is_some(),
+            ack: notice.and_then(|n| n.ack),
+        });
+    }
     // Killed by a signal: preempted (ship what it saved) or stopped by the broker
     // (cancelled, timed out, lost): then nothing of it goes to the bucket, where a
     // newer attempt's outputs may already be.
@@ -405,28 +429,37 @@ async fn supervise(
     loop {
         tokio::select! {
             code = workload.wait() => return (code, noticed),
-            _ = heartbeat.tick() => reporter.heartbeat(),
+            _ = heartbeat.tick() => if args.leads() { reporter.heartbeat() },
             _ = poll.tick() => {
                 if noticed.is_none()
                     && let Some(notice) = notices.poll().await {
-                        on_notice(reporter, workload, &notice).await;
+                        on_notice(args, reporter, workload, &notice).await;
                         noticed = Some(notice);
                     }
-                ship_checkpoints(reporter, ckpts).await;
+                if args.leads() {
+                    ship_checkpoints(reporter, ckpts).await;
+                }
             }
         }
     }
 }
 
-async fn on_notice(reporter: &Reporter, workload: &mut Workload, notice: &crate::notice::Notice) {
+async fn on_notice(
+    args: &Args,
+    reporter: &Reporter,
+    workload: &mut Workload,
+    notice: &crate::notice::Notice,
+) {
     let deadline = notice.deadline;
     let left = deadline.since(SystemClock.now());
-    info!(job_id = %reporter.job, attempt = reporter.attempt, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
+    info!(job_id = %reporter.job, attempt = reporter.attempt, rank = args.rank, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
     workload.terminate();
-    reporter.send(Event::PreemptionNotice {
-        attempt: reporter.attempt,
-        deadline,
-    });
+    if args.leads() {
+        reporter.send(Event::PreemptionNotice {
+            attempt: reporter.attempt,
+            deadline,
+        });
+    }
 }
 
 /// The agent's folders inside the VM dir.

@@ -22,16 +22,25 @@ pub struct LogShipper {
     bucket: Arc<dyn ObjectStore>,
     job: JobId,
     attempt: u32,
+    /// The node of a multi-node attempt (0 for the only one).
+    rank: u32,
     stream: Stream,
     state: Arc<Mutex<(Vec<u8>, u64)>>,
 }
 
 impl LogShipper {
-    pub fn new(bucket: Arc<dyn ObjectStore>, job: &JobId, attempt: u32, stream: Stream) -> Self {
+    pub fn new(
+        bucket: Arc<dyn ObjectStore>,
+        job: &JobId,
+        attempt: u32,
+        rank: u32,
+        stream: Stream,
+    ) -> Self {
         LogShipper {
             bucket,
             job: job.clone(),
             attempt,
+            rank,
             stream,
             state: Arc::new(Mutex::new((Vec::new(), 0))),
         }
@@ -43,7 +52,7 @@ impl LogShipper {
             return;
         }
         let body = std::mem::take(&mut state.0);
-        let path = layout::log_chunk(&self.job, self.attempt, self.stream, state.1);
+        let path = layout::node_log_chunk(&self.job, self.attempt, self.rank, self.stream, state.1);
         match self.bucket.put(&path, PutPayload::from(body.clone())).await {
             Ok(_) => state.1 += 1,
             Err(e) => {

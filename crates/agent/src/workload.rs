@@ -108,9 +108,22 @@ fn contract_env(
         Some(root) => root.join(name).display().to_string(),
         None => p.display().to_string(),
     };
-    let hostfile = dirs.root.join("hostfile");
+    // One process per GPU (one on a CPU node): torchrun's nproc_per_node, MPI's slots.
     let slots = spec.resources.gpus.max(1);
-    let _ = std::fs::write(&hostfile, format!("localhost slots={slots}\n"));
+    let hosts = if args.hosts.is_empty() {
+        vec!["localhost".to_owned()]
+    } else {
+        args.hosts.clone()
+    };
+    let hostfile = dirs.root.join("hostfile");
+    let lines: String = hosts.iter().map(|h| format!("{h} slots={slots}\n")).collect();
+    let _ = std::fs::write(&hostfile, lines);
+    let master = if args.hosts.is_empty() {
+        "127.0.0.1"
+    } else {
+        hosts[0].as_str()
+    };
+    let (nodes, rank, port) = (args.nodes(), args.rank, args.master_port);
     let mut env: Vec<(String, String)> = spec
         .env
         .iter()
@@ -127,12 +140,26 @@ fn contract_env(
         ("RESPAWN_INPUT_DIR".into(), path(&dirs.inputs, "input")),
         ("RESPAWN_OUTPUT_DIR".into(), path(&dirs.outputs, "output")),
         ("RESPAWN_GRACE_SECONDS".into(), args.grace_secs.to_string()),
-        ("RESPAWN_NUM_NODES".into(), "1".into()),
-        ("RESPAWN_NODE_RANK".into(), "0".into()),
-        ("RESPAWN_MASTER_ADDR".into(), "127.0.0.1".into()),
-        ("RESPAWN_MASTER_PORT".into(), "29500".into()),
+        ("RESPAWN_NUM_NODES".into(), nodes.to_string()),
+        ("RESPAWN_NODE_RANK".into(), rank.to_string()),
+        ("RESPAWN_NPROC_PER_NODE".into(), slots.to_string()),
+        ("RESPAWN_MASTER_ADDR".into(), master.to_owned()),
+        ("RESPAWN_MASTER_PORT".into(), port.to_string()),
         ("RESPAWN_HOSTFILE".into(), path(&hostfile, "hostfile")),
     ]);
+    if nodes > 1 {
+        // The names torchrun and MPI launchers read. Only on multi-node attempts: a
+        // single-node script that sees WORLD_SIZE > 1 without torchrun's RANK would
+        // wait for peers that never come.
+        env.extend([
+            ("MASTER_ADDR".into(), master.to_owned()),
+            ("MASTER_PORT".into(), port.to_string()),
+            ("NNODES".into(), nodes.to_string()),
+            ("NODE_RANK".into(), rank.to_string()),
+            ("NPROC_PER_NODE".into(), slots.to_string()),
+            ("WORLD_SIZE".into(), (nodes * slots).to_string()),
+        ]);
+    }
     // A sweep's job learns its index here: the sweep cannot put it in `env`, where
     // RESPAWN_ names are reserved. Digits only, since anyone may set the label.
     if let Some(index) = spec.labels.get(respawn_core::sweep::INDEX_LABEL)

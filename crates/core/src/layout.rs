@@ -5,6 +5,8 @@
 //! jobs/<id>/state                              the ledger record (object-store ledger only)
 //! jobs/<id>/attempts/<n>/stdout/<chunk>        log chunks, numbered from 0, in order
 //! jobs/<id>/attempts/<n>/stderr/<chunk>
+//! jobs/<id>/attempts/<n>/nodes/<rank>/stdout/<chunk>   ranks after 0 of a multi-node attempt
+//! jobs/<id>/attempts/<n>/nodes/<rank>/stderr/<chunk>
 //! jobs/<id>/checkpoints/<seq>/<files…>         a checkpoint's files
 //! jobs/<id>/checkpoints/<seq>/MANIFEST.json    written last: the checkpoint is complete
 //! jobs/<id>/outputs/<files…>                   RESPAWN_OUTPUT_DIR after the attempt
@@ -45,6 +47,18 @@ pub fn log_prefix(id: &JobId, attempt: u32, stream: Stream) -> Path {
 pub fn log_chunk(id: &JobId, attempt: u32, stream: Stream, chunk: u64) -> Path {
     Path::from(format!(
         "jobs/{id}/attempts/{attempt}/{}/{chunk:010}",
+        stream.as_str()
+    ))
+}
+
+/// [`log_chunk`] of node `rank` of a multi-node attempt: rank 0's logs are the
+/// attempt's own, the others' sit beside them under `nodes/<rank>/`.
+pub fn node_log_chunk(id: &JobId, attempt: u32, rank: u32, stream: Stream, chunk: u64) -> Path {
+    if rank == 0 {
+        return log_chunk(id, attempt, stream, chunk);
+    }
+    Path::from(format!(
+        "jobs/{id}/attempts/{attempt}/nodes/{rank}/{}/{chunk:010}",
         stream.as_str()
     ))
 }

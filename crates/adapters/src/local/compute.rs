@@ -162,6 +162,23 @@ struct VmRecord {
     /// The attempt runs on pool VM `id`, which outlives it.
     #[serde(default)]
     pooled: bool,
+    /// A multi-node attempt's other nodes, ranks 1 and up, each a slot and an agent
+    /// of its own; `id`, `gpus` and `pid` above are rank 0's. The gang is one VM to
+    /// the broker: allocated whole or not at all, ended whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    nodes: Vec<Node>,
+    /// The port rank 0's workload listens on for its peers (MASTER_PORT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    master_port: Option<u16>,
+}
+
+/// One of a gang's nodes after rank 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Node {
+    id: String,
+    gpus: Vec<u32>,
+    #[serde(default)]
+    pid: Option<u32>,
 }
 
 impl VmRecord {
@@ -171,10 +188,28 @@ impl VmRecord {
             key: self.key.clone(),
             state: self.state,
             spot: self.spot,
-            nodes: 1,
+            nodes: 1 + self.nodes.len() as u32,
             created_at: self.created_at,
         }
     }
+
+    /// Every node's VM id, rank 0's first.
+    fn node_ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.id.as_str()).chain(self.nodes.iter().map(|n| n.id.as_str()))
+    }
+
+    /// Every node's GPUs (empty for a CPU slot), in rank order.
+    fn node_gpus(&self) -> impl Iterator<Item = &[u32]> {
+        std::iter::once(self.gpus.as_slice()).chain(self.nodes.iter().map(|n| n.gpus.as_slice()))
+    }
+}
+
+/// Where one agent of a multi-node attempt stands in its gang.
+#[derive(Debug, Clone, Copy)]
+struct Rank {
+    rank: u32,
+    nodes: u32,
+    master_port: u16,
 }
 
 /// The local provider. Create with [`LocalCompute::open`].
@@ -329,10 +364,12 @@ impl LocalCompute {
             for r in vms.values().filter(|r| {
                 r.state != VmState::Terminated && !(r.pooled && pool_vms.contains(&r.id))
             }) {
-                if r.gpus.is_empty() {
-                    cpu += 1;
+                for node in r.node_gpus() {
+                    if node.is_empty() {
+                        cpu += 1;
+                    }
+                    gpus.extend(node);
                 }
-                gpus.extend(&r.gpus);
             }
         }
         (cpu + pool_cpu, [gpus, pool_gpus].concat())
@@ -348,7 +385,7 @@ impl LocalCompute {
             let r = vms
                 .values_mut()
                 .filter(|r| r.state != VmState::Terminated && r.notice_deadline.is_none())
-                .find(|r| r.id == target || r.key.job.as_str() == target)?;
+                .find(|r| r.node_ids().any(|id| id == target) || r.key.job.as_str() == target)?;
             r.notice_deadline = Some(deadline);
             if r.pooled {
                 // Before the lock goes: the VM must not take another attempt, which
@@ -358,12 +395,16 @@ impl LocalCompute {
             r.clone()
         };
         self.persist(&rec.key);
-        let notice_file = self.vm_dir(&rec.id).join("notice.json");
+        // A gang goes whole when one of its nodes is reclaimed: every node gets the
+        // same notice, so the rank that checkpoints has the same grace as the rest.
         let body = serde_json::json!({ "deadline_ms": deadline.0, "action": "terminate" });
-        if let Err(e) = std::fs::write(&notice_file, body.to_string()) {
-            warn!(vm = %rec.id, error = %e, "cannot write preemption notice");
+        for id in rec.node_ids() {
+            let notice_file = self.vm_dir(id).join("notice.json");
+            if let Err(e) = std::fs::write(&notice_file, body.to_string()) {
+                warn!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %id, error = %e, "cannot write preemption notice");
+            }
         }
-        info!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %rec.id, notice_ms = notice.as_millis() as u64, "spot preemption notice");
+        info!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %rec.id, target, nodes = rec.nodes.len() + 1, notice_ms = notice.as_millis() as u64, "spot preemption notice");
         self.arm_deadline(rec.key.clone(), deadline);
         Some(rec.id)
     }
@@ -392,17 +433,20 @@ impl LocalCompute {
         });
     }
 
+    /// Kills every node of the VM: agents and workloads.
     fn kill_vm(&self, r: &VmRecord) {
-        let child = self
-            .children
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&r.id)
-            .copied();
-        if let Some(pid) = agent_pid(&r.id).or(child) {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        for id in r.node_ids() {
+            let child = self
+                .children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .copied();
+            if let Some(pid) = agent_pid(id).or(child) {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            self.kill_workload(id);
         }
-        self.kill_workload(&r.id);
     }
 
     /// The workload runs in its own process group; the agent records it.
@@ -454,7 +498,12 @@ impl LocalCompute {
         }) else {
             return;
         };
-        self.kill_workload(&r.id);
+        if r.nodes.is_empty() {
+            self.kill_workload(&r.id);
+        } else {
+            // Rank 0 has reported the attempt's end; the other nodes go with it.
+            self.kill_vm(&r);
+        }
         self.persist(key);
         self.clean_up(&r);
         self.freed.notify_one();
@@ -490,13 +539,15 @@ impl LocalCompute {
     /// A gone VM's work folder (inputs, checkpoints, outputs, already uploaded by
     /// its agent) and credentials; its record and agent log stay for `respawn show`.
     fn clean_up(&self, r: &VmRecord) {
-        let dir = self.vm_dir(&r.id);
-        let _ = std::fs::remove_file(credentials_path(&dir));
-        match std::fs::remove_dir_all(dir.join("work")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, error = %e, "cannot remove the vm's work folder");
+        for id in r.node_ids() {
+            let dir = self.vm_dir(id);
+            let _ = std::fs::remove_file(credentials_path(&dir));
+            match std::fs::remove_dir_all(dir.join("work")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    warn!(job_id = %r.key.job, attempt = r.key.attempt, vm = %id, error = %e, "cannot remove the vm's work folder");
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
 
@@ -517,15 +568,16 @@ impl LocalCompute {
                  install one, or drop `image` to run the command as a process"
             )));
         }
-        if r.nodes > 1 {
+        let nodes = r.nodes.max(1) as usize;
+        if r.gpus == 0 && nodes > self.cfg.cpu_slots {
             return Err(Error::Invalid(format!(
-                "the local provider runs single-node jobs; this one asks for {} nodes",
-                r.nodes
+                "the job asks for {nodes} nodes; this machine has {} CPU slots",
+                self.cfg.cpu_slots
             )));
         }
-        if r.gpus as usize > self.cfg.gpus.len() {
+        if r.gpus as usize * nodes > self.cfg.gpus.len() {
             return Err(Error::Invalid(format!(
-                "the job needs {} GPU(s); this machine has {}",
+                "the job needs {} GPU(s) on each of {nodes} node(s); this machine has {}",
                 r.gpus,
                 self.cfg.gpus.len()
             )));
@@ -533,17 +585,30 @@ impl LocalCompute {
         Ok(())
     }
 
-    /// Slots (GPU indices, none for a CPU slot) for a new VM with `gpus` GPUs.
+    /// The slot (GPU indices, none for a CPU slot) for one new VM with `gpus` GPUs.
     fn pick(&self, gpus: u32) -> Result<Vec<u32>, Error> {
+        Ok(self.pick_gang(1, gpus)?.pop().unwrap_or_default())
+    }
+
+    /// Slots for `nodes` new VMs with `gpus` GPUs each, all or none: each node's
+    /// GPU indices, none for a CPU slot. A gang that does not fit whole is a
+    /// capacity miss, so no node runs (or holds a slot) alone.
+    fn pick_gang(&self, nodes: u32, gpus: u32) -> Result<Vec<Vec<u32>>, Error> {
         let (cpu, used) = self.used();
+        let gang = if nodes > 1 {
+            format!(" for {nodes} nodes")
+        } else {
+            String::new()
+        };
         if gpus == 0 {
-            if cpu >= self.cfg.cpu_slots {
+            let free = self.cfg.cpu_slots.saturating_sub(cpu);
+            if free < nodes as usize {
                 return Err(Error::Capacity(format!(
-                    "all {} CPU slots busy",
+                    "{free} of {} CPU slots free{gang}",
                     self.cfg.cpu_slots
                 )));
             }
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); nodes as usize]);
         }
         let free: Vec<u32> = self
             .cfg
@@ -552,33 +617,90 @@ impl LocalCompute {
             .copied()
             .filter(|g| !used.contains(g))
             .collect();
-        if free.len() < gpus as usize {
+        if free.len() < (gpus * nodes) as usize {
             return Err(Error::Capacity(format!(
-                "{} of {} GPUs free",
+                "{} of {} GPUs free{gang}",
                 free.len(),
                 self.cfg.gpus.len()
             )));
         }
-        Ok(free[..gpus as usize].to_vec())
+        Ok(free
+            .chunks(gpus as usize)
+            .take(nodes as usize)
+            .map(<[u32]>::to_vec)
+            .collect())
     }
 
-    fn spawn_agent(&self, r: &VmRecord) -> std::io::Result<tokio::process::Child> {
-        let dir = self.vm_dir(&r.id);
+    /// Starts the agent of node `id` (rank 0's, or one of a gang's) for attempt `key`.
+    fn spawn_agent(
+        &self,
+        key: &AllocationKey,
+        id: &str,
+        gpus: &[u32],
+        rank: Option<Rank>,
+    ) -> std::io::Result<tokio::process::Child> {
+        let dir = self.vm_dir(id);
         std::fs::create_dir_all(&dir)?;
         let credentials = AgentCredentials {
             api: self.cfg.api.clone(),
-            token: self.cfg.attempt_key.credential(&r.key.job, r.key.attempt),
+            token: self.cfg.attempt_key.credential(&key.job, key.attempt),
         };
         let body = serde_json::to_vec(&credentials).map_err(std::io::Error::other)?;
         durable::write(&credentials_path(&dir), &body, 0o600)?;
         let log = std::fs::File::create(dir.join("agent.log"))?;
-        let mut cmd = self.agent_command(&r.id, &r.gpus);
-        cmd.args(["--job", r.key.job.as_str()])
-            .args(["--attempt", &r.key.attempt.to_string()])
-            .stdin(Stdio::null())
+        let mut cmd = self.agent_command(id, gpus);
+        cmd.args(["--job", key.job.as_str()])
+            .args(["--attempt", &key.attempt.to_string()]);
+        if let Some(r) = rank {
+            // The nodes are slots of this machine: they reach each other on loopback.
+            let hosts = vec!["127.0.0.1"; r.nodes as usize].join(",");
+            cmd.args(["--rank", &r.rank.to_string()])
+                .args(["--hosts", &hosts])
+                .args(["--master-port", &r.master_port.to_string()]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         cmd.spawn()
+    }
+
+    /// Watches node `rank` (1 and up) of a gang. An agent that ends on its own has
+    /// finished its part; one that dies while the attempt is live takes the gang
+    /// with it, as a lost cloud VM would: its peers' workloads cannot go on.
+    fn watch_node(&self, key: AllocationKey, rank: usize, mut child: tokio::process::Child) {
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let Some(this) = this.upgrade() else {
+                return;
+            };
+            let live = this
+                .lock()
+                .get(&key)
+                .filter(|r| r.state != VmState::Terminated && !r.released)
+                .cloned();
+            let Some(r) = live else {
+                return;
+            };
+            if let Some(node) = r.nodes.get(rank - 1) {
+                this.children
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&node.id);
+            }
+            if status.is_ok_and(|s| s.success()) {
+                return;
+            }
+            warn!(job_id = %key.job, attempt = key.attempt, vm = %r.id, rank, "a node of the gang is gone; ending the whole gang");
+            this.kill_vm(&r);
+            this.terminated(&key, &format!("node {rank} of {} lost", r.nodes.len() + 1))
+                .await;
+        });
+    }
+
+    /// A free TCP port on loopback for rank 0's workload to listen on.
+    fn free_port() -> std::io::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
     }
 
     /// The agent of VM `id` on `gpus`, with the provider's settings, none of the
@@ -651,25 +773,48 @@ impl Compute for LocalCompute {
             return Ok(r.vm());
         }
         self.check(req)?;
+        let nodes = req.resources.nodes.max(1);
         if let Some(pool) = self.pool_for(req)?.filter(|p| p.reuse) {
+            if nodes > 1 {
+                return Err(Error::Invalid(format!(
+                    "placement.pool: pool {:?} runs single-node attempts; this job asks for {nodes} nodes",
+                    pool.name
+                )));
+            }
             return self.allocate_pooled(req, &pool);
         }
+        let master_port = if nodes > 1 {
+            Some(Self::free_port().map_err(|e| self.cannot_start(e))?)
+        } else {
+            None
+        };
         // Until the record is in: two allocations at once must not take one slot.
         let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
-        let gpus = self
-            .pick(req.resources.gpus)
-            .map_err(|e| self.no_room(e, req.resources.gpus))?;
+        let mut slots = self
+            .pick_gang(nodes, req.resources.gpus)
+            .map_err(|e| self.no_room(e, req.resources.gpus))?
+            .into_iter();
+        let id = format!("local-{}-{}", req.key.job, req.key.attempt);
         let rec = VmRecord {
-            id: format!("local-{}-{}", req.key.job, req.key.attempt),
+            id: id.clone(),
             key: req.key.clone(),
             state: VmState::Requested,
-            gpus,
+            gpus: slots.next().unwrap_or_default(),
             spot: req.placement.spot,
             created_at: SystemClock.now(),
             pid: None,
             notice_deadline: None,
             released: false,
             pooled: false,
+            nodes: slots
+                .enumerate()
+                .map(|(i, gpus)| Node {
+                    id: respawn_core::ports::compute::node_id(&id, i as u32 + 1),
+                    gpus,
+                    pid: None,
+                })
+                .collect(),
+            master_port,
         };
         {
             let mut vms = self.lock();
@@ -680,33 +825,56 @@ impl Compute for LocalCompute {
             vms.insert(req.key.clone(), rec.clone());
         }
         drop(picking);
-        // On disk before the process exists: a restarted broker then knows the VM.
+        // On disk before the processes exist: a restarted broker then knows the VM.
         self.persist(&req.key);
-        let child = self.spawn_agent(&rec).map_err(|e| self.cannot_start(e));
-        let child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                self.lock().remove(&req.key);
-                let _ = std::fs::remove_dir_all(self.vm_dir(&rec.id));
-                return Err(e);
+        let mut children = Vec::with_capacity(nodes as usize);
+        let ranks = rec.node_ids().zip(rec.node_gpus()).enumerate();
+        for (rank, (node, gpus)) in ranks {
+            let rank = master_port.map(|master_port| Rank {
+                rank: rank as u32,
+                nodes,
+                master_port,
+            });
+            match self.spawn_agent(&req.key, node, gpus, rank) {
+                Ok(child) => {
+                    let pid = child.id().unwrap_or_default();
+                    self.children
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node.to_owned(), pid);
+                    children.push((child, pid));
+                }
+                Err(e) => {
+                    // All or none: the nodes already started go too.
+                    self.kill_vm(&rec);
+                    self.lock().remove(&req.key);
+                    for node in rec.node_ids() {
+                        let _ = std::fs::remove_dir_all(self.vm_dir(node));
+                    }
+                    return Err(self.cannot_start(e));
+                }
             }
-        };
-        let pid = child.id().unwrap_or_default();
-        self.children
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.id.clone(), pid);
+        }
         let rec = {
             let mut vms = self.lock();
             let r = vms.get_mut(&req.key).map(|r| {
-                r.pid = Some(pid);
+                r.pid = children.first().map(|c| c.1);
+                for (node, (_, pid)) in r.nodes.iter_mut().zip(&children[1..]) {
+                    node.pid = Some(*pid);
+                }
                 r.state = VmState::Running;
                 r.clone()
             });
             r.unwrap_or(rec)
         };
         self.persist(&req.key);
-        self.watch(req.key.clone(), Some(child), pid);
+        let mut children = children.into_iter();
+        if let Some((child, pid)) = children.next() {
+            self.watch(req.key.clone(), Some(child), pid);
+        }
+        for (rank, (child, _)) in children.enumerate() {
+            self.watch_node(req.key.clone(), rank + 1, child);
+        }
         Ok(rec.vm())
     }
 

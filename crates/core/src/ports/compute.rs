@@ -71,6 +71,28 @@ pub struct Vm {
     pub created_at: Timestamp,
 }
 
+impl Vm {
+    /// The name of node `rank` of this VM: a multi-node attempt's gang is one VM
+    /// to the broker, whose id is rank 0's; rank r's is `<id>-n<r>`.
+    pub fn node_id(&self, rank: u32) -> String {
+        node_id(&self.id, rank)
+    }
+
+    /// Whether `name` is this VM or one of its nodes.
+    pub fn has_node(&self, name: &str) -> bool {
+        (0..self.nodes.max(1)).any(|r| self.node_id(r) == name)
+    }
+}
+
+/// Node `rank` of the VM named `vm` (see [`Vm::node_id`]).
+pub fn node_id(vm: &str, rank: u32) -> String {
+    if rank == 0 {
+        vm.to_owned()
+    } else {
+        format!("{vm}-n{rank}")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("no capacity: {0}")]

@@ -172,7 +172,8 @@ pub async fn revoke_token(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreemptBody {
-    /// A job id (its live VM) or a VM id.
+    /// A job id (its live VM), a VM id, or a node of a multi-node VM
+    /// (`<vm>-n<rank>`).
     target: String,
     notice_secs: Option<f64>,
 }
@@ -200,14 +201,21 @@ pub async fn preempt(
         .running()
         .await?
         .into_iter()
-        .find(|v| v.id == b.target || v.key.job.as_str() == b.target);
+        .find(|v| v.has_node(&b.target) || v.key.job.as_str() == b.target);
     let not_found = || ApiError::NotFound(format!("no running VM for {:?}", b.target));
     let vm = vm.ok_or_else(not_found)?;
     let job = stack.ports.ledger.get(&vm.key.job).await?;
     if job.project != caller.project() {
         return Err(not_found());
     }
-    match stack.operator.preempt(&vm.id, notice).await? {
+    // A node's own name, so that the notice says which node the cloud reclaims
+    // (the whole gang goes either way).
+    let target = if vm.has_node(&b.target) {
+        &b.target
+    } else {
+        &vm.id
+    };
+    match stack.operator.preempt(target, notice).await? {
         Some(vm) => Ok(axum::Json(json!({ "vm": vm })).into_response()),
         None => Err(ApiError::NotFound(format!(
             "{} already has a preemption notice",

@@ -182,6 +182,8 @@ impl LocalCompute {
             notice_deadline: None,
             released: false,
             pooled: true,
+            nodes: Vec::new(),
+            master_port: None,
         };
         self.lock().insert(key.clone(), rec.clone());
         // A restarted broker finds which attempt the VM was running here. Not

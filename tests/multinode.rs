@@ -1,0 +1,230 @@
+//! Multi-node jobs on the local stack: a gang of local slots, one agent per node,
+//! the trainer's ranks all-reducing over loopback every step.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use respawn_adapters::local::vm_process_alive;
+use respawn_e2e::*;
+use serde_json::Value;
+
+/// These tests start many processes; on 2 cores they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Three ranks: long enough to be preempted mid-run, short enough for CI.
+fn gang_job(name: &str) -> String {
+    format!(
+        "name: {name}\n\
+         command: [respawn-trainer, --steps, \"600\", --checkpoint-every, \"25\", --batch-size, \"15\", --hidden, \"8\", --seed, \"11\", --step-delay-ms, \"8\", --log-every, \"1\"]\n\
+         inputs: [\"bucket://shared/points.csv\"]\n\
+         resources: {{ nodes: 3 }}\n"
+    )
+}
+
+/// What node `rank` of the job's attempt printed (rank 0's is the attempt's log).
+fn node_stdout(up: &Up, data: &std::path::Path, job: &str, attempt: u64, rank: u32) -> String {
+    if rank == 0 {
+        return up.attempt_stdout(job, attempt);
+    }
+    let dir = data.join(format!(
+        "bucket/jobs/{job}/attempts/{attempt}/nodes/{rank}/stdout"
+    ));
+    let mut chunks: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    chunks.sort();
+    chunks
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
+}
+
+/// The step `line_prefix N` names in `stdout`, e.g. `resumed from step N`.
+fn step_after(stdout: &str, prefix: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        l.strip_prefix(prefix)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+fn stack_with_points(dir: &std::path::Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    generate_csv(300, &dir.join("points.csv"));
+    drop_file(
+        &data.join("bucket/shared/points.csv"),
+        &std::fs::read(dir.join("points.csv")).unwrap(),
+    );
+    data
+}
+
+fn model(data: &std::path::Path, job: &str) -> Vec<u8> {
+    std::fs::read(data.join(format!("bucket/jobs/{job}/outputs/model.txt"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_job_preempted_on_rank_1_resumes_on_a_new_gang_to_the_same_model() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = stack_with_points(dir.path());
+    let up = Up::start(&data, &["--slots", "3"]).await;
+
+    // The uninterrupted run.
+    let whole = up.submit(&gang_job("whole")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = up
+        .wait_job(&whole, Duration::from_secs(120), "succeeded", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
+    for rank in 1..3 {
+        let out = node_stdout(&up, &data, &whole, 1, rank);
+        assert!(
+            out.contains(&format!("rank {rank} of 3")) && out.contains("done: steps=600"),
+            "rank {rank} ran its share: {out}"
+        );
+    }
+
+    // The same job, preempted on rank 1 once every rank has passed a checkpoint.
+    let id = up.submit(&gang_job("preempted")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    up.wait_job(&id, Duration::from_secs(60), "a checkpoint", |j| {
+        j["attempts"][0]["last_checkpoint"].as_u64() >= Some(50)
+    })
+    .await;
+    let rank1 = format!("local-{id}-1-n1");
+    assert!(
+        vm_process_alive(&rank1),
+        "rank 1 runs on a VM of its own: {rank1}"
+    );
+    assert!(
+        up.preempt(&rank1, Duration::from_secs(5)).await,
+        "preempt rank 1"
+    );
+    let job = up
+        .wait_job(&id, Duration::from_secs(120), "succeeded", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "one preemption, two attempts: {job:#}");
+    assert_eq!(attempts[0]["outcome"]["kind"], "preempted", "{job:#}");
+    assert_eq!(job["failures"], 0, "{job:#}");
+    assert_eq!(job["infra_losses"], 1, "{job:#}");
+
+    // Every rank stopped at the same step, rank 0 checkpointed it, and every rank
+    // of the new gang resumed from it.
+    let checkpointed = step_after(
+        &node_stdout(&up, &data, &id, 1, 0),
+        "checkpointed step ",
+    )
+    .expect("rank 0 checkpointed on SIGTERM");
+    for rank in 1..3 {
+        let out = node_stdout(&up, &data, &id, 1, rank);
+        assert_eq!(
+            step_after(&out, "stopped at step "),
+            Some(checkpointed),
+            "rank {rank} stopped where rank 0 checkpointed: {out}"
+        );
+    }
+    assert_eq!(
+        attempts[1]["restored_checkpoint"].as_u64(),
+        Some(checkpointed),
+        "{job:#}"
+    );
+    for rank in 0..3 {
+        let out = node_stdout(&up, &data, &id, 2, rank);
+        assert_eq!(
+            step_after(&out, "resumed from step "),
+            Some(checkpointed),
+            "rank {rank} of the new gang resumed from the checkpoint: {out}"
+        );
+    }
+    let (first, second) = (
+        attempts[0]["vm"].as_str().unwrap(),
+        attempts[1]["vm"].as_str().unwrap(),
+    );
+    assert_ne!(first, second, "a new gang");
+    assert!(
+        model(&data, &id) == model(&data, &whole),
+        "the model after a preemption on rank 1 differs from the uninterrupted run's"
+    );
+    // No node of either gang is left.
+    for vm in [first, second] {
+        for node in [vm.to_owned(), format!("{vm}-n1"), format!("{vm}-n2")] {
+            assert!(!vm_process_alive(&node), "{node} still runs");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_that_does_not_fit_waits_whole_spending_nothing_and_starts_when_a_slot_frees() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = stack_with_points(dir.path());
+    let up = Up::start(&data, &["--slots", "3"]).await;
+
+    // One slot taken for a while: room for two nodes of three.
+    let blocker = up
+        .submit(
+            "name: blocker\ncommand: [respawn-trainer, --steps, \"400\", --checkpoint-every, \"100\", --step-delay-ms, \"15\"]\ninputs: [\"bucket://shared/points.csv\"]\n",
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    up.wait_job(&blocker, Duration::from_secs(60), "running", |j| {
+        j["state"] == "running"
+    })
+    .await;
+    let gang = up.submit(&gang_job("gang")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // While the blocker runs, no node of the gang runs alone.
+    let mut waited: Option<Value> = None;
+    let until = Instant::now() + Duration::from_secs(60);
+    while up.job(&blocker).await["state"] == "running" {
+        assert!(Instant::now() < until, "the blocker never finished");
+        let job = up.job(&gang).await;
+        let vms: Vec<_> = std::fs::read_dir(data.join("vms"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(&gang))
+            .collect();
+        if up.job(&blocker).await["state"] != "running" {
+            break;
+        }
+        assert!(vms.is_empty(), "a node of the gang started: {vms:?}");
+        assert_ne!(job["state"], "running", "{job:#}");
+        waited = Some(job);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = waited.expect("the gang was seen waiting");
+    assert_eq!(waited["failures"], 0, "{waited:#}");
+    assert_eq!(waited["infra_losses"], 0, "{waited:#}");
+    assert!(
+        waited["capacity_waits"].as_u64() > Some(0),
+        "the gang waited as a capacity miss: {waited:#}"
+    );
+
+    let job = up
+        .wait_job(&gang, Duration::from_secs(120), "succeeded", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "waiting made no attempt: {job:#}");
+    assert_eq!(job["failures"], 0, "{job:#}");
+    assert_eq!(job["infra_losses"], 0, "{job:#}");
+    assert!(data.join(format!("bucket/jobs/{gang}/outputs/model.txt")).is_file());
+}
