@@ -121,11 +121,8 @@ async fn a_three_node_job_preempted_on_rank_1_resumes_on_a_new_gang_to_the_same_
 
     // Every rank stopped at the same step, rank 0 checkpointed it, and every rank
     // of the new gang resumed from it.
-    let checkpointed = step_after(
-        &node_stdout(&up, &data, &id, 1, 0),
-        "checkpointed step ",
-    )
-    .expect("rank 0 checkpointed on SIGTERM");
+    let checkpointed = step_after(&node_stdout(&up, &data, &id, 1, 0), "checkpointed step ")
+        .expect("rank 0 checkpointed on SIGTERM");
     for rank in 1..3 {
         let out = node_stdout(&up, &data, &id, 1, rank);
         assert_eq!(
@@ -226,5 +223,114 @@ async fn a_gang_that_does_not_fit_waits_whole_spending_nothing_and_starts_when_a
     assert_eq!(attempts.len(), 1, "waiting made no attempt: {job:#}");
     assert_eq!(job["failures"], 0, "{job:#}");
     assert_eq!(job["infra_losses"], 0, "{job:#}");
-    assert!(data.join(format!("bucket/jobs/{gang}/outputs/model.txt")).is_file());
+    assert!(
+        data.join(format!("bucket/jobs/{gang}/outputs/model.txt"))
+            .is_file()
+    );
+}
+
+/// The pid of the agent of node `node` (found by its command line, as the local
+/// provider finds it).
+fn agent_pid_of(node: &str) -> Option<i32> {
+    let needle = format!("--vm\0{node}\0");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains("respawn-agent") && cmdline.contains(&needle)).then_some(pid)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nodes_failure_spends_one_failure_and_one_nodes_loss_ends_the_whole_gang() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = Up::start(&data, &["--slots", "3"]).await;
+
+    // Rank 1 of the first attempt fails on its own; the other ranks would succeed.
+    let failing = up
+        .submit(
+            "name: rank-1-fails\n\
+             command: [sh, -c, 'if [ \"$RESPAWN_NODE_RANK\" = 1 ] && [ \"$RESPAWN_ATTEMPT\" = 1 ]; then exit 3; fi; sleep 2; echo \"rank $RESPAWN_NODE_RANK of $RESPAWN_NUM_NODES: $WORLD_SIZE $NODE_RANK $NNODES $MASTER_ADDR:$MASTER_PORT\"; cat \"$RESPAWN_HOSTFILE\"']\n\
+             resources: { nodes: 3 }\n\
+             retry: { max_failures: 1 }\n",
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = up
+        .wait_job(&failing, Duration::from_secs(60), "succeeded", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    assert_eq!(attempts[0]["outcome"]["kind"], "failed", "{job:#}");
+    assert_eq!(attempts[0]["outcome"]["exit_code"], 3, "{job:#}");
+    assert_eq!(
+        job["failures"], 1,
+        "one node's failure is one failure: {job:#}"
+    );
+    let out = up.attempt_stdout(&failing, 2);
+    assert!(out.starts_with("rank 0 of 3: 3 0 3 127.0.0.1:"), "{out}");
+    assert_eq!(
+        out.matches("127.0.0.1 slots=1\n").count(),
+        3,
+        "a hostfile line per node: {out}"
+    );
+    let rank2 = node_stdout(&up, &data, &failing, 2, 2);
+    assert!(
+        rank2.starts_with("rank 2 of 3: 3 2 3 127.0.0.1:"),
+        "{rank2}"
+    );
+
+    // A node that dies (its agent killed, as a VM that vanished) takes the gang.
+    let lost = up
+        .submit("name: node-lost\ncommand: [sleep, \"60\"]\nresources: { nodes: 3 }\n")
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    up.wait_job(&lost, Duration::from_secs(60), "running", |j| {
+        j["state"] == "running"
+    })
+    .await;
+    let rank2 = format!("local-{lost}-1-n2");
+    let mut pid = None;
+    for _ in 0..100 {
+        pid = agent_pid_of(&rank2);
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = pid.expect("rank 2's agent runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let job = up
+        .wait_job(&lost, Duration::from_secs(30), "a second attempt", |j| {
+            j["attempt"].as_u64() == Some(2) && j["state"] == "running"
+        })
+        .await;
+    assert_eq!(job["attempts"][0]["outcome"]["kind"], "lost", "{job:#}");
+    assert_eq!(job["failures"], 0, "{job:#}");
+    assert_eq!(job["infra_losses"], 1, "{job:#}");
+    for node in [
+        format!("local-{lost}-1"),
+        format!("local-{lost}-1-n1"),
+        rank2,
+    ] {
+        assert!(
+            !vm_process_alive(&node),
+            "{node} of the lost gang still runs"
+        );
+    }
 }

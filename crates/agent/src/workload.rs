@@ -116,7 +116,10 @@ fn contract_env(
         args.hosts.clone()
     };
     let hostfile = dirs.root.join("hostfile");
-    let lines: String = hosts.iter().map(|h| format!("{h} slots={slots}\n")).collect();
+    let lines: String = hosts
+        .iter()
+        .map(|h| format!("{h} slots={slots}\n"))
+        .collect();
     let _ = std::fs::write(&hostfile, lines);
     let master = if args.hosts.is_empty() {
         "127.0.0.1"
@@ -632,6 +635,7 @@ mod orphanage {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use clap::Parser;
     use respawn_core::spec::{Format, parse};
     use respawn_core::time::Timestamp;
 
@@ -663,6 +667,9 @@ mod tests {
             workload_uid: None,
             imds: None,
             scheduled_events: None,
+            rank: 0,
+            hosts: Vec::new(),
+            master_port: 29500,
         };
         let secrets = BTreeMap::from([
             ("TOKEN".to_owned(), "s3cret".to_owned()),
@@ -712,6 +719,114 @@ mod tests {
         assert!(!env.contains(&"LD_PRELOAD".to_owned()), "{env:?}");
         assert!(env.contains(&"TOKEN".to_owned()));
         assert!(argv.contains(&"--env=LD_PRELOAD=/work/evil.so".to_owned()));
+    }
+
+    fn env_of(args: &[&str], yaml: &str) -> (BTreeMap<String, String>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = WorkloadDirs::create(dir.path()).unwrap();
+        let vm_dir = dir.path().display().to_string();
+        let mut argv = vec![
+            "respawn-agent",
+            "--bucket",
+            "b",
+            "--vm-dir",
+            &vm_dir,
+            "--vm",
+            "vm-1",
+        ];
+        argv.extend(args);
+        let args = Args::try_parse_from(argv).unwrap();
+        let spec = parse(yaml, Format::Yaml).unwrap();
+        let task = Task {
+            job: respawn_core::JobId::generate(Timestamp(1)),
+            attempt: 1,
+        };
+        let env = contract_env(&spec, &args, &task, &dirs, None)
+            .into_iter()
+            .collect();
+        let hostfile = std::fs::read_to_string(dirs.root.join("hostfile")).unwrap();
+        (env, hostfile)
+    }
+
+    #[test]
+    fn a_multi_node_attempt_gets_the_torchrun_and_mpi_names() {
+        let yaml =
+            "name: d\ncommand: [x]\nresources: { gpus: 2, nodes: 3 }\nenv: { MASTER_PORT: '1' }\n";
+        let (env, hostfile) = env_of(
+            &[
+                "--job",
+                "01j0000000000000000000000a",
+                "--attempt",
+                "1",
+                "--rank",
+                "2",
+                "--hosts",
+                "10.0.0.5,10.0.0.6,10.0.0.7",
+                "--master-port",
+                "40001",
+            ],
+            yaml,
+        );
+        let get = |k: &str| env.get(k).map(String::as_str);
+        assert_eq!(get("RESPAWN_NUM_NODES"), Some("3"));
+        assert_eq!(get("RESPAWN_NODE_RANK"), Some("2"));
+        assert_eq!(get("NNODES"), Some("3"));
+        assert_eq!(get("NODE_RANK"), Some("2"));
+        assert_eq!(get("NPROC_PER_NODE"), Some("2"));
+        assert_eq!(
+            get("WORLD_SIZE"),
+            Some("6"),
+            "processes: nodes × GPUs per node"
+        );
+        assert_eq!(get("MASTER_ADDR"), Some("10.0.0.5"), "rank 0's address");
+        assert_eq!(
+            get("MASTER_PORT"),
+            Some("40001"),
+            "the contract wins over env"
+        );
+        assert_eq!(
+            hostfile,
+            "10.0.0.5 slots=2\n10.0.0.6 slots=2\n10.0.0.7 slots=2\n"
+        );
+    }
+
+    #[test]
+    fn a_single_node_attempt_gets_no_world_size() {
+        let (env, hostfile) = env_of(
+            &["--job", "01j0000000000000000000000a", "--attempt", "1"],
+            "name: s\ncommand: [x]\nresources: { gpus: 4 }\n",
+        );
+        assert_eq!(env.get("RESPAWN_NUM_NODES").map(String::as_str), Some("1"));
+        for k in ["WORLD_SIZE", "NODE_RANK", "NNODES", "MASTER_ADDR"] {
+            assert!(
+                !env.contains_key(k),
+                "{k}: a script run without torchrun would wait for peers"
+            );
+        }
+        assert_eq!(hostfile, "localhost slots=4\n");
+    }
+
+    #[test]
+    fn a_rank_outside_the_hosts_is_refused() {
+        assert!(
+            Args::try_parse_from([
+                "respawn-agent",
+                "--bucket",
+                "b",
+                "--vm-dir",
+                "d",
+                "--vm",
+                "v",
+                "--job",
+                "01j0000000000000000000000a",
+                "--attempt",
+                "1",
+                "--rank",
+                "1"
+            ])
+            .is_err(),
+            "--rank needs --hosts"
+        );
     }
 
     #[test]

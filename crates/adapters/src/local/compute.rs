@@ -700,7 +700,9 @@ impl LocalCompute {
 
     /// A free TCP port on loopback for rank 0's workload to listen on.
     fn free_port() -> std::io::Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
     }
 
     /// The agent of VM `id` on `gpus`, with the provider's settings, none of the
