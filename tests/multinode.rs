@@ -334,3 +334,50 @@ async fn one_nodes_failure_spends_one_failure_and_one_nodes_loss_ends_the_whole_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_to_one_node_reaches_every_node_through_the_broker() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = Up::start(&data, &["--slots", "3"]).await;
+    // Workloads that know nothing of each other: only the agents can stop them all.
+    let id = up
+        .submit("name: apart\ncommand: [sleep, \"120\"]\nresources: { nodes: 3 }\n")
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    up.wait_job(&id, Duration::from_secs(60), "running", |j| {
+        j["state"] == "running"
+    })
+    .await;
+    let rank2 = format!("local-{id}-1-n2");
+    let noticed = Instant::now();
+    assert!(up.preempt(&rank2, Duration::from_secs(20)).await);
+    let job = up
+        .wait_job(&id, Duration::from_secs(15), "a second attempt", |j| {
+            j["attempt"].as_u64() == Some(2) && j["state"] == "running"
+        })
+        .await;
+    assert!(
+        noticed.elapsed() < Duration::from_secs(15),
+        "the gang stopped on the notice, not at its deadline"
+    );
+    assert_eq!(
+        job["attempts"][0]["outcome"]["kind"], "preempted",
+        "{job:#}"
+    );
+    assert_eq!(job["failures"], 0, "{job:#}");
+    // Rank 0 had no notice of its own: the broker's word stopped its workload. (The
+    // other ranks may be ended by the gang's release before they hear it.)
+    let log = std::fs::read_to_string(data.join(format!("vms/local-{id}-1/agent.log"))).unwrap();
+    assert!(
+        log.contains("preemption notice; forwarding SIGTERM"),
+        "rank 0 did not stop its workload on rank 2's notice:\n{log}"
+    );
+    assert!(
+        !data.join(format!("vms/local-{id}-1/notice.json")).exists(),
+        "the notice went to rank 2 only"
+    );
+}

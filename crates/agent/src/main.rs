@@ -24,7 +24,7 @@ mod workload;
 
 /// Where this agent's VM, job and broker are. The compute provider passes these;
 /// the credential for reporting comes in a file (`<vm dir>/credentials`), never here.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "respawn-agent", version, about)]
 pub struct Args {
     /// The bucket: its root folder, `s3://name` (an agent built with feature `aws`) or
@@ -79,8 +79,12 @@ pub struct Args {
     /// This node's rank in a multi-node attempt. Rank 0 reports the attempt and
     /// uploads its checkpoints and outputs; the others run their share of the
     /// workload and report only a failure of their own.
-    #[arg(long, default_value_t = 0, requires = "hosts")]
+    #[arg(long, default_value_t = 0)]
     pub rank: u32,
+    /// How many nodes a multi-node attempt runs on, when `--hosts` does not say:
+    /// the agent then asks the broker for its peers' addresses.
+    #[arg(long, default_value_t = 1, conflicts_with = "hosts")]
+    pub nodes: u32,
     /// The addresses of a multi-node attempt's nodes in rank order, comma-separated:
     /// rank 0's is MASTER_ADDR, all of them go into the hostfile.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["pool", "pool_api"])]
@@ -111,7 +115,11 @@ impl Args {
 
     /// How many nodes the attempt runs on.
     pub fn nodes(&self) -> u32 {
-        self.hosts.len().max(1) as u32
+        if self.hosts.is_empty() {
+            self.nodes.max(1)
+        } else {
+            self.hosts.len() as u32
+        }
     }
 
     /// Whether this agent is rank 0, the one that speaks for the attempt.
@@ -135,7 +143,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if args.rank >= args.nodes() {
         eprintln!(
-            "respawn-agent: --rank {} is not one of the {} nodes in --hosts",
+            "respawn-agent: --rank {} is not one of the {} nodes (--hosts or --nodes)",
             args.rank,
             args.nodes()
         );

@@ -106,6 +106,11 @@ impl Api {
         Ok(self.get::<Answer>("secrets").await?.secrets)
     }
 
+    /// A multi-node attempt's peers (once the provider knows them all) and notice.
+    pub async fn gang(&self) -> Result<Gang, Error> {
+        self.get("gang").await
+    }
+
     /// A pool VM's orders (this `Api` holds the VM's credential).
     pub async fn orders(&self) -> Result<respawn_core::pool::PoolOrders, Error> {
         self.get("assignment").await
@@ -125,6 +130,15 @@ impl Api {
             .await
             .map_err(|e| Error::Retry(format!("unreadable answer to {what}: {e}")))
     }
+}
+
+/// What the broker says of a multi-node attempt's gang.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gang {
+    /// The nodes' addresses in rank order, once all have one.
+    pub hosts: Option<Vec<String>>,
+    /// Set once any node of the gang has been given a preemption notice.
+    pub notice_deadline_ms: Option<u64>,
 }
 
 enum Item {

@@ -10,7 +10,7 @@ use object_store::local::LocalFileSystem;
 use respawn_adapters::local::AgentCredentials;
 use respawn_core::lifecycle::Event;
 use respawn_core::spec::JobSpec;
-use respawn_core::time::{Clock, SystemClock};
+use respawn_core::time::{Clock, SystemClock, Timestamp};
 use respawn_core::{checkpoint, layout};
 use tracing::{info, warn};
 
@@ -24,6 +24,15 @@ use crate::workload::{Workload, WorkloadDirs};
 const LAST_WORD: Duration = Duration::from_secs(600);
 /// How long to keep asking a broker that is down for the job's spec and secrets.
 const PATIENCE: Duration = Duration::from_secs(120);
+/// How often a node of a multi-node attempt asks the broker whether any node of its
+/// gang was given notice (and, before its workload starts, for its peers).
+const GANG_EVERY: Duration = Duration::from_secs(1);
+/// Longest a node waits for its peers' addresses; the broker's gang timeout ends
+/// an attempt whose nodes do not all come up well before this.
+const PEERS_WAIT: Duration = Duration::from_secs(30 * 60);
+/// How long a node whose workload failed without a notice of its own looks for a
+/// peer's before it reports the failure.
+const LATE_NOTICE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -172,6 +181,29 @@ pub async fn attempt(
         secrets,
     } = ready;
     info!(job_id = %job, attempt, restored = ?restored, "checkpoint restored");
+    // A node told only its rank learns its peers from the broker, once the provider
+    // knows every node's address.
+    let with_peers;
+    let args = if args.nodes() > 1 && args.hosts.is_empty() {
+        match peers(&api, args.nodes()).await {
+            Ok(hosts) => {
+                info!(job_id = %job, attempt, rank, hosts = ?hosts, "the gang's nodes are up");
+                with_peers = Args {
+                    hosts,
+                    ..args.clone()
+                };
+                &with_peers
+            }
+            Err(why) => {
+                warn!(job_id = %job, attempt, rank, %why, "no peers; not starting the workload");
+                stderr.close().await;
+                finish(&reporter, &dirs);
+                return Ok(Ended::quietly(reporter));
+            }
+        }
+    } else {
+        args
+    };
 
     if let Err(e) = stage::inputs(bucket.as_ref(), &args.bucket, &spec, &dirs.inputs).await {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
@@ -210,7 +242,21 @@ pub async fn attempt(
         restored,
         keep,
     );
-    let (code, notice) = supervise(args, &reporter, &mut workload, &mut ckpts).await;
+    let (code, mut notice) = supervise(args, &api, &reporter, &mut workload, &mut ckpts).await;
+    if notice.is_none() && code != 0 && leads && args.nodes() > 1 {
+        // A peer's notice may have stopped rank 0's workload (frameworks stop every
+        // rank together) before the broker's word of it arrived here: the exit is
+        // then the gang's preemption, not a failure. (Another rank reports a failure
+        // at once: waiting, it could be outrun by rank 0's success.)
+        if let Some(deadline) = late_gang_notice(&api).await {
+            info!(job_id = %job, attempt, rank, exit_code = code, "the workload stopped on a peer's notice");
+            reporter.send(Event::PreemptionNotice { attempt, deadline });
+            notice = Some(crate::notice::Notice {
+                deadline,
+                ack: None,
+            });
+        }
+    }
     // Nothing the workload started outlives it: on a pool VM the next job's
     // workload comes next.
     workload.kill_group();
@@ -414,10 +460,85 @@ async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
     }
 }
 
+/// The addresses of the attempt's `nodes` nodes in rank order, from the broker,
+/// once it has them all; why not if the attempt ended first.
+async fn peers(api: &Api, nodes: u32) -> Result<Vec<String>, String> {
+    let deadline = tokio::time::Instant::now() + PEERS_WAIT;
+    loop {
+        match api.gang().await {
+            Ok(gang) => match gang.hosts {
+                Some(hosts) if hosts.len() == nodes as usize => return Ok(hosts),
+                Some(hosts) => {
+                    return Err(format!(
+                        "the broker lists {} nodes; this agent was started for {nodes}",
+                        hosts.len()
+                    ));
+                }
+                None => {}
+            },
+            Err(report::Error::Refused(why)) => return Err(why),
+            Err(report::Error::Retry(_)) => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the other nodes were not up after {PEERS_WAIT:?}"));
+        }
+        tokio::time::sleep(GANG_EVERY).await;
+    }
+}
+
+/// A notice given to another node of the gang, asked for a few times over
+/// [`LATE_NOTICE`]: its report may still be on its way to the broker.
+async fn late_gang_notice(api: &Api) -> Option<Timestamp> {
+    let deadline = tokio::time::Instant::now() + LATE_NOTICE;
+    loop {
+        match api.gang().await {
+            Ok(gang) if gang.notice_deadline_ms.is_some() => {
+                return gang.notice_deadline_ms.map(Timestamp);
+            }
+            Err(report::Error::Refused(_)) => return None,
+            _ => {}
+        }
+        if tokio::time::Instant::now() + GANG_EVERY / 2 > deadline {
+            return None;
+        }
+        tokio::time::sleep(GANG_EVERY / 2).await;
+    }
+}
+
+/// Asks the broker, every [`GANG_EVERY`], whether any node of this multi-node
+/// attempt's gang was given notice; sends the deadline when one was. On a cloud
+/// each VM hears only of its own reclaim: this is how the others learn of it.
+fn gang_notices(
+    api: Api,
+) -> (
+    tokio::sync::mpsc::Receiver<Timestamp>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(GANG_EVERY).await;
+            match api.gang().await {
+                Ok(gang) => {
+                    if let Some(ms) = gang.notice_deadline_ms {
+                        let _ = tx.send(Timestamp(ms)).await;
+                        return;
+                    }
+                }
+                // The attempt is over: the broker is ending this node.
+                Err(report::Error::Refused(_)) => return,
+                Err(report::Error::Retry(_)) => {}
+            }
+        }
+    });
+    (rx, task)
+}
+
 /// Runs until the workload exits; returns its exit code (128 + signal if killed)
 /// and the preemption notice, if one came.
 async fn supervise(
     args: &Args,
+    api: &Api,
     reporter: &Reporter,
     workload: &mut Workload,
     ckpts: &mut CheckpointShipper,
@@ -426,9 +547,23 @@ async fn supervise(
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut notices = args.notice_source();
     let mut noticed = None;
+    let (mut gang, poller) = if args.nodes() > 1 {
+        let (rx, task) = gang_notices(api.clone());
+        (rx, Some(task))
+    } else {
+        (tokio::sync::mpsc::channel(1).1, None)
+    };
+    let _stop_polling = poller.map(|t| AbortOnDrop(t));
     loop {
         tokio::select! {
             code = workload.wait() => return (code, noticed),
+            Some(deadline) = gang.recv() => {
+                if noticed.is_none() {
+                    let notice = crate::notice::Notice { deadline, ack: None };
+                    on_notice(args, reporter, workload, &notice).await;
+                    noticed = Some(notice);
+                }
+            }
             _ = heartbeat.tick() => if args.leads() { reporter.heartbeat() },
             _ = poll.tick() => {
                 if noticed.is_none()
@@ -454,11 +589,20 @@ async fn on_notice(
     let left = deadline.since(SystemClock.now());
     info!(job_id = %reporter.job, attempt = reporter.attempt, rank = args.rank, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
     workload.terminate();
-    if args.leads() {
-        reporter.send(Event::PreemptionNotice {
-            attempt: reporter.attempt,
-            deadline,
-        });
+    // Every node reports its notice: on a cloud the reclaimed VM may be any rank's,
+    // and the broker tells the others (see `gang_notices`).
+    reporter.send(Event::PreemptionNotice {
+        attempt: reporter.attempt,
+        deadline,
+    });
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

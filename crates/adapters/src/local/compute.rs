@@ -395,16 +395,21 @@ impl LocalCompute {
             r.clone()
         };
         self.persist(&rec.key);
-        // A gang goes whole when one of its nodes is reclaimed: every node gets the
-        // same notice, so the rank that checkpoints has the same grace as the rest.
+        // As a cloud does, the notice goes to the one node reclaimed (rank 0's for a
+        // job or VM id); the broker tells the gang's other nodes, which ask it. The
+        // whole gang goes at the deadline, as it would once that node's loss ends
+        // the attempt.
+        let node = rec
+            .node_ids()
+            .find(|id| *id == target)
+            .unwrap_or(&rec.id)
+            .to_owned();
         let body = serde_json::json!({ "deadline_ms": deadline.0, "action": "terminate" });
-        for id in rec.node_ids() {
-            let notice_file = self.vm_dir(id).join("notice.json");
-            if let Err(e) = std::fs::write(&notice_file, body.to_string()) {
-                warn!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %id, error = %e, "cannot write preemption notice");
-            }
+        let notice_file = self.vm_dir(&node).join("notice.json");
+        if let Err(e) = std::fs::write(&notice_file, body.to_string()) {
+            warn!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %node, error = %e, "cannot write preemption notice");
         }
-        info!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %rec.id, target, nodes = rec.nodes.len() + 1, notice_ms = notice.as_millis() as u64, "spot preemption notice");
+        info!(job_id = %rec.key.job, attempt = rec.key.attempt, vm = %node, nodes = rec.nodes.len() + 1, notice_ms = notice.as_millis() as u64, "spot preemption notice");
         self.arm_deadline(rec.key.clone(), deadline);
         Some(rec.id)
     }
@@ -908,6 +913,14 @@ impl Compute for LocalCompute {
 
     async fn list(&self) -> Result<Vec<Vm>, Error> {
         Ok(self.lock().values().map(VmRecord::vm).collect())
+    }
+
+    async fn roster(&self, key: &AllocationKey) -> Result<Option<Vec<String>>, Error> {
+        Ok(self
+            .lock()
+            .get(key)
+            .filter(|r| !r.nodes.is_empty())
+            .map(|r| vec!["127.0.0.1".to_owned(); r.nodes.len() + 1]))
     }
 }
 

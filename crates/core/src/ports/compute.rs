@@ -135,4 +135,11 @@ pub trait Compute: Send + Sync + fmt::Debug {
     async fn orders(&self, _vm: &str) -> Result<Orders, Error> {
         Ok(Orders::Retire)
     }
+
+    /// The addresses of the nodes of `key`'s multi-node VM in rank order, once
+    /// every node has one; `None` while some are still booting, for a single node,
+    /// or for a provider that tells its agents their peers when it starts them.
+    async fn roster(&self, _key: &AllocationKey) -> Result<Option<Vec<String>>, Error> {
+        Ok(None)
+    }
 }

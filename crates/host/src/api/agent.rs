@@ -188,6 +188,30 @@ pub async fn spec(State(stack): State<Api>, Agent(me): Agent) -> Result<Response
     Ok(axum::Json(json!({ "spec": rec.spec })).into_response())
 }
 
+/// What every node of a multi-node attempt asks while it runs: its peers'
+/// addresses (once the provider knows them all) and the notice, if any node of the
+/// gang has been given one — a notice to one node stops them all, with one grace.
+pub async fn gang(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
+    let rec = live_record(&stack, &me, "gang").await?;
+    let key = respawn_core::ports::compute::AllocationKey {
+        job: me.job.clone(),
+        attempt: me.attempt,
+    };
+    let hosts = stack
+        .ports
+        .compute
+        .roster(&key)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot read the gang's nodes: {e}")))?;
+    let deadline = rec.current().and_then(|a| a.preempt_deadline);
+    Ok(axum::Json(json!({
+        "nodes": rec.spec.resources.nodes,
+        "hosts": hosts,
+        "notice_deadline_ms": deadline.map(|d| d.0),
+    }))
+    .into_response())
+}
+
 pub async fn secrets(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
     live_record(&stack, &me, "secrets").await?;
     let values = stack

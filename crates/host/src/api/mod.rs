@@ -113,6 +113,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/agent/spec"),
     ("GET", "/v1/agent/secrets"),
     ("GET", "/v1/agent/assignment"),
+    ("GET", "/v1/agent/gang"),
 ];
 
 pub fn app(api: Api) -> Router {
@@ -138,6 +139,7 @@ pub fn app(api: Api) -> Router {
         .route("/v1/agent/spec", get(agent::spec))
         .route("/v1/agent/secrets", get(agent::secrets))
         .route("/v1/agent/assignment", get(agent::assignment))
+        .route("/v1/agent/gang", get(agent::gang))
         // Every answer is JSON, the router's own 404 and 405 included (axum adds
         // the Allow header to the 405).
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

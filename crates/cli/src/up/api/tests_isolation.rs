@@ -287,3 +287,43 @@ async fn without_a_sandbox_no_tokens_for_others_unless_the_operator_says_so() {
     let (status, answer) = call(&f.stack, Method::POST, "/v1/tokens", Some(&admin), body).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
 }
+
+/// A node of a multi-node attempt learns of a notice given to any node of its gang,
+/// while its attempt is live, and only for its own job.
+#[tokio::test]
+async fn the_gang_answer_carries_the_attempts_notice_to_its_own_credential_only() {
+    let f = fixture().await;
+    let s = &f.stack;
+    let job = live_job(s).await;
+    let mine = s.attempt_key.credential(&job, 1);
+    let path = "/v1/agent/gang";
+    let (status, body) = call(s, Method::GET, path, Some(&mine), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({ "nodes": 1, "hosts": null, "notice_deadline_ms": null })
+    );
+
+    let rec = s.ports.ledger.get(&job).await.unwrap();
+    let notice = Event::PreemptionNotice {
+        attempt: 1,
+        deadline: respawn_core::time::Timestamp(4_000_000_000_000),
+    };
+    let next = lifecycle::apply(&rec, &notice, s.ports.clock.now(), &Default::default()).record;
+    s.ports.ledger.update(next).await.unwrap();
+    let (status, body) = call(s, Method::GET, path, Some(&mine), "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["notice_deadline_ms"], 4_000_000_000_000u64, "{body}");
+
+    for credential in [
+        s.attempt_key.credential(&job, 2),
+        s.attempt_key.vm_credential("warm-s0-0a0b0c0d"),
+        "not-a-credential".to_owned(),
+    ] {
+        let (status, _) = call(s, Method::GET, path, Some(&credential), "").await;
+        assert!(
+            status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED,
+            "{status}"
+        );
+    }
+}
