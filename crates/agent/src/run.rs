@@ -553,7 +553,7 @@ async fn supervise(
     } else {
         (tokio::sync::mpsc::channel(1).1, None)
     };
-    let _stop_polling = poller.map(|t| AbortOnDrop(t));
+    let _stop_polling = poller.map(AbortOnDrop);
     loop {
         tokio::select! {
             code = workload.wait() => return (code, noticed),
