@@ -668,6 +668,7 @@ mod tests {
             imds: None,
             scheduled_events: None,
             rank: 0,
+            nodes: 1,
             hosts: Vec::new(),
             master_port: 29500,
         };
