@@ -122,6 +122,18 @@ impl Args {
         }
     }
 
+    /// What clap cannot check alone.
+    pub fn check(&self) -> Result<(), String> {
+        if self.rank >= self.nodes() {
+            return Err(format!(
+                "--rank {} is not one of the {} nodes (--hosts or --nodes)",
+                self.rank,
+                self.nodes()
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether this agent is rank 0, the one that speaks for the attempt.
     pub fn leads(&self) -> bool {
         self.rank == 0
@@ -141,12 +153,8 @@ fn main() -> ExitCode {
         return workload::launch();
     }
     let args = Args::parse();
-    if args.rank >= args.nodes() {
-        eprintln!(
-            "respawn-agent: --rank {} is not one of the {} nodes (--hosts or --nodes)",
-            args.rank,
-            args.nodes()
-        );
+    if let Err(why) = args.check() {
+        eprintln!("respawn-agent: {why}");
         return ExitCode::from(2);
     }
     tracing_subscriber::fmt()

@@ -808,7 +808,29 @@ mod tests {
     }
 
     #[test]
-    fn a_rank_outside_the_hosts_is_refused() {
+    fn a_rank_outside_the_gang_is_refused() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "respawn-agent",
+                "--bucket",
+                "b",
+                "--vm-dir",
+                "d",
+                "--vm",
+                "v",
+            ];
+            argv.extend(["--job", "01j0000000000000000000000a", "--attempt", "1"]);
+            argv.extend(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        assert!(
+            parse(&["--rank", "1"]).check().is_err(),
+            "one node: rank 0 only"
+        );
+        assert!(parse(&["--rank", "2", "--hosts", "a,b"]).check().is_err());
+        assert!(parse(&["--rank", "3", "--nodes", "3"]).check().is_err());
+        assert!(parse(&["--rank", "2", "--nodes", "3"]).check().is_ok());
+        assert!(parse(&["--rank", "1", "--hosts", "a,b"]).check().is_ok());
         assert!(
             Args::try_parse_from([
                 "respawn-agent",
@@ -818,15 +840,12 @@ mod tests {
                 "d",
                 "--vm",
                 "v",
-                "--job",
-                "01j0000000000000000000000a",
-                "--attempt",
-                "1",
-                "--rank",
-                "1"
+                "--pool",
+                "--hosts",
+                "a,b"
             ])
             .is_err(),
-            "--rank needs --hosts"
+            "pool VMs run single-node attempts"
         );
     }
 
