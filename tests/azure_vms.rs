@@ -569,3 +569,111 @@ async fn a_named_pool_must_exist_even_among_single_use_pools() {
     c.release(&vm.key).await.unwrap();
     assert!(arm.vms().is_empty());
 }
+
+#[tokio::test]
+async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
+    let arm = Arm::start().await;
+    let c = provider(&arm);
+    let job = JobId::generate(Timestamp(21));
+    let mut req = spot(&job, 1);
+    req.resources.nodes = 3;
+    let base = azvm::vm_name("rs-test", &req.key);
+    let nodes: Vec<String> = (0..3)
+        .map(|r| respawn_core::ports::compute::node_id(&base, r))
+        .collect();
+
+    // One node meets no capacity: none is left, and the miss spends nothing.
+    arm.fault(Fault::Refuse(
+        409,
+        "SkuNotAvailable".into(),
+        "The requested size for resource is currently not available in location 'westeurope'."
+            .into(),
+    ));
+    match c.allocate(&req).await {
+        Err(Error::Capacity(why)) => assert!(why.contains("a gang of 3"), "{why}"),
+        other => panic!("expected a capacity miss for the gang, got {other:?}"),
+    }
+    assert!(arm.vms().is_empty(), "no node runs alone: {:?}", arm.vms());
+    assert_eq!(arm.created().len(), 2, "two nodes were made, then deleted");
+
+    // The attempt's next try makes all three, in one proximity placement group.
+    let vm = c.allocate(&req).await.unwrap();
+    assert_eq!(
+        (vm.id.as_str(), vm.nodes, vm.state),
+        (base.as_str(), 3, VmState::Running)
+    );
+    let mut live = arm.vms();
+    live.sort();
+    assert_eq!(live, nodes);
+    assert_eq!(arm.ppgs(), vec![format!("{base}-ppg")]);
+    let credential = AttemptKey::from_bytes(&[7; 32])
+        .unwrap()
+        .credential(&job, 1);
+    for put in arm.puts().iter().rev().take(3) {
+        let p = &put["properties"];
+        assert!(
+            p["proximityPlacementGroup"]["id"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("/proximityPlacementGroups/{base}-ppg")),
+            "{p}"
+        );
+        let rank: u32 = put["tags"]["respawn-rank"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(put["tags"]["respawn-nodes"], "3");
+        let script = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(p["osProfile"]["customData"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(script.contains(&format!("--job {job} --attempt 1 --rank {rank} --nodes 3")));
+        assert!(
+            script.contains(&credential),
+            "each node reports for the attempt"
+        );
+    }
+    assert_eq!(
+        c.roster(&req.key).await.unwrap(),
+        Some(vec!["127.0.0.1".to_owned(); 3]),
+        "the nodes' private addresses, from their NICs, in rank order"
+    );
+    let listed: Vec<_> = c
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.key == req.key)
+        .collect();
+    assert_eq!(
+        listed.len(),
+        1,
+        "a gang is one VM to the broker: {listed:?}"
+    );
+    assert_eq!(listed[0].nodes, 3);
+    // Asked again, the same gang.
+    assert_eq!(c.allocate(&req).await.unwrap().id, base);
+    assert_eq!(arm.created().len(), 5);
+
+    // One node evicted: the gang is gone.
+    arm.evict(&nodes[1]);
+    assert_eq!(
+        c.describe(&req.key).await.unwrap().unwrap().state,
+        VmState::Terminated
+    );
+
+    // Released whole: every node and the group go, and nothing is made again.
+    c.release(&req.key).await.unwrap();
+    assert!(arm.vms().is_empty(), "{:?}", arm.vms());
+    assert!(arm.ppgs().is_empty(), "the proximity group is deleted");
+    let again = c.allocate(&req).await.unwrap();
+    assert_eq!(again.state, VmState::Terminated);
+    assert_eq!(
+        arm.created().len(),
+        5,
+        "a released gang is never made again"
+    );
+}

@@ -7,6 +7,11 @@
 //! Service's managed identity endpoint (`IDENTITY_ENDPOINT`, `X-IDENTITY-HEADER`),
 //! the one `azure_identity` asks inside a function app.
 //!
+//! Proximity placement groups (`PUT`/`GET`/`DELETE …/proximityPlacementGroups/
+//! {name}`; a VM may name one that exists, which cannot be deleted while a VM is
+//! in it) and each VM's network interface (`GET …/networkInterfaces/{name}`, its
+//! private address loopback, where the harness's VMs meet) are there too.
+//!
 //! With [`Boot`], every VM created boots: its custom data runs on this machine
 //! (as cloud-init would run it) with an instance metadata service of its own —
 //! the VM's name and Scheduled Events — and shims for `iptables` and `shutdown`.
@@ -105,6 +110,10 @@ struct Inner {
     slow_delete: u32,
     /// VMs being deleted, with the GETs left before they are gone.
     deleting: BTreeMap<String, u32>,
+    /// Proximity placement groups, by name, with their `PUT` bodies.
+    ppgs: BTreeMap<String, Value>,
+    /// Every proximity placement group ever deleted.
+    ppgs_deleted: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -188,6 +197,14 @@ impl Arm {
                 "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{loc}/operations/{id}",
                 get(operation),
             )
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/proximityPlacementGroups/{name}",
+                any(ppg),
+            )
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/networkInterfaces/{name}",
+                get(nic),
+            )
             .route("/vms/{name}/metadata/instance/compute/name", get(imds_name))
             .route("/vms/{name}/metadata/scheduledevents", any(scheduled_events))
             .with_state(arm.clone());
@@ -257,6 +274,15 @@ impl Arm {
     }
 
     /// Scheduled Events acknowledged, as `(vm, event id)`.
+    /// The proximity placement groups there are now, by name.
+    pub fn ppgs(&self) -> Vec<String> {
+        self.lock().ppgs.keys().cloned().collect()
+    }
+
+    pub fn ppgs_deleted(&self) -> Vec<String> {
+        self.lock().ppgs_deleted.clone()
+    }
+
     pub fn acked(&self) -> Vec<(String, String)> {
         self.lock().acked.clone()
     }
@@ -446,6 +472,11 @@ fn vm_json(arm: &Arm, name: &str, v: &VmRecord) -> Value {
         os.remove("adminPassword");
         os.remove("customData");
     }
+    // The NICs ARM made from the network interface configurations.
+    properties["networkProfile"]["networkInterfaces"] = json!([{
+        "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/networkInterfaces/{name}-nic-7f3a"),
+        "properties": {"primary": true},
+    }]);
     json!({
         "name": name,
         "id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Compute/virtualMachines/{name}"),
@@ -692,6 +723,19 @@ async fn vm(
             if let Some(why) = invalid(&body) {
                 return error(StatusCode::BAD_REQUEST, "InvalidParameter", &why);
             }
+            if let Some(id) = body["properties"]["proximityPlacementGroup"]["id"].as_str() {
+                let name = id.rsplit('/').next().unwrap_or_default();
+                let prefix = format!(
+                    "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Compute/proximityPlacementGroups/"
+                );
+                if !id.starts_with(&prefix) || !inner.ppgs.contains_key(name) {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("Resource {id} not found."),
+                    );
+                }
+            }
             let mut failure = None;
             match inner.faults.pop_front() {
                 Some(Fault::Throttle(secs)) => {
@@ -730,6 +774,129 @@ async fn vm(
             "not a VM method",
         ),
     }
+}
+
+async fn ppg(
+    State(arm): State<Arm>,
+    method: Method,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    if sub != SUBSCRIPTION || rg != RESOURCE_GROUP {
+        return error(
+            StatusCode::NOT_FOUND,
+            "ResourceGroupNotFound",
+            "no such group",
+        );
+    }
+    let id = format!(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/proximityPlacementGroups/{name}"
+    );
+    let mut inner = arm.lock();
+    match method {
+        Method::PUT => {
+            let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+                return error(StatusCode::BAD_REQUEST, "InvalidRequestContent", "not JSON");
+            };
+            if !body["location"].is_string() {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "LocationRequired",
+                    "location is required",
+                );
+            }
+            let created = !inner.ppgs.contains_key(&name);
+            inner.ppgs.insert(name.clone(), body.clone());
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json_response(
+                status,
+                json!({"id": id, "name": name, "location": body["location"], "properties": body["properties"]}),
+                &[],
+            )
+        }
+        Method::GET => match inner.ppgs.get(&name) {
+            Some(body) => json_response(
+                StatusCode::OK,
+                json!({"id": id, "name": name, "properties": body["properties"]}),
+                &[],
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "ResourceNotFound",
+                &format!("{id} was not found."),
+            ),
+        },
+        Method::DELETE => {
+            let in_use = inner.vms.values().any(|v| {
+                v.body["properties"]["proximityPlacementGroup"]["id"].as_str() == Some(id.as_str())
+            });
+            if in_use {
+                return error(
+                    StatusCode::CONFLICT,
+                    "OperationNotAllowed",
+                    "The proximity placement group cannot be deleted while virtual machines are in it.",
+                );
+            }
+            match inner.ppgs.remove(&name) {
+                Some(_) => {
+                    inner.ppgs_deleted.push(name);
+                    StatusCode::OK.into_response()
+                }
+                None => StatusCode::NO_CONTENT.into_response(),
+            }
+        }
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not a group method",
+        ),
+    }
+}
+
+/// A VM's NIC (named `<vm>-nic-<suffix>`, as ARM names the ones it makes): its
+/// private address is loopback, where the harness's VMs reach each other.
+async fn nic(
+    State(arm): State<Arm>,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    let vm = name.rsplit_once("-nic-").map(|(vm, _)| vm.to_owned());
+    let exists = sub == SUBSCRIPTION
+        && rg == RESOURCE_GROUP
+        && vm
+            .as_ref()
+            .is_some_and(|vm| arm.lock().vms.contains_key(vm));
+    if !exists {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("NIC {name} was not found."),
+        );
+    }
+    json_response(
+        StatusCode::OK,
+        json!({
+            "name": name,
+            "properties": {"ipConfigurations": [{
+                "name": "ipconfig",
+                "properties": {"privateIPAddress": "127.0.0.1", "privateIPAllocationMethod": "Dynamic"},
+            }]},
+        }),
+        &[],
+    )
 }
 
 async fn operation(

@@ -26,6 +26,14 @@
 //!   tag names).
 //! - **Credentials**: [`credential_from_env`] (`azure_identity`): workload
 //!   identity, a client secret, or the managed identity.
+//! - **Multi-node attempts** (`resources.nodes` > 1): a gang of VMs, node r named
+//!   `<vm name>-n<r>` (rank 0 is the attempt's VM name), each with its own record
+//!   and custom data (`--rank r --nodes N`), all in one proximity placement group
+//!   `<vm name>-ppg`. They are created together; a capacity miss on any node deletes
+//!   the nodes made (their records unmade, so that the attempt's next try makes
+//!   them again) and is the gang's miss. The gang is one VM to the broker: gone when
+//!   any node is. Agents learn their peers' private addresses through the broker
+//!   ([`Compute::roster`]: each node's primary NIC).
 //! - **Warm pools** (`RESPAWN_AZURE_POOLS`): VMs that run attempt after attempt,
 //!   as on EC2 ([`crate::vmpool`]): named `<stack>-p<16 hex>` from their pool VM
 //!   name, tagged `respawn-pool` and `respawn-vm`, their agent asking the API for
@@ -63,7 +71,11 @@ pub const TAG_PROJECT: &str = "respawn-project";
 /// A pool VM's pool and name (it has no job or attempt tags: it runs many).
 pub const TAG_POOL: &str = "respawn-pool";
 pub const TAG_VM: &str = "respawn-vm";
+/// A gang node's rank and the gang's size (multi-node attempts only).
+pub const TAG_RANK: &str = "respawn-rank";
+pub const TAG_NODES: &str = "respawn-nodes";
 const API_VERSION: &str = "2024-07-01";
+const NETWORK_API_VERSION: &str = "2024-05-01";
 const SCOPE: &str = "https://management.azure.com/.default";
 /// How often a step re-reads a record another writer changed before giving up
 /// (the message comes back).
@@ -233,6 +245,17 @@ struct Record {
     made: bool,
     spot: bool,
     created_at: Timestamp,
+    /// The gang's size, on every node's record (1: a single VM).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    nodes: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// Spot VMs over ARM.
@@ -394,6 +417,50 @@ struct ArmVmProperties {
     time_created: Option<String>,
     #[serde(default)]
     instance_view: Option<InstanceView>,
+    #[serde(default)]
+    network_profile: Option<NetworkProfile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetworkProfile {
+    /// The NICs ARM made from the VM's network interface configurations.
+    #[serde(default)]
+    network_interfaces: Vec<ResourceRef>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ResourceRef {
+    #[serde(default)]
+    id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Nic {
+    #[serde(default)]
+    properties: NicProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NicProperties {
+    #[serde(default)]
+    ip_configurations: Vec<IpConfiguration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IpConfiguration {
+    #[serde(default)]
+    properties: IpConfigurationProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IpConfigurationProperties {
+    #[serde(default, rename = "privateIPAddress")]
+    private_ip_address: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,13 +539,25 @@ impl ArmVm {
         }
     }
 
+    /// A gang node's rank (0 for a single VM).
+    fn rank(&self) -> u32 {
+        self.tags
+            .get(TAG_RANK)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0)
+    }
+
     fn to_vm(&self) -> Option<Vm> {
         Some(Vm {
             id: self.name.clone(),
             key: self.key()?,
             state: self.state(),
             spot: self.properties.priority.as_deref() == Some("Spot"),
-            nodes: 1,
+            nodes: self
+                .tags
+                .get(TAG_NODES)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1),
             created_at: self
                 .properties
                 .time_created
@@ -486,6 +565,39 @@ impl ArmVm {
                 .and_then(Timestamp::parse_rfc3339)
                 .unwrap_or(Timestamp(0)),
         })
+    }
+}
+
+/// The proximity placement group of the gang whose rank 0 is VM `base`.
+fn ppg_name(base: &str) -> String {
+    format!("{base}-ppg")
+}
+
+/// A gang as the broker sees it: one VM, named as its rank 0, gone once any node
+/// is, running once all are. `vms` holds what is known of each node (none: a gang
+/// released before any was made).
+fn gang_vm(base: &str, key: &AllocationKey, nodes: u32, vms: &[Option<Vm>]) -> Vm {
+    let known: Vec<&Vm> = vms.iter().flatten().collect();
+    let state = if known.is_empty() && vms.is_empty()
+        || known.iter().any(|v| v.state == VmState::Terminated)
+    {
+        VmState::Terminated
+    } else if known.len() == nodes as usize && known.iter().all(|v| v.state == VmState::Running) {
+        VmState::Running
+    } else {
+        VmState::Requested
+    };
+    Vm {
+        id: base.to_owned(),
+        key: key.clone(),
+        state,
+        spot: known.first().is_some_and(|v| v.spot),
+        nodes,
+        created_at: known
+            .iter()
+            .map(|v| v.created_at)
+            .min()
+            .unwrap_or(Timestamp(crate::bands::now_ms())),
     }
 }
 
@@ -714,6 +826,7 @@ impl ArmCompute {
         req: &AllocateRequest,
         name: &str,
         size: &str,
+        rank: u32,
     ) -> Result<Option<Vm>, Error> {
         let current = self.record(name).await?;
         let terminated = |r: &Record| Vm {
@@ -777,7 +890,7 @@ impl ArmCompute {
         else {
             return Ok(None);
         };
-        let body = self.attempt_body(req, name, size);
+        let body = self.attempt_body(req, name, size, rank);
         let (_, operation, answer) = match self
             .call(reqwest_aws::Method::PUT, &self.vm_url(name), Some(&body))
             .await
@@ -851,20 +964,198 @@ impl ArmCompute {
             made: false,
             spot: req.placement.spot,
             created_at: Timestamp(crate::bands::now_ms()),
+            nodes: req.resources.nodes.max(1),
         }
     }
 
-    /// The `PUT` body of `req`'s VM.
-    fn attempt_body(&self, req: &AllocateRequest, name: &str, size: &str) -> Value {
-        let tags = json!({
+    /// The `PUT` body of `req`'s VM (node `rank` of its gang).
+    fn attempt_body(&self, req: &AllocateRequest, name: &str, size: &str, rank: u32) -> Value {
+        let nodes = req.resources.nodes.max(1);
+        let mut tags = json!({
             TAG_STACK: self.cfg.stack,
             TAG_JOB: req.key.job.to_string(),
             TAG_ATTEMPT: req.key.attempt.to_string(),
             TAG_PROJECT: req.project,
         });
-        let script = custom_data(&self.cfg.agent, &req.key);
+        let gang = (nodes > 1).then_some((rank, nodes));
+        if gang.is_some() {
+            tags[TAG_RANK] = json!(rank.to_string());
+            tags[TAG_NODES] = json!(nodes.to_string());
+        }
+        let script = custom_data(&self.cfg.agent, &req.key, gang);
         let spot = req.placement.spot.then_some(req.placement.max_price);
-        self.vm_body(name, size, tags, &script, spot)
+        let mut body = self.vm_body(name, size, tags, &script, spot);
+        if gang.is_some() {
+            let base = vm_name(&self.cfg.stack, &req.key);
+            body["properties"]["proximityPlacementGroup"] =
+                json!({ "id": self.ppg_id(&ppg_name(&base)) });
+        }
+        body
+    }
+
+    fn ppg_id(&self, name: &str) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/proximityPlacementGroups/{name}",
+            self.cfg.subscription, self.cfg.resource_group
+        )
+    }
+
+    fn ppg_url(&self, name: &str) -> String {
+        format!(
+            "{}{}?api-version={API_VERSION}",
+            self.cfg.endpoint,
+            self.ppg_id(name)
+        )
+    }
+
+    /// A gang's nodes go in one proximity placement group: close together, as
+    /// nodes that talk every step must be. A `PUT` of one that exists is a no-op.
+    async fn put_ppg(&self, req: &AllocateRequest, name: &str) -> Result<(), Error> {
+        let body = json!({
+            "location": self.cfg.location,
+            "tags": {
+                TAG_STACK: self.cfg.stack,
+                TAG_JOB: req.key.job.to_string(),
+                TAG_ATTEMPT: req.key.attempt.to_string(),
+            },
+            "properties": { "proximityPlacementGroupType": "Standard" },
+        });
+        self.call(reqwest_aws::Method::PUT, &self.ppg_url(name), Some(&body))
+            .await
+            .map(drop)
+            .map_err(ArmError::into_compute)
+    }
+
+    /// Allocates `req`'s gang of `resources.nodes` VMs, all or none.
+    async fn allocate_gang(&self, req: &AllocateRequest, size: &str) -> Result<Vm, Error> {
+        let nodes = req.resources.nodes;
+        let base = vm_name(&self.cfg.stack, &req.key);
+        // Rank 0's record is written before any node is asked for: a release that
+        // comes later reads the gang's size there and releases every node.
+        let mut reserved = false;
+        for _ in 0..RACES {
+            match self.record(&base).await? {
+                // A released gang makes nothing, not even its group.
+                Some((r, _)) if r.stage == Stage::Released => {
+                    return Ok(gang_vm(&base, &req.key, nodes, &[]));
+                }
+                Some(_) => reserved = true,
+                None => {
+                    reserved = self
+                        .put_record(&base, &self.new_record(req), None)
+                        .await?
+                        .is_some();
+                }
+            }
+            if reserved {
+                break;
+            }
+        }
+        if !reserved {
+            return Err(Error::Unavailable(
+                format!("VM {base}: its record kept changing under this allocation").into(),
+            ));
+        }
+        self.put_ppg(req, &ppg_name(&base)).await?;
+        let tries = (0..nodes).map(|rank| self.allocate_node(req, &base, size, rank));
+        let results = futures::future::join_all(tries).await;
+        let miss = results.iter().find_map(|r| match r {
+            Err(Error::Capacity(why)) => Some(why.clone()),
+            _ => None,
+        });
+        if let Some(why) = miss {
+            // No node runs alone: the ones made go, and may be made again by the
+            // attempt's next try.
+            for rank in 0..nodes {
+                self.unmake(&respawn_core::ports::compute::node_id(&base, rank))
+                    .await?;
+            }
+            info!(job_id = %req.key.job, attempt = req.key.attempt, vm = %base, nodes, %why, "no capacity for the whole gang; its nodes deleted");
+            return Err(Error::Capacity(format!("a gang of {nodes} VMs: {why}")));
+        }
+        let vms = results
+            .into_iter()
+            .map(|r| r.map(Some))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(gang_vm(&base, &req.key, nodes, &vms))
+    }
+
+    /// Node `rank` of `req`'s gang, re-read until no other writer moves its record.
+    async fn allocate_node(
+        &self,
+        req: &AllocateRequest,
+        base: &str,
+        size: &str,
+        rank: u32,
+    ) -> Result<Vm, Error> {
+        let name = respawn_core::ports::compute::node_id(base, rank);
+        for _ in 0..RACES {
+            if let Some(vm) = self.allocate_once(req, &name, size, rank).await? {
+                return Ok(vm);
+            }
+        }
+        Err(Error::Unavailable(
+            format!("VM {name}: its record kept changing under this allocation").into(),
+        ))
+    }
+
+    /// Takes back node `name` of a gang that did not come up whole: recorded as
+    /// never made (unless released meanwhile), then deleted.
+    async fn unmake(&self, name: &str) -> Result<(), Error> {
+        for _ in 0..RACES {
+            let Some((r, version)) = self.record(name).await? else {
+                return Ok(());
+            };
+            if r.stage != Stage::Released {
+                let unmade = Record {
+                    stage: Stage::Putting,
+                    made: false,
+                    ..r
+                };
+                if self
+                    .put_record(name, &unmade, Some(&version))
+                    .await?
+                    .is_none()
+                {
+                    continue;
+                }
+            }
+            return self.delete_vm(name).await.map_err(ArmError::into_compute);
+        }
+        Err(Error::Unavailable(
+            format!("VM {name}: its record kept changing while the gang was undone").into(),
+        ))
+    }
+
+    /// The private address of VM `name`'s primary NIC, once it has one.
+    async fn private_ip(&self, name: &str) -> Result<Option<String>, Error> {
+        let Some(vm) = self.get_vm(name).await.map_err(ArmError::into_compute)? else {
+            return Ok(None);
+        };
+        let nic = vm
+            .properties
+            .network_profile
+            .as_ref()
+            .and_then(|p| p.network_interfaces.first())
+            .map(|n| n.id.clone());
+        let Some(nic) = nic.filter(|id| id.starts_with("/subscriptions/")) else {
+            return Ok(None);
+        };
+        let url = format!(
+            "{}{nic}?api-version={NETWORK_API_VERSION}",
+            self.cfg.endpoint
+        );
+        let (_, _, body) = self
+            .call(reqwest_aws::Method::GET, &url, None)
+            .await
+            .map_err(ArmError::into_compute)?;
+        let nic: Nic = serde_json::from_str(&body)
+            .map_err(|e| Error::Unavailable(format!("GET {nic}: {e}").into()))?;
+        Ok(nic
+            .properties
+            .ip_configurations
+            .into_iter()
+            .find_map(|c| c.properties.private_ip_address))
     }
 
     /// The `PUT` body of a VM: Spot with `spot`'s price cap (`Some(None)`: the
@@ -940,22 +1231,28 @@ impl ArmCompute {
 #[async_trait]
 impl Compute for ArmCompute {
     async fn allocate(&self, req: &AllocateRequest) -> Result<Vm, Error> {
-        if req.resources.nodes > 1 {
-            return Err(Error::NotSupported("multi-node jobs on Azure".into()));
-        }
         // Every pool setting is checked, reusable pools or not (a pool the job
         // names must exist and fit it).
         if let Some(pool) = PoolSpec::choose(&self.cfg.pools, req)?.filter(|p| p.reuse)
             && let Some(pools) = &self.pools
         {
+            if req.resources.nodes > 1 {
+                return Err(Error::Invalid(format!(
+                    "placement.pool: pool {:?} runs single-node attempts; this job asks for {} nodes",
+                    pool.name, req.resources.nodes
+                )));
+            }
             return pools.allocate(self, req, pool).await;
         }
         let name = vm_name(&self.cfg.stack, &req.key);
         let size = self.cfg.sizes.choose(&req.resources, &self.cfg.cpu_size)?;
+        if req.resources.nodes > 1 {
+            return self.allocate_gang(req, &size).await;
+        }
         // Every step re-reads what it acts on: a release, or another dispatcher
         // of the same attempt, may have moved the record since.
         for _ in 0..RACES {
-            match self.allocate_once(req, &name, &size).await? {
+            match self.allocate_once(req, &name, &size, 0).await? {
                 Some(vm) => return Ok(vm),
                 None => continue,
             }
@@ -973,14 +1270,106 @@ impl Compute for ArmCompute {
         {
             return Ok(());
         }
-        let name = vm_name(&self.cfg.stack, key);
+        let base = vm_name(&self.cfg.stack, key);
+        let nodes = self.release_vm(key, &base, 1).await?;
+        if nodes > 1 {
+            for rank in 1..nodes {
+                let node = respawn_core::ports::compute::node_id(&base, rank);
+                self.release_vm(key, &node, nodes).await?;
+            }
+            // Free, but not to be left behind; ARM refuses while a node that is
+            // still being deleted is in it, and the next release tries again.
+            if let Err(e) = self
+                .call(
+                    reqwest_aws::Method::DELETE,
+                    &self.ppg_url(&ppg_name(&base)),
+                    None,
+                )
+                .await
+                && e.status != 404
+            {
+                warn!(job_id = %key.job, attempt = key.attempt, vm = %base, code = %e.code, error = %e.message, "cannot delete the gang's proximity placement group yet");
+            }
+        }
+        Ok(())
+    }
+
+    async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
+        if let Some(pools) = &self.pools
+            && let Some(vm) = pools.describe(self, key).await?
+        {
+            return Ok(Some(vm));
+        }
+        let base = vm_name(&self.cfg.stack, key);
+        let (nodes, vm) = self.describe_vm(key, &base).await?;
+        if nodes <= 1 {
+            return Ok(vm);
+        }
+        let mut vms = vec![vm];
+        for rank in 1..nodes {
+            let node = respawn_core::ports::compute::node_id(&base, rank);
+            vms.push(self.describe_vm(key, &node).await?.1);
+        }
+        Ok(Some(gang_vm(&base, key, nodes, &vms)))
+    }
+
+    async fn list(&self) -> Result<Vec<Vm>, Error> {
+        let all = self.stack_vms().await?;
+        // A pool VM (no job tags) is listed by its slot, as the VM of the attempt
+        // it runs; a gang by its rank 0.
+        let mut vms: Vec<Vm> = all
+            .iter()
+            .filter(|v| v.rank() == 0)
+            .filter_map(ArmVm::to_vm)
+            .collect();
+        if let Some(pools) = &self.pools {
+            let listed = all.iter().map(|v| (v.name.clone(), v.state())).collect();
+            vms.extend(pools.list(self, &listed).await?);
+        }
+        Ok(vms)
+    }
+
+    async fn roster(&self, key: &AllocationKey) -> Result<Option<Vec<String>>, Error> {
+        let base = vm_name(&self.cfg.stack, key);
+        let nodes = match self.record(&base).await? {
+            Some((r, _)) if r.nodes > 1 && r.stage != Stage::Released => r.nodes,
+            _ => return Ok(None),
+        };
+        let mut hosts = Vec::with_capacity(nodes as usize);
+        for rank in 0..nodes {
+            let node = respawn_core::ports::compute::node_id(&base, rank);
+            match self.private_ip(&node).await? {
+                Some(ip) => hosts.push(ip),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(hosts))
+    }
+
+    async fn orders(&self, vm: &str) -> Result<Orders, Error> {
+        match &self.pools {
+            Some(pools) => pools.orders(vm).await,
+            None => Ok(Orders::Retire),
+        }
+    }
+}
+
+impl ArmCompute {
+    /// Marks VM `name` of `key` released and deletes it; the gang's size its record
+    /// gave (`nodes` where it had none).
+    async fn release_vm(&self, key: &AllocationKey, name: &str, nodes: u32) -> Result<u32, Error> {
+        let name = name.to_owned();
         // Marked first (conditionally: no allocation's write is lost), so that an
         // allocation that comes later makes nothing, or deletes what it made.
         let mut marked = false;
         let mut made = false;
+        let mut size = nodes;
         for _ in 0..RACES {
             let current = self.record(&name).await?;
             made = current.as_ref().is_some_and(|(r, _)| r.made);
+            if let Some((r, _)) = &current {
+                size = r.nodes;
+            }
             if current
                 .as_ref()
                 .is_some_and(|(r, _)| r.stage == Stage::Released)
@@ -997,6 +1386,7 @@ impl Compute for ArmCompute {
                 created_at: current
                     .as_ref()
                     .map_or_else(|| Timestamp(crate::bands::now_ms()), |(r, _)| r.created_at),
+                nodes: size,
             };
             if self
                 .put_record(&name, &released, current.as_ref().map(|(_, v)| v))
@@ -1020,53 +1410,36 @@ impl Compute for ArmCompute {
         if made {
             info!(job_id = %key.job, attempt = key.attempt, vm = %name, "VM deleted");
         }
-        Ok(())
+        Ok(size)
     }
 
-    async fn describe(&self, key: &AllocationKey) -> Result<Option<Vm>, Error> {
-        if let Some(pools) = &self.pools
-            && let Some(vm) = pools.describe(self, key).await?
-        {
-            return Ok(Some(vm));
-        }
-        let name = vm_name(&self.cfg.stack, key);
+    /// VM `name` of `key` as ARM and its record tell, and the gang's size.
+    async fn describe_vm(
+        &self,
+        key: &AllocationKey,
+        name: &str,
+    ) -> Result<(u32, Option<Vm>), Error> {
+        let name = name.to_owned();
         let record = self.record(&name).await?.map(|(r, _)| r);
+        let nodes = record.as_ref().map_or(1, |r| r.nodes);
         let found = self.get_vm(&name).await.map_err(ArmError::into_compute)?;
         let mut vm = found.as_ref().and_then(ArmVm::to_vm);
         match (&record, &mut vm) {
             (Some(r), Some(vm)) if r.stage == Stage::Released => vm.state = VmState::Terminated,
             (Some(r), None) if r.made => {
-                return Ok(Some(Vm {
+                let gone = Vm {
                     id: name,
                     key: key.clone(),
                     state: VmState::Terminated,
                     spot: r.spot,
                     nodes: 1,
                     created_at: r.created_at,
-                }));
+                };
+                return Ok((nodes, Some(gone)));
             }
             _ => {}
         }
-        Ok(vm)
-    }
-
-    async fn list(&self) -> Result<Vec<Vm>, Error> {
-        let all = self.stack_vms().await?;
-        // A pool VM (no job tags) is listed by its slot, as the VM of the attempt
-        // it runs.
-        let mut vms: Vec<Vm> = all.iter().filter_map(ArmVm::to_vm).collect();
-        if let Some(pools) = &self.pools {
-            let listed = all.iter().map(|v| (v.name.clone(), v.state())).collect();
-            vms.extend(pools.list(self, &listed).await?);
-        }
-        Ok(vms)
-    }
-
-    async fn orders(&self, vm: &str) -> Result<Orders, Error> {
-        match &self.pools {
-            Some(pools) => pools.orders(vm).await,
-            None => Ok(Orders::Retire),
-        }
+        Ok((nodes, vm))
     }
 }
 
@@ -1228,13 +1601,21 @@ const AZURE: Cloud<'static> = Cloud {
 /// The script cloud-init runs at first boot ([`boot_script`]) for `key`'s
 /// attempt. The VM's managed identity (the job container, nothing else) is
 /// behind the instance metadata, which only root reaches.
-pub fn custom_data(agent: &AgentBoot, key: &AllocationKey) -> String {
+/// With `gang` (rank, nodes), node `rank` of a multi-node attempt: its agent asks
+/// the broker for its peers.
+pub fn custom_data(agent: &AgentBoot, key: &AllocationKey, gang: Option<(u32, u32)>) -> String {
+    let mut role = format!("--job {} --attempt {}", key.job, key.attempt);
+    let mut what = format!("job {}, attempt {}", key.job, key.attempt);
+    if let Some((rank, nodes)) = gang {
+        role.push_str(&format!(" --rank {rank} --nodes {nodes}"));
+        what.push_str(&format!(", node {rank} of {nodes}"));
+    }
     boot_script(
         agent,
         &AZURE,
-        &format!("job {}, attempt {}", key.job, key.attempt),
+        &what,
         &agent.attempt_key.credential(&key.job, key.attempt),
-        &format!("--job {} --attempt {}", key.job, key.attempt),
+        &role,
     )
 }
 

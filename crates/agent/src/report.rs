@@ -106,9 +106,11 @@ impl Api {
         Ok(self.get::<Answer>("secrets").await?.secrets)
     }
 
-    /// A multi-node attempt's peers (once the provider knows them all) and notice.
-    pub async fn gang(&self) -> Result<Gang, Error> {
-        self.get("gang").await
+    /// A multi-node attempt's notice, if any node of its gang was given one, and
+    /// with `peers` its nodes' addresses (once the provider knows them all).
+    pub async fn gang(&self, peers: bool) -> Result<Gang, Error> {
+        self.get(if peers { "gang?peers=true" } else { "gang" })
+            .await
     }
 
     /// A pool VM's orders (this `Api` holds the VM's credential).

@@ -465,7 +465,7 @@ async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
 async fn peers(api: &Api, nodes: u32) -> Result<Vec<String>, String> {
     let deadline = tokio::time::Instant::now() + PEERS_WAIT;
     loop {
-        match api.gang().await {
+        match api.gang(true).await {
             Ok(gang) => match gang.hosts {
                 Some(hosts) if hosts.len() == nodes as usize => return Ok(hosts),
                 Some(hosts) => {
@@ -491,7 +491,7 @@ async fn peers(api: &Api, nodes: u32) -> Result<Vec<String>, String> {
 async fn late_gang_notice(api: &Api) -> Option<Timestamp> {
     let deadline = tokio::time::Instant::now() + LATE_NOTICE;
     loop {
-        match api.gang().await {
+        match api.gang(false).await {
             Ok(gang) if gang.notice_deadline_ms.is_some() => {
                 return gang.notice_deadline_ms.map(Timestamp);
             }
@@ -518,7 +518,7 @@ fn gang_notices(
     let task = tokio::spawn(async move {
         loop {
             tokio::time::sleep(GANG_EVERY).await;
-            match api.gang().await {
+            match api.gang(false).await {
                 Ok(gang) => {
                     if let Some(ms) = gang.notice_deadline_ms {
                         let _ = tx.send(Timestamp(ms)).await;

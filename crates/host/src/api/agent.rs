@@ -23,6 +23,7 @@ use tracing::warn;
 
 use super::Api;
 use super::ApiError;
+use super::extract::Query;
 
 /// An agent, by the attempt its credential names.
 #[derive(Debug, Clone)]
@@ -188,21 +189,39 @@ pub async fn spec(State(stack): State<Api>, Agent(me): Agent) -> Result<Response
     Ok(axum::Json(json!({ "spec": rec.spec })).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GangQuery {
+    /// Whether to list the nodes' addresses.
+    #[serde(default)]
+    peers: bool,
+}
+
 /// What every node of a multi-node attempt asks while it runs: its peers'
 /// addresses (once the provider knows them all) and the notice, if any node of the
 /// gang has been given one — a notice to one node stops them all, with one grace.
-pub async fn gang(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
+pub async fn gang(
+    State(stack): State<Api>,
+    Agent(me): Agent,
+    Query(q): Query<GangQuery>,
+) -> Result<Response, ApiError> {
     let rec = live_record(&stack, &me, "gang").await?;
     let key = respawn_core::ports::compute::AllocationKey {
         job: me.job.clone(),
         attempt: me.attempt,
     };
-    let hosts = stack
-        .ports
-        .compute
-        .roster(&key)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("cannot read the gang's nodes: {e}")))?;
+    // Asked only while a node waits for its peers: on a cloud the addresses cost
+    // a provider call per node, and every node asks for notices every second.
+    let hosts = if q.peers {
+        stack
+            .ports
+            .compute
+            .roster(&key)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot read the gang's nodes: {e}")))?
+    } else {
+        None
+    };
     let deadline = rec.current().and_then(|a| a.preempt_deadline);
     Ok(axum::Json(json!({
         "nodes": rec.spec.resources.nodes,
