@@ -182,6 +182,7 @@ RUN = [
             sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:network-interface/*"),
             sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:security-group/*"),
             sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:launch-template/${AgentLaunchTemplate}"),
+            sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:placement-group/${AgentPlacementGroup}"),
         ],
     ),
     statement(["iam:PassRole"], {"Fn::GetAtt": ["AgentRole", "Arn"]}),
@@ -449,6 +450,12 @@ def template():
             }
         },
     }
+    # Multi-node attempts launch their gang in it, all nodes close together; one
+    # for the stack, so that no group is left behind per job.
+    resources["AgentPlacementGroup"] = {
+        "Type": "AWS::EC2::PlacementGroup",
+        "Properties": {"Strategy": "cluster"},
+    }
     for name, spec in FUNCTIONS.items():
         function(name, dict(spec), resources)
 
@@ -504,6 +511,7 @@ def template():
                         "RESPAWN_EC2_INSTANCE_TYPES": ref("InstanceTypes"),
                         "RESPAWN_EC2_SUBNET": {"Fn::If": ["HasSubnet", ref("SubnetId"), {"Ref": "AWS::NoValue"}]},
                         "RESPAWN_EC2_LAUNCH_TEMPLATE": ref("AgentLaunchTemplate"),
+                        "RESPAWN_EC2_PLACEMENT_GROUP": ref("AgentPlacementGroup"),
                         "RESPAWN_EC2_POOLS": ref("Pools"),
                     }
                 },

@@ -47,7 +47,8 @@ BUILTIN_ROLES = {BLOB_CONTRIBUTOR, BLOB_OWNER, BLOB_READER, QUEUE_CONTRIBUTOR, Q
                  KV_SECRETS_USER, IDENTITY_OPERATOR, METRICS_PUBLISHER}
 
 # The custom role with which the broker launches and retires agents: a Spot VM with
-# a NIC in the agents' subnet and an image, polling Compute's and Network's
+# a NIC in the agents' subnet and an image (a gang's in its proximity placement
+# group, its nodes' addresses read from their NICs), polling Compute's and Network's
 # asynchronous operations. Giving a VM the agent identity is granted on that
 # identity alone (Managed Identity Operator), not on every identity in the group.
 VM_LAUNCHER_ACTIONS = [
@@ -55,6 +56,8 @@ VM_LAUNCHER_ACTIONS = [
     "Microsoft.Compute/disks/read", "Microsoft.Compute/disks/delete",
     "Microsoft.Compute/images/read", "Microsoft.Compute/galleries/images/versions/read",
     "Microsoft.Compute/locations/operations/read",
+    # A multi-node attempt's gang goes in a proximity placement group of its own.
+    *(f"Microsoft.Compute/proximityPlacementGroups/{a}" for a in ("read", "write", "delete")),
     *(f"Microsoft.Network/networkInterfaces/{a}" for a in ("read", "write", "delete", "join/action")),
     "Microsoft.Network/virtualNetworks/subnets/join/action",
     "Microsoft.Network/networkSecurityGroups/join/action",

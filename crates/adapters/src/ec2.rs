@@ -15,6 +15,13 @@
 //! - **User data** starts the agent with its attempt's credential (see
 //!   [`user_data`]); IMDSv2 is required and its hop limit is 1, so containers on the
 //!   VM behind a bridge cannot reach the instance's metadata.
+//! - **Multi-node attempts** (`resources.nodes` > 1): one `RunInstances` with
+//!   `MinCount` = `MaxCount` = N, which EC2 fulfils whole or not at all
+//!   (`InsufficientInstanceCapacity`: a capacity miss), in the stack's cluster
+//!   placement group when one is configured. Every node boots the same user data;
+//!   its rank is its `ami-launch-index`, and its agent asks the broker for its peers'
+//!   private addresses. The gang is one VM to the broker (rank 0's instance id), gone
+//!   when any node is; an interruption of any node is the attempt's.
 //! - **Warm pools** (`RESPAWN_EC2_POOLS`): instances that run attempt after attempt,
 //!   their state in the broker's state bucket; see [`crate::vmpool`].
 //! - **Why the Query API**: the provider needs five EC2 actions. `aws-sdk-ec2` is
@@ -53,6 +60,8 @@ pub const TAG_PROJECT: &str = "respawn:project";
 /// A pool VM's pool and name (it has no job or attempt tags: it runs many).
 pub const TAG_POOL: &str = "respawn:pool";
 pub const TAG_VM: &str = "respawn:vm";
+/// A gang's size, on each of its instances (multi-node attempts only).
+pub const TAG_NODES: &str = "respawn:nodes";
 const API_VERSION: &str = "2016-11-15";
 
 /// The instances this broker launches.
@@ -73,6 +82,9 @@ pub struct Ec2Config {
     pub agent: AgentBoot,
     /// Warm pools; their state lives in [`Ec2Compute::with_pools`]'s store.
     pub pools: Vec<PoolSpec>,
+    /// The cluster placement group multi-node attempts launch in (the stack's:
+    /// one, so that none is left behind per job).
+    pub placement_group: Option<String>,
 }
 
 /// The EC2 Query API, signed with the SDK's credentials.
@@ -304,8 +316,8 @@ impl Ec2Compute {
 
 /// What a new instance is for.
 enum Boot<'a> {
-    /// One attempt (a single-use VM).
-    Attempt(&'a AllocationKey),
+    /// One attempt (a single-use VM), on this many nodes.
+    Attempt(&'a AllocationKey, u32),
     /// A pool VM, by name: it asks the API for its attempts.
     Pool(&'a str),
 }
@@ -328,12 +340,14 @@ fn attempt_launch<'a>(cfg: &Ec2Config, req: &'a AllocateRequest) -> Result<Launc
             .instance_types
             .choose(&req.resources, &cfg.cpu_instance_type)?,
         client_token: client_token(&cfg.stack, &req.key),
-        boot: Boot::Attempt(&req.key),
-        tags: vec![
-            (TAG_JOB, req.key.job.to_string()),
-            (TAG_ATTEMPT, req.key.attempt.to_string()),
-            (TAG_PROJECT, req.project.clone()),
-        ],
+        boot: Boot::Attempt(&req.key, req.resources.nodes.max(1)),
+        tags: std::iter::once((TAG_JOB, req.key.job.to_string()))
+            .chain([
+                (TAG_ATTEMPT, req.key.attempt.to_string()),
+                (TAG_PROJECT, req.project.clone()),
+            ])
+            .chain((req.resources.nodes > 1).then(|| (TAG_NODES, req.resources.nodes.to_string())))
+            .collect(),
         spot: req.placement.spot,
         max_price: req.placement.max_price,
     })
@@ -341,15 +355,16 @@ fn attempt_launch<'a>(cfg: &Ec2Config, req: &'a AllocateRequest) -> Result<Launc
 
 /// `RunInstances`'s parameters.
 fn run_params(cfg: &Ec2Config, launch: &Launch<'_>) -> Vec<(String, String)> {
-    let user_data = match launch.boot {
-        Boot::Attempt(key) => user_data(&cfg.agent, key),
-        Boot::Pool(vm) => pool_user_data(&cfg.agent, vm),
+    let (user_data, nodes) = match launch.boot {
+        Boot::Attempt(key, nodes) => (user_data(&cfg.agent, key, nodes), nodes),
+        Boot::Pool(vm) => (pool_user_data(&cfg.agent, vm), 1),
     };
     let mut p: Vec<(String, String)> = vec![
         ("ImageId".into(), cfg.image_id.clone()),
         ("InstanceType".into(), launch.instance_type.clone()),
-        ("MinCount".into(), "1".into()),
-        ("MaxCount".into(), "1".into()),
+        // All of a gang or none of it.
+        ("MinCount".into(), nodes.to_string()),
+        ("MaxCount".into(), nodes.to_string()),
         ("ClientToken".into(), launch.client_token.clone()),
         (
             "UserData".into(),
@@ -388,6 +403,11 @@ fn run_params(cfg: &Ec2Config, launch: &Launch<'_>) -> Vec<(String, String)> {
     if let Some(subnet) = &cfg.subnet_id {
         p.push(("SubnetId".into(), subnet.clone()));
     }
+    if nodes > 1
+        && let Some(group) = &cfg.placement_group
+    {
+        p.push(("Placement.GroupName".into(), group.clone()));
+    }
     for (i, sg) in cfg.security_group_ids.iter().enumerate() {
         p.push((format!("SecurityGroupId.{}", i + 1), sg.clone()));
     }
@@ -406,6 +426,54 @@ fn run_params(cfg: &Ec2Config, launch: &Launch<'_>) -> Vec<(String, String)> {
 impl Ec2Compute {
     /// Launches one instance.
     async fn run_instance(&self, launch: &Launch<'_>) -> Result<Instance, Error> {
+        self.run_instances(launch)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))
+    }
+
+    /// `instances`, one per rank of a gang of `nodes` (the oldest where a retried
+    /// launch made two of a rank, the others terminated), as one VM.
+    async fn gang(
+        &self,
+        key: &AllocationKey,
+        nodes: u32,
+        instances: Vec<Instance>,
+    ) -> Result<Vm, Error> {
+        let (ranks, extra) = by_rank(instances);
+        if !extra.is_empty() {
+            warn!(job_id = %key.job, attempt = key.attempt, extra = ?extra, "terminating duplicate instances of the gang");
+            let ids: Vec<&str> = extra.iter().map(String::as_str).collect();
+            self.terminate(&ids).await.map_err(Ec2Error::into_compute)?;
+        }
+        let first = ranks
+            .first()
+            .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))?;
+        let mut vm = first.to_vm().unwrap_or(Vm {
+            id: first.id.clone(),
+            key: key.clone(),
+            state: first.state(),
+            spot: first.lifecycle.as_deref() == Some("spot"),
+            nodes,
+            created_at: Timestamp::parse_rfc3339(&first.launch_time).unwrap_or(Timestamp(0)),
+        });
+        vm.key = key.clone();
+        vm.nodes = nodes;
+        vm.state = if ranks.iter().any(|i| i.state() == VmState::Terminated) {
+            VmState::Terminated
+        } else if ranks.len() == nodes as usize
+            && ranks.iter().all(|i| i.state() == VmState::Running)
+        {
+            VmState::Running
+        } else {
+            VmState::Requested
+        };
+        Ok(vm)
+    }
+
+    /// Launches the instances of `launch`.
+    async fn run_instances(&self, launch: &Launch<'_>) -> Result<Vec<Instance>, Error> {
         if self.cfg.agent.api.is_empty() {
             return Err(Error::Unavailable(
                 "no API address for agents to report to (RESPAWN_API_URL)".into(),
@@ -417,20 +485,14 @@ impl Ec2Compute {
             .map_err(Ec2Error::into_compute)?;
         let ran: Reservation = quick_xml::de::from_str(&xml)
             .map_err(|e| Error::Unavailable(format!("RunInstances: {e}").into()))?;
-        ran.instances
-            .item
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))
+        Ok(ran.instances.item)
     }
 }
 
 #[async_trait]
 impl Compute for Ec2Compute {
     async fn allocate(&self, req: &AllocateRequest) -> Result<Vm, Error> {
-        if req.resources.nodes > 1 {
-            return Err(Error::NotSupported("multi-node jobs on EC2".into()));
-        }
+        let nodes = req.resources.nodes.max(1);
         // Every pool setting is checked, reusable pools or not (a pool the job
         // names must exist and fit it).
         if let Some(pool) = PoolSpec::choose(&self.cfg.pools, req)?.filter(|p| p.reuse) {
@@ -439,9 +501,25 @@ impl Compute for Ec2Compute {
                     "pools need the broker's state bucket".into(),
                 ));
             };
+            if nodes > 1 {
+                return Err(Error::Invalid(format!(
+                    "placement.pool: pool {:?} runs single-node attempts; this job asks for {nodes} nodes",
+                    pool.name
+                )));
+            }
             return pools.allocate(self, req, pool).await;
         }
         let found = self.of_attempt(&req.key).await?;
+        if nodes > 1 && !found.is_empty() {
+            let gang = self.gang(&req.key, nodes, found).await?;
+            return Ok(gang);
+        }
+        if nodes > 1 {
+            let launch = attempt_launch(&self.cfg, req)?;
+            let instances = self.run_instances(&launch).await?;
+            info!(job_id = %req.key.job, attempt = req.key.attempt, nodes, instances = ?instances.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), spot = req.placement.spot, "gang launched");
+            return self.gang(&req.key, nodes, instances).await;
+        }
         if let Some(first) = found.first() {
             // A retried allocation, or a race the ClientToken did not settle: the
             // oldest instance is the attempt's; the others go.
@@ -496,11 +574,27 @@ impl Compute for Ec2Compute {
         {
             return Ok(Some(vm));
         }
-        self.of_attempt(key)
-            .await?
-            .first()
-            .map(Instance::to_vm)
-            .transpose()
+        let found = self.of_attempt(key).await?;
+        let nodes = found.iter().filter_map(Instance::nodes).max().unwrap_or(1);
+        if nodes > 1 {
+            return self.gang(key, nodes, found).await.map(Some);
+        }
+        found.first().map(Instance::to_vm).transpose()
+    }
+
+    async fn roster(&self, key: &AllocationKey) -> Result<Option<Vec<String>>, Error> {
+        let found = self.of_attempt(key).await?;
+        let Some(nodes) = found.iter().filter_map(Instance::nodes).max() else {
+            return Ok(None);
+        };
+        let (ranks, _) = by_rank(found);
+        if ranks.len() != nodes as usize {
+            return Ok(None);
+        }
+        Ok(ranks
+            .into_iter()
+            .map(|i| i.private_ip.filter(|ip| !ip.is_empty()))
+            .collect())
     }
 
     async fn list(&self) -> Result<Vec<Vm>, Error> {
@@ -510,7 +604,12 @@ impl Compute for Ec2Compute {
             .map_err(Ec2Error::into_compute)?;
         // An instance without respawn's tags (made by hand in the stack, or a pool
         // VM, listed by its slot) is not a VM of any attempt.
-        let mut vms: Vec<Vm> = instances.iter().filter_map(|i| i.to_vm().ok()).collect();
+        // A gang is listed once, by its rank 0.
+        let mut vms: Vec<Vm> = instances
+            .iter()
+            .filter(|i| i.launch_index == 0)
+            .filter_map(|i| i.to_vm().ok())
+            .collect();
         if let Some(pools) = &self.pools {
             let listed = instances
                 .iter()
@@ -551,13 +650,25 @@ vm=$(curl -sf --retry 5 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta
 
 /// The script EC2 runs at first boot ([`boot_script`]); the instance shuts down,
 /// so terminates, when the agent is done.
-pub fn user_data(agent: &AgentBoot, key: &AllocationKey) -> String {
+/// Every node of a gang of `nodes` boots the same script: its rank is its
+/// `ami-launch-index`, read from the metadata (a failed read leaves the agent
+/// without a rank: it refuses to start, the instance shuts down, and the gang is
+/// lost and replaced).
+pub fn user_data(agent: &AgentBoot, key: &AllocationKey, nodes: u32) -> String {
+    let mut role = format!("--job {} --attempt {}", key.job, key.attempt);
+    let mut what = format!("job {}, attempt {}", key.job, key.attempt);
+    if nodes > 1 {
+        role.push_str(&format!(
+            r#" --nodes {nodes} --rank "$(curl -sf --retry 5 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/ami-launch-index")""#
+        ));
+        what.push_str(&format!(", one of {nodes} nodes"));
+    }
     boot_script(
         agent,
         &EC2,
-        &format!("job {}, attempt {}", key.job, key.attempt),
+        &what,
         &agent.attempt_key.credential(&key.job, key.attempt),
-        &format!("--job {} --attempt {}", key.job, key.attempt),
+        &role,
     )
 }
 
@@ -688,6 +799,31 @@ struct Instance {
     lifecycle: Option<String>,
     #[serde(rename = "tagSet", default)]
     tags: Items<Tag>,
+    /// Its place among the instances of one `RunInstances`: a gang node's rank.
+    #[serde(rename = "amiLaunchIndex", default)]
+    launch_index: u32,
+    #[serde(rename = "privateIpAddress", default)]
+    private_ip: Option<String>,
+}
+
+/// A gang's instances (oldest first) by rank: the oldest of each launch index, and
+/// the live others (a retried launch the `ClientToken` did not settle).
+fn by_rank(instances: Vec<Instance>) -> (Vec<Instance>, Vec<String>) {
+    let mut ranks: std::collections::BTreeMap<u32, Instance> = std::collections::BTreeMap::new();
+    let mut extra = Vec::new();
+    for i in instances {
+        match ranks.entry(i.launch_index) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(i);
+            }
+            std::collections::btree_map::Entry::Occupied(_) => {
+                if i.state() != VmState::Terminated {
+                    extra.push(i.id);
+                }
+            }
+        }
+    }
+    (ranks.into_values().collect(), extra)
 }
 
 #[derive(Debug, Deserialize)]
@@ -721,6 +857,11 @@ impl Instance {
         }
     }
 
+    /// The size of the gang it is a node of (`None`: a single instance).
+    fn nodes(&self) -> Option<u32> {
+        self.tag(TAG_NODES).and_then(|n| n.parse().ok())
+    }
+
     fn to_vm(&self) -> Result<Vm, Error> {
         let job = self
             .tag(TAG_JOB)
@@ -735,7 +876,7 @@ impl Instance {
             key: AllocationKey { job, attempt },
             state: self.state(),
             spot: self.lifecycle.as_deref() == Some("spot"),
-            nodes: 1,
+            nodes: self.nodes().unwrap_or(1),
             created_at: Timestamp::parse_rfc3339(&self.launch_time).unwrap_or(Timestamp(0)),
         })
     }

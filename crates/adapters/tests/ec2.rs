@@ -79,6 +79,7 @@ fn ec2_config(aws: &Emulator, stack: &str, pools: Vec<PoolSpec>) -> Ec2Compute {
                 grace_secs: 100,
             },
             pools,
+            placement_group: Some(format!("{stack}-gangs")),
         },
     )
     .unwrap()
@@ -437,4 +438,89 @@ async fn tending_keeps_min_warm_retires_idle_vms_and_replaces_a_reclaimed_one() 
         "the reclaimed VM is retired: {now:?}"
     );
     assert_eq!(now.len(), 1, "{now:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_is_launched_whole_listed_once_and_terminated_whole() {
+    let aws = Emulator::start();
+    let ec2 = compute(&aws, "gang");
+    let job = JobId::generate(Timestamp(7_000));
+    let key = AllocationKey {
+        job: job.clone(),
+        attempt: 1,
+    };
+    let req = AllocateRequest {
+        key: key.clone(),
+        project: "vision".into(),
+        resources: Resources {
+            nodes: 3,
+            ..Resources::default()
+        },
+        placement: Placement::default(),
+        image: None,
+    };
+    let vm = ec2.allocate(&req).await.unwrap();
+    assert_eq!(vm.nodes, 3, "{vm:?}");
+    // Asked again (a retried dispatch): the same gang, no new instance.
+    assert_eq!(ec2.allocate(&req).await.unwrap().id, vm.id);
+    let hosts = ec2
+        .roster(&key)
+        .await
+        .unwrap()
+        .expect("every node has an address");
+    assert_eq!(hosts.len(), 3, "{hosts:?}");
+    let listed: Vec<_> = ec2
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.key == key)
+        .collect();
+    assert_eq!(
+        listed.len(),
+        1,
+        "a gang is one VM to the broker: {listed:?}"
+    );
+    assert_eq!(
+        (listed[0].id.as_str(), listed[0].nodes),
+        (vm.id.as_str(), 3)
+    );
+    // As AWS's own SDK sees them: three instances of one launch, ranks 0 to 2,
+    // rank 0's the gang's id, each with the same user data naming the gang's size.
+    aws.python(&format!(
+        r#"
+import base64, boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+rs = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:job", "Values": ["{job}"]}}])["Reservations"]
+assert len(rs) == 1, rs
+found = sorted(rs[0]["Instances"], key=lambda i: i["AmiLaunchIndex"])
+assert [i["AmiLaunchIndex"] for i in found] == [0, 1, 2], found
+assert found[0]["InstanceId"] == "{id}", found
+for i in found:
+    tags = {{t["Key"]: t["Value"] for t in i["Tags"]}}
+    assert tags["respawn:nodes"] == "3", tags
+    ud = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")["UserData"]["Value"]
+    assert "--nodes 3 --rank" in base64.b64decode(ud).decode()
+assert sorted(i["PrivateIpAddress"] for i in found) == sorted({hosts:?}), found
+"#,
+        id = vm.id,
+        hosts = hosts,
+    ));
+    ec2.release(&key).await.unwrap();
+    assert_eq!(
+        ec2.describe(&key).await.unwrap().map(|v| v.state),
+        Some(VmState::Terminated),
+        "released whole"
+    );
+    aws.python(&format!(
+        r#"
+import boto3
+ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+rs = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:job", "Values": ["{job}"]}}])["Reservations"]
+states = [i["State"]["Name"] for r in rs for i in r["Instances"]]
+assert len(states) == 3 and all(s in ("shutting-down", "terminated") for s in states), states
+"#
+    ));
 }

@@ -66,6 +66,8 @@ fn an_instance_without_respawn_tags_is_no_vm() {
         launch_time: String::new(),
         lifecycle: None,
         tags: Items::default(),
+        launch_index: 0,
+        private_ip: None,
     };
     assert!(matches!(i.to_vm(), Err(Error::Invalid(_))));
 }
@@ -176,7 +178,7 @@ fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
         heartbeat_secs: 30,
         grace_secs: 100,
     };
-    let script = user_data(&agent, &key);
+    let script = user_data(&agent, &key, 1);
     assert!(script.starts_with("#!/bin/bash\n"));
     let credential = attempt_key.credential(&job, 3);
     assert!(script.contains(&credential));
@@ -212,6 +214,7 @@ fn config() -> Ec2Config {
             grace_secs: 100,
         },
         pools: Vec::new(),
+        placement_group: Some("rs-gangs".into()),
     }
 }
 
@@ -236,6 +239,35 @@ fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter()
         .find(|(name, _)| name == k)
         .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_gang_is_one_launch_of_all_its_nodes_in_the_placement_group() {
+    let mut req = allocation(true, None);
+    req.resources.nodes = 4;
+    let p = run_params(&config(), &attempt_launch(&config(), &req).unwrap());
+    assert_eq!(get(&p, "MinCount"), Some("4"), "all of the gang or none");
+    assert_eq!(get(&p, "MaxCount"), Some("4"));
+    assert_eq!(get(&p, "Placement.GroupName"), Some("rs-gangs"));
+    assert_eq!(get(&p, "TagSpecification.1.Tag.5.Key"), Some(TAG_NODES));
+    assert_eq!(get(&p, "TagSpecification.1.Tag.5.Value"), Some("4"));
+    let script = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(get(&p, "UserData").unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(script.contains("--nodes 4 --rank \"$(curl"), "{script}");
+    assert!(script.contains("meta-data/ami-launch-index"), "{script}");
+
+    // A single node: one instance, no group.
+    let p = run_params(
+        &config(),
+        &attempt_launch(&config(), &allocation(true, None)).unwrap(),
+    );
+    assert_eq!(get(&p, "MinCount"), Some("1"));
+    assert_eq!(get(&p, "Placement.GroupName"), None);
+    assert!(!p.iter().any(|(_, v)| v == TAG_NODES));
 }
 
 #[test]

@@ -22,7 +22,7 @@
 //! | `RESPAWN_API_URL` | where agents report (all but the `api` function) |
 //! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
 //! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
-//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE` | where instances run, as whom |
+//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE`, `RESPAWN_EC2_PLACEMENT_GROUP` (multi-node attempts) | where instances run, as whom |
 //! | `RESPAWN_EC2_POOLS` | warm pools, `;`-separated [`PoolSpec`](respawn_core::pool::PoolSpec)s (e.g. `cpu:max=4,idle=10m;a10g:gpus=1,max=8`); their state is in the state bucket |
 //! | `RESPAWN_CONFIG` | a folder with `triggers/`, `templates/` and `hooks.yaml` (default: `config/` beside the function) |
 //!
@@ -119,6 +119,7 @@ impl Cloud {
                         grace_secs: 100,
                     },
                     pools: pools_from_env("RESPAWN_EC2_POOLS")?,
+                    placement_group: var("RESPAWN_EC2_PLACEMENT_GROUP").ok(),
                 },
             )?
             .with_pools(state.clone())?,
