@@ -245,6 +245,7 @@ fn outcome_text(outcome: &AttemptOutcome) -> String {
         AttemptOutcome::Preempted => "preempted".into(),
         AttemptOutcome::Lost { reason } => format!("lost: {reason}"),
         AttemptOutcome::AllocationFailed { reason } => format!("no VM: {reason}"),
+        AttemptOutcome::GangIncomplete { reason } => format!("gang incomplete: {reason}"),
         AttemptOutcome::Stopped { reason } => format!("stopped: {reason}"),
     }
 }

@@ -155,6 +155,11 @@ pub enum AttemptOutcome {
     AllocationFailed {
         reason: String,
     },
+    /// A multi-node attempt's nodes did not all come up in `placement.gang_timeout`:
+    /// a capacity miss, which spends no budget.
+    GangIncomplete {
+        reason: String,
+    },
     /// The job was cancelled or gave up while this attempt was live.
     Stopped {
         reason: String,

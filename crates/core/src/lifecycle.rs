@@ -511,6 +511,7 @@ fn describe(o: &AttemptOutcome) -> String {
         AttemptOutcome::Preempted => "preempted".into(),
         AttemptOutcome::Lost { reason } => format!("VM lost: {reason}"),
         AttemptOutcome::AllocationFailed { reason } => format!("no VM: {reason}"),
+        AttemptOutcome::GangIncomplete { reason } => reason.clone(),
         AttemptOutcome::Stopped { reason } => reason.clone(),
     }
 }
@@ -577,7 +578,10 @@ fn reconcile(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Comm
             let reason = format!("no VM after {}", humantime::format_duration(t.allocate));
             end_attempt(r, AttemptOutcome::AllocationFailed { reason }, at, t, cmds);
         }
-        JobState::Starting if in_state >= t.start => {
+        JobState::Starting if r.spec.resources.nodes > 1 && in_state >= gang_timeout(r, t) => {
+            gang_incomplete(r, at, t, cmds);
+        }
+        JobState::Starting if r.spec.resources.nodes <= 1 && in_state >= t.start => {
             let reason = format!(
                 "workload not started after {}",
                 humantime::format_duration(t.start)
@@ -615,6 +619,30 @@ fn reconcile_running(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
         );
         end_attempt(r, AttemptOutcome::Lost { reason }, at, t, cmds);
     }
+}
+
+/// How long a multi-node attempt's gang has to come up whole.
+fn gang_timeout(r: &JobRecord, t: &Timeouts) -> Duration {
+    r.spec.placement.gang_timeout.map_or(t.start, |g| g.get())
+}
+
+/// A gang whose nodes did not all come up (and start the workload) in time: a
+/// capacity miss, not a loss. Its VMs go, and the job waits for capacity under the
+/// next attempt number (the old key's VMs are never made again), spending nothing.
+fn gang_incomplete(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Vec<Command>) {
+    let n = r.attempt;
+    let reason = format!(
+        "the gang's {} nodes were not all up after {}",
+        r.spec.resources.nodes,
+        humantime::format_duration(gang_timeout(r, t))
+    );
+    if let Some(a) = r.current_mut() {
+        a.outcome = Some(AttemptOutcome::GangIncomplete { reason });
+        a.ended_at = Some(at);
+    }
+    cmds.push(Command::Release { attempt: n });
+    r.attempt = n + 1;
+    wait_for_capacity(r, at, t, cmds);
 }
 
 /// Removes from `record.outbox` the commands in `done` (after they were carried out).

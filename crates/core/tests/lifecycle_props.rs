@@ -42,6 +42,9 @@ struct SpecParams {
     max_runtime_s: Option<u64>,
     /// A job with secrets must have them deleted when it ends.
     secrets: bool,
+    /// A multi-node job, and how long its gang may take to come up.
+    nodes: u32,
+    gang_timeout_s: Option<u64>,
 }
 
 impl SpecParams {
@@ -61,6 +64,12 @@ impl SpecParams {
         }
         if self.secrets {
             y += "secrets:\n  TOKEN: t0ps3cret\n";
+        }
+        if self.nodes > 1 {
+            y += &format!("resources:\n  nodes: {}\n", self.nodes);
+            if let Some(g) = self.gang_timeout_s {
+                y += &format!("placement:\n  gang_timeout: {g}s\n");
+            }
         }
         y
     }
@@ -82,6 +91,7 @@ fn spec_params() -> impl Strategy<Value = SpecParams> {
         prop::option::of(60u64..=3600),
         0u32..=4,
         any::<bool>(),
+        (1u32..=3, prop::option::of(60u64..=1800)),
     )
         .prop_map(
             |(
@@ -92,6 +102,7 @@ fn spec_params() -> impl Strategy<Value = SpecParams> {
                 max_runtime_s,
                 max_lost,
                 secrets,
+                (nodes, gang_timeout_s),
             )| {
                 SpecParams {
                     max_failures,
@@ -101,6 +112,8 @@ fn spec_params() -> impl Strategy<Value = SpecParams> {
                     max_wait_s,
                     max_runtime_s,
                     secrets,
+                    nodes,
+                    gang_timeout_s,
                 }
             },
         )
@@ -993,4 +1006,59 @@ fn an_ended_job_with_secrets_deletes_them() {
         reason: "not needed".into(),
     });
     assert_eq!(cmds, vec![Command::DeleteSecrets]);
+}
+
+#[test]
+fn a_gang_not_up_in_time_is_released_and_waits_for_capacity_spending_nothing() {
+    let mut s = Script::new(
+        "resources: { nodes: 3 }\nplacement: { gang_timeout: 2m }\nretry:\n  max_failures: 0\n  max_lost: 0\n",
+    );
+    s.on(Event::Dispatch {
+        attempt: 1,
+        waits: 0,
+    });
+    s.on(Event::VmAllocated {
+        attempt: 1,
+        vm: "gang-1".into(),
+    });
+    assert_eq!(s.r.state, JobState::Starting);
+    // Within the gang timeout, nothing happens.
+    s.at = s.at.plus(Duration::from_secs(60));
+    assert!(s.on(Event::ReconcileTick).is_empty());
+    s.at = s.at.plus(Duration::from_secs(60));
+    let cmds = s.on(Event::ReconcileTick);
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Release { attempt: 1 },
+            Command::Dispatch {
+                attempt: 2,
+                priority: 5,
+                delay_ms: 5_000,
+                waits: 1
+            }
+        ]
+    );
+    assert_eq!(s.r.state, JobState::Pending);
+    assert!(matches!(
+        s.r.attempts[0].outcome,
+        Some(AttemptOutcome::GangIncomplete { .. })
+    ));
+    assert_eq!((s.r.failures, s.r.infra_losses, s.r.lost), (0, 0, 0));
+    // The next gang comes up and the job runs on.
+    s.on(Event::Dispatch {
+        attempt: 2,
+        waits: 1,
+    });
+    s.on(Event::VmAllocated {
+        attempt: 2,
+        vm: "gang-2".into(),
+    });
+    s.on(Event::WorkloadStarted {
+        attempt: 2,
+        restored_checkpoint: None,
+    });
+    assert_eq!(s.r.state, JobState::Running);
+    assert_eq!(s.exit(0)[0], Command::Release { attempt: 2 });
+    assert_eq!(s.r.state, JobState::Succeeded);
 }

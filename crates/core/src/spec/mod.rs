@@ -166,6 +166,11 @@ pub struct Placement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("pattern" = "^[a-z][a-z0-9-]{0,62}$"))]
     pub pool: Option<String>,
+    /// A multi-node job: how long its nodes may take to all come up and start the
+    /// workload before the gang is released and the job waits for capacity again,
+    /// spending nothing (default: the broker's start timeout, 15 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang_timeout: Option<HumanDuration>,
 }
 
 impl Default for Placement {
@@ -176,6 +181,7 @@ impl Default for Placement {
             max_price: None,
             region: None,
             pool: None,
+            gang_timeout: None,
         }
     }
 }

@@ -90,6 +90,19 @@ fn all_semantic_problems_are_reported_at_once() {
 }
 
 #[test]
+fn a_gang_timeout_is_for_multi_node_jobs() {
+    let one = "name: a\ncommand: [x]\nplacement: { gang_timeout: 5m }\n";
+    let e = parse(one, Format::Yaml).unwrap_err();
+    assert_eq!(e.errors[0].path, "placement.gang_timeout", "{e}");
+    let many = "name: a\ncommand: [x]\nresources: { nodes: 4 }\nplacement: { gang_timeout: 5m }\n";
+    let spec = parse(many, Format::Yaml).unwrap();
+    assert_eq!(
+        spec.placement.gang_timeout.map(|g| g.get()),
+        Some(std::time::Duration::from_secs(300))
+    );
+}
+
+#[test]
 fn nested_errors_get_a_prefix() {
     let e = SpecError::one("resources.gpus", "bad").nested("template");
     assert_eq!(e.to_string(), "template.resources.gpus: bad");
