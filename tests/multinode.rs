@@ -252,10 +252,13 @@ async fn one_nodes_failure_spends_one_failure_and_one_nodes_loss_ends_the_whole_
     let up = Up::start(&data, &["--slots", "3"]).await;
 
     // Rank 1 of the first attempt fails on its own; the other ranks would succeed.
+    // Rank 0 finishes last: its exit ends the attempt and its gang, so the other
+    // ranks print first, and rank 1's failure (reported once rank 1 has seen that
+    // no peer had a notice, within 3 s) comes first.
     let failing = up
         .submit(
             "name: rank-1-fails\n\
-             command: [sh, -c, 'if [ \"$RESPAWN_NODE_RANK\" = 1 ] && [ \"$RESPAWN_ATTEMPT\" = 1 ]; then exit 3; fi; sleep 2; echo \"rank $RESPAWN_NODE_RANK of $RESPAWN_NUM_NODES: $WORLD_SIZE $NODE_RANK $NNODES $MASTER_ADDR:$MASTER_PORT\"; cat \"$RESPAWN_HOSTFILE\"']\n\
+             command: [sh, -c, 'if [ \"$RESPAWN_NODE_RANK\" = 1 ] && [ \"$RESPAWN_ATTEMPT\" = 1 ]; then exit 3; fi; if [ \"$RESPAWN_NODE_RANK\" = 0 ]; then sleep 8; else sleep 1; fi; echo \"rank $RESPAWN_NODE_RANK of $RESPAWN_NUM_NODES: $WORLD_SIZE $NODE_RANK $NNODES $MASTER_ADDR:$MASTER_PORT\"; cat \"$RESPAWN_HOSTFILE\"']\n\
              resources: { nodes: 3 }\n\
              retry: { max_failures: 1 }\n",
         )

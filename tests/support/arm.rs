@@ -202,6 +202,10 @@ impl Arm {
                 any(ppg),
             )
             .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/proximityPlacementGroups",
+                get(ppgs),
+            )
+            .route(
                 "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/networkInterfaces/{name}",
                 get(nic),
             )
@@ -860,6 +864,24 @@ async fn ppg(
             "not a group method",
         ),
     }
+}
+
+async fn ppgs(
+    State(arm): State<Arm>,
+    Path((_sub, _rg)): Path<(String, String)>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    let inner = arm.lock();
+    let value: Vec<Value> = inner
+        .ppgs
+        .iter()
+        .map(|(name, body)| json!({"name": name, "tags": body["tags"], "properties": body["properties"]}))
+        .collect();
+    json_response(StatusCode::OK, json!({ "value": value }), &[])
 }
 
 /// A VM's NIC (named `<vm>-nic-<suffix>`, as ARM names the ones it makes): its

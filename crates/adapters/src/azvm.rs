@@ -1316,12 +1316,22 @@ impl Compute for ArmCompute {
     async fn list(&self) -> Result<Vec<Vm>, Error> {
         let all = self.stack_vms().await?;
         // A pool VM (no job tags) is listed by its slot, as the VM of the attempt
-        // it runs; a gang by its rank 0.
-        let mut vms: Vec<Vm> = all
-            .iter()
-            .filter(|v| v.rank() == 0)
-            .filter_map(ArmVm::to_vm)
-            .collect();
+        // it runs; a gang once, live while any node is.
+        let mut vms = Vec::new();
+        let mut gangs: std::collections::BTreeMap<AllocationKey, Vec<(u32, Vm)>> =
+            Default::default();
+        for v in &all {
+            let Some(vm) = v.to_vm() else { continue };
+            if vm.nodes > 1 {
+                gangs
+                    .entry(vm.key.clone())
+                    .or_default()
+                    .push((v.rank(), vm));
+            } else {
+                vms.push(vm);
+            }
+        }
+        vms.extend(gangs.into_values().filter_map(crate::cloudvm::listed_gang));
         if let Some(pools) = &self.pools {
             let listed = all.iter().map(|v| (v.name.clone(), v.state())).collect();
             vms.extend(pools.list(self, &listed).await?);
@@ -1471,6 +1481,68 @@ impl ArmCompute {
             Some(pools) => pools.tend(self).await,
             None => Ok(()),
         }
+    }
+
+    /// Deletes the proximity placement groups of released gangs. A release asks
+    /// for its group's deletion at once, which ARM refuses while the nodes' own
+    /// deletions run; the reconcile timer comes back for it here. Returns how many
+    /// went.
+    pub async fn sweep_groups(&self) -> Result<usize, Error> {
+        #[derive(Deserialize)]
+        struct Group {
+            name: String,
+            #[serde(default)]
+            tags: std::collections::BTreeMap<String, String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Groups {
+            #[serde(default)]
+            value: Vec<Group>,
+            #[serde(default)]
+            next_link: Option<String>,
+        }
+        let mut url = Some(format!(
+            "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/proximityPlacementGroups?api-version={API_VERSION}",
+            self.cfg.endpoint, self.cfg.subscription, self.cfg.resource_group
+        ));
+        let mut gone = 0;
+        while let Some(next) = url.take() {
+            let (_, _, body) = self
+                .call(reqwest_aws::Method::GET, &next, None)
+                .await
+                .map_err(ArmError::into_compute)?;
+            let page: Groups = serde_json::from_str(&body).map_err(|e| {
+                Error::Unavailable(format!("proximity placement groups: {e}").into())
+            })?;
+            for g in page.value {
+                let Some(base) = g.name.strip_suffix("-ppg") else {
+                    continue;
+                };
+                if g.tags.get(TAG_STACK) != Some(&self.cfg.stack) {
+                    continue;
+                }
+                let released = self
+                    .record(base)
+                    .await?
+                    .is_some_and(|(r, _)| r.stage == Stage::Released);
+                if !released {
+                    continue;
+                }
+                match self
+                    .call(reqwest_aws::Method::DELETE, &self.ppg_url(&g.name), None)
+                    .await
+                {
+                    Ok(_) => gone += 1,
+                    Err(e) if e.status == 404 => {}
+                    // Still in use: its nodes are being deleted. Next time.
+                    Err(e) if e.status == 409 => {}
+                    Err(e) => return Err(e.into_compute()),
+                }
+            }
+            url = page.next_link.filter(|l| !l.is_empty());
+        }
+        Ok(gone)
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use respawn_core::attempt_auth::{AgentCredentials, AttemptKey};
-use respawn_core::ports::compute::Error;
+use respawn_core::ports::compute::{Error, Vm, VmState};
 use respawn_core::spec::Resources;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -249,6 +249,24 @@ respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" {role} {notice} --hea
         heartbeat = agent.heartbeat_secs,
         grace = agent.grace_secs,
     )
+}
+
+/// A gang as a provider's `list` shows it: one VM, named as its lowest rank (rank 0
+/// while it is there), live while any node is: what the sweep for orphans must see,
+/// since a node left when rank 0 is gone is still billed. `nodes` are `(rank, VM)`.
+pub(crate) fn listed_gang(mut nodes: Vec<(u32, Vm)>) -> Option<Vm> {
+    nodes.sort_by_key(|(rank, _)| *rank);
+    let live = |s: VmState| nodes.iter().any(|(_, v)| v.state == s);
+    let state = if live(VmState::Running) {
+        VmState::Running
+    } else if live(VmState::Requested) {
+        VmState::Requested
+    } else {
+        VmState::Terminated
+    };
+    let (_, mut first) = nodes.into_iter().next()?;
+    first.state = state;
+    Some(first)
 }
 
 /// `s` as one word for `sh`, whatever it holds.

@@ -604,12 +604,21 @@ impl Compute for Ec2Compute {
             .map_err(Ec2Error::into_compute)?;
         // An instance without respawn's tags (made by hand in the stack, or a pool
         // VM, listed by its slot) is not a VM of any attempt.
-        // A gang is listed once, by its rank 0.
-        let mut vms: Vec<Vm> = instances
-            .iter()
-            .filter(|i| i.launch_index == 0)
-            .filter_map(|i| i.to_vm().ok())
-            .collect();
+        let mut vms = Vec::new();
+        let mut gangs: std::collections::BTreeMap<AllocationKey, Vec<(u32, Vm)>> =
+            Default::default();
+        for i in &instances {
+            let Ok(vm) = i.to_vm() else { continue };
+            if vm.nodes > 1 {
+                gangs
+                    .entry(vm.key.clone())
+                    .or_default()
+                    .push((i.launch_index, vm));
+            } else {
+                vms.push(vm);
+            }
+        }
+        vms.extend(gangs.into_values().filter_map(crate::cloudvm::listed_gang));
         if let Some(pools) = &self.pools {
             let listed = instances
                 .iter()

@@ -502,7 +502,7 @@ for i in found:
     assert tags["respawn:nodes"] == "3", tags
     ud = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")["UserData"]["Value"]
     assert "--nodes 3 --rank" in base64.b64decode(ud).decode()
-assert sorted(i["PrivateIpAddress"] for i in found) == sorted({hosts:?}), found
+assert [i["PrivateIpAddress"] for i in found] == {hosts:?}, (found, "the roster is in rank order")
 "#,
         id = vm.id,
         hosts = hosts,

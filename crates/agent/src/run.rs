@@ -33,6 +33,9 @@ const PEERS_WAIT: Duration = Duration::from_secs(30 * 60);
 /// How long a node whose workload failed without a notice of its own looks for a
 /// peer's before it reports the failure.
 const LATE_NOTICE: Duration = Duration::from_secs(3);
+/// Longest a node after rank 0 stays up once its workload is done, waiting for the
+/// attempt to end (see [`Ended::last_word`]).
+const LINGER: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -205,6 +208,15 @@ pub async fn attempt(
         args
     };
 
+    if spec.image.is_some() && args.nodes() > 1 {
+        // A container on the runtime's bridge network cannot be reached at rank 0's
+        // address, and host networking would let a root container past the VM's
+        // metadata firewall: not until each gang has a network of its own.
+        let why = "multi-node jobs run their command on the VM, not in a container (`image`), for now: \
+                   the other nodes could not reach rank 0 inside it; drop `image`";
+        fail_attempt(&reporter, &stderr, &dirs, why, 126).await;
+        return Ok(Ended::quietly(reporter));
+    }
     if let Err(e) = stage::inputs(bucket.as_ref(), &args.bucket, &spec, &dirs.inputs).await {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
         // user's budget (it is the spec's inputs that are wrong), with the reason
@@ -243,11 +255,10 @@ pub async fn attempt(
         keep,
     );
     let (code, mut notice) = supervise(args, &api, &reporter, &mut workload, &mut ckpts).await;
-    if notice.is_none() && code != 0 && leads && args.nodes() > 1 {
-        // A peer's notice may have stopped rank 0's workload (frameworks stop every
-        // rank together) before the broker's word of it arrived here: the exit is
-        // then the gang's preemption, not a failure. (Another rank reports a failure
-        // at once: waiting, it could be outrun by rank 0's success.)
+    if notice.is_none() && code != 0 && args.nodes() > 1 && (leads || code < 128) {
+        // A peer's notice may have stopped this node's workload (frameworks stop
+        // every rank together, or fail when a peer goes) before the broker's word of
+        // it arrived here: the exit is then the gang's preemption, not a failure.
         if let Some(deadline) = late_gang_notice(&api).await {
             info!(job_id = %job, attempt, rank, exit_code = code, "the workload stopped on a peer's notice");
             reporter.send(Event::PreemptionNotice { attempt, deadline });
@@ -280,6 +291,7 @@ pub async fn attempt(
             reporter,
             noticed: notice.is_some(),
             ack: notice.and_then(|n| n.ack),
+            linger: Some(api),
         });
     }
     // Killed by a signal: preempted (ship what it saved) or stopped by the broker
@@ -314,6 +326,7 @@ pub async fn attempt(
         reporter,
         noticed: notice.is_some(),
         ack: notice.and_then(|n| n.ack),
+        linger: None,
     })
 }
 
@@ -324,6 +337,9 @@ pub struct Ended {
     /// The provider gave notice that the VM goes.
     noticed: bool,
     ack: Option<crate::notice::Ack>,
+    /// A node after rank 0: it stays up until the attempt ends (asking the broker
+    /// with this).
+    linger: Option<Api>,
 }
 
 impl Ended {
@@ -332,6 +348,7 @@ impl Ended {
             reporter,
             noticed: false,
             ack: None,
+            linger: None,
         }
     }
 
@@ -343,10 +360,25 @@ impl Ended {
 
     /// Delivers the last reports, then tells the provider the VM may go: by then
     /// checkpoints, outputs, logs and the exit are all with the broker.
+    ///
+    /// A node after rank 0 then waits for the attempt to end: its VM shutting down
+    /// on its own would read as the gang's loss (a cloud reports each node's
+    /// instance), while rank 0 may still be uploading. The broker ends the gang.
     pub async fn last_word(self) {
         last_word(&self.reporter).await;
         if let Some(ack) = self.ack {
             ack.send().await;
+        }
+        if let Some(api) = self.linger {
+            let (job, attempt) = (&self.reporter.job, self.reporter.attempt);
+            info!(job_id = %job, attempt, "this node's part is done; waiting for the attempt to end");
+            let until = tokio::time::Instant::now() + LINGER;
+            while tokio::time::Instant::now() < until {
+                if let Err(report::Error::Refused(_)) = api.gang(false).await {
+                    break;
+                }
+                tokio::time::sleep(GANG_EVERY * 2).await;
+            }
         }
     }
 }
@@ -588,13 +620,14 @@ async fn on_notice(
     let deadline = notice.deadline;
     let left = deadline.since(SystemClock.now());
     info!(job_id = %reporter.job, attempt = reporter.attempt, rank = args.rank, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
-    workload.terminate();
     // Every node reports its notice: on a cloud the reclaimed VM may be any rank's,
-    // and the broker tells the others (see `gang_notices`).
+    // and the broker tells the others (see `gang_notices`). Queued before the
+    // signal, so that the report leaves ahead of whatever the signal sets off.
     reporter.send(Event::PreemptionNotice {
         attempt: reporter.attempt,
         deadline,
     });
+    workload.terminate();
 }
 
 /// Aborts the task when dropped.

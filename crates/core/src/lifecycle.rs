@@ -626,6 +626,11 @@ fn gang_timeout(r: &JobRecord, t: &Timeouts) -> Duration {
     r.spec.placement.gang_timeout.map_or(t.start, |g| g.get())
 }
 
+/// Gangs in a row that did not come up before one more counts as lost: VMs that
+/// boot but whose agents never start (a bad image) would otherwise be paid for
+/// again and again, spending nothing.
+const GANG_MISSES: usize = 3;
+
 /// A gang whose nodes did not all come up (and start the workload) in time: a
 /// capacity miss, not a loss. Its VMs go, and the job waits for capacity under the
 /// next attempt number (the old key's VMs are never made again), spending nothing.
@@ -636,6 +641,17 @@ fn gang_incomplete(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut Ve
         r.spec.resources.nodes,
         humantime::format_duration(gang_timeout(r, t))
     );
+    let before = r.attempts.len().saturating_sub(1);
+    let misses = r.attempts[..before]
+        .iter()
+        .rev()
+        .take_while(|a| matches!(a.outcome, Some(AttemptOutcome::GangIncomplete { .. })))
+        .count();
+    if misses + 1 >= GANG_MISSES {
+        let reason = format!("{reason}, {GANG_MISSES} times in a row");
+        end_attempt(r, AttemptOutcome::Lost { reason }, at, t, cmds);
+        return;
+    }
     if let Some(a) = r.current_mut() {
         a.outcome = Some(AttemptOutcome::GangIncomplete { reason });
         a.ended_at = Some(at);

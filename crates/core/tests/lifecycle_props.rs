@@ -1062,3 +1062,30 @@ fn a_gang_not_up_in_time_is_released_and_waits_for_capacity_spending_nothing() {
     assert_eq!(s.exit(0)[0], Command::Release { attempt: 2 });
     assert_eq!(s.r.state, JobState::Succeeded);
 }
+
+#[test]
+fn the_third_gang_in_a_row_not_up_in_time_is_lost() {
+    let mut s = Script::new(
+        "resources: { nodes: 2 }\nplacement: { gang_timeout: 1m }\nretry:\n  max_lost: 0\n",
+    );
+    for n in 1..=3u32 {
+        s.on(Event::Dispatch {
+            attempt: n,
+            waits: n - 1,
+        });
+        s.on(Event::VmAllocated {
+            attempt: n,
+            vm: format!("gang-{n}"),
+        });
+        s.at = s.at.plus(Duration::from_secs(61));
+        s.on(Event::ReconcileTick);
+    }
+    assert_eq!(s.r.state, JobState::Failed, "{:?}", s.r.attempts);
+    assert!(matches!(
+        s.r.attempts[2].outcome,
+        Some(AttemptOutcome::Lost { .. })
+    ));
+    assert_eq!((s.r.failures, s.r.lost), (0, 1));
+    let reason = s.r.reason.clone().unwrap();
+    assert!(reason.contains("3 times in a row"), "{reason}");
+}

@@ -326,10 +326,31 @@ impl LocalCompute {
             .cloned()
             .collect();
         for r in live {
+            // A gang is whole or gone: a node missing now never started, or was lost
+            // while the broker was down (its agents stay up until the attempt ends).
+            let missing = r
+                .nodes
+                .iter()
+                .position(|n| agent_pid(&n.id).is_none())
+                .map(|i| i + 1);
             match agent_pid(&r.id) {
+                Some(_) if missing.is_some() => {
+                    let rank = missing.unwrap_or_default();
+                    self.kill_vm(&r);
+                    self.terminated(
+                        &r.key,
+                        &format!("node {rank} gone while the broker was down"),
+                    )
+                    .await;
+                }
                 Some(pid) => {
-                    info!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, pid, "adopted running vm");
+                    info!(job_id = %r.key.job, attempt = r.key.attempt, vm = %r.id, pid, nodes = r.nodes.len() + 1, "adopted running vm");
                     self.watch(r.key.clone(), None, pid);
+                    for (i, node) in r.nodes.iter().enumerate() {
+                        if let Some(pid) = agent_pid(&node.id) {
+                            self.watch_node(r.key.clone(), i + 1, None, pid);
+                        }
+                    }
                     if let Some(deadline) = r.notice_deadline {
                         self.arm_deadline(r.key.clone(), deadline);
                     }
@@ -669,13 +690,30 @@ impl LocalCompute {
         cmd.spawn()
     }
 
-    /// Watches node `rank` (1 and up) of a gang. An agent that ends on its own has
-    /// finished its part; one that dies while the attempt is live takes the gang
-    /// with it, as a lost cloud VM would: its peers' workloads cannot go on.
-    fn watch_node(&self, key: AllocationKey, rank: usize, mut child: tokio::process::Child) {
+    /// Watches node `rank` (1 and up) of a gang: `child` when this process started
+    /// it, else its pid. Its agent stays up until the attempt ends, so one that dies
+    /// while the attempt is live takes the gang with it, as a lost cloud VM would:
+    /// its peers' workloads cannot go on. (One that ends cleanly saw the attempt
+    /// end; an adopted one, whose exit status is unknown, counts as lost, which an
+    /// ended attempt ignores.)
+    fn watch_node(
+        &self,
+        key: AllocationKey,
+        rank: usize,
+        child: Option<tokio::process::Child>,
+        pid: u32,
+    ) {
         let this = self.this.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let clean = match child {
+                Some(mut c) => c.wait().await.is_ok_and(|s| s.success()),
+                None => {
+                    while kill(Pid::from_raw(pid as i32), None).is_ok() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    false
+                }
+            };
             let Some(this) = this.upgrade() else {
                 return;
             };
@@ -693,7 +731,7 @@ impl LocalCompute {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&node.id);
             }
-            if status.is_ok_and(|s| s.success()) {
+            if clean {
                 return;
             }
             warn!(job_id = %key.job, attempt = key.attempt, vm = %r.id, rank, "a node of the gang is gone; ending the whole gang");
@@ -879,8 +917,8 @@ impl Compute for LocalCompute {
         if let Some((child, pid)) = children.next() {
             self.watch(req.key.clone(), Some(child), pid);
         }
-        for (rank, (child, _)) in children.enumerate() {
-            self.watch_node(req.key.clone(), rank + 1, child);
+        for (rank, (child, pid)) in children.enumerate() {
+            self.watch_node(req.key.clone(), rank + 1, Some(child), pid);
         }
         Ok(rec.vm())
     }

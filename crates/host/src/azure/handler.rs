@@ -142,6 +142,9 @@ async fn invoke(
 async fn reconcile(cloud: &AzCloud) -> Response {
     let report = handlers::reconcile(&cloud.broker.ports).await;
     // The pools are tended whatever became of the jobs' pass.
+    if let Err(e) = cloud.arm.sweep_groups().await {
+        warn!(error = %e, "cannot sweep the released gangs' proximity placement groups; the next tick tries again");
+    }
     if let Err(e) = cloud.arm.tend_pools().await {
         warn!(error = %e, "cannot tend the warm pools; the next tick tries again");
         return answer(
