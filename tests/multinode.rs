@@ -21,24 +21,6 @@ fn gang_job(name: &str) -> String {
     )
 }
 
-/// What node `rank` of the job's attempt printed (rank 0's is the attempt's log).
-fn node_stdout(up: &Up, data: &std::path::Path, job: &str, attempt: u64, rank: u32) -> String {
-    if rank == 0 {
-        return up.attempt_stdout(job, attempt);
-    }
-    let dir = data.join(format!(
-        "bucket/jobs/{job}/attempts/{attempt}/nodes/{rank}/stdout"
-    ));
-    let mut chunks: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    chunks.sort();
-    chunks
-        .iter()
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .collect()
-}
-
 /// The step `line_prefix N` names in `stdout`, e.g. `resumed from step N`.
 fn step_after(stdout: &str, prefix: &str) -> Option<u64> {
     stdout.lines().find_map(|l| {
@@ -83,7 +65,7 @@ async fn a_three_node_job_preempted_on_rank_1_resumes_on_a_new_gang_to_the_same_
         .await;
     assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
     for rank in 1..3 {
-        let out = node_stdout(&up, &data, &whole, 1, rank);
+        let out = up.node_stdout(&whole, 1, rank);
         assert!(
             out.contains(&format!("rank {rank} of 3")) && out.contains("done: steps=600"),
             "rank {rank} ran its share: {out}"
@@ -121,10 +103,10 @@ async fn a_three_node_job_preempted_on_rank_1_resumes_on_a_new_gang_to_the_same_
 
     // Every rank stopped at the same step, rank 0 checkpointed it, and every rank
     // of the new gang resumed from it.
-    let checkpointed = step_after(&node_stdout(&up, &data, &id, 1, 0), "checkpointed step ")
+    let checkpointed = step_after(&up.node_stdout(&id, 1, 0), "checkpointed step ")
         .expect("rank 0 checkpointed on SIGTERM");
     for rank in 1..3 {
-        let out = node_stdout(&up, &data, &id, 1, rank);
+        let out = up.node_stdout(&id, 1, rank);
         assert_eq!(
             step_after(&out, "stopped at step "),
             Some(checkpointed),
@@ -137,7 +119,7 @@ async fn a_three_node_job_preempted_on_rank_1_resumes_on_a_new_gang_to_the_same_
         "{job:#}"
     );
     for rank in 0..3 {
-        let out = node_stdout(&up, &data, &id, 2, rank);
+        let out = up.node_stdout(&id, 2, rank);
         assert_eq!(
             step_after(&out, "resumed from step "),
             Some(checkpointed),
@@ -286,7 +268,7 @@ async fn one_nodes_failure_spends_one_failure_and_one_nodes_loss_ends_the_whole_
         3,
         "a hostfile line per node: {out}"
     );
-    let rank2 = node_stdout(&up, &data, &failing, 2, 2);
+    let rank2 = up.node_stdout(&failing, 2, 2);
     assert!(
         rank2.starts_with("rank 2 of 3: 3 2 3 127.0.0.1:"),
         "{rank2}"

@@ -286,9 +286,23 @@ impl Up {
 
     /// The whole stdout or stderr of one attempt, as shipped to the bucket.
     pub fn attempt_log(&self, job: &str, attempt: u64, stream: &str) -> String {
+        self.chunks(&format!("{attempt}/{stream}"), job)
+    }
+
+    /// The whole stdout of node `rank` of a multi-node attempt (rank 0's is the
+    /// attempt's own).
+    pub fn node_stdout(&self, job: &str, attempt: u64, rank: u32) -> String {
+        match rank {
+            0 => self.attempt_stdout(job, attempt),
+            _ => self.chunks(&format!("{attempt}/nodes/{rank}/stdout"), job),
+        }
+    }
+
+    /// The log chunks under `jobs/<job>/attempts/<under>`, joined in order.
+    fn chunks(&self, under: &str, job: &str) -> String {
         let dir = self
             .data
-            .join(format!("bucket/jobs/{job}/attempts/{attempt}/{stream}"));
+            .join(format!("bucket/jobs/{job}/attempts/{under}"));
         let mut chunks: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
