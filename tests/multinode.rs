@@ -64,6 +64,11 @@ async fn a_three_node_job_preempted_on_rank_1_resumes_on_a_new_gang_to_the_same_
         })
         .await;
     assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
+    assert_eq!(
+        job["attempts"][0]["ready_nodes"],
+        serde_json::json!([1, 2]),
+        "every rank after 0 reported ready before the gang ran: {job:#}"
+    );
     for rank in 1..3 {
         let out = up.node_stdout(&whole, 1, rank);
         assert!(

@@ -240,6 +240,8 @@ pub async fn attempt(
             attempt,
             restored_checkpoint: restored,
         });
+    } else {
+        reporter.send(Event::NodeReady { attempt, rank });
     }
     info!(job_id = %job, attempt, rank, pid = workload.pid(), "workload started");
     let out_task = stdout.pump(workload.take_stdout());

@@ -201,6 +201,9 @@ pub struct Attempt {
     /// When a preemption notice says the VM goes away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preempt_deadline: Option<Timestamp>,
+    /// The ranks after 0 of a multi-node attempt that reported ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ready_nodes: Vec<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<AttemptOutcome>,
 }

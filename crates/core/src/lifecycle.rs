@@ -59,6 +59,13 @@ pub enum Event {
         attempt: u32,
         reason: String,
     },
+    /// Node `rank` (1 and up) of a multi-node attempt is up, knows its peers and
+    /// starts its share of the workload. The attempt runs once rank 0 has started
+    /// and every other rank is ready: until then no node runs alone.
+    NodeReady {
+        attempt: u32,
+        rank: u32,
+    },
     /// The agent restored the checkpoint (if any) and started the workload.
     WorkloadStarted {
         attempt: u32,
@@ -102,6 +109,7 @@ impl Event {
             | Event::Unschedulable { attempt, .. }
             | Event::Heartbeat { attempt }
             | Event::StartFailed { attempt, .. }
+            | Event::NodeReady { attempt, .. }
             | Event::WorkloadStarted { attempt, .. }
             | Event::CheckpointCommitted { attempt, .. }
             | Event::PreemptionNotice { attempt, .. }
@@ -120,6 +128,7 @@ impl Event {
             Event::Unschedulable { .. } => "unschedulable",
             Event::Heartbeat { .. } => "heartbeat",
             Event::StartFailed { .. } => "start_failed",
+            Event::NodeReady { .. } => "node_ready",
             Event::WorkloadStarted { .. } => "workload_started",
             Event::CheckpointCommitted { .. } => "checkpoint_committed",
             Event::PreemptionNotice { .. } => "preemption_notice",
@@ -286,7 +295,21 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
                     a.restored_checkpoint = *restored_checkpoint;
                     a.last_heartbeat = Some(a.last_heartbeat.map_or(at, |h| h.max(at)));
                 }
-                enter(r, JobState::Running, at);
+                enter(r, gang_state(r), at);
+            }
+        }
+        Event::NodeReady { rank, .. } => {
+            let nodes = r.spec.resources.nodes;
+            if matches!(r.state, JobState::Allocating | JobState::Starting)
+                && (1..nodes).contains(rank)
+                && let Some(a) = r.current_mut()
+                && !a.ready_nodes.contains(rank)
+            {
+                a.ready_nodes.push(*rank);
+                a.ready_nodes.sort_unstable();
+                if a.started_at.is_some() {
+                    enter(r, gang_state(r), at);
+                }
             }
         }
         Event::CheckpointCommitted { seq, .. } => on_checkpoint(r, *seq),
@@ -344,6 +367,7 @@ fn on_dispatch(r: &mut JobRecord, at: Timestamp, cmds: &mut Vec<Command>) {
         restored_checkpoint: None,
         last_checkpoint: None,
         preempt_deadline: None,
+        ready_nodes: Vec::new(),
         outcome: None,
     });
     enter(r, JobState::Allocating, at);
@@ -618,6 +642,19 @@ fn reconcile_running(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
             humantime::format_duration(at.since(heard))
         );
         end_attempt(r, AttemptOutcome::Lost { reason }, at, t, cmds);
+    }
+}
+
+/// Where an attempt whose rank 0 has started stands: running once every other
+/// rank of its gang is ready too, else still starting (the gang timeout then
+/// covers a node that never comes).
+fn gang_state(r: &JobRecord) -> JobState {
+    let nodes = r.spec.resources.nodes.max(1) as usize;
+    let ready = r.current().map_or(0, |a| a.ready_nodes.len());
+    if ready + 1 >= nodes {
+        JobState::Running
+    } else {
+        JobState::Starting
     }
 }
 

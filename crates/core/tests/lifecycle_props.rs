@@ -134,6 +134,10 @@ enum Template {
     WorkloadStarted {
         restore: bool,
     },
+    /// Node `rank` of a gang ready (out of range now and then).
+    NodeReady {
+        rank: u32,
+    },
     Checkpoint {
         seq: u64,
     },
@@ -172,6 +176,7 @@ fn template() -> impl Strategy<Value = Template> {
         12 => Just(Template::Heartbeat),
         3 => Just(Template::StartFailed),
         8 => any::<bool>().prop_map(|restore| Template::WorkloadStarted { restore }),
+        6 => (0u32..=3).prop_map(|rank| Template::NodeReady { rank }),
         12 => (0u64..20).prop_map(|seq| Template::Checkpoint { seq }),
         8 => (-60_000i64..=180_000)
             .prop_map(|deadline_in_ms| Template::PreemptionNotice { deadline_in_ms }),
@@ -212,9 +217,18 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
                 attempt,
                 vm: format!("vm-{attempt}"),
             },
-            JobState::Starting => Event::WorkloadStarted {
-                attempt,
-                restored_checkpoint: r.checkpoint,
+            // Rank 0 first, then the other ranks of a gang one by one.
+            JobState::Starting => match r.current().filter(|a| a.started_at.is_some()) {
+                Some(a) => Event::NodeReady {
+                    attempt,
+                    rank: (1..r.spec.resources.nodes)
+                        .find(|n| !a.ready_nodes.contains(n))
+                        .unwrap_or(1),
+                },
+                None => Event::WorkloadStarted {
+                    attempt,
+                    restored_checkpoint: r.checkpoint,
+                },
             },
             // Keeping the agent alive lets runs reach limits.max_runtime.
             JobState::Running => Event::Heartbeat { attempt },
@@ -253,6 +267,10 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
         Template::WorkloadStarted { restore } => Event::WorkloadStarted {
             attempt,
             restored_checkpoint: r.checkpoint.filter(|_| *restore),
+        },
+        Template::NodeReady { rank } => Event::NodeReady {
+            attempt,
+            rank: *rank,
         },
         Template::Checkpoint { seq } => Event::CheckpointCommitted { attempt, seq: *seq },
         Template::PreemptionNotice { deadline_in_ms } => Event::PreemptionNotice {
@@ -416,7 +434,11 @@ fn spends_user_budget(before: &JobRecord, ev: &Event, at: Timestamp) -> bool {
         Event::ReconcileTick => {
             let max_wait = before.spec.limits.max_wait.get();
             let started = before.current().and_then(|a| a.started_at);
+            // A tick no later than the state's start was meant for an earlier
+            // state (a gang runs only once its last node is ready, after rank 0
+            // started its clock).
             before.state == JobState::Running
+                && at > before.state_since
                 && at.since(before.created_at) < max_wait
                 && matches!(
                     (before.spec.limits.max_runtime, started),
@@ -1058,6 +1080,9 @@ fn a_gang_not_up_in_time_is_released_and_waits_for_capacity_spending_nothing() {
         attempt: 2,
         restored_checkpoint: None,
     });
+    for rank in [1, 2] {
+        s.on(Event::NodeReady { attempt: 2, rank });
+    }
     assert_eq!(s.r.state, JobState::Running);
     assert_eq!(s.exit(0)[0], Command::Release { attempt: 2 });
     assert_eq!(s.r.state, JobState::Succeeded);
@@ -1088,4 +1113,37 @@ fn the_third_gang_in_a_row_not_up_in_time_is_lost() {
     assert_eq!((s.r.failures, s.r.lost), (0, 1));
     let reason = s.r.reason.clone().unwrap();
     assert!(reason.contains("3 times in a row"), "{reason}");
+}
+
+#[test]
+fn a_gang_runs_once_rank_0_started_and_every_other_rank_is_ready() {
+    let mut s = Script::new("resources: { nodes: 3 }\n");
+    s.on(Event::Dispatch {
+        attempt: 1,
+        waits: 0,
+    });
+    s.on(Event::VmAllocated {
+        attempt: 1,
+        vm: "gang-1".into(),
+    });
+    s.on(Event::NodeReady {
+        attempt: 1,
+        rank: 2,
+    });
+    assert_eq!(s.r.state, JobState::Starting);
+    s.on(Event::WorkloadStarted {
+        attempt: 1,
+        restored_checkpoint: None,
+    });
+    assert_eq!(s.r.state, JobState::Starting, "rank 1 is not ready yet");
+    // A rank that is not the gang's, and one ready twice, change nothing.
+    for rank in [0, 3, 2] {
+        assert!(s.on(Event::NodeReady { attempt: 1, rank }).is_empty());
+    }
+    assert_eq!(s.r.attempts[0].ready_nodes, vec![2]);
+    s.on(Event::NodeReady {
+        attempt: 1,
+        rank: 1,
+    });
+    assert_eq!(s.r.state, JobState::Running);
 }

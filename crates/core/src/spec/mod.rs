@@ -168,7 +168,8 @@ pub struct Placement {
     pub pool: Option<String>,
     /// A multi-node job: how long its nodes may take to all come up and start the
     /// workload before the gang is released and the job waits for capacity again,
-    /// spending nothing (default: the broker's start timeout, 15 minutes).
+    /// spending nothing (default: the broker's start timeout, 15 minutes). Ignored
+    /// for a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang_timeout: Option<HumanDuration>,
 }

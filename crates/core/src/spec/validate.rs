@@ -252,12 +252,6 @@ fn check_placement(errs: &mut Errors, spec: &JobSpec) {
     if let Some(problem) = p.pool.as_deref().and_then(crate::pool::name_problem) {
         errs.push("placement.pool", problem);
     }
-    if p.gang_timeout.is_some() && spec.resources.nodes < 2 {
-        errs.push(
-            "placement.gang_timeout",
-            "only meaningful with `resources.nodes` above 1",
-        );
-    }
     if p.on_demand_after.is_some() && !p.spot {
         errs.push(
             "placement.on_demand_after",

@@ -102,6 +102,7 @@ fn agents_may_report(event: &Event) -> bool {
         event,
         Event::Heartbeat { .. }
             | Event::StartFailed { .. }
+            | Event::NodeReady { .. }
             | Event::WorkloadStarted { .. }
             | Event::CheckpointCommitted { .. }
             | Event::PreemptionNotice { .. }
