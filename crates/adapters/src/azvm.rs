@@ -578,14 +578,11 @@ fn ppg_name(base: &str) -> String {
 /// released before any was made).
 fn gang_vm(base: &str, key: &AllocationKey, nodes: u32, vms: &[Option<Vm>]) -> Vm {
     let known: Vec<&Vm> = vms.iter().flatten().collect();
-    let state = if known.is_empty() && vms.is_empty()
-        || known.iter().any(|v| v.state == VmState::Terminated)
-    {
+    let state = if vms.is_empty() {
         VmState::Terminated
-    } else if known.len() == nodes as usize && known.iter().all(|v| v.state == VmState::Running) {
-        VmState::Running
     } else {
-        VmState::Requested
+        let states: Vec<VmState> = known.iter().map(|v| v.state).collect();
+        crate::cloudvm::gang_state(nodes, &states)
     };
     Vm {
         id: base.to_owned(),
@@ -1080,7 +1077,9 @@ impl ArmCompute {
         Ok(gang_vm(&base, &req.key, nodes, &vms))
     }
 
-    /// Node `rank` of `req`'s gang, re-read until no other writer moves its record.
+    /// Node `rank` of `req`'s gang (rank 0: its only VM, or the gang's first).
+    /// Every step re-reads what it acts on: a release, or another dispatcher of the
+    /// same attempt, may have moved the record since.
     async fn allocate_node(
         &self,
         req: &AllocateRequest,
@@ -1236,30 +1235,14 @@ impl Compute for ArmCompute {
         if let Some(pool) = PoolSpec::choose(&self.cfg.pools, req)?.filter(|p| p.reuse)
             && let Some(pools) = &self.pools
         {
-            if req.resources.nodes > 1 {
-                return Err(Error::Invalid(format!(
-                    "placement.pool: pool {:?} runs single-node attempts; this job asks for {} nodes",
-                    pool.name, req.resources.nodes
-                )));
-            }
             return pools.allocate(self, req, pool).await;
         }
-        let name = vm_name(&self.cfg.stack, &req.key);
         let size = self.cfg.sizes.choose(&req.resources, &self.cfg.cpu_size)?;
         if req.resources.nodes > 1 {
             return self.allocate_gang(req, &size).await;
         }
-        // Every step re-reads what it acts on: a release, or another dispatcher
-        // of the same attempt, may have moved the record since.
-        for _ in 0..RACES {
-            match self.allocate_once(req, &name, &size, 0).await? {
-                Some(vm) => return Ok(vm),
-                None => continue,
-            }
-        }
-        Err(Error::Unavailable(
-            format!("VM {name}: its record kept changing under this allocation").into(),
-        ))
+        self.allocate_node(req, &vm_name(&self.cfg.stack, &req.key), &size, 0)
+            .await
     }
 
     async fn release(&self, key: &AllocationKey) -> Result<(), Error> {

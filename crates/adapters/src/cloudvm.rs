@@ -251,6 +251,18 @@ respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" {role} {notice} --hea
     )
 }
 
+/// A gang of `nodes` as its attempt sees it, from the states of the nodes known:
+/// gone once any node is, running once all are, else still coming up.
+pub(crate) fn gang_state(nodes: u32, known: &[VmState]) -> VmState {
+    if known.contains(&VmState::Terminated) {
+        VmState::Terminated
+    } else if known.len() == nodes as usize && known.iter().all(|s| *s == VmState::Running) {
+        VmState::Running
+    } else {
+        VmState::Requested
+    }
+}
+
 /// A gang as a provider's `list` shows it: one VM, named as its lowest rank (rank 0
 /// while it is there), live while any node is: what the sweep for orphans must see,
 /// since a node left when rank 0 is gone is still billed. `nodes` are `(rank, VM)`.

@@ -450,26 +450,16 @@ impl Ec2Compute {
         let first = ranks
             .first()
             .ok_or_else(|| Error::Unavailable("RunInstances returned no instance".into()))?;
-        let mut vm = first.to_vm().unwrap_or(Vm {
+        let states: Vec<VmState> = ranks.iter().map(Instance::state).collect();
+        // The key is known (RunInstances's answer may omit the tags).
+        Ok(Vm {
             id: first.id.clone(),
             key: key.clone(),
-            state: first.state(),
+            state: crate::cloudvm::gang_state(nodes, &states),
             spot: first.lifecycle.as_deref() == Some("spot"),
             nodes,
             created_at: Timestamp::parse_rfc3339(&first.launch_time).unwrap_or(Timestamp(0)),
-        });
-        vm.key = key.clone();
-        vm.nodes = nodes;
-        vm.state = if ranks.iter().any(|i| i.state() == VmState::Terminated) {
-            VmState::Terminated
-        } else if ranks.len() == nodes as usize
-            && ranks.iter().all(|i| i.state() == VmState::Running)
-        {
-            VmState::Running
-        } else {
-            VmState::Requested
-        };
-        Ok(vm)
+        })
     }
 
     /// Launches the instances of `launch`.
@@ -501,18 +491,11 @@ impl Compute for Ec2Compute {
                     "pools need the broker's state bucket".into(),
                 ));
             };
-            if nodes > 1 {
-                return Err(Error::Invalid(format!(
-                    "placement.pool: pool {:?} runs single-node attempts; this job asks for {nodes} nodes",
-                    pool.name
-                )));
-            }
             return pools.allocate(self, req, pool).await;
         }
         let found = self.of_attempt(&req.key).await?;
         if nodes > 1 && !found.is_empty() {
-            let gang = self.gang(&req.key, nodes, found).await?;
-            return Ok(gang);
+            return self.gang(&req.key, nodes, found).await;
         }
         if nodes > 1 {
             let launch = attempt_launch(&self.cfg, req)?;

@@ -36,6 +36,8 @@ const LATE_NOTICE: Duration = Duration::from_secs(3);
 /// Longest a node after rank 0 stays up once its workload is done, waiting for the
 /// attempt to end (see [`Ended::last_word`]).
 const LINGER: Duration = Duration::from_secs(24 * 3600);
+/// As long as a workload may run: the watch for a peer's notice ends with it.
+const WHILE_IT_RUNS: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -274,42 +276,22 @@ pub async fn attempt(
     // workload comes next.
     workload.kill_group();
     let _ = std::fs::remove_file(args.vm_dir.join("workload.pgid"));
-    if !leads {
-        // Rank 0 speaks for the attempt: its checkpoints, outputs and exit. Another
-        // rank reports only a failure of its own (one budget for the attempt, not
-        // one per node); a signal means the gang is going, which rank 0 reports.
-        let _ = out_task.await;
-        let _ = err_task.await;
-        stderr.close().await;
-        info!(job_id = %job, attempt, rank, exit_code = code, "workload exited");
-        if code != 0 && code < 128 && notice.is_none() {
-            reporter.send(Event::WorkloadExited {
-                attempt,
-                exit_code: code,
-            });
-        }
-        finish(&reporter, &dirs);
-        return Ok(Ended {
-            reporter,
-            noticed: notice.is_some(),
-            ack: notice.and_then(|n| n.ack),
-            linger: Some(api),
-        });
-    }
     // Killed by a signal: preempted (ship what it saved) or stopped by the broker
     // (cancelled, timed out, lost): then nothing of it goes to the bucket, where a
-    // newer attempt's outputs may already be.
-    let ended_by_broker = code >= 128 && matches!(api.spec().await, Err(report::Error::Refused(_)));
+    // newer attempt's outputs may already be. Only rank 0 ships anything.
+    let ended_by_broker =
+        leads && code >= 128 && matches!(api.spec().await, Err(report::Error::Refused(_)));
     if ended_by_broker {
         info!(job_id = %job, attempt, "attempt no longer live; not uploading its checkpoints or outputs");
-    } else {
+    } else if leads {
         // The last checkpoint (the one written on SIGTERM) must be in the bucket
         // before the exit is reported: the next attempt is dispatched on that report.
         ship_checkpoints(&reporter, &mut ckpts).await;
     }
     let _ = out_task.await;
     let _ = err_task.await;
-    if !ended_by_broker
+    if leads
+        && !ended_by_broker
         && let Err(e) =
             stage::outputs(bucket.as_ref(), &args.bucket, &spec, &job, &dirs.outputs).await
     {
@@ -318,17 +300,22 @@ pub async fn attempt(
             .await;
     }
     stderr.close().await;
-    info!(job_id = %job, attempt, exit_code = code, "workload exited");
-    reporter.send(Event::WorkloadExited {
-        attempt,
-        exit_code: code,
-    });
+    info!(job_id = %job, attempt, rank, exit_code = code, "workload exited");
+    // Rank 0 speaks for the attempt. Another rank reports only a failure of its own
+    // (one budget for the attempt, not one per node); a signal means the gang is
+    // going, which rank 0 reports.
+    if leads || (code != 0 && code < 128 && notice.is_none()) {
+        reporter.send(Event::WorkloadExited {
+            attempt,
+            exit_code: code,
+        });
+    }
     finish(&reporter, &dirs);
     Ok(Ended {
         reporter,
         noticed: notice.is_some(),
         ack: notice.and_then(|n| n.ack),
-        linger: None,
+        linger: (!leads).then_some(api),
     })
 }
 
@@ -374,13 +361,8 @@ impl Ended {
         if let Some(api) = self.linger {
             let (job, attempt) = (&self.reporter.job, self.reporter.attempt);
             info!(job_id = %job, attempt, "this node's part is done; waiting for the attempt to end");
-            let until = tokio::time::Instant::now() + LINGER;
-            while tokio::time::Instant::now() < until {
-                if let Err(report::Error::Refused(_)) = api.gang(false).await {
-                    break;
-                }
-                tokio::time::sleep(GANG_EVERY * 2).await;
-            }
+            let _: Result<Option<()>, String> =
+                ask_gang(&api, false, GANG_EVERY * 2, LINGER, |_| None).await;
         }
     }
 }
@@ -494,78 +476,59 @@ async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
     }
 }
 
-/// The addresses of the attempt's `nodes` nodes in rank order, from the broker,
-/// once it has them all; why not if the attempt ended first.
-async fn peers(api: &Api, nodes: u32) -> Result<Vec<String>, String> {
-    let deadline = tokio::time::Instant::now() + PEERS_WAIT;
+/// Asks the broker about this multi-node attempt's gang (with `peers`, its nodes'
+/// addresses too) every `every` until `pick` finds what is waited for, the attempt
+/// ends (`Err`, the broker's refusal), or `within` passes (`Ok(None)`). A broker
+/// that does not answer is asked again.
+async fn ask_gang<T>(
+    api: &Api,
+    peers: bool,
+    every: Duration,
+    within: Duration,
+    mut pick: impl FnMut(report::Gang) -> Option<T>,
+) -> Result<Option<T>, String> {
+    let until = tokio::time::Instant::now() + within;
     loop {
-        match api.gang(true).await {
-            Ok(gang) => match gang.hosts {
-                Some(hosts) if hosts.len() == nodes as usize => return Ok(hosts),
-                Some(hosts) => {
-                    return Err(format!(
-                        "the broker lists {} nodes; this agent was started for {nodes}",
-                        hosts.len()
-                    ));
+        match api.gang(peers).await {
+            Ok(gang) => {
+                if let Some(found) = pick(gang) {
+                    return Ok(Some(found));
                 }
-                None => {}
-            },
+            }
             Err(report::Error::Refused(why)) => return Err(why),
             Err(report::Error::Retry(_)) => {}
         }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("the other nodes were not up after {PEERS_WAIT:?}"));
+        if tokio::time::Instant::now() + every > until {
+            return Ok(None);
         }
-        tokio::time::sleep(GANG_EVERY).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// The addresses of the attempt's `nodes` nodes in rank order, from the broker,
+/// once it has them all; why not if the attempt ended first.
+async fn peers(api: &Api, nodes: u32) -> Result<Vec<String>, String> {
+    let hosts = ask_gang(api, true, GANG_EVERY, PEERS_WAIT, |g| g.hosts)
+        .await?
+        .ok_or_else(|| format!("the other nodes were not up after {PEERS_WAIT:?}"))?;
+    if hosts.len() != nodes as usize {
+        return Err(format!(
+            "the broker lists {} nodes; this agent was started for {nodes}",
+            hosts.len()
+        ));
+    }
+    Ok(hosts)
 }
 
 /// A notice given to another node of the gang, asked for a few times over
 /// [`LATE_NOTICE`]: its report may still be on its way to the broker.
 async fn late_gang_notice(api: &Api) -> Option<Timestamp> {
-    let deadline = tokio::time::Instant::now() + LATE_NOTICE;
-    loop {
-        match api.gang(false).await {
-            Ok(gang) if gang.notice_deadline_ms.is_some() => {
-                return gang.notice_deadline_ms.map(Timestamp);
-            }
-            Err(report::Error::Refused(_)) => return None,
-            _ => {}
-        }
-        if tokio::time::Instant::now() + GANG_EVERY / 2 > deadline {
-            return None;
-        }
-        tokio::time::sleep(GANG_EVERY / 2).await;
-    }
-}
-
-/// Asks the broker, every [`GANG_EVERY`], whether any node of this multi-node
-/// attempt's gang was given notice; sends the deadline when one was. On a cloud
-/// each VM hears only of its own reclaim: this is how the others learn of it.
-fn gang_notices(
-    api: Api,
-) -> (
-    tokio::sync::mpsc::Receiver<Timestamp>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(GANG_EVERY).await;
-            match api.gang(false).await {
-                Ok(gang) => {
-                    if let Some(ms) = gang.notice_deadline_ms {
-                        let _ = tx.send(Timestamp(ms)).await;
-                        return;
-                    }
-                }
-                // The attempt is over: the broker is ending this node.
-                Err(report::Error::Refused(_)) => return,
-                Err(report::Error::Retry(_)) => {}
-            }
-        }
-    });
-    (rx, task)
+    ask_gang(api, false, GANG_EVERY / 2, LATE_NOTICE, |g| {
+        g.notice_deadline_ms.map(Timestamp)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Runs until the workload exits; returns its exit code (128 + signal if killed)
@@ -581,18 +544,26 @@ async fn supervise(
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut notices = args.notice_source();
     let mut noticed = None;
-    let (mut gang, poller) = if args.nodes() > 1 {
-        let (rx, task) = gang_notices(api.clone());
-        (rx, Some(task))
-    } else {
-        (tokio::sync::mpsc::channel(1).1, None)
+    // On a cloud each VM hears only of its own reclaim: the other nodes of a gang
+    // learn of it from the broker, which they ask every second.
+    let gang_notice = async {
+        if args.nodes() > 1 {
+            ask_gang(api, false, GANG_EVERY, WHILE_IT_RUNS, |g| {
+                g.notice_deadline_ms.map(Timestamp)
+            })
+            .await
+        } else {
+            std::future::pending().await
+        }
     };
-    let _stop_polling = poller.map(AbortOnDrop);
+    tokio::pin!(gang_notice);
+    let mut asking = true;
     loop {
         tokio::select! {
             code = workload.wait() => return (code, noticed),
-            Some(deadline) = gang.recv() => {
-                if noticed.is_none() {
+            found = &mut gang_notice, if asking => {
+                asking = false;
+                if let (Ok(Some(deadline)), None) = (found, &noticed) {
                     let notice = crate::notice::Notice { deadline, ack: None };
                     on_notice(args, reporter, workload, &notice).await;
                     noticed = Some(notice);
@@ -623,22 +594,13 @@ async fn on_notice(
     let left = deadline.since(SystemClock.now());
     info!(job_id = %reporter.job, attempt = reporter.attempt, rank = args.rank, seconds_left = left.as_secs_f64(), "preemption notice; forwarding SIGTERM");
     // Every node reports its notice: on a cloud the reclaimed VM may be any rank's,
-    // and the broker tells the others (see `gang_notices`). Queued before the
+    // and the broker tells the others (see `supervise`). Queued before the
     // signal, so that the report leaves ahead of whatever the signal sets off.
     reporter.send(Event::PreemptionNotice {
         attempt: reporter.attempt,
         deadline,
     });
     workload.terminate();
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The agent's folders inside the VM dir.

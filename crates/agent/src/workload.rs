@@ -722,21 +722,18 @@ mod tests {
         assert!(argv.contains(&"--env=LD_PRELOAD=/work/evil.so".to_owned()));
     }
 
+    /// The agent's arguments: its VM's (in `vm_dir`), then `extra`.
+    fn agent_args(vm_dir: &str, extra: &[&str]) -> clap::error::Result<Args> {
+        let mut argv = vec!["respawn-agent", "--bucket", "b", "--vm-dir", vm_dir];
+        argv.extend(["--vm", "vm-1"]);
+        argv.extend(extra);
+        Args::try_parse_from(argv)
+    }
+
     fn env_of(args: &[&str], yaml: &str) -> (BTreeMap<String, String>, String) {
         let dir = tempfile::tempdir().unwrap();
         let dirs = WorkloadDirs::create(dir.path()).unwrap();
-        let vm_dir = dir.path().display().to_string();
-        let mut argv = vec![
-            "respawn-agent",
-            "--bucket",
-            "b",
-            "--vm-dir",
-            &vm_dir,
-            "--vm",
-            "vm-1",
-        ];
-        argv.extend(args);
-        let args = Args::try_parse_from(argv).unwrap();
+        let args = agent_args(&dir.path().display().to_string(), args).unwrap();
         let spec = parse(yaml, Format::Yaml).unwrap();
         let task = Task {
             job: respawn_core::JobId::generate(Timestamp(1)),
@@ -810,18 +807,8 @@ mod tests {
     #[test]
     fn a_rank_outside_the_gang_is_refused() {
         let parse = |extra: &[&str]| {
-            let mut argv = vec![
-                "respawn-agent",
-                "--bucket",
-                "b",
-                "--vm-dir",
-                "d",
-                "--vm",
-                "v",
-            ];
-            argv.extend(["--job", "01j0000000000000000000000a", "--attempt", "1"]);
-            argv.extend(extra);
-            Args::try_parse_from(argv).unwrap()
+            let task = ["--job", "01j0000000000000000000000a", "--attempt", "1"];
+            agent_args("d", &[&task[..], extra].concat()).unwrap()
         };
         assert!(
             parse(&["--rank", "1"]).check().is_err(),
@@ -832,19 +819,7 @@ mod tests {
         assert!(parse(&["--rank", "2", "--nodes", "3"]).check().is_ok());
         assert!(parse(&["--rank", "1", "--hosts", "a,b"]).check().is_ok());
         assert!(
-            Args::try_parse_from([
-                "respawn-agent",
-                "--bucket",
-                "b",
-                "--vm-dir",
-                "d",
-                "--vm",
-                "v",
-                "--pool",
-                "--hosts",
-                "a,b"
-            ])
-            .is_err(),
+            agent_args("d", &["--pool", "--hosts", "a,b"]).is_err(),
             "pool VMs run single-node attempts"
         );
     }

@@ -66,17 +66,20 @@ impl PoolSpec {
     }
 
     /// The pool `req` runs in, among `pools`: the one it names, else the first whose
-    /// VMs fit it; `None` for a single-use VM.
+    /// VMs fit it; `None` for a single-use VM. A pool VM runs one single-node
+    /// attempt at a time, so a multi-node attempt is never placed in a pool that
+    /// reuses its VMs.
     pub fn choose<'a>(
         pools: &'a [PoolSpec],
         req: &AllocateRequest,
     ) -> Result<Option<&'a PoolSpec>, ComputeError> {
         let r = &req.resources;
         let model = r.gpu_type.as_deref();
+        let gang = r.nodes > 1;
         let Some(name) = &req.placement.pool else {
             return Ok(pools
                 .iter()
-                .find(|p| p.fits(r.gpus, model, req.placement.spot)));
+                .find(|p| p.fits(r.gpus, model, req.placement.spot) && !(gang && p.reuse)));
         };
         let Some(pool) = pools.iter().find(|p| &p.name == name) else {
             let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
@@ -96,6 +99,12 @@ impl PoolSpec {
                 "placement.pool: pool {name:?} has {} GPUs; the job asks for {}",
                 pool.gpu_type.as_deref().unwrap_or_default(),
                 model.unwrap_or_default()
+            )));
+        }
+        if gang && pool.reuse {
+            return Err(ComputeError::Invalid(format!(
+                "placement.pool: pool {name:?} runs single-node attempts; this job asks for {} nodes",
+                r.nodes
             )));
         }
         Ok(Some(pool))
@@ -308,6 +317,11 @@ mod tests {
             },
             image: None,
         };
+        let gang = |pool: Option<&str>| {
+            let mut r = req(0, None, pool);
+            r.resources.nodes = 3;
+            r
+        };
         let name = |r| {
             PoolSpec::choose(&pools, &r)
                 .unwrap()
@@ -318,7 +332,10 @@ mod tests {
         assert_eq!(name(req(1, Some("t4"), None)).as_deref(), Some("any"));
         assert_eq!(name(req(2, None, None)), None);
         assert_eq!(name(req(1, None, Some("any"))).as_deref(), Some("any"));
+        // A multi-node attempt gets single-use VMs, never a pool VM.
+        assert_eq!(name(gang(None)), None);
         for (r, says) in [
+            (gang(Some("cpu")), "runs single-node attempts"),
             (req(1, None, Some("gpu")), "no pool named"),
             (req(0, None, Some("a10g")), "1 GPU(s)"),
             (req(1, Some("t4"), Some("a10g")), "has a10g GPUs"),

@@ -686,7 +686,8 @@ impl Script {
     }
 
     /// Dispatches the current attempt and brings it to Running.
-    fn start_attempt(&mut self) {
+    /// Dispatches the next attempt and gives it its VM.
+    fn allocate_attempt(&mut self) {
         let n = self.r.attempt;
         assert_eq!(
             self.on(Event::Dispatch {
@@ -699,6 +700,11 @@ impl Script {
             attempt: n,
             vm: format!("vm-{n}"),
         });
+    }
+
+    fn start_attempt(&mut self) {
+        self.allocate_attempt();
+        let n = self.r.attempt;
         self.on(Event::WorkloadStarted {
             attempt: n,
             restored_checkpoint: self.r.checkpoint,
@@ -1035,14 +1041,7 @@ fn a_gang_not_up_in_time_is_released_and_waits_for_capacity_spending_nothing() {
     let mut s = Script::new(
         "resources: { nodes: 3 }\nplacement: { gang_timeout: 2m }\nretry:\n  max_failures: 0\n  max_lost: 0\n",
     );
-    s.on(Event::Dispatch {
-        attempt: 1,
-        waits: 0,
-    });
-    s.on(Event::VmAllocated {
-        attempt: 1,
-        vm: "gang-1".into(),
-    });
+    s.allocate_attempt();
     assert_eq!(s.r.state, JobState::Starting);
     // Within the gang timeout, nothing happens.
     s.at = s.at.plus(Duration::from_secs(60));
@@ -1068,14 +1067,7 @@ fn a_gang_not_up_in_time_is_released_and_waits_for_capacity_spending_nothing() {
     ));
     assert_eq!((s.r.failures, s.r.infra_losses, s.r.lost), (0, 0, 0));
     // The next gang comes up and the job runs on.
-    s.on(Event::Dispatch {
-        attempt: 2,
-        waits: 1,
-    });
-    s.on(Event::VmAllocated {
-        attempt: 2,
-        vm: "gang-2".into(),
-    });
+    s.allocate_attempt();
     s.on(Event::WorkloadStarted {
         attempt: 2,
         restored_checkpoint: None,
@@ -1093,15 +1085,8 @@ fn the_third_gang_in_a_row_not_up_in_time_is_lost() {
     let mut s = Script::new(
         "resources: { nodes: 2 }\nplacement: { gang_timeout: 1m }\nretry:\n  max_lost: 0\n",
     );
-    for n in 1..=3u32 {
-        s.on(Event::Dispatch {
-            attempt: n,
-            waits: n - 1,
-        });
-        s.on(Event::VmAllocated {
-            attempt: n,
-            vm: format!("gang-{n}"),
-        });
+    for _ in 0..3 {
+        s.allocate_attempt();
         s.at = s.at.plus(Duration::from_secs(61));
         s.on(Event::ReconcileTick);
     }
@@ -1118,14 +1103,7 @@ fn the_third_gang_in_a_row_not_up_in_time_is_lost() {
 #[test]
 fn a_gang_runs_once_rank_0_started_and_every_other_rank_is_ready() {
     let mut s = Script::new("resources: { nodes: 3 }\n");
-    s.on(Event::Dispatch {
-        attempt: 1,
-        waits: 0,
-    });
-    s.on(Event::VmAllocated {
-        attempt: 1,
-        vm: "gang-1".into(),
-    });
+    s.allocate_attempt();
     s.on(Event::NodeReady {
         attempt: 1,
         rank: 2,

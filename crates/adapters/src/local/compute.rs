@@ -167,9 +167,6 @@ struct VmRecord {
     /// the broker: allocated whole or not at all, ended whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     nodes: Vec<Node>,
-    /// The port rank 0's workload listens on for its peers (MASTER_PORT).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    master_port: Option<u16>,
 }
 
 /// One of a gang's nodes after rank 0.
@@ -820,25 +817,19 @@ impl Compute for LocalCompute {
         self.check(req)?;
         let nodes = req.resources.nodes.max(1);
         if let Some(pool) = self.pool_for(req)?.filter(|p| p.reuse) {
-            if nodes > 1 {
-                return Err(Error::Invalid(format!(
-                    "placement.pool: pool {:?} runs single-node attempts; this job asks for {nodes} nodes",
-                    pool.name
-                )));
-            }
             return self.allocate_pooled(req, &pool);
         }
-        let master_port = if nodes > 1 {
-            Some(Self::free_port().map_err(|e| self.cannot_start(e))?)
-        } else {
-            None
-        };
         // Until the record is in: two allocations at once must not take one slot.
         let picking = self.picking.lock().unwrap_or_else(|p| p.into_inner());
         let mut slots = self
             .pick_gang(nodes, req.resources.gpus)
             .map_err(|e| self.no_room(e, req.resources.gpus))?
             .into_iter();
+        let master_port = if nodes > 1 {
+            Some(Self::free_port().map_err(|e| self.cannot_start(e))?)
+        } else {
+            None
+        };
         let id = format!("local-{}-{}", req.key.job, req.key.attempt);
         let rec = VmRecord {
             id: id.clone(),
@@ -859,7 +850,6 @@ impl Compute for LocalCompute {
                     pid: None,
                 })
                 .collect(),
-            master_port,
         };
         {
             let mut vms = self.lock();

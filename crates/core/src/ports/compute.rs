@@ -72,19 +72,14 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// The name of node `rank` of this VM: a multi-node attempt's gang is one VM
-    /// to the broker, whose id is rank 0's; rank r's is `<id>-n<r>`.
-    pub fn node_id(&self, rank: u32) -> String {
-        node_id(&self.id, rank)
-    }
-
-    /// Whether `name` is this VM or one of its nodes.
+    /// Whether `name` is this VM or one of its nodes (see [`node_id`]).
     pub fn has_node(&self, name: &str) -> bool {
-        (0..self.nodes.max(1)).any(|r| self.node_id(r) == name)
+        (0..self.nodes.max(1)).any(|r| node_id(&self.id, r) == name)
     }
 }
 
-/// Node `rank` of the VM named `vm` (see [`Vm::node_id`]).
+/// The name of node `rank` of the VM named `vm`: a multi-node attempt's gang is one
+/// VM to the broker, whose id is rank 0's; rank r's is `<vm>-n<r>`.
 pub fn node_id(vm: &str, rank: u32) -> String {
     if rank == 0 {
         vm.to_owned()

@@ -183,7 +183,6 @@ impl LocalCompute {
             released: false,
             pooled: true,
             nodes: Vec::new(),
-            master_port: None,
         };
         self.lock().insert(key.clone(), rec.clone());
         // A restarted broker finds which attempt the VM was running here. Not
