@@ -91,6 +91,7 @@ impl App {
             ("RESPAWN_AZURE_RESOURCE_GROUP", arm::RESOURCE_GROUP.into()),
             ("RESPAWN_AZURE_LOCATION", arm::LOCATION.into()),
             ("RESPAWN_AZURE_SUBNET", arm.subnet()),
+            ("RESPAWN_AZURE_NSG", arm.nsg()),
             ("RESPAWN_ARM_ENDPOINT", arm.url.clone()),
             ("RESPAWN_EVENTGRID_KEY", eventgrid_key.clone()),
             ("RESPAWN_CONFIG", config.display().to_string()),

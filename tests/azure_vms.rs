@@ -16,7 +16,8 @@ use respawn_core::conformance::compute::{request, run};
 use respawn_core::job::JobId;
 use respawn_core::ports::compute::{Compute, Error, VmState};
 use respawn_core::time::Timestamp;
-use respawn_e2e::arm::{self, Arm, Fault, SlowDelete};
+use respawn_e2e::arm::{self, Arm, Fault, Group, SlowDelete};
+use serde_json::json;
 
 /// The harness's tokens, fetched as App Service's managed identity endpoint
 /// hands them out (the test of `azure_identity` itself is
@@ -59,6 +60,7 @@ fn config(arm: &Arm) -> ArmConfig {
         resource_group: arm::RESOURCE_GROUP.into(),
         location: arm::LOCATION.into(),
         subnet: arm.subnet(),
+        nsg: Some(arm.nsg()),
         image: "Canonical:ubuntu-24_04-lts:server:latest".parse().unwrap(),
         agent_identity: Some("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/agent".into()),
         cpu_size: "Standard_D2s_v5".into(),
@@ -571,7 +573,8 @@ async fn a_named_pool_must_exist_even_among_single_use_pools() {
 }
 
 #[tokio::test]
-async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
+async fn a_gang_is_allocated_whole_in_one_proximity_group_reaching_only_itself_and_released_whole()
+{
     let arm = Arm::start().await;
     let c = provider(&arm);
     let job = JobId::generate(Timestamp(21));
@@ -596,7 +599,9 @@ async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
     assert!(arm.vms().is_empty(), "no node runs alone: {:?}", arm.vms());
     assert_eq!(arm.created().len(), 2, "two nodes were made, then deleted");
 
-    // The attempt's next try makes all three, in one proximity placement group.
+    // The attempt's next try makes all three, in one proximity placement group;
+    // the priority its rule tried first was just taken, twice.
+    arm.conflict_rules(2);
     let vm = c.allocate(&req).await.unwrap();
     assert_eq!(
         (vm.id.as_str(), vm.nodes, vm.state),
@@ -605,7 +610,27 @@ async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
     let mut live = arm.vms();
     live.sort();
     assert_eq!(live, nodes);
-    assert_eq!(arm.ppgs(), vec![format!("{base}-ppg")]);
+    assert_eq!(arm.groups(Group::Placement), vec![format!("{base}-ppg")]);
+    assert_eq!(arm.groups(Group::Peers), vec![format!("{base}-asg")]);
+    // The agents' NSG denies traffic between VMs; the gang's rule lets its NICs,
+    // and no others, reach each other.
+    let rules = arm.rules();
+    let rule = &rules[&format!("{base}-gang")]["properties"];
+    let asg = format!("/applicationSecurityGroups/{base}-asg");
+    for side in ["source", "destination"] {
+        let groups = rule[format!("{side}ApplicationSecurityGroups")]
+            .as_array()
+            .unwrap();
+        assert_eq!(groups.len(), 1, "{rule}");
+        assert!(groups[0]["id"].as_str().unwrap().ends_with(&asg), "{rule}");
+        assert!(rule[format!("{side}AddressPrefix")].is_null(), "{rule}");
+    }
+    assert_eq!(
+        (&rule["direction"], &rule["access"]),
+        (&json!("Inbound"), &json!("Allow"))
+    );
+    let priority = rule["priority"].as_u64().unwrap() as u32;
+    assert!(azvm::GANG_PRIORITIES.contains(&priority), "{priority}");
     let credential = AttemptKey::from_bytes(&[7; 32])
         .unwrap()
         .credential(&job, 1);
@@ -617,6 +642,15 @@ async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
                 .unwrap()
                 .ends_with(&format!("/proximityPlacementGroups/{base}-ppg")),
             "{p}"
+        );
+        let nic = &p["networkProfile"]["networkInterfaceConfigurations"][0]["properties"]["ipConfigurations"]
+            [0]["properties"];
+        assert!(
+            nic["applicationSecurityGroups"][0]["id"]
+                .as_str()
+                .unwrap()
+                .ends_with(&asg),
+            "{nic}"
         );
         let rank: u32 = put["tags"]["respawn-rank"]
             .as_str()
@@ -658,6 +692,30 @@ async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
     assert_eq!(c.allocate(&req).await.unwrap().id, base);
     assert_eq!(arm.created().len(), 5);
 
+    // Another gang's rule never takes this one's priority, even when it tries
+    // that one first.
+    let other_job = JobId::generate(Timestamp(22));
+    let mut other = spot(&other_job, 1);
+    other.resources.nodes = 2;
+    let other_base = azvm::vm_name("rs-test", &other.key);
+    arm.put_rule(
+        "an-operators-rule",
+        json!({"properties": {"priority": priority + 1, "direction": "Inbound"}}),
+    );
+    c.allocate(&other).await.unwrap();
+    let rules = arm.rules();
+    let other_priority = &rules[&format!("{other_base}-gang")]["properties"]["priority"];
+    assert_ne!(other_priority, &json!(priority));
+    assert_ne!(other_priority, &json!(priority + 1));
+    c.release(&other.key).await.unwrap();
+    assert!(!arm.rules().contains_key(&format!("{other_base}-gang")));
+
+    // A deployment of the template replaced the NSG's rules: the reconcile
+    // timer's sweep makes the live gang's rule again.
+    arm.drop_rule(&format!("{base}-gang"));
+    c.sweep_groups().await.unwrap();
+    assert!(arm.rules().contains_key(&format!("{base}-gang")));
+
     // Rank 0 evicted: the gang is gone for its attempt, but listed live while
     // nodes of it are (still billed: the sweep for orphans must find them).
     arm.evict(&nodes[0]);
@@ -683,11 +741,16 @@ async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
     // the reconcile timer's sweep deletes it once they are gone.
     arm.slow_delete(SlowDelete(2));
     c.release(&req.key).await.unwrap();
+    assert!(
+        !arm.rules().contains_key(&format!("{base}-gang")),
+        "the rule goes at once"
+    );
     assert_eq!(
-        arm.ppgs(),
+        arm.groups(Group::Placement),
         vec![format!("{base}-ppg")],
         "refused while in use"
     );
+    assert_eq!(arm.groups(Group::Peers), vec![format!("{base}-asg")]);
     assert_eq!(c.sweep_groups().await.unwrap(), 0, "still in use");
     // Each GET of a node counts its deletion down.
     for _ in 0..3 {
@@ -695,12 +758,19 @@ async fn a_gang_is_allocated_whole_in_one_proximity_group_and_released_whole() {
     }
     assert!(arm.vms().is_empty(), "{:?}", arm.vms());
     assert_eq!(c.sweep_groups().await.unwrap(), 1);
-    assert!(arm.ppgs().is_empty(), "the proximity group is deleted");
+    assert!(
+        arm.groups(Group::Placement).is_empty() && arm.groups(Group::Peers).is_empty(),
+        "both groups are deleted"
+    );
+    assert_eq!(
+        arm.groups_deleted(Group::Peers),
+        vec![format!("{other_base}-asg"), format!("{base}-asg")]
+    );
     let again = c.allocate(&req).await.unwrap();
     assert_eq!(again.state, VmState::Terminated);
     assert_eq!(
         arm.created().len(),
-        5,
+        7,
         "a released gang is never made again"
     );
 }

@@ -188,6 +188,31 @@ RUN = [
     statement(["iam:PassRole"], {"Fn::GetAtt": ["AgentRole", "Arn"]}),
 ]
 
+# A multi-node attempt's nodes get a security group of the gang's own, admitting
+# its members alone; the reconcile timer deletes it once the gang is over.
+GANG_GROUPS = [
+    statement(["ec2:CreateSecurityGroup"], sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:vpc/*")),
+    statement(
+        ["ec2:CreateSecurityGroup", "ec2:CreateTags"],
+        sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:security-group/*"),
+        {"StringEquals": {"aws:RequestTag/respawn:stack": sub("${AWS::StackName}")}},
+    ),
+    statement(
+        [
+            "ec2:AuthorizeSecurityGroupIngress",
+            "ec2:AuthorizeSecurityGroupEgress",
+            "ec2:RevokeSecurityGroupEgress",
+            "ec2:DeleteSecurityGroup",
+        ],
+        sub("arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:security-group/*"),
+        {"StringEquals": {"aws:ResourceTag/respawn:stack": sub("${AWS::StackName}")}},
+    ),
+    statement(["ec2:DescribeSecurityGroups"], "*"),
+]
+
+# The agents' security groups: the operator's, or the stack's own.
+AGENT_GROUPS = {"Fn::If": ["HasSecurityGroups", ref("SecurityGroupIds"), [ref("AgentSecurityGroup")]]}
+
 # What each function does, with what, fed by which queues.
 FUNCTIONS = {
     "submit": {
@@ -198,7 +223,7 @@ FUNCTIONS = {
     "dispatch": {
         "doc": "attempts get their spot instance",
         "queues": [("dispatch", b) for b in BANDS],
-        "policy": [STATE_RW, DATA_JOBS_RW, SEND, DESCRIBE, TERMINATE] + RUN,
+        "policy": [STATE_RW, DATA_JOBS_RW, SEND, DESCRIBE, TERMINATE] + RUN + GANG_GROUPS,
     },
     "events": {
         "doc": "agents' reports and EC2 spot events",
@@ -218,8 +243,9 @@ FUNCTIONS = {
     "reconcile": {
         "doc": "deadlines, lost VMs and orphans, warm pools' size, every minute",
         "schedule": "rate(1 minute)",
-        # RUN: it launches the VMs that keep a pool's minimum warm.
-        "policy": [STATE_RW, SEND, DESCRIBE, TERMINATE] + RUN,
+        # RUN: it launches the VMs that keep a pool's minimum warm; it sweeps the
+        # groups of gangs that are over.
+        "policy": [STATE_RW, SEND, DESCRIBE, TERMINATE] + RUN + GANG_GROUPS,
     },
     "api": {
         "doc": "the HTTP API (function URL; bearer tokens, signed webhooks, agent credentials)",
@@ -444,10 +470,21 @@ def template():
                     }
                 ],
                 "InstanceInitiatedShutdownBehavior": "terminate",
-                "SecurityGroupIds": {
-                    "Fn::If": ["HasSecurityGroups", ref("SecurityGroupIds"), {"Ref": "AWS::NoValue"}]
-                },
+                "SecurityGroupIds": AGENT_GROUPS,
             }
+        },
+    }
+    # Without the operator's groups, agents get this one rather than the VPC's
+    # default group, which admits every other member: one job's instance must
+    # not reach another's.
+    resources["AgentSecurityGroup"] = {
+        "Type": "AWS::EC2::SecurityGroup",
+        "Condition": "NoSecurityGroups",
+        "Properties": {
+            # Outbound (images, storage, the API): EC2's default rule, all.
+            "GroupDescription": "respawn agents: nothing inbound; the nodes of a gang reach each other through a group of the gang",
+            "VpcId": {"Fn::If": ["HasVpc", ref("VpcId"), {"Ref": "AWS::NoValue"}]},
+            "Tags": [{"Key": "respawn:stack", "Value": sub("${AWS::StackName}")}],
         },
     }
     # Multi-node attempts launch their gang in it, all nodes close together; one
@@ -475,6 +512,7 @@ def template():
                 "Description": "GPU instance types as model:gpus=type,… (empty: respawn's built-in table)",
             },
             "SubnetId": {"Type": "String", "Default": "", "Description": "Where agents run (empty: the default VPC)"},
+            "VpcId": {"Type": "String", "Default": "", "Description": "SubnetId's VPC (empty: the default VPC)"},
             "SecurityGroupIds": {"Type": "CommaDelimitedList", "Default": ""},
             "Pools": {
                 "Type": "String",
@@ -487,8 +525,19 @@ def template():
                 "Description": "Reserved concurrency of each function",
             },
         },
+        "Rules": {
+            "SubnetNeedsItsVpc": {
+                "RuleCondition": {"Fn::Not": [{"Fn::Equals": [ref("SubnetId"), ""]}]},
+                "Assertions": [{
+                    "Assert": {"Fn::Not": [{"Fn::Equals": [ref("VpcId"), ""]}]},
+                    "AssertDescription": "with SubnetId, give its VpcId: agents' and gangs' security groups are made there",
+                }],
+            },
+        },
         "Conditions": {
             "HasSubnet": {"Fn::Not": [{"Fn::Equals": [ref("SubnetId"), ""]}]},
+            "HasVpc": {"Fn::Not": [{"Fn::Equals": [ref("VpcId"), ""]}]},
+            "NoSecurityGroups": {"Fn::Not": [{"Condition": "HasSecurityGroups"}]},
             "HasSecurityGroups": {
                 "Fn::Not": [{"Fn::Equals": [{"Fn::Join": [",", ref("SecurityGroupIds")]}, ""]}]
             },
@@ -510,6 +559,8 @@ def template():
                         "RESPAWN_EC2_CPU_TYPE": ref("CpuInstanceType"),
                         "RESPAWN_EC2_INSTANCE_TYPES": ref("InstanceTypes"),
                         "RESPAWN_EC2_SUBNET": {"Fn::If": ["HasSubnet", ref("SubnetId"), {"Ref": "AWS::NoValue"}]},
+                        "RESPAWN_EC2_VPC": {"Fn::If": ["HasVpc", ref("VpcId"), {"Ref": "AWS::NoValue"}]},
+                        "RESPAWN_EC2_SECURITY_GROUPS": {"Fn::Join": [",", AGENT_GROUPS]},
                         "RESPAWN_EC2_LAUNCH_TEMPLATE": ref("AgentLaunchTemplate"),
                         "RESPAWN_EC2_PLACEMENT_GROUP": ref("AgentPlacementGroup"),
                         "RESPAWN_EC2_POOLS": ref("Pools"),

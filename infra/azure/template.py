@@ -56,8 +56,13 @@ VM_LAUNCHER_ACTIONS = [
     "Microsoft.Compute/disks/read", "Microsoft.Compute/disks/delete",
     "Microsoft.Compute/images/read", "Microsoft.Compute/galleries/images/versions/read",
     "Microsoft.Compute/locations/operations/read",
-    # A multi-node attempt's gang goes in a proximity placement group of its own.
+    # A multi-node attempt's gang goes in a proximity placement group of its own,
+    # its NICs in an application security group of its own, which a rule of the
+    # gang's in the agents' NSG lets reach each other (and no other VM).
     *(f"Microsoft.Compute/proximityPlacementGroups/{a}" for a in ("read", "write", "delete")),
+    *(f"Microsoft.Network/applicationSecurityGroups/{a}"
+      for a in ("read", "write", "delete", "joinIpConfiguration/action", "joinNetworkSecurityRule/action")),
+    *(f"Microsoft.Network/networkSecurityGroups/securityRules/{a}" for a in ("read", "write", "delete")),
     *(f"Microsoft.Network/networkInterfaces/{a}" for a in ("read", "write", "delete", "join/action")),
     "Microsoft.Network/virtualNetworks/subnets/join/action",
     "Microsoft.Network/networkSecurityGroups/join/action",
@@ -358,7 +363,9 @@ def network(resources):
                        "destinationAddressPrefix": "*", "destinationPortRange": "*"},
     }, {
         # One job's VM must not reach another's (the default AllowVnetInBound
-        # would let it): agents take no connections at all.
+        # would let it): agents take no connections, except a multi-node
+        # attempt's nodes from each other, through the rule (priority 1000-3999)
+        # and application security group the broker makes for each gang.
         "name": "deny-vnet-inbound",
         "properties": {"priority": 4095, "direction": "Inbound", "access": "Deny", "protocol": "*",
                        "sourceAddressPrefix": "VirtualNetwork", "sourcePortRange": "*",
@@ -411,6 +418,7 @@ def function_app(resources, broker_roles):
         "RESPAWN_AZURE_RESOURCE_GROUP": ex("resourceGroup().name"),
         "RESPAWN_AZURE_LOCATION": LOCATION,
         "RESPAWN_AZURE_SUBNET": ex(SUBNET.id),
+        "RESPAWN_AZURE_NSG": ex(NSG.id),
         "RESPAWN_AZURE_IMAGE": ex(P("agentImage")),
         "RESPAWN_AZURE_AGENT_IDENTITY": ex(AGENT.id),
         "RESPAWN_AZURE_VM_SIZES": ex(P("vmSizes")),

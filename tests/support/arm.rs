@@ -7,10 +7,14 @@
 //! Service's managed identity endpoint (`IDENTITY_ENDPOINT`, `X-IDENTITY-HEADER`),
 //! the one `azure_identity` asks inside a function app.
 //!
-//! Proximity placement groups (`PUT`/`GET`/`DELETE …/proximityPlacementGroups/
-//! {name}`; a VM may name one that exists, which cannot be deleted while a VM is
-//! in it) and each VM's network interface (`GET …/networkInterfaces/{name}`, its
-//! private address loopback, where the harness's VMs meet) are there too.
+//! Proximity placement groups and application security groups (`PUT`/`GET`/
+//! `DELETE` one, `GET` the list; a VM may name one that exists, which cannot be
+//! deleted while a VM, or for an application security group a security rule,
+//! names it), the security rules of one network security group ([`Arm::nsg`]:
+//! `PUT`/`GET`/`DELETE …/securityRules/{name}`, a long-running operation each;
+//! two inbound rules with one priority are a `SecurityRuleConflict`) and each
+//! VM's network interface (`GET …/networkInterfaces/{name}`, its private address
+//! loopback, where the harness's VMs meet) are there too.
 //!
 //! With [`Boot`], every VM created boots: its custom data runs on this machine
 //! (as cloud-init would run it) with an instance metadata service of its own —
@@ -110,11 +114,75 @@ struct Inner {
     slow_delete: u32,
     /// VMs being deleted, with the GETs left before they are gone.
     deleting: BTreeMap<String, u32>,
-    /// Proximity placement groups, by name, with their `PUT` bodies.
-    ppgs: BTreeMap<String, Value>,
-    /// Every proximity placement group ever deleted.
-    ppgs_deleted: Vec<String>,
+    /// Proximity placement and application security groups, by kind and name,
+    /// with their `PUT` bodies.
+    groups: BTreeMap<(Group, String), Value>,
+    /// Every group ever deleted.
+    groups_deleted: Vec<(Group, String)>,
+    /// The NSG's security rules, by name, with their `PUT` bodies.
+    rules: BTreeMap<String, Value>,
+    /// Rule `PUT`s left to answer `SecurityRuleConflict` whatever their priority
+    /// (as if another broker had just taken it).
+    rule_conflicts: u32,
 }
+
+/// The kinds of group a VM may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Group {
+    /// `Microsoft.Compute/proximityPlacementGroups`.
+    Placement,
+    /// `Microsoft.Network/applicationSecurityGroups`.
+    Peers,
+}
+
+impl Group {
+    fn id(self, name: &str) -> String {
+        let provider = match self {
+            Group::Placement => "Microsoft.Compute/proximityPlacementGroups",
+            Group::Peers => "Microsoft.Network/applicationSecurityGroups",
+        };
+        format!(
+            "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/{provider}/{name}"
+        )
+    }
+
+    /// The ids of this kind of group `vm` names.
+    fn named_by(self, vm: &Value) -> Vec<String> {
+        let p = &vm["properties"];
+        let ids: Vec<&Value> = match self {
+            Group::Placement => vec![&p["proximityPlacementGroup"]["id"]],
+            Group::Peers => p["networkProfile"]["networkInterfaceConfigurations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|n| {
+                    n["properties"]["ipConfigurations"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                })
+                .flat_map(|c| {
+                    c["properties"]["applicationSecurityGroups"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                })
+                .map(|g| &g["id"])
+                .collect(),
+        };
+        ids.into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Group `name` of this kind, from its id, if the id is of this kind here.
+    fn name_of(self, id: &str) -> Option<&str> {
+        id.strip_prefix(&self.id(""))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+    }
+}
+
+const NSG_NAME: &str = "agents-nsg";
 
 type Shared = Arc<Mutex<Inner>>;
 
@@ -199,11 +267,23 @@ impl Arm {
             )
             .route(
                 "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/proximityPlacementGroups/{name}",
-                any(ppg),
+                any(|s, m, p, h, q, b| group(Group::Placement, s, m, p, h, q, b)),
             )
             .route(
                 "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/proximityPlacementGroups",
-                get(ppgs),
+                get(|s, h, q| groups(Group::Placement, s, h, q)),
+            )
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/applicationSecurityGroups/{name}",
+                any(|s, m, p, h, q, b| group(Group::Peers, s, m, p, h, q, b)),
+            )
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/applicationSecurityGroups",
+                get(|s, h, q| groups(Group::Peers, s, h, q)),
+            )
+            .route(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/networkSecurityGroups/{nsg}/securityRules/{name}",
+                any(rule),
             )
             .route(
                 "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/networkInterfaces/{name}",
@@ -233,6 +313,13 @@ impl Arm {
     pub fn subnet(&self) -> String {
         format!(
             "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/virtualNetworks/agents/subnets/agents"
+        )
+    }
+
+    /// The agents' network security group (a resource id).
+    pub fn nsg(&self) -> String {
+        format!(
+            "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/networkSecurityGroups/{NSG_NAME}"
         )
     }
 
@@ -278,13 +365,47 @@ impl Arm {
     }
 
     /// Scheduled Events acknowledged, as `(vm, event id)`.
-    /// The proximity placement groups there are now, by name.
-    pub fn ppgs(&self) -> Vec<String> {
-        self.lock().ppgs.keys().cloned().collect()
+    /// The groups of `kind` there are now, by name.
+    pub fn groups(&self, kind: Group) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .groups
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
-    pub fn ppgs_deleted(&self) -> Vec<String> {
-        self.lock().ppgs_deleted.clone()
+    /// The groups of `kind` ever deleted, in order.
+    pub fn groups_deleted(&self, kind: Group) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .groups_deleted
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// The NSG's security rules now, by name, as `PUT`.
+    pub fn rules(&self) -> BTreeMap<String, Value> {
+        self.lock().rules.clone()
+    }
+
+    /// Puts a rule there as an operator would (or a deployment's own).
+    pub fn put_rule(&self, name: &str, rule: Value) {
+        self.lock().rules.insert(name.to_owned(), rule);
+    }
+
+    /// Deletes a rule as a deployment of the template would (it replaces the
+    /// NSG's rules with its own).
+    pub fn drop_rule(&self, name: &str) {
+        self.lock().rules.remove(name);
+    }
+
+    /// The next `n` rule `PUT`s meet `SecurityRuleConflict`.
+    pub fn conflict_rules(&self, n: u32) {
+        self.lock().rule_conflicts = n;
     }
 
     pub fn acked(&self) -> Vec<(String, String)> {
@@ -727,17 +848,18 @@ async fn vm(
             if let Some(why) = invalid(&body) {
                 return error(StatusCode::BAD_REQUEST, "InvalidParameter", &why);
             }
-            if let Some(id) = body["properties"]["proximityPlacementGroup"]["id"].as_str() {
-                let name = id.rsplit('/').next().unwrap_or_default();
-                let prefix = format!(
-                    "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Compute/proximityPlacementGroups/"
-                );
-                if !id.starts_with(&prefix) || !inner.ppgs.contains_key(name) {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        "NotFound",
-                        &format!("Resource {id} not found."),
-                    );
+            for kind in [Group::Placement, Group::Peers] {
+                for id in kind.named_by(&body) {
+                    let known = kind
+                        .name_of(&id)
+                        .is_some_and(|n| inner.groups.contains_key(&(kind, n.to_owned())));
+                    if !known {
+                        return error(
+                            StatusCode::NOT_FOUND,
+                            "NotFound",
+                            &format!("Resource {id} not found."),
+                        );
+                    }
                 }
             }
             let mut failure = None;
@@ -780,7 +902,8 @@ async fn vm(
     }
 }
 
-async fn ppg(
+async fn group(
+    kind: Group,
     State(arm): State<Arm>,
     method: Method,
     Path((sub, rg, name)): Path<(String, String, String)>,
@@ -798,9 +921,8 @@ async fn ppg(
             "no such group",
         );
     }
-    let id = format!(
-        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/proximityPlacementGroups/{name}"
-    );
+    let id = kind.id(&name);
+    let key = (kind, name.clone());
     let mut inner = arm.lock();
     match method {
         Method::PUT => {
@@ -814,8 +936,7 @@ async fn ppg(
                     "location is required",
                 );
             }
-            let created = !inner.ppgs.contains_key(&name);
-            inner.ppgs.insert(name.clone(), body.clone());
+            let created = inner.groups.insert(key, body.clone()).is_none();
             let status = if created {
                 StatusCode::CREATED
             } else {
@@ -827,7 +948,7 @@ async fn ppg(
                 &[],
             )
         }
-        Method::GET => match inner.ppgs.get(&name) {
+        Method::GET => match inner.groups.get(&key) {
             Some(body) => json_response(
                 StatusCode::OK,
                 json!({"id": id, "name": name, "properties": body["properties"]}),
@@ -840,19 +961,41 @@ async fn ppg(
             ),
         },
         Method::DELETE => {
-            let in_use = inner.vms.values().any(|v| {
-                v.body["properties"]["proximityPlacementGroup"]["id"].as_str() == Some(id.as_str())
+            let on_vm = inner
+                .vms
+                .values()
+                .any(|v| kind.named_by(&v.body).contains(&id));
+            let in_rule = inner.rules.values().any(|r| {
+                [
+                    "sourceApplicationSecurityGroups",
+                    "destinationApplicationSecurityGroups",
+                ]
+                .iter()
+                .flat_map(|k| r["properties"][k].as_array().into_iter().flatten())
+                .any(|g| g["id"].as_str() == Some(id.as_str()))
             });
-            if in_use {
-                return error(
-                    StatusCode::CONFLICT,
-                    "OperationNotAllowed",
-                    "The proximity placement group cannot be deleted while virtual machines are in it.",
-                );
+            match kind {
+                Group::Placement if on_vm => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "OperationNotAllowed",
+                        "The proximity placement group cannot be deleted while virtual machines are in it.",
+                    );
+                }
+                Group::Peers if on_vm || in_rule => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "InUseApplicationSecurityGroupCannotBeDeleted",
+                        &format!(
+                            "Application Security Group {name} cannot be deleted because it is referenced by IpConfiguration(s) or security rule(s)."
+                        ),
+                    );
+                }
+                _ => {}
             }
-            match inner.ppgs.remove(&name) {
+            match inner.groups.remove(&key) {
                 Some(_) => {
-                    inner.ppgs_deleted.push(name);
+                    inner.groups_deleted.push(key);
                     StatusCode::OK.into_response()
                 }
                 None => StatusCode::NO_CONTENT.into_response(),
@@ -866,9 +1009,9 @@ async fn ppg(
     }
 }
 
-async fn ppgs(
+async fn groups(
+    kind: Group,
     State(arm): State<Arm>,
-    Path((_sub, _rg)): Path<(String, String)>,
     h: HeaderMap,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
@@ -877,11 +1020,163 @@ async fn ppgs(
     }
     let inner = arm.lock();
     let value: Vec<Value> = inner
-        .ppgs
+        .groups
         .iter()
-        .map(|(name, body)| json!({"name": name, "tags": body["tags"], "properties": body["properties"]}))
+        .filter(|((k, _), _)| *k == kind)
+        .map(|((_, name), body)| json!({"name": name, "tags": body["tags"], "properties": body["properties"]}))
         .collect();
     json_response(StatusCode::OK, json!({ "value": value }), &[])
+}
+
+/// What is wrong with a security rule's `PUT` body, by the documented schema.
+fn invalid_rule(inner: &Inner, body: &Value) -> Option<(StatusCode, String, String)> {
+    let bad = |code: &str, m: String| Some((StatusCode::BAD_REQUEST, code.to_owned(), m));
+    let p = &body["properties"];
+    let Some(priority) = p["priority"].as_u64() else {
+        return bad(
+            "SecurityRuleInvalidPriority",
+            "properties.priority is required".into(),
+        );
+    };
+    if !(100..=4096).contains(&priority) {
+        return bad(
+            "SecurityRuleInvalidPriority",
+            format!(
+                "Security rule has invalid Priority. Value provided: {priority} Allowed values are from 100 to 4096."
+            ),
+        );
+    }
+    for (field, allowed) in [
+        ("direction", &["Inbound", "Outbound"][..]),
+        ("access", &["Allow", "Deny"][..]),
+        ("protocol", &["*", "Tcp", "Udp", "Icmp", "Esp", "Ah"][..]),
+    ] {
+        if !p[field].as_str().is_some_and(|v| allowed.contains(&v)) {
+            return bad(
+                "InvalidRequestFormat",
+                format!("properties.{field} must be one of {allowed:?}"),
+            );
+        }
+    }
+    for side in ["source", "destination"] {
+        let prefix = p[format!("{side}AddressPrefix")].is_string();
+        let groups = p[format!("{side}ApplicationSecurityGroups")].as_array();
+        if prefix == groups.is_some() {
+            return bad(
+                "InvalidRequestFormat",
+                format!(
+                    "exactly one of properties.{side}AddressPrefix and properties.{side}ApplicationSecurityGroups"
+                ),
+            );
+        }
+        for g in groups.into_iter().flatten() {
+            let id = g["id"].as_str().unwrap_or_default();
+            let known = Group::Peers
+                .name_of(id)
+                .is_some_and(|n| inner.groups.contains_key(&(Group::Peers, n.to_owned())));
+            if !known {
+                return Some((
+                    StatusCode::NOT_FOUND,
+                    "NotFound".into(),
+                    format!("Resource {id} not found."),
+                ));
+            }
+        }
+        if !p[format!("{side}PortRange")].is_string() {
+            return bad(
+                "InvalidRequestFormat",
+                format!("properties.{side}PortRange is required"),
+            );
+        }
+    }
+    None
+}
+
+async fn rule(
+    State(arm): State<Arm>,
+    method: Method,
+    Path((sub, rg, nsg, name)): Path<(String, String, String, String)>,
+    h: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = refused(&arm, &h, &q) {
+        return r;
+    }
+    if sub != SUBSCRIPTION || rg != RESOURCE_GROUP || nsg != NSG_NAME {
+        return error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            &format!("NSG {nsg} was not found."),
+        );
+    }
+    let mut inner = arm.lock();
+    match method {
+        Method::PUT => {
+            let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+                return error(StatusCode::BAD_REQUEST, "InvalidRequestContent", "not JSON");
+            };
+            if let Some((status, code, message)) = invalid_rule(&inner, &body) {
+                return error(status, &code, &message);
+            }
+            let p = &body["properties"];
+            let taken = inner.rules.iter().find(|(other, r)| {
+                **other != name
+                    && r["properties"]["priority"] == p["priority"]
+                    && r["properties"]["direction"] == p["direction"]
+            });
+            let clash = match (taken, inner.rule_conflicts) {
+                (Some((other, _)), _) => Some(other.clone()),
+                (None, 0) => None,
+                (None, _) => {
+                    inner.rule_conflicts -= 1;
+                    Some("a-rule-made-meanwhile".into())
+                }
+            };
+            if let Some(other) = clash {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "SecurityRuleConflict",
+                    &format!(
+                        "Security rule {name} conflicts with rule {other}. Rules cannot have the same Priority and Direction."
+                    ),
+                );
+            }
+            let created = inner.rules.insert(name.clone(), body.clone()).is_none();
+            let op = new_operation(&arm, &mut inner, "", 1, None);
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json_response(
+                status,
+                json!({"name": name, "properties": body["properties"]}),
+                &[("azure-asyncoperation", op)],
+            )
+        }
+        Method::GET => match inner.rules.get(&name) {
+            Some(body) => json_response(
+                StatusCode::OK,
+                json!({"name": name, "properties": body["properties"]}),
+                &[],
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("Security rule {name} was not found."),
+            ),
+        },
+        Method::DELETE => match inner.rules.remove(&name) {
+            Some(_) => StatusCode::OK.into_response(),
+            None => StatusCode::NO_CONTENT.into_response(),
+        },
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not a rule method",
+        ),
+    }
 }
 
 /// A VM's NIC (named `<vm>-nic-<suffix>`, as ARM names the ones it makes): its

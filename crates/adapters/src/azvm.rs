@@ -34,6 +34,14 @@
 //!   them again) and is the gang's miss. The gang is one VM to the broker: gone when
 //!   any node is. Agents learn their peers' private addresses through the broker
 //!   ([`Compute::roster`]: each node's primary NIC).
+//! - **A gang's network**: the agents' NSG denies traffic between agents, so that
+//!   no job reaches another's VM. A gang's NICs join an application security group
+//!   of their own, `<vm name>-asg`, and a rule `<vm name>-gang` in the NSG allows
+//!   traffic from that group to that group alone, at a priority between
+//!   [`GANG_PRIORITIES`]'s bounds (first choice from the name, the next on a
+//!   `SecurityRuleConflict`). A release deletes the rule, the group and the
+//!   proximity group; what ARM refuses while nodes are still being deleted, the
+//!   reconcile timer deletes later ([`ArmCompute::sweep_groups`]).
 //! - **Warm pools** (`RESPAWN_AZURE_POOLS`): VMs that run attempt after attempt,
 //!   as on EC2 ([`crate::vmpool`]): named `<stack>-p<16 hex>` from their pool VM
 //!   name, tagged `respawn-pool` and `respawn-vm`, their agent asking the API for
@@ -152,6 +160,10 @@ pub struct ArmConfig {
     pub location: String,
     /// The subnet the VMs' NICs join (a resource id).
     pub subnet: String,
+    /// The network security group on that subnet (a resource id), which denies
+    /// traffic between agents; a gang's rule there lets its nodes reach each
+    /// other. `None`: no rule is made (the subnet's own rules decide).
+    pub nsg: Option<String>,
     pub image: Image,
     /// The user-assigned identity the VMs get (the job container, nothing else).
     pub agent_identity: Option<String>,
@@ -568,9 +580,60 @@ impl ArmVm {
     }
 }
 
-/// The proximity placement group of the gang whose rank 0 is VM `base`.
-fn ppg_name(base: &str) -> String {
-    format!("{base}-ppg")
+/// What a gang has besides its VMs, each named after its rank 0 VM, `base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GangPart {
+    /// Its proximity placement group: the nodes close together.
+    Placement,
+    /// Its application security group: the nodes' NICs, which the gang's rule in
+    /// the agents' NSG lets reach each other.
+    Peers,
+}
+
+impl GangPart {
+    const ALL: [GangPart; 2] = [GangPart::Placement, GangPart::Peers];
+
+    fn resource_type(self) -> &'static str {
+        match self {
+            GangPart::Placement => "Microsoft.Compute/proximityPlacementGroups",
+            GangPart::Peers => "Microsoft.Network/applicationSecurityGroups",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            GangPart::Placement => API_VERSION,
+            GangPart::Peers => NETWORK_API_VERSION,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            GangPart::Placement => "-ppg",
+            GangPart::Peers => "-asg",
+        }
+    }
+}
+
+/// The priorities gang rules take in the agents' NSG: above (before) the
+/// template's deny rules at 4095 and 4096, below (after) 1000, which leaves the
+/// first numbers to an operator's own rules.
+pub const GANG_PRIORITIES: std::ops::Range<u32> = 1000..4000;
+
+/// Priorities a gang's rule tries before its allocation gives up for now.
+const PRIORITY_TRIES: u32 = 32;
+
+/// The name of the rule that lets gang `base`'s nodes reach each other.
+fn rule_name(base: &str) -> String {
+    format!("{base}-gang")
+}
+
+/// The first priority gang `base`'s rule tries: spread by the name, so that gangs
+/// allocated at once rarely try the same one.
+fn first_priority(base: &str) -> u32 {
+    let digest = Sha256::digest(base.as_bytes());
+    let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    GANG_PRIORITIES.start + n % GANG_PRIORITIES.len() as u32
 }
 
 /// A gang as the broker sees it: one VM, named as its rank 0, gone once any node
@@ -985,42 +1048,155 @@ impl ArmCompute {
         if gang.is_some() {
             let base = vm_name(&self.cfg.stack, &req.key);
             body["properties"]["proximityPlacementGroup"] =
-                json!({ "id": self.ppg_id(&ppg_name(&base)) });
+                json!({ "id": self.part_id(GangPart::Placement, &base) });
+            if self.cfg.nsg.is_some() {
+                body["properties"]["networkProfile"]["networkInterfaceConfigurations"][0]["properties"]
+                    ["ipConfigurations"][0]["properties"]["applicationSecurityGroups"] =
+                    json!([{ "id": self.part_id(GangPart::Peers, &base) }]);
+            }
         }
         body
     }
 
-    fn ppg_id(&self, name: &str) -> String {
+    /// The resource id of gang `base`'s `part`.
+    fn part_id(&self, part: GangPart, base: &str) -> String {
         format!(
-            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/proximityPlacementGroups/{name}",
-            self.cfg.subscription, self.cfg.resource_group
+            "/subscriptions/{}/resourceGroups/{}/providers/{}/{base}{}",
+            self.cfg.subscription,
+            self.cfg.resource_group,
+            part.resource_type(),
+            part.suffix()
         )
     }
 
-    fn ppg_url(&self, name: &str) -> String {
+    fn part_url(&self, part: GangPart, base: &str) -> String {
         format!(
-            "{}{}?api-version={API_VERSION}",
+            "{}{}?api-version={}",
             self.cfg.endpoint,
-            self.ppg_id(name)
+            self.part_id(part, base),
+            part.api_version()
         )
     }
 
-    /// A gang's nodes go in one proximity placement group: close together, as
-    /// nodes that talk every step must be. A `PUT` of one that exists is a no-op.
-    async fn put_ppg(&self, req: &AllocateRequest, name: &str) -> Result<(), Error> {
-        let body = json!({
+    /// The URL of gang `base`'s rule in `nsg`.
+    fn rule_url(&self, nsg: &str, base: &str) -> String {
+        format!(
+            "{}{nsg}/securityRules/{}?api-version={NETWORK_API_VERSION}",
+            self.cfg.endpoint,
+            rule_name(base)
+        )
+    }
+
+    /// `PUT`s `body` at `url` and follows the operation ARM answers with, if any,
+    /// until it ends or `cfg.follow` passes (the resource is usable meanwhile).
+    async fn put_followed(&self, url: &str, body: &Value) -> Result<(), ArmError> {
+        let (_, operation, _) = self.call(reqwest_aws::Method::PUT, url, Some(body)).await?;
+        match operation {
+            Some(op) => self.follow(&op).await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
+    /// What gang `base` needs before its nodes: a proximity placement group, so
+    /// that nodes that talk every step are close together, and (with an NSG) the
+    /// application security group of its NICs and the rule that lets them reach
+    /// each other. Every `PUT` of something that exists is a no-op.
+    async fn put_gang_parts(&self, req: &AllocateRequest, base: &str) -> Result<(), Error> {
+        let tags = json!({
+            TAG_STACK: self.cfg.stack,
+            TAG_JOB: req.key.job.to_string(),
+            TAG_ATTEMPT: req.key.attempt.to_string(),
+        });
+        let placement = json!({
             "location": self.cfg.location,
-            "tags": {
-                TAG_STACK: self.cfg.stack,
-                TAG_JOB: req.key.job.to_string(),
-                TAG_ATTEMPT: req.key.attempt.to_string(),
-            },
+            "tags": tags,
             "properties": { "proximityPlacementGroupType": "Standard" },
         });
-        self.call(reqwest_aws::Method::PUT, &self.ppg_url(name), Some(&body))
+        self.put_followed(&self.part_url(GangPart::Placement, base), &placement)
             .await
-            .map(drop)
-            .map_err(ArmError::into_compute)
+            .map_err(ArmError::into_compute)?;
+        let Some(nsg) = &self.cfg.nsg else {
+            return Ok(());
+        };
+        let peers = json!({ "location": self.cfg.location, "tags": tags, "properties": {} });
+        self.put_followed(&self.part_url(GangPart::Peers, base), &peers)
+            .await
+            .map_err(ArmError::into_compute)?;
+        self.put_rule(nsg, base).await
+    }
+
+    /// The rule in `nsg` that lets gang `base`'s nodes, and no other VM, reach
+    /// each other.
+    async fn put_rule(&self, nsg: &str, base: &str) -> Result<(), Error> {
+        let group = json!([{ "id": self.part_id(GangPart::Peers, base) }]);
+        let url = self.rule_url(nsg, base);
+        let first = first_priority(base) - GANG_PRIORITIES.start;
+        let span = GANG_PRIORITIES.len() as u32;
+        for i in 0..PRIORITY_TRIES {
+            let priority = GANG_PRIORITIES.start + (first + i) % span;
+            let rule = json!({"properties": {
+                "description": format!("respawn: the nodes of gang {base} reach each other"),
+                "priority": priority,
+                "direction": "Inbound",
+                "access": "Allow",
+                "protocol": "*",
+                "sourceApplicationSecurityGroups": group,
+                "destinationApplicationSecurityGroups": group,
+                "sourcePortRange": "*",
+                "destinationPortRange": "*",
+            }});
+            match self.put_followed(&url, &rule).await {
+                Ok(()) => return Ok(()),
+                // Another rule (another gang's, or an operator's) has it.
+                Err(e) if e.code == "SecurityRuleConflict" => continue,
+                Err(e) => return Err(e.into_compute()),
+            }
+        }
+        Err(Error::Capacity(format!(
+            "no free priority for the gang's rule in the agents' NSG after {PRIORITY_TRIES} tries (at most {span} gangs at once)"
+        )))
+    }
+
+    /// Makes live gang `base`'s rule again if it is gone: a deployment of the
+    /// template replaces the NSG's rules with its own, and the nodes of a gang
+    /// running meanwhile would stop reaching each other.
+    async fn heal_rule(&self, nsg: &str, base: &str) -> Result<(), Error> {
+        let url = self.rule_url(nsg, base);
+        match self.call(reqwest_aws::Method::GET, &url, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status == 404 => {
+                warn!(vm = %base, "the gang's rule is gone from the agents' NSG; making it again");
+                self.put_rule(nsg, base).await
+            }
+            Err(e) => Err(e.into_compute()),
+        }
+    }
+
+    /// Deletes what gang `base` has besides its VMs: its rule first (it names the
+    /// application security group), then the groups. ARM refuses to delete a
+    /// group while a node that is still being deleted is in it; returns whether
+    /// everything is gone.
+    async fn drop_gang_parts(&self, base: &str) -> Result<bool, Error> {
+        let mut urls = Vec::new();
+        if let Some(nsg) = &self.cfg.nsg {
+            urls.push(self.rule_url(nsg, base));
+        }
+        urls.extend(GangPart::ALL.map(|part| self.part_url(part, base)));
+        let mut all = true;
+        for url in urls {
+            match self.call(reqwest_aws::Method::DELETE, &url, None).await {
+                Ok(_) => {}
+                Err(e) if e.status == 404 => {}
+                // In use: ARM answers 409 for a proximity group and 400 for an
+                // application security group still on a NIC.
+                Err(e) if matches!(e.status, 400 | 409) => {
+                    info!(vm = %base, code = %e.code, error = %e.message, "a part of the gang cannot be deleted yet");
+                    all = false;
+                }
+                Err(e) => return Err(e.into_compute()),
+            }
+        }
+        Ok(all)
     }
 
     /// Allocates `req`'s gang of `resources.nodes` VMs, all or none.
@@ -1053,7 +1229,7 @@ impl ArmCompute {
                 format!("VM {base}: its record kept changing under this allocation").into(),
             ));
         }
-        self.put_ppg(req, &ppg_name(&base)).await?;
+        self.put_gang_parts(req, &base).await?;
         let tries = (0..nodes).map(|rank| self.allocate_node(req, &base, size, rank));
         let results = futures::future::join_all(tries).await;
         let miss = results.iter().find_map(|r| match r {
@@ -1260,18 +1436,9 @@ impl Compute for ArmCompute {
                 let node = respawn_core::ports::compute::node_id(&base, rank);
                 self.release_vm(key, &node, nodes).await?;
             }
-            // Free, but not to be left behind; ARM refuses while a node that is
-            // still being deleted is in it, and the next release tries again.
-            if let Err(e) = self
-                .call(
-                    reqwest_aws::Method::DELETE,
-                    &self.ppg_url(&ppg_name(&base)),
-                    None,
-                )
-                .await
-                && e.status != 404
-            {
-                warn!(job_id = %key.job, attempt = key.attempt, vm = %base, code = %e.code, error = %e.message, "cannot delete the gang's proximity placement group yet");
+            // What ARM refuses now, sweep_groups deletes later.
+            if !self.drop_gang_parts(&base).await? {
+                info!(job_id = %key.job, attempt = key.attempt, vm = %base, "the gang's groups are left to the reconcile timer");
             }
         }
         Ok(())
@@ -1466,10 +1633,10 @@ impl ArmCompute {
         }
     }
 
-    /// Deletes the proximity placement groups of released gangs. A release asks
-    /// for its group's deletion at once, which ARM refuses while the nodes' own
-    /// deletions run; the reconcile timer comes back for it here. Returns how many
-    /// went.
+    /// Deletes what released gangs left: their rules, application security
+    /// groups and proximity placement groups. A release asks for their deletion at
+    /// once, which ARM refuses while the nodes' own deletions run; the reconcile
+    /// timer comes back for them here. Returns how many gangs' parts all went.
     pub async fn sweep_groups(&self) -> Result<usize, Error> {
         #[derive(Deserialize)]
         struct Group {
@@ -1485,45 +1652,44 @@ impl ArmCompute {
             #[serde(default)]
             next_link: Option<String>,
         }
-        let mut url = Some(format!(
-            "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/proximityPlacementGroups?api-version={API_VERSION}",
-            self.cfg.endpoint, self.cfg.subscription, self.cfg.resource_group
-        ));
-        let mut gone = 0;
-        while let Some(next) = url.take() {
-            let (_, _, body) = self
-                .call(reqwest_aws::Method::GET, &next, None)
-                .await
-                .map_err(ArmError::into_compute)?;
-            let page: Groups = serde_json::from_str(&body).map_err(|e| {
-                Error::Unavailable(format!("proximity placement groups: {e}").into())
-            })?;
-            for g in page.value {
-                let Some(base) = g.name.strip_suffix("-ppg") else {
-                    continue;
-                };
-                if g.tags.get(TAG_STACK) != Some(&self.cfg.stack) {
-                    continue;
-                }
-                let released = self
-                    .record(base)
-                    .await?
-                    .is_some_and(|(r, _)| r.stage == Stage::Released);
-                if !released {
-                    continue;
-                }
-                match self
-                    .call(reqwest_aws::Method::DELETE, &self.ppg_url(&g.name), None)
+        let mut bases = std::collections::BTreeSet::new();
+        for part in GangPart::ALL {
+            let mut url = Some(format!(
+                "{}/subscriptions/{}/resourceGroups/{}/providers/{}?api-version={}",
+                self.cfg.endpoint,
+                self.cfg.subscription,
+                self.cfg.resource_group,
+                part.resource_type(),
+                part.api_version()
+            ));
+            while let Some(next) = url.take() {
+                let (_, _, body) = self
+                    .call(reqwest_aws::Method::GET, &next, None)
                     .await
-                {
-                    Ok(_) => gone += 1,
-                    Err(e) if e.status == 404 => {}
-                    // Still in use: its nodes are being deleted. Next time.
-                    Err(e) if e.status == 409 => {}
-                    Err(e) => return Err(e.into_compute()),
-                }
+                    .map_err(ArmError::into_compute)?;
+                let page: Groups = serde_json::from_str(&body).map_err(|e| {
+                    Error::Unavailable(format!("{}: {e}", part.resource_type()).into())
+                })?;
+                bases.extend(page.value.into_iter().filter_map(|g| {
+                    let base = g.name.strip_suffix(part.suffix())?;
+                    (g.tags.get(TAG_STACK) == Some(&self.cfg.stack)).then(|| base.to_owned())
+                }));
+                url = page.next_link.filter(|l| !l.is_empty());
             }
-            url = page.next_link.filter(|l| !l.is_empty());
+        }
+        let mut gone = 0;
+        for base in bases {
+            let released = self
+                .record(&base)
+                .await?
+                .is_some_and(|(r, _)| r.stage == Stage::Released);
+            if released {
+                if self.drop_gang_parts(&base).await? {
+                    gone += 1;
+                }
+            } else if let Some(nsg) = &self.cfg.nsg {
+                self.heal_rule(nsg, &base).await?;
+            }
         }
         Ok(gone)
     }

@@ -22,9 +22,16 @@
 //!   its rank is its `ami-launch-index`, and its agent asks the broker for its peers'
 //!   private addresses. The gang is one VM to the broker (rank 0's instance id), gone
 //!   when any node is; an interruption of any node is the attempt's.
+//! - **A gang's network**: the stack's security groups admit nothing from other
+//!   agents, so that no job reaches another's instance. A gang's instances also
+//!   get a security group of their own, `<client token>-gang`, which admits
+//!   traffic from its own members alone (its egress, too, only to them, so that it
+//!   widens nothing the stack's groups restrict). It is deleted once every node is
+//!   terminated, by the reconcile timer ([`Ec2Compute::sweep_groups`]): EC2 refuses
+//!   while a node's network interface still exists.
 //! - **Warm pools** (`RESPAWN_EC2_POOLS`): instances that run attempt after attempt,
 //!   their state in the broker's state bucket; see [`crate::vmpool`].
-//! - **Why the Query API**: the provider needs five EC2 actions. `aws-sdk-ec2` is
+//! - **Why the Query API**: the provider needs a dozen EC2 actions. `aws-sdk-ec2` is
 //!   ~1.2 M lines (minutes and ~9 GB of memory to compile on two cores); signing the
 //!   few form-encoded calls with `aws-sigv4` costs a few hundred lines here.
 
@@ -62,6 +69,14 @@ pub const TAG_POOL: &str = "respawn:pool";
 pub const TAG_VM: &str = "respawn:vm";
 /// A gang's size, on each of its instances (multi-node attempts only).
 pub const TAG_NODES: &str = "respawn:nodes";
+/// When a gang's security group was made (Unix seconds): one whose gang never
+/// launched is deleted after [`UNLAUNCHED_GROUP_AGE`].
+pub const TAG_CREATED: &str = "respawn:created";
+/// How long a gang's security group may stand with no instance of its attempt
+/// (a launch that never came: the broker died between the two calls, or the
+/// attempt went) before the reconcile timer deletes it. Far longer than the
+/// moment between the two calls, and than `DescribeInstances`'s lag.
+pub const UNLAUNCHED_GROUP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 const API_VERSION: &str = "2016-11-15";
 
 /// The instances this broker launches.
@@ -74,6 +89,11 @@ pub struct Ec2Config {
     pub cpu_instance_type: String,
     pub instance_types: InstanceTypes,
     pub subnet_id: Option<String>,
+    /// The VPC of `subnet_id`, where gangs' security groups are made (`None`: the
+    /// default VPC).
+    pub vpc_id: Option<String>,
+    /// The stack's security groups, on every instance: they should admit nothing
+    /// from other agents (the template's admit nothing at all).
     pub security_group_ids: Vec<String>,
     /// The agent's instance profile (the bucket's job prefixes, nothing else).
     pub instance_profile: Option<String>,
@@ -329,6 +349,8 @@ struct Launch<'a> {
     boot: Boot<'a>,
     /// Besides the stack's.
     tags: Vec<(&'static str, String)>,
+    /// Security groups besides the stack's (a gang's own).
+    groups: Vec<String>,
     spot: bool,
     max_price: Option<f64>,
 }
@@ -348,6 +370,7 @@ fn attempt_launch<'a>(cfg: &Ec2Config, req: &'a AllocateRequest) -> Result<Launc
             ])
             .chain((req.resources.nodes > 1).then(|| (TAG_NODES, req.resources.nodes.to_string())))
             .collect(),
+        groups: Vec::new(),
         spot: req.placement.spot,
         max_price: req.placement.max_price,
     })
@@ -408,7 +431,13 @@ fn run_params(cfg: &Ec2Config, launch: &Launch<'_>) -> Vec<(String, String)> {
     {
         p.push(("Placement.GroupName".into(), group.clone()));
     }
-    for (i, sg) in cfg.security_group_ids.iter().enumerate() {
+    // The call's groups replace the launch template's: the stack's are named too.
+    for (i, sg) in cfg
+        .security_group_ids
+        .iter()
+        .chain(&launch.groups)
+        .enumerate()
+    {
         p.push((format!("SecurityGroupId.{}", i + 1), sg.clone()));
     }
     if let Some(profile) = &cfg.instance_profile {
@@ -423,7 +452,187 @@ fn run_params(cfg: &Ec2Config, launch: &Launch<'_>) -> Vec<(String, String)> {
     p
 }
 
+/// The name of the security group of `key`'s gang.
+fn gang_group_name(stack: &str, key: &AllocationKey) -> String {
+    format!("{}-gang", client_token(stack, key))
+}
+
 impl Ec2Compute {
+    /// The security group of `key`'s gang (its id), made if need be: it admits
+    /// traffic from its members alone, and (where the stack names its own
+    /// groups, whose egress it would otherwise widen) lets them send only to each
+    /// other. Every step may be retried.
+    async fn gang_group(&self, key: &AllocationKey) -> Result<String, Error> {
+        let name = gang_group_name(&self.cfg.stack, key);
+        let mut params = vec![
+            ("GroupName".to_owned(), name.clone()),
+            (
+                "GroupDescription".to_owned(),
+                format!(
+                    "respawn: the nodes of job {} attempt {}",
+                    key.job, key.attempt
+                ),
+            ),
+            (
+                "TagSpecification.1.ResourceType".to_owned(),
+                "security-group".to_owned(),
+            ),
+        ];
+        if let Some(vpc) = &self.cfg.vpc_id {
+            params.push(("VpcId".to_owned(), vpc.clone()));
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let tags = [
+            (TAG_STACK, self.cfg.stack.clone()),
+            (TAG_JOB, key.job.to_string()),
+            (TAG_ATTEMPT, key.attempt.to_string()),
+            (TAG_CREATED, now.to_string()),
+        ];
+        for (t, (k, v)) in tags.iter().enumerate() {
+            params.push((
+                format!("TagSpecification.1.Tag.{}.Key", t + 1),
+                (*k).to_owned(),
+            ));
+            params.push((format!("TagSpecification.1.Tag.{}.Value", t + 1), v.clone()));
+        }
+        let id = match self.call("CreateSecurityGroup", &params).await {
+            Ok(xml) => {
+                let made: CreatedGroup = quick_xml::de::from_str(&xml)
+                    .map_err(|e| Error::Unavailable(format!("CreateSecurityGroup: {e}").into()))?;
+                made.group_id
+            }
+            // A retried allocation: the group is there.
+            Err(e) if e.code == "InvalidGroup.Duplicate" => self
+                .groups(&[("group-name", name.clone())])
+                .await
+                .map_err(Ec2Error::into_compute)?
+                .into_iter()
+                .next()
+                .map(|g| g.id)
+                .ok_or_else(|| {
+                    Error::Unavailable(format!("security group {name}: made, not yet seen").into())
+                })?,
+            Err(e) => return Err(e.into_compute()),
+        };
+        let members = vec![
+            ("GroupId".to_owned(), id.clone()),
+            ("IpPermissions.1.IpProtocol".to_owned(), "-1".to_owned()),
+            ("IpPermissions.1.Groups.1.GroupId".to_owned(), id.clone()),
+        ];
+        let mut steps = vec![("AuthorizeSecurityGroupIngress", members.clone())];
+        if !self.cfg.security_group_ids.is_empty() {
+            steps.push(("AuthorizeSecurityGroupEgress", members));
+            steps.push((
+                "RevokeSecurityGroupEgress",
+                vec![
+                    ("GroupId".to_owned(), id.clone()),
+                    ("IpPermissions.1.IpProtocol".to_owned(), "-1".to_owned()),
+                    (
+                        "IpPermissions.1.IpRanges.1.CidrIp".to_owned(),
+                        "0.0.0.0/0".to_owned(),
+                    ),
+                ],
+            ));
+        }
+        for (action, params) in steps {
+            match self.call(action, &params).await {
+                Ok(_) => {}
+                // Done by an earlier try.
+                Err(e)
+                    if e.code == "InvalidPermission.Duplicate"
+                        || e.code == "InvalidPermission.NotFound" => {}
+                Err(e) => return Err(e.into_compute()),
+            }
+        }
+        Ok(id)
+    }
+
+    /// The stack's security groups matching `filters` (name → value).
+    async fn groups(&self, filters: &[(&str, String)]) -> Result<Vec<SecurityGroup>, Ec2Error> {
+        let mut params = vec![
+            ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
+            ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
+        ];
+        for (i, (name, value)) in filters.iter().enumerate() {
+            params.push((format!("Filter.{}.Name", i + 2), (*name).to_owned()));
+            params.push((format!("Filter.{}.Value.1", i + 2), value.clone()));
+        }
+        let mut found = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut page = params.clone();
+            if let Some(token) = &next {
+                page.push(("NextToken".to_owned(), token.clone()));
+            }
+            let xml = self.call("DescribeSecurityGroups", &page).await?;
+            let parsed: DescribeGroups = quick_xml::de::from_str(&xml)
+                .map_err(|e| Ec2Error::transport(format!("DescribeSecurityGroups: {e}")))?;
+            found.extend(parsed.groups.item);
+            match parsed.next_token.filter(|t| !t.is_empty()) {
+                Some(t) => next = Some(t),
+                None => return Ok(found),
+            }
+        }
+    }
+
+    async fn delete_group(&self, id: &str) -> Result<(), Ec2Error> {
+        match self
+            .call(
+                "DeleteSecurityGroup",
+                &[("GroupId".to_owned(), id.to_owned())],
+            )
+            .await
+        {
+            Err(e) if e.code == "InvalidGroup.NotFound" => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Deletes the security groups of gangs that are over: every instance of
+    /// the attempt terminated, or none launched after [`UNLAUNCHED_GROUP_AGE`].
+    /// EC2 refuses (`DependencyViolation`) while a terminated node's network
+    /// interface is still there; the next pass tries again. Returns how many went.
+    pub async fn sweep_groups(&self) -> Result<usize, Error> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut gone = 0;
+        let groups = self
+            .groups(&[("tag-key", TAG_CREATED.to_owned())])
+            .await
+            .map_err(Ec2Error::into_compute)?;
+        for g in groups {
+            let (Some(job), Some(attempt), Some(created)) = (
+                g.tag(TAG_JOB).and_then(|j| j.parse::<JobId>().ok()),
+                g.tag(TAG_ATTEMPT).and_then(|a| a.parse::<u32>().ok()),
+                g.tag(TAG_CREATED).and_then(|c| c.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            let key = AllocationKey { job, attempt };
+            let instances = self.of_attempt(&key).await?;
+            let over = if instances.is_empty() {
+                now.saturating_sub(created) >= UNLAUNCHED_GROUP_AGE.as_secs()
+            } else {
+                instances.iter().all(|i| i.state() == VmState::Terminated)
+            };
+            if !over {
+                continue;
+            }
+            match self.delete_group(&g.id).await {
+                Ok(()) => {
+                    info!(job_id = %key.job, attempt = key.attempt, group = %g.id, "the gang's security group deleted");
+                    gone += 1;
+                }
+                Err(e) if e.code == "DependencyViolation" => {}
+                Err(e) => return Err(e.into_compute()),
+            }
+        }
+        Ok(gone)
+    }
+
     /// Launches one instance.
     async fn run_instance(&self, launch: &Launch<'_>) -> Result<Instance, Error> {
         self.run_instances(launch)
@@ -498,8 +707,20 @@ impl Compute for Ec2Compute {
             return self.gang(&req.key, nodes, found).await;
         }
         if nodes > 1 {
-            let launch = attempt_launch(&self.cfg, req)?;
-            let instances = self.run_instances(&launch).await?;
+            let mut launch = attempt_launch(&self.cfg, req)?;
+            let group = self.gang_group(&req.key).await?;
+            launch.groups.push(group.clone());
+            let instances = match self.run_instances(&launch).await {
+                Ok(instances) => instances,
+                Err(e) => {
+                    // All or none: none launched, so the group stands empty; a
+                    // next try makes it again.
+                    if let Err(d) = self.delete_group(&group).await {
+                        info!(job_id = %req.key.job, attempt = req.key.attempt, group = %group, error = %d.message, "the gang's security group is left to the reconcile timer");
+                    }
+                    return Err(e);
+                }
+            };
             info!(job_id = %req.key.job, attempt = req.key.attempt, nodes, instances = ?instances.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), spot = req.placement.spot, "gang launched");
             return self.gang(&req.key, nodes, instances).await;
         }
@@ -819,6 +1040,43 @@ fn by_rank(instances: Vec<Instance>) -> (Vec<Instance>, Vec<String>) {
 }
 
 #[derive(Debug, Deserialize)]
+struct CreatedGroup {
+    #[serde(rename = "groupId")]
+    group_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DescribeGroups {
+    #[serde(rename = "securityGroupInfo", default)]
+    groups: Items<SecurityGroup>,
+    #[serde(rename = "nextToken", default)]
+    next_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SecurityGroup {
+    #[serde(rename = "groupId")]
+    id: String,
+    #[serde(rename = "tagSet", default)]
+    tags: Items<Tag>,
+}
+
+impl SecurityGroup {
+    fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key)
+    }
+}
+
+impl Items<Tag> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.item
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.value.as_str())
+    }
+}
+
+#[derive(Debug, Deserialize)]
 struct InstanceState {
     name: String,
 }
@@ -832,11 +1090,7 @@ struct Tag {
 
 impl Instance {
     fn tag(&self, key: &str) -> Option<&str> {
-        self.tags
-            .item
-            .iter()
-            .find(|t| t.key == key)
-            .map(|t| t.value.as_str())
+        self.tags.get(key)
     }
 
     fn state(&self) -> VmState {
@@ -905,6 +1159,7 @@ impl PoolCloud for Ec2Compute {
                     client_token: client_token_of(&self.cfg.stack, vm),
                     boot: Boot::Pool(vm),
                     tags: vec![(TAG_POOL, pool.name.clone()), (TAG_VM, vm.to_owned())],
+                    groups: Vec::new(),
                     spot: pool.spot,
                     max_price: None,
                 };

@@ -26,7 +26,7 @@ mod aws;
 use aws::Emulator;
 
 fn compute(aws: &Emulator, stack: &str) -> Ec2Compute {
-    ec2_config(aws, stack, Vec::new())
+    ec2_config(aws, stack, Vec::new(), Vec::new())
 }
 
 /// A provider with warm `pools`, their state in a bucket of the emulator's S3.
@@ -46,12 +46,17 @@ fn pooled(aws: &Emulator, stack: &str, pools: &[&str]) -> Ec2Compute {
         .with_secret_access_key("test")
         .build()
         .unwrap();
-    ec2_config(aws, stack, pools)
+    ec2_config(aws, stack, pools, Vec::new())
         .with_pools(std::sync::Arc::new(store))
         .unwrap()
 }
 
-fn ec2_config(aws: &Emulator, stack: &str, pools: Vec<PoolSpec>) -> Ec2Compute {
+fn ec2_config(
+    aws: &Emulator,
+    stack: &str,
+    pools: Vec<PoolSpec>,
+    security_groups: Vec<String>,
+) -> Ec2Compute {
     let sdk = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -68,7 +73,8 @@ fn ec2_config(aws: &Emulator, stack: &str, pools: Vec<PoolSpec>) -> Ec2Compute {
             cpu_instance_type: "c6i.large".into(),
             instance_types: InstanceTypes::default(),
             subnet_id: None,
-            security_group_ids: Vec::new(),
+            vpc_id: None,
+            security_group_ids: security_groups,
             instance_profile: None,
             launch_template: None,
             agent: AgentBoot {
@@ -441,9 +447,19 @@ async fn tending_keeps_min_warm_retires_idle_vms_and_replaces_a_reclaimed_one() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gang_is_launched_whole_listed_once_and_terminated_whole() {
+async fn a_gang_is_launched_whole_reaching_only_itself_listed_once_and_terminated_whole() {
     let aws = Emulator::start();
-    let ec2 = compute(&aws, "gang");
+    // The stack's group, as the template makes it: no inbound at all.
+    let stack_group = aws.drive_python(
+        r#"
+import boto3
+ec2 = boto3.client("ec2", endpoint_url="{endpoint}", region_name="us-east-1",
+                   aws_access_key_id="test", aws_secret_access_key="test")
+print(ec2.create_security_group(GroupName="gang-agents", Description="agents")["GroupId"])
+"#,
+    );
+    let stack_group = stack_group.trim().to_owned();
+    let ec2 = ec2_config(&aws, "gang", Vec::new(), vec![stack_group.clone()]);
     let job = JobId::generate(Timestamp(7_000));
     let key = AllocationKey {
         job: job.clone(),
@@ -503,11 +519,51 @@ for i in found:
     ud = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")["UserData"]["Value"]
     assert "--nodes 3 --rank" in base64.b64decode(ud).decode()
 assert [i["PrivateIpAddress"] for i in found] == {hosts:?}, (found, "the roster is in rank order")
+
+# Every node is in the stack's group and the gang's own, which admits its members
+# alone and lets them send only to each other.
+gangs = ec2.describe_security_groups(Filters=[{{"Name": "tag:respawn:job", "Values": ["{job}"]}}])["SecurityGroups"]
+assert len(gangs) == 1, gangs
+gang = gangs[0]
+for i in found:
+    assert sorted(g["GroupId"] for g in i["SecurityGroups"]) == sorted(["{stack_group}", gang["GroupId"]]), i["SecurityGroups"]
+def only_members(perms):
+    assert len(perms) == 1, perms
+    p = perms[0]
+    assert p["IpProtocol"] == "-1" and not p.get("IpRanges") and not p.get("Ipv6Ranges"), p
+    assert [g["GroupId"] for g in p["UserIdGroupPairs"]] == [gang["GroupId"]], p
+only_members(gang["IpPermissions"])
+only_members(gang["IpPermissionsEgress"])
+tags = {{t["Key"]: t["Value"] for t in gang["Tags"]}}
+assert tags["respawn:stack"] == "gang" and tags["respawn:attempt"] == "1", tags
+
+# Groups of gangs that never launched: one made two hours ago (the broker died
+# before its launch), one made now (its launch about to come).
+import time
+for name, age in (("stale", 7200), ("fresh", 0)):
+    ec2.create_security_group(GroupName=name, Description=name, TagSpecifications=[{{
+        "ResourceType": "security-group",
+        "Tags": [{{"Key": "respawn:stack", "Value": "gang"}},
+                 {{"Key": "respawn:job", "Value": "{other}"}},
+                 {{"Key": "respawn:attempt", "Value": "1" if name == "stale" else "2"}},
+                 {{"Key": "respawn:created", "Value": str(int(time.time()) - age)}}],
+    }}])
 "#,
         id = vm.id,
         hosts = hosts,
+        other = JobId::generate(Timestamp(7_001)),
     ));
+    assert_eq!(
+        ec2.sweep_groups().await.unwrap(),
+        1,
+        "only the stale group goes: the live gang's and the fresh one stay"
+    );
     ec2.release(&key).await.unwrap();
+    assert_eq!(
+        ec2.sweep_groups().await.unwrap(),
+        1,
+        "the released gang's group goes"
+    );
     assert_eq!(
         ec2.describe(&key).await.unwrap().map(|v| v.state),
         Some(VmState::Terminated),
@@ -521,6 +577,9 @@ ec2 = boto3.client("ec2", endpoint_url="{{endpoint}}", region_name="us-east-1",
 rs = ec2.describe_instances(Filters=[{{"Name": "tag:respawn:job", "Values": ["{job}"]}}])["Reservations"]
 states = [i["State"]["Name"] for r in rs for i in r["Instances"]]
 assert len(states) == 3 and all(s in ("shutting-down", "terminated") for s in states), states
+names = sorted(g["GroupName"] for g in ec2.describe_security_groups(
+    Filters=[{{"Name": "tag:respawn:stack", "Values": ["gang"]}}])["SecurityGroups"])
+assert names == ["fresh"], names
 "#
     ));
 }

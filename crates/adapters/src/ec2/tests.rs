@@ -203,6 +203,7 @@ fn config() -> Ec2Config {
         cpu_instance_type: "c6i.large".into(),
         instance_types: InstanceTypes::default(),
         subnet_id: Some("subnet-1".into()),
+        vpc_id: Some("vpc-1".into()),
         security_group_ids: vec!["sg-1".into(), "sg-2".into()],
         instance_profile: Some("agents".into()),
         launch_template: None,
@@ -245,8 +246,20 @@ fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
 fn a_gang_is_one_launch_of_all_its_nodes_in_the_placement_group() {
     let mut req = allocation(true, None);
     req.resources.nodes = 4;
-    let p = run_params(&config(), &attempt_launch(&config(), &req).unwrap());
+    let mut launch = attempt_launch(&config(), &req).unwrap();
+    launch.groups.push("sg-gang".into());
+    let p = run_params(&config(), &launch);
     assert_eq!(get(&p, "MinCount"), Some("4"), "all of the gang or none");
+    // The call's groups replace the launch template's: the stack's stay named.
+    assert_eq!(
+        [
+            "SecurityGroupId.1",
+            "SecurityGroupId.2",
+            "SecurityGroupId.3"
+        ]
+        .map(|k| get(&p, k)),
+        [Some("sg-1"), Some("sg-2"), Some("sg-gang")]
+    );
     assert_eq!(get(&p, "MaxCount"), Some("4"));
     assert_eq!(get(&p, "Placement.GroupName"), Some("rs-gangs"));
     assert_eq!(get(&p, "TagSpecification.1.Tag.5.Key"), Some(TAG_NODES));

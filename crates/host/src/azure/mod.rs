@@ -30,6 +30,7 @@
 //! | `RESPAWN_API_URL` | where agents report (the function app's `https://…/api`) |
 //! | `RESPAWN_AZURE_SUBSCRIPTION`, `RESPAWN_AZURE_RESOURCE_GROUP`, `RESPAWN_AZURE_LOCATION` | where VMs are made |
 //! | `RESPAWN_AZURE_SUBNET` | the agents' subnet (a resource id) |
+//! | `RESPAWN_AZURE_NSG` | the NSG on that subnet (a resource id), where a multi-node attempt's rule lets its nodes reach each other; unset: no rule |
 //! | `RESPAWN_AZURE_IMAGE` | `publisher:offer:sku:version` or an image's resource id |
 //! | `RESPAWN_AZURE_AGENT_IDENTITY` | the user-assigned identity VMs get (the job container only) |
 //! | `RESPAWN_AZURE_CPU_SIZE`, `RESPAWN_AZURE_VM_SIZES`, `RESPAWN_AZURE_DEFAULT_GPU` | VM sizes (`model:gpus=size,…`) |
@@ -203,6 +204,7 @@ impl AzCloud {
                 resource_group: var("RESPAWN_AZURE_RESOURCE_GROUP")?,
                 location: var("RESPAWN_AZURE_LOCATION")?,
                 subnet: var("RESPAWN_AZURE_SUBNET")?,
+                nsg: var("RESPAWN_AZURE_NSG").ok(),
                 image: var("RESPAWN_AZURE_IMAGE")
                     .unwrap_or_else(|_| "Canonical:ubuntu-24_04-lts:server:latest".into())
                     .parse()

@@ -188,10 +188,13 @@ async fn upload(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
 /// schedule.
 pub async fn reconcile(cloud: &Cloud, _event: Value) -> Result<Value, Error> {
     let report = handlers::reconcile(&cloud.broker.ports).await;
-    // The pools are tended whatever became of the jobs' pass.
+    // The pools are tended, and the security groups of gangs that are over
+    // swept, whatever became of the jobs' pass.
+    let swept = cloud.ec2.sweep_groups().await;
     let tended = cloud.ec2.tend_pools().await;
     let report = report?;
     info!(?report, "reconciled");
+    swept?;
     tended?;
     Ok(serde_json::to_value(format!("{report:?}"))?)
 }

@@ -22,7 +22,7 @@
 //! | `RESPAWN_API_URL` | where agents report (all but the `api` function) |
 //! | `RESPAWN_EC2_IMAGE` | the agent's image (AMI) |
 //! | `RESPAWN_EC2_CPU_TYPE`, `RESPAWN_EC2_INSTANCE_TYPES`, `RESPAWN_EC2_DEFAULT_GPU` | instance types ([`InstanceTypes::parse`]) |
-//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE`, `RESPAWN_EC2_PLACEMENT_GROUP` (multi-node attempts) | where instances run, as whom |
+//! | `RESPAWN_EC2_SUBNET`, `RESPAWN_EC2_VPC` (the subnet's, where gangs' security groups go), `RESPAWN_EC2_SECURITY_GROUPS`, `RESPAWN_EC2_INSTANCE_PROFILE`, `RESPAWN_EC2_LAUNCH_TEMPLATE`, `RESPAWN_EC2_PLACEMENT_GROUP` (multi-node attempts) | where instances run, as whom |
 //! | `RESPAWN_EC2_POOLS` | warm pools, `;`-separated [`PoolSpec`](respawn_core::pool::PoolSpec)s (e.g. `cpu:max=4,idle=10m;a10g:gpus=1,max=8`); their state is in the state bucket |
 //! | `RESPAWN_CONFIG` | a folder with `triggers/`, `templates/` and `hooks.yaml` (default: `config/` beside the function) |
 //!
@@ -105,6 +105,7 @@ impl Cloud {
                         .unwrap_or_else(|_| "c6i.large".into()),
                     instance_types,
                     subnet_id: var("RESPAWN_EC2_SUBNET").ok(),
+                    vpc_id: var("RESPAWN_EC2_VPC").ok(),
                     security_group_ids: var("RESPAWN_EC2_SECURITY_GROUPS")
                         .map(|s| s.split(',').map(|g| g.trim().to_owned()).collect())
                         .unwrap_or_default(),
