@@ -210,15 +210,6 @@ pub async fn attempt(
         args
     };
 
-    if spec.image.is_some() && args.nodes() > 1 {
-        // A container on the runtime's bridge network cannot be reached at rank 0's
-        // address, and host networking would let a root container past the VM's
-        // metadata firewall: not until each gang has a network of its own.
-        let why = "multi-node jobs run their command on the VM, not in a container (`image`), for now: \
-                   the other nodes could not reach rank 0 inside it; drop `image`";
-        fail_attempt(&reporter, &stderr, &dirs, why, 126).await;
-        return Ok(Ended::quietly(reporter));
-    }
     if let Err(e) = stage::inputs(bucket.as_ref(), &args.bucket, &spec, &dirs.inputs).await {
         // A job whose inputs cannot be staged cannot run: fail the attempt, in the
         // user's budget (it is the spec's inputs that are wrong), with the reason

@@ -267,6 +267,14 @@ impl Workload {
                         image: image.clone(),
                     })?;
                 let name = container_name(args, task);
+                if let (true, Some(uid)) = (args.nodes() > 1, args.workload_uid) {
+                    // The container runs as the workload's uid (see
+                    // container_command), which must write its checkpoints.
+                    hand_over(&dirs.root, uid).map_err(|source| Error::Spawn {
+                        program: rt.clone(),
+                        source,
+                    })?;
+                }
                 (
                     container_command(&rt, image, spec, secrets, args, task, dirs),
                     Some((rt, name)),
@@ -474,6 +482,22 @@ fn container_command(
     }
     if let Some(wd) = &spec.working_dir {
         cmd.arg(format!("--workdir={wd}"));
+    }
+    if args.nodes() > 1 {
+        // The other nodes reach this one's ranks at the VM's address (NCCL and
+        // MPI open ports of their own choosing, beyond what a bridge would
+        // publish), so the container shares the VM's network. The VM's firewall
+        // keeps its metadata services to root; here the container never is root:
+        // it runs as the workload's uid, with no capabilities and no way to gain
+        // any (setuid binaries included).
+        cmd.arg("--network=host");
+        if let Some(uid) = args.workload_uid {
+            cmd.args([
+                format!("--user={uid}:{uid}"),
+                "--cap-drop=ALL".to_owned(),
+                "--security-opt=no-new-privileges".to_owned(),
+            ]);
+        }
     }
     cmd.arg("--").arg(image);
     cmd.args(spec.argv());
@@ -720,6 +744,65 @@ mod tests {
         assert!(!env.contains(&"LD_PRELOAD".to_owned()), "{env:?}");
         assert!(env.contains(&"TOKEN".to_owned()));
         assert!(argv.contains(&"--env=LD_PRELOAD=/work/evil.so".to_owned()));
+        // One node: the runtime's bridge, as every container.
+        assert!(!argv.iter().any(|a| a.starts_with("--network")), "{argv:?}");
+    }
+
+    #[test]
+    fn a_gang_nodes_container_shares_the_vms_network_and_is_never_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = WorkloadDirs::create(dir.path()).unwrap();
+        let spec = parse(
+            "name: c
+image: pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+command: [torchrun, train.py]
+resources: { nodes: 2 }
+",
+            Format::Yaml,
+        )
+        .unwrap();
+        let args = agent_args(
+            &dir.path().display().to_string(),
+            &[
+                "--container-runtime=docker",
+                "--workload-uid=1001",
+                "--rank=1",
+                "--hosts=10.0.0.4,10.0.0.5",
+                "--job=01J00000000000000000000000",
+                "--attempt=1",
+            ],
+        )
+        .unwrap();
+        let task = Task {
+            job: respawn_core::JobId::generate(Timestamp(1)),
+            attempt: 1,
+        };
+        let argv = |cmd: Command| -> Vec<String> {
+            cmd.as_std()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let got = argv(container_command(
+            "docker",
+            spec.image.as_deref().unwrap(),
+            &spec,
+            &BTreeMap::new(),
+            &args,
+            &task,
+            &dirs,
+        ));
+        let end = got.iter().position(|a| a == "--").unwrap();
+        for want in [
+            "--network=host",
+            "--user=1001:1001",
+            "--cap-drop=ALL",
+            "--security-opt=no-new-privileges",
+            "--env=MASTER_ADDR=10.0.0.4",
+            "--env=NODE_RANK=1",
+        ] {
+            assert!(got[..end].contains(&want.to_owned()), "{want}: {got:?}");
+        }
     }
 
     /// The agent's arguments: its VM's (in `vm_dir`), then `extra`.
