@@ -251,33 +251,59 @@ impl Ec2Compute {
         filters: &[(&str, String)],
         id: Option<&str>,
     ) -> Result<Vec<Instance>, Ec2Error> {
-        let mut params = vec![
-            ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
-            ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
-        ];
+        let mut params = self.stack_filter(filters.iter().map(|(t, v)| (format!("tag:{t}"), v)));
         if let Some(id) = id {
             params.push(("InstanceId.1".to_owned(), id.to_owned()));
         }
-        for (i, (tag, value)) in filters.iter().enumerate() {
-            params.push((format!("Filter.{}.Name", i + 2), format!("tag:{tag}")));
-            params.push((format!("Filter.{}.Value.1", i + 2), value.clone()));
-        }
-        let mut found = Vec::new();
+        let pages: Vec<Describe> = self.every_page("DescribeInstances", params).await?;
+        Ok(pages
+            .into_iter()
+            .flat_map(|p| p.reservations.item)
+            .flat_map(|r| r.instances.item)
+            .collect())
+    }
+
+    /// `Filter.N` parameters: the stack's tag, then `filters` (name → value).
+    fn stack_filter<'a>(
+        &'a self,
+        filters: impl Iterator<Item = (String, &'a String)>,
+    ) -> Vec<(String, String)> {
+        let stack = (format!("tag:{TAG_STACK}"), &self.cfg.stack);
+        std::iter::once(stack)
+            .chain(filters)
+            .enumerate()
+            .flat_map(|(i, (name, value))| {
+                [
+                    (format!("Filter.{}.Name", i + 1), name),
+                    (format!("Filter.{}.Value.1", i + 1), value.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Every page of a `Describe…` call's answer.
+    async fn every_page<P: Paged>(
+        &self,
+        action: &str,
+        params: Vec<(String, String)>,
+    ) -> Result<Vec<P>, Ec2Error> {
+        let mut pages = Vec::new();
         let mut next: Option<String> = None;
         loop {
             let mut page = params.clone();
             if let Some(token) = &next {
                 page.push(("NextToken".to_owned(), token.clone()));
             }
-            let xml = self.call("DescribeInstances", &page).await?;
-            let parsed: Describe = quick_xml::de::from_str(&xml)
-                .map_err(|e| Ec2Error::transport(format!("DescribeInstances: {e}")))?;
-            for r in parsed.reservations.item {
-                found.extend(r.instances.item);
-            }
-            match parsed.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => next = Some(t),
-                None => return Ok(found),
+            let xml = self.call(action, &page).await?;
+            let parsed: P = quick_xml::de::from_str(&xml)
+                .map_err(|e| Ec2Error::transport(format!("{action}: {e}")))?;
+            next = parsed
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            pages.push(parsed);
+            if next.is_none() {
+                return Ok(pages);
             }
         }
     }
@@ -551,30 +577,9 @@ impl Ec2Compute {
 
     /// The stack's security groups matching `filters` (name → value).
     async fn groups(&self, filters: &[(&str, String)]) -> Result<Vec<SecurityGroup>, Ec2Error> {
-        let mut params = vec![
-            ("Filter.1.Name".to_owned(), format!("tag:{TAG_STACK}")),
-            ("Filter.1.Value.1".to_owned(), self.cfg.stack.clone()),
-        ];
-        for (i, (name, value)) in filters.iter().enumerate() {
-            params.push((format!("Filter.{}.Name", i + 2), (*name).to_owned()));
-            params.push((format!("Filter.{}.Value.1", i + 2), value.clone()));
-        }
-        let mut found = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let mut page = params.clone();
-            if let Some(token) = &next {
-                page.push(("NextToken".to_owned(), token.clone()));
-            }
-            let xml = self.call("DescribeSecurityGroups", &page).await?;
-            let parsed: DescribeGroups = quick_xml::de::from_str(&xml)
-                .map_err(|e| Ec2Error::transport(format!("DescribeSecurityGroups: {e}")))?;
-            found.extend(parsed.groups.item);
-            match parsed.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => next = Some(t),
-                None => return Ok(found),
-            }
-        }
+        let params = self.stack_filter(filters.iter().map(|(n, v)| ((*n).to_owned(), v)));
+        let pages: Vec<DescribeGroups> = self.every_page("DescribeSecurityGroups", params).await?;
+        Ok(pages.into_iter().flat_map(|p| p.groups.item).collect())
     }
 
     async fn delete_group(&self, id: &str) -> Result<(), Ec2Error> {
@@ -1037,6 +1042,23 @@ fn by_rank(instances: Vec<Instance>) -> (Vec<Instance>, Vec<String>) {
         }
     }
     (ranks.into_values().collect(), extra)
+}
+
+/// A page of a `Describe…` answer.
+trait Paged: serde::de::DeserializeOwned {
+    fn next_token(&self) -> Option<&str>;
+}
+
+impl Paged for Describe {
+    fn next_token(&self) -> Option<&str> {
+        self.next_token.as_deref()
+    }
+}
+
+impl Paged for DescribeGroups {
+    fn next_token(&self) -> Option<&str> {
+        self.next_token.as_deref()
+    }
 }
 
 #[derive(Debug, Deserialize)]
