@@ -133,6 +133,7 @@ fn next_event(state: JobState, attempt: u32, at: Timestamp) -> Event {
         JobState::Allocating => Event::VmAllocated {
             attempt,
             vm: format!("vm-{attempt}"),
+            spot: true,
         },
         JobState::Starting => Event::WorkloadStarted {
             attempt,

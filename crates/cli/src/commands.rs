@@ -298,9 +298,12 @@ pub async fn show(client: &Client, id: &str, out: Output) -> Result<ExitCode, St
     );
     println!();
     println!(
-        "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  OUTCOME",
-        "ATTEMPT", "VM", "STARTED", "RESTORED", "CHECKPOINT"
+        "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  {:>9}  {:>9}  OUTCOME",
+        "ATTEMPT", "VM", "STARTED", "RESTORED", "CHECKPOINT", "LOST", "RESUMED"
     );
+    let secs = |d: Option<std::time::Duration>| {
+        d.map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
+    };
     for a in &job.attempts {
         let outcome = match &a.outcome {
             None => "live".to_owned(),
@@ -309,13 +312,18 @@ pub async fn show(client: &Client, id: &str, out: Output) -> Result<ExitCode, St
                 .map(|v| describe_outcome(&v))
                 .unwrap_or_default(),
         };
+        // LOST: how long the workload ran past its last checkpoint when the
+        // infrastructure ended it; RESUMED: from its notice to the next attempt
+        // running.
         println!(
-            "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  {}",
+            "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  {:>9}  {:>9}  {}",
             a.number,
             a.vm.as_deref().unwrap_or("-"),
             a.started_at.map_or("-".into(), |t| t.to_string()),
             a.restored_checkpoint.map_or("-".into(), |c| c.to_string()),
             a.last_checkpoint.map_or("-".into(), |c| c.to_string()),
+            secs(a.work_lost()),
+            secs(job.notice_to_resume(a.number)),
             outcome
         );
     }
@@ -423,5 +431,67 @@ pub async fn preempt(
         "preemption notice sent to {}",
         answer["vm"].as_str().unwrap_or(target)
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `respawn status`: the broker at a glance.
+pub async fn status(client: &Client, out: Output) -> Result<ExitCode, String> {
+    let s: serde_json::Value = client.get("/v1/status").await?;
+    if out == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let counts = |v: &serde_json::Value| {
+        let parts: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_i64() != Some(0))
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    };
+    let uptime = s["uptime_s"].as_u64().unwrap_or(0);
+    println!(
+        "respawn {}, up {}h {:02}m {:02}s",
+        s["version"].as_str().unwrap_or("?"),
+        uptime / 3600,
+        uptime / 60 % 60,
+        uptime % 60
+    );
+    println!("jobs        {}", counts(&s["jobs"]));
+    println!("vms         {}", counts(&s["vms"]));
+    println!(
+        "gpu hours   spot {:.2}, on demand {:.2}; saving ${:.2} (RESPAWN_PRICES)",
+        s["gpu_hours_spot"].as_f64().unwrap_or(0.0),
+        s["gpu_hours_on_demand"].as_f64().unwrap_or(0.0),
+        s["spot_saving_dollars"].as_f64().unwrap_or(0.0)
+    );
+    let preemptions = s["preemptions"].as_array().cloned().unwrap_or_default();
+    if preemptions.is_empty() {
+        println!("preemptions none since the broker started");
+    } else {
+        println!();
+        println!(
+            "{:<26}  {:>7}  {:<24}  LOST",
+            "PREEMPTED JOB", "ATTEMPT", "AT"
+        );
+        for p in preemptions.iter().rev() {
+            let at = respawn_core::time::Timestamp::from_millis(p["at"].as_u64().unwrap_or(0));
+            println!(
+                "{:<26}  {:>7}  {:<24}  {}",
+                p["job"].as_str().unwrap_or("?"),
+                p["attempt"],
+                at.to_string(),
+                p["work_lost_s"]
+                    .as_f64()
+                    .map_or("-".into(), |l| format!("{l:.1}s"))
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -127,6 +127,10 @@ enum Command {
     },
     /// A job with its attempt history.
     Show { id: String },
+    /// The broker at a glance: jobs and VMs by state, the last preemptions and the
+    /// work each lost, GPU hours on spot and the saving (an admin token of the
+    /// default project).
+    Status,
     /// API tokens of your project (the stack owner: of any project).
     Token {
         #[command(subcommand)]
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
                 array: None,
             } => commands::jobs(&client, state, label, limit, out).await,
             Command::Show { id } => commands::show(&client, &id, out).await,
+            Command::Status => commands::status(&client, out).await,
             Command::Token { action } => commands::token(&client, action, out).await,
             Command::Logs {
                 id,

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -201,6 +202,15 @@ pub struct Attempt {
     /// When a preemption notice says the VM goes away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preempt_deadline: Option<Timestamp>,
+    /// When the preemption notice came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noticed_at: Option<Timestamp>,
+    /// When `last_checkpoint` was committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointed_at: Option<Timestamp>,
+    /// Whether the attempt's VM is spot (or low-priority) capacity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spot: bool,
     /// The ranks after 0 of a multi-node attempt that reported ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ready_nodes: Vec<u32>,
@@ -211,6 +221,27 @@ pub struct Attempt {
 impl Attempt {
     pub fn is_live(&self) -> bool {
         self.outcome.is_none()
+    }
+
+    /// The work an attempt ended by the infrastructure lost: the time its
+    /// workload ran past its last committed checkpoint (from its start, when it
+    /// committed none). `None` for an attempt that did not run, or ended otherwise.
+    pub fn work_lost(&self) -> Option<Duration> {
+        if !matches!(
+            self.outcome,
+            Some(AttemptOutcome::Preempted | AttemptOutcome::Lost { .. })
+        ) {
+            return None;
+        }
+        let ran_from = self.checkpointed_at.or(self.started_at)?;
+        Some(self.ended_at?.since(ran_from))
+    }
+
+    /// How long the attempt's VM ran (from allocation to the attempt's end), or
+    /// `None` while it is live or when it got no VM.
+    pub fn vm_time(&self) -> Option<Duration> {
+        self.vm.as_ref()?;
+        Some(self.ended_at?.since(self.dispatched_at))
     }
 }
 
@@ -340,6 +371,14 @@ impl JobRecord {
     }
 
     /// The current attempt, if it has been dispatched.
+    /// From attempt `number`'s preemption notice to the next attempt's workload
+    /// starting: what the preemption cost in time.
+    pub fn notice_to_resume(&self, number: u32) -> Option<Duration> {
+        let at = |n: u32| self.attempts.iter().find(|a| a.number == n);
+        let noticed = at(number)?.noticed_at?;
+        Some(at(number + 1)?.started_at?.since(noticed))
+    }
+
     pub fn current(&self) -> Option<&Attempt> {
         self.attempts.last().filter(|a| a.number == self.attempt)
     }

@@ -37,6 +37,9 @@ pub enum Event {
     VmAllocated {
         attempt: u32,
         vm: String,
+        /// Whether it is spot (or low-priority) capacity, not on-demand.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        spot: bool,
     },
     /// The provider has no capacity for this attempt right now: the attempt waits
     /// and is dispatched again later, without spending a budget.
@@ -251,10 +254,11 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
                 on_dispatch(r, at, cmds);
             }
         }
-        Event::VmAllocated { vm, .. } => {
+        Event::VmAllocated { vm, spot, .. } => {
             if r.state == JobState::Allocating {
                 if let Some(a) = r.current_mut() {
                     a.vm = Some(vm.clone());
+                    a.spot = *spot;
                 }
                 enter(r, JobState::Starting, at);
             }
@@ -312,7 +316,7 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
                 }
             }
         }
-        Event::CheckpointCommitted { seq, .. } => on_checkpoint(r, *seq),
+        Event::CheckpointCommitted { seq, .. } => on_checkpoint(r, *seq, at),
         Event::PreemptionNotice { deadline, .. } => {
             if matches!(
                 r.state,
@@ -320,6 +324,7 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
             ) {
                 if let Some(a) = r.current_mut() {
                     a.preempt_deadline = Some(*deadline);
+                    a.noticed_at = Some(at);
                 }
                 enter(r, JobState::Preempted, at);
             }
@@ -367,6 +372,9 @@ fn on_dispatch(r: &mut JobRecord, at: Timestamp, cmds: &mut Vec<Command>) {
         restored_checkpoint: None,
         last_checkpoint: None,
         preempt_deadline: None,
+        noticed_at: None,
+        checkpointed_at: None,
+        spot: false,
         ready_nodes: Vec::new(),
         outcome: None,
     });
@@ -400,7 +408,7 @@ fn wait_for_capacity(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
     });
 }
 
-fn on_checkpoint(r: &mut JobRecord, seq: u64) {
+fn on_checkpoint(r: &mut JobRecord, seq: u64, at: Timestamp) {
     if !r.state.has_live_attempt() {
         return;
     }
@@ -413,6 +421,7 @@ fn on_checkpoint(r: &mut JobRecord, seq: u64) {
         && a.last_checkpoint.is_none_or(|c| seq > c)
     {
         a.last_checkpoint = Some(seq);
+        a.checkpointed_at = Some(at);
     }
 }
 

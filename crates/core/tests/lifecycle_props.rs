@@ -216,6 +216,7 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
             JobState::Allocating => Event::VmAllocated {
                 attempt,
                 vm: format!("vm-{attempt}"),
+                spot: true,
             },
             // Rank 0 first, then the other ranks of a gang one by one.
             JobState::Starting => match r.current().filter(|a| a.started_at.is_some()) {
@@ -250,6 +251,7 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
         Template::VmAllocated => Event::VmAllocated {
             attempt,
             vm: format!("vm-{attempt}"),
+            spot: true,
         },
         Template::AllocationFailed => Event::AllocationFailed {
             attempt,
@@ -699,6 +701,7 @@ impl Script {
         self.on(Event::VmAllocated {
             attempt: n,
             vm: format!("vm-{n}"),
+            spot: true,
         });
     }
 
@@ -860,6 +863,34 @@ fn cancel_from_running_releases_the_vm() {
 }
 
 #[test]
+fn a_preemption_records_the_work_it_lost_and_the_time_to_resume() {
+    let mut s = Script::new("");
+    s.start_attempt(); // started at +30 s
+    s.on(Event::Heartbeat { attempt: 1 });
+    s.on(Event::CheckpointCommitted { attempt: 1, seq: 7 }); // +50 s
+    s.on(Event::Heartbeat { attempt: 1 });
+    s.preempt(); // noticed at +70 s, ended at +80 s
+    let first = s.r.attempts[0].clone();
+    assert!(first.spot);
+    assert_eq!(
+        first.checkpointed_at,
+        Some(T0.plus(Duration::from_secs(50)))
+    );
+    assert_eq!(first.noticed_at, Some(T0.plus(Duration::from_secs(70))));
+    assert_eq!(first.work_lost(), Some(Duration::from_secs(30)));
+    assert_eq!(s.r.notice_to_resume(1), None, "not resumed yet");
+    s.start_attempt(); // started at +110 s
+    assert_eq!(s.r.notice_to_resume(1), Some(Duration::from_secs(40)));
+    // No checkpoint at all: everything since the start is lost.
+    s.preempt(); // ended at +130 s
+    assert_eq!(s.r.attempts[1].work_lost(), Some(Duration::from_secs(20)));
+    // A finished attempt lost nothing.
+    s.start_attempt();
+    s.exit(0);
+    assert_eq!(s.r.attempts[2].work_lost(), None);
+}
+
+#[test]
 fn events_of_an_older_attempt_are_ignored() {
     let mut s = Script::new("");
     s.start_attempt();
@@ -876,6 +907,7 @@ fn events_of_an_older_attempt_are_ignored() {
         Event::VmAllocated {
             attempt: 1,
             vm: "vm-1".into(),
+            spot: true,
         },
         Event::Heartbeat { attempt: 1 },
         Event::CheckpointCommitted { attempt: 1, seq: 9 },
@@ -988,6 +1020,7 @@ fn start_failures_spend_the_lost_budget_with_a_growing_backoff() {
         s.on(Event::VmAllocated {
             attempt: n,
             vm: format!("vm-{n}"),
+            spot: true,
         });
         let cmds = s.on(Event::StartFailed {
             attempt: n,

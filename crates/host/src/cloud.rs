@@ -147,6 +147,7 @@ impl Broker {
             operator: Arc::new(ListedVms(self.ports.compute.clone())),
             // Workloads run on VMs of their own, never beside the broker.
             others_refused: None,
+            metrics: None,
         }
     }
 

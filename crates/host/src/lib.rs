@@ -9,7 +9,9 @@
 //! - [`intake`]: the submit queue (specs or templates by message, replies in order);
 //! - [`notify`]: state changes POSTed to the jobs' `notify` URLs, signed, retried,
 //!   through the [`egress`] policy (public addresses only, no redirects, redacted);
-//! - [`replies`]: answers to queue submitters.
+//! - [`replies`]: answers to queue submitters;
+//! - [`metrics`]: what the broker counts, from every change to a job, for
+//!   `GET /metrics` and `respawn status`.
 //!
 //! Hosts build the ports once and choose where each loop runs; nothing here knows
 //! which compute provider or data folder is behind them.
@@ -26,5 +28,6 @@ pub mod invocation;
 #[cfg(feature = "aws")]
 pub mod lambda;
 pub mod loops;
+pub mod metrics;
 pub mod notify;
 pub mod replies;

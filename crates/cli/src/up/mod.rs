@@ -85,6 +85,8 @@ pub struct Stack {
     /// Whether workloads run sandboxed.
     pub sandboxed: bool,
     pub rules: Arc<std::sync::RwLock<Vec<respawn_core::trigger::TriggerRule>>>,
+    /// What the broker counts (`GET /metrics`, `respawn status`).
+    pub metrics: Arc<respawn_host::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,8 +201,23 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
     .await
     .map_err(|e| setup("cannot open the local compute provider", &e))?;
     info!(gpus = ?gpus, cpu_slots = config.cpu_slots, pools = ?config.pools.iter().map(ToString::to_string).collect::<Vec<_>>(), "local compute ready");
+    let prices = match std::env::var("RESPAWN_PRICES") {
+        Ok(p) => p
+            .parse()
+            .map_err(|e| Error::Setup(format!("RESPAWN_PRICES: {e}")))?,
+        Err(_) => respawn_host::metrics::Prices::default(),
+    };
+    let metrics = Arc::new(respawn_host::metrics::Metrics::new("local", prices));
+    let ledger: Arc<dyn respawn_core::ports::Ledger> = Arc::new(store.ledger());
+    metrics
+        .load(ledger.as_ref())
+        .await
+        .map_err(|e| setup("cannot count the jobs in the store", &e))?;
     let ports = Ports {
-        ledger: Arc::new(store.ledger()),
+        ledger: Arc::new(respawn_host::metrics::MeteredLedger::new(
+            ledger,
+            metrics.clone(),
+        )),
         queue,
         compute: compute.clone(),
         secrets: Arc::new(LocalSecrets::new(config.data.join("secrets"))),
@@ -231,6 +248,7 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
         rules: Arc::new(std::sync::RwLock::new(rules)),
         attempt_key,
         sandboxed: !sandbox.is_none(),
+        metrics,
     })
 }
 

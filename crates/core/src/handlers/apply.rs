@@ -234,7 +234,11 @@ async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option
     match ports.compute.allocate(&req).await {
         Ok(vm) => {
             info!(job_id = %rec.id, attempt, vm = %vm.id, spot = vm.spot, "vm allocated");
-            Ok(Some(Event::VmAllocated { attempt, vm: vm.id }))
+            Ok(Some(Event::VmAllocated {
+                attempt,
+                vm: vm.id,
+                spot: vm.spot,
+            }))
         }
         Err(compute::Error::Capacity(reason)) => {
             info!(job_id = %rec.id, attempt, %reason, "no capacity");

@@ -10,6 +10,7 @@ mod error;
 mod extract;
 mod hooks;
 mod jobs;
+mod observe;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use respawn_core::webhook::Hook;
 pub use auth::{Caller, mint_first_admin};
 pub use error::ApiError;
 pub use jobs::{DEFAULT_LOG_BYTES, MAX_LOG_BYTES, Summary};
+pub use observe::Status;
 
 /// What the API serves from: the ports, and what the host configured around them.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct Api {
     /// Why this host refuses tokens for other projects, when it does (workloads
     /// that could read the broker's files).
     pub others_refused: Option<String>,
+    /// What this host counts (`GET /metrics`, `GET /v1/status`), when it does.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The operator's view of the VMs: what runs now, and preemptions on demand (the
@@ -114,6 +118,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/agent/secrets"),
     ("GET", "/v1/agent/assignment"),
     ("GET", "/v1/agent/gang"),
+    ("GET", "/v1/status"),
+    ("GET", "/metrics"),
 ];
 
 pub fn app(api: Api) -> Router {
@@ -140,6 +146,12 @@ pub fn app(api: Api) -> Router {
         .route("/v1/agent/secrets", get(agent::secrets))
         .route("/v1/agent/assignment", get(agent::assignment))
         .route("/v1/agent/gang", get(agent::gang))
+        .route("/v1/status", get(observe::status))
+        .route("/metrics", get(observe::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            observe::track,
+        ))
         // Every answer is JSON, the router's own 404 and 405 included (axum adds
         // the Allow header to the 405).
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

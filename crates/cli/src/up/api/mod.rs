@@ -47,6 +47,7 @@ impl Stack {
                         .to_owned()
                 },
             ),
+            metrics: Some(self.metrics.clone()),
         }
     }
 }

@@ -89,6 +89,10 @@ pub(super) async fn fixture() -> Fixture {
         rules: Default::default(),
         attempt_key: AttemptKey::generate().unwrap(),
         sandboxed: false,
+        metrics: Arc::new(respawn_host::metrics::Metrics::new(
+            "local",
+            Default::default(),
+        )),
     };
     Fixture { stack, _dir: dir }
 }

@@ -1,0 +1,558 @@
+//! What a broker counts, as Prometheus text (`GET /metrics`): jobs by state and
+//! project, attempts by outcome, preemptions and the work they lost, the time from
+//! submission to running and from a notice to the replacement running, dispatch
+//! latency, VM time on spot and on demand with the saving estimated from configured
+//! prices, and API latency by route and status.
+//!
+//! Nothing here is told what happened: [`MeteredLedger`] sits in front of the
+//! ledger and compares each job's version with the one it replaces, so every
+//! handler that writes a job is counted, whichever host runs it. Labels are bounded
+//! (states, outcomes, projects, routes; never job ids).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use respawn_core::job::{AttemptOutcome, JobId, JobRecord, JobState};
+use respawn_core::ports::ledger::{Error, Ledger, ListQuery, MAX_PAGE, Page};
+use serde::Serialize;
+
+/// On-demand and spot prices of one GPU-hour (or VM-hour, for `cpu`), by GPU
+/// model: what the saving is estimated from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Prices(pub BTreeMap<String, (f64, f64)>);
+
+impl std::str::FromStr for Prices {
+    type Err = String;
+
+    /// `model=SPOT/ON_DEMAND,…` in dollars an hour, e.g. `a10g=0.45/1.21,cpu=0.03/0.09`.
+    fn from_str(s: &str) -> Result<Prices, String> {
+        let mut by_model = BTreeMap::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let parsed = item.split_once('=').and_then(|(model, prices)| {
+                let (spot, on_demand) = prices.split_once('/')?;
+                let price = |p: &str| {
+                    p.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|p| p.is_finite() && *p >= 0.0)
+                };
+                Some((model.trim().to_owned(), (price(spot)?, price(on_demand)?)))
+            });
+            let Some((model, prices)) = parsed.filter(|(m, _)| !m.is_empty()) else {
+                return Err(format!(
+                    "{item:?}: expected model=SPOT/ON_DEMAND (dollars an hour), e.g. a10g=0.45/1.21"
+                ));
+            };
+            by_model.insert(model, prices);
+        }
+        Ok(Prices(by_model))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JobLabels {
+    state: String,
+    project: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MarketLabels {
+    market: String,
+    gpu: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProjectLabels {
+    project: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+/// A preemption, as `respawn status` lists the last ones.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Preemption {
+    pub job: JobId,
+    pub attempt: u32,
+    /// When the attempt ended (ms since the epoch).
+    pub at: u64,
+    /// Seconds the workload ran past its last committed checkpoint.
+    pub work_lost_s: Option<f64>,
+}
+
+const RECENT: usize = 10;
+
+/// The broker's metrics; one per host process.
+pub struct Metrics {
+    registry: Registry,
+    provider: String,
+    prices: Prices,
+    started: Instant,
+    jobs: Family<JobLabels, Gauge>,
+    submitted: Family<ProjectLabels, Counter>,
+    attempts: Family<OutcomeLabels, Counter>,
+    notices: Family<ProviderLabels, Counter>,
+    preemptions: Family<ProviderLabels, Counter>,
+    checkpoints: Counter,
+    work_lost: Histogram,
+    submit_to_running: Histogram,
+    dispatch: Histogram,
+    notice_to_running: Histogram,
+    vm_seconds: Family<MarketLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    saving: Counter<f64, std::sync::atomic::AtomicU64>,
+    requests: Family<RequestLabels, Histogram>,
+    recent: Mutex<Vec<Preemption>>,
+    /// GPU seconds on spot and on demand, for `respawn status`.
+    spent: Mutex<(f64, f64)>,
+    /// The jobs gauge's values by state (the gauge's family cannot be read back).
+    by_state: Mutex<BTreeMap<String, i64>>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seconds, from a tenth of one to a day.
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0,
+        86400.0,
+    ]
+    .into_iter()
+}
+
+fn request_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    ]
+    .into_iter()
+}
+
+fn outcome_name(o: &AttemptOutcome) -> &'static str {
+    match o {
+        AttemptOutcome::Succeeded => "succeeded",
+        AttemptOutcome::Failed { .. } => "failed",
+        AttemptOutcome::TimedOut => "timed_out",
+        AttemptOutcome::Preempted => "preempted",
+        AttemptOutcome::Lost { .. } => "lost",
+        AttemptOutcome::AllocationFailed { .. } => "allocation_failed",
+        AttemptOutcome::GangIncomplete { .. } => "gang_incomplete",
+        AttemptOutcome::Stopped { .. } => "stopped",
+    }
+}
+
+impl Metrics {
+    /// Metrics of a broker on `provider` (`local`, `ec2`, `azure`), its saving
+    /// estimated from `prices`.
+    pub fn new(provider: &str, prices: Prices) -> Metrics {
+        let mut registry = Registry::with_prefix("respawn");
+        let jobs = Family::<JobLabels, Gauge>::default();
+        registry.register("jobs", "Jobs by state and project", jobs.clone());
+        let submitted = Family::<ProjectLabels, Counter>::default();
+        registry.register(
+            "jobs_submitted",
+            "Jobs submitted, by project",
+            submitted.clone(),
+        );
+        let attempts = Family::<OutcomeLabels, Counter>::default();
+        registry.register("attempts", "Attempts ended, by outcome", attempts.clone());
+        let notices = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "preemption_notices",
+            "Preemption notices, by provider",
+            notices.clone(),
+        );
+        let preemptions = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "preemptions",
+            "Attempts ended by a preemption, by provider",
+            preemptions.clone(),
+        );
+        let checkpoints = Counter::default();
+        registry.register("checkpoints", "Checkpoints committed", checkpoints.clone());
+        let work_lost = Histogram::new(seconds_buckets());
+        registry.register_with_unit(
+            "work_lost",
+            "Per attempt ended by a preemption or loss: how long its workload ran past its last committed checkpoint",
+            Unit::Seconds,
+            work_lost.clone(),
+        );
+        let submit_to_running = Histogram::new(seconds_buckets());
+        registry.register_with_unit(
+            "submit_to_running",
+            "From a job's submission to its first workload running",
+            Unit::Seconds,
+            submit_to_running.clone(),
+        );
+        let dispatch = Histogram::new(seconds_buckets());
+        registry.register_with_unit(
+            "dispatch",
+            "From an attempt's dispatch to its VM allocated",
+            Unit::Seconds,
+            dispatch.clone(),
+        );
+        let notice_to_running = Histogram::new(seconds_buckets());
+        registry.register_with_unit(
+            "notice_to_replacement_running",
+            "From a preemption notice to the next attempt's workload running",
+            Unit::Seconds,
+            notice_to_running.clone(),
+        );
+        let vm_seconds =
+            Family::<MarketLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "gpu_time",
+            "GPU time of ended attempts (VM time for CPU jobs, gpu=\"cpu\"), by market (spot, on_demand)",
+            Unit::Seconds,
+            vm_seconds.clone(),
+        );
+        let saving = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "spot_saving_dollars",
+            "Estimated saving of spot over on-demand prices (RESPAWN_PRICES) on ended attempts",
+            saving.clone(),
+        );
+        let requests: Family<RequestLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(request_buckets()));
+        registry.register_with_unit(
+            "api_request_duration",
+            "API requests by method, route and status",
+            Unit::Seconds,
+            requests.clone(),
+        );
+        Metrics {
+            registry,
+            provider: provider.to_owned(),
+            prices,
+            started: Instant::now(),
+            jobs,
+            submitted,
+            attempts,
+            notices,
+            preemptions,
+            checkpoints,
+            work_lost,
+            submit_to_running,
+            dispatch,
+            notice_to_running,
+            vm_seconds,
+            saving,
+            requests,
+            recent: Mutex::new(Vec::new()),
+            spent: Mutex::new((0.0, 0.0)),
+            by_state: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts the jobs `ledger` holds now, by state and project: the gauge the
+    /// changes observed later move.
+    pub async fn load(&self, ledger: &dyn Ledger) -> Result<(), Error> {
+        let mut query = ListQuery {
+            limit: MAX_PAGE,
+            ..ListQuery::default()
+        };
+        loop {
+            let Page { jobs, next } = ledger.list(&query).await?;
+            for job in &jobs {
+                self.count(job, 1);
+            }
+            match next {
+                Some(after) => query.after = Some(after),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Moves the count of `job`'s state and project by `by`.
+    fn count(&self, job: &JobRecord, by: i64) {
+        self.jobs
+            .get_or_create(&JobLabels {
+                state: job.state.as_str().to_owned(),
+                project: job.project.clone(),
+            })
+            .inc_by(by);
+        *self
+            .by_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(job.state.as_str().to_owned())
+            .or_insert(0) += by;
+    }
+
+    /// Jobs by state, every project.
+    pub fn jobs_by_state(&self) -> BTreeMap<String, i64> {
+        self.by_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// What changed from `before` (`None`: a new job) to `after`.
+    pub fn observe(&self, before: Option<&JobRecord>, after: &JobRecord) {
+        match before {
+            None => {
+                self.submitted
+                    .get_or_create(&ProjectLabels {
+                        project: after.project.clone(),
+                    })
+                    .inc();
+                self.count(after, 1);
+                return;
+            }
+            Some(b) if b.state != after.state => {
+                self.count(b, -1);
+                self.count(after, 1);
+            }
+            Some(_) => {}
+        }
+        let before = before.unwrap_or(after);
+        if before.state == JobState::Allocating
+            && after.state == JobState::Starting
+            && let Some(a) = after.current()
+        {
+            self.dispatch
+                .observe(after.state_since.since(a.dispatched_at).as_secs_f64());
+        }
+        for a in &after.attempts {
+            let was = before.attempts.iter().find(|b| b.number == a.number);
+            if let Some(at) = a.started_at
+                && was.is_none_or(|w| w.started_at.is_none())
+            {
+                let first = !after
+                    .attempts
+                    .iter()
+                    .any(|b| b.number < a.number && b.started_at.is_some());
+                if first {
+                    self.submit_to_running
+                        .observe(at.since(after.created_at).as_secs_f64());
+                }
+                if let Some(d) = after.notice_to_resume(a.number.saturating_sub(1)) {
+                    self.notice_to_running.observe(d.as_secs_f64());
+                }
+            }
+            if a.noticed_at.is_some() && was.is_none_or(|w| w.noticed_at.is_none()) {
+                self.notices.get_or_create(&self.provider_labels()).inc();
+            }
+            if a.last_checkpoint != was.and_then(|w| w.last_checkpoint) {
+                self.checkpoints.inc();
+            }
+            if let Some(outcome) = &a.outcome
+                && was.is_none_or(|w| w.outcome.is_none())
+            {
+                self.ended(after, a, outcome);
+            }
+        }
+    }
+
+    fn provider_labels(&self) -> ProviderLabels {
+        ProviderLabels {
+            provider: self.provider.clone(),
+        }
+    }
+
+    fn ended(&self, job: &JobRecord, a: &respawn_core::job::Attempt, outcome: &AttemptOutcome) {
+        self.attempts
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome_name(outcome).to_owned(),
+            })
+            .inc();
+        let lost = a.work_lost();
+        if let Some(lost) = lost {
+            self.work_lost.observe(lost.as_secs_f64());
+        }
+        if *outcome == AttemptOutcome::Preempted {
+            self.preemptions
+                .get_or_create(&self.provider_labels())
+                .inc();
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.push(Preemption {
+                job: job.id.clone(),
+                attempt: a.number,
+                at: a.ended_at.map_or(0, |t| t.as_millis()),
+                work_lost_s: lost.map(|d| d.as_secs_f64()),
+            });
+            let excess = recent.len().saturating_sub(RECENT);
+            recent.drain(..excess);
+        }
+        let Some(vm_time) = a.vm_time() else {
+            return;
+        };
+        let r = &job.spec.resources;
+        let (model, units) = if r.gpus > 0 {
+            (
+                r.gpu_type.clone().unwrap_or_else(|| "gpu".into()),
+                f64::from(r.gpus),
+            )
+        } else {
+            ("cpu".to_owned(), 1.0)
+        };
+        let seconds = vm_time.as_secs_f64() * units * f64::from(r.nodes.max(1));
+        let market = if a.spot { "spot" } else { "on_demand" };
+        {
+            let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+            if a.spot {
+                spent.0 += seconds;
+            } else {
+                spent.1 += seconds;
+            }
+        }
+        self.vm_seconds
+            .get_or_create(&MarketLabels {
+                market: market.to_owned(),
+                gpu: model.clone(),
+            })
+            .inc_by(seconds);
+        if a.spot
+            && let Some((spot, on_demand)) = self.prices.0.get(&model)
+        {
+            self.saving
+                .inc_by((on_demand - spot).max(0.0) * seconds / 3600.0);
+        }
+    }
+
+    /// One API request answered.
+    pub fn request(&self, method: &str, route: &str, status: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_owned(),
+                route: route.to_owned(),
+                status,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of everything counted.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        out
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The last preemptions, oldest first.
+    pub fn recent_preemptions(&self) -> Vec<Preemption> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// GPU (or CPU VM) hours so far on spot and on demand, and the estimated
+    /// saving in dollars.
+    pub fn spend(&self) -> (f64, f64, f64) {
+        let (spot, on_demand) = *self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        (spot / 3600.0, on_demand / 3600.0, self.saving.get())
+    }
+}
+
+/// The ledger, every change to a job observed by [`Metrics`] once it is stored.
+#[derive(Debug)]
+pub struct MeteredLedger {
+    inner: Arc<dyn Ledger>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredLedger {
+    pub fn new(inner: Arc<dyn Ledger>, metrics: Arc<Metrics>) -> MeteredLedger {
+        MeteredLedger { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl Ledger for MeteredLedger {
+    async fn create(&self, record: JobRecord) -> Result<JobRecord, Error> {
+        let made = self.inner.create(record).await?;
+        self.metrics.observe(None, &made);
+        Ok(made)
+    }
+
+    async fn get(&self, id: &JobId) -> Result<JobRecord, Error> {
+        self.inner.get(id).await
+    }
+
+    async fn update(&self, record: JobRecord) -> Result<JobRecord, Error> {
+        // The version this one replaces: an update succeeds only over the
+        // version it was made from, which a read before it sees (a later one
+        // would make the update fail, and nothing is observed).
+        let before = self.inner.get(&record.id).await.ok();
+        let stored = self.inner.update(record).await?;
+        self.metrics.observe(before.as_ref(), &stored);
+        Ok(stored)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, Error> {
+        self.inner.list(query).await
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<JobId>, Error> {
+        self.inner.find_by_idempotency_key(project, key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_parse_and_say_what_is_wrong() {
+        let p: Prices = "a10g=0.45/1.21, cpu=0.03/0.09".parse().unwrap();
+        assert_eq!(p.0["a10g"], (0.45, 1.21));
+        assert_eq!(p.0["cpu"], (0.03, 0.09));
+        assert_eq!("".parse::<Prices>().unwrap(), Prices::default());
+        for bad in ["a10g=0.45", "a10g=x/1", "=1/2", "a10g=-1/2", "a10g=1/NaN"] {
+            let e = bad.parse::<Prices>().unwrap_err();
+            assert!(e.contains("model=SPOT/ON_DEMAND"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_exposition_names_every_series_with_its_help() {
+        let m = Metrics::new("local", Prices::default());
+        m.request("GET", "/v1/jobs/{id}", 200, Duration::from_millis(3));
+        let text = m.render();
+        for series in [
+            "# HELP respawn_checkpoints Checkpoints committed.",
+            "# TYPE respawn_work_lost_seconds histogram",
+            "respawn_api_request_duration_seconds_count{method=\"GET\",route=\"/v1/jobs/{id}\",status=\"200\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
+    }
+}
