@@ -526,6 +526,7 @@ impl Ledger for MeteredLedger {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
