@@ -830,6 +830,10 @@ impl StorageQueue {
 
 #[async_trait]
 impl Queue for StorageQueue {
+    fn system(&self) -> &'static str {
+        "azure_storage_queue"
+    }
+
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         let id = ulid::Ulid::generate().to_string().to_lowercase();
         let env = Envelope {

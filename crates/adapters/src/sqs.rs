@@ -541,6 +541,10 @@ fn sqs_char(c: char) -> bool {
 
 #[async_trait]
 impl Queue for SqsQueue {
+    fn system(&self) -> &'static str {
+        "aws_sqs"
+    }
+
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         let id = ulid::Ulid::generate().to_string().to_lowercase();
         let meta = Meta {

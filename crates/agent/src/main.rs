@@ -157,14 +157,13 @@ fn main() -> ExitCode {
         eprintln!("respawn-agent: {why}");
         return ExitCode::from(2);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RESPAWN_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    // `RESPAWN_LOG_FORMAT=json` as `respawn --log-format json`; traces go where
+    // the broker's do (OTEL_*), each attempt continuing its job's trace.
+    let format = match std::env::var("RESPAWN_LOG_FORMAT").as_deref() {
+        Ok("json") => respawn_telemetry::LogFormat::Json,
+        _ => respawn_telemetry::LogFormat::Human,
+    };
+    let telemetry = respawn_telemetry::init("respawn-agent", format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -187,11 +186,14 @@ fn main() -> ExitCode {
         _ if args.pool_api => rt.block_on(pool::serve_api(&args)),
         _ => rt.block_on(pool::serve(&args)),
     };
-    match outcome {
+    let code = match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "agent failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The attempt's spans, before the VM goes.
+    telemetry.shutdown();
+    code
 }

@@ -35,6 +35,9 @@ pub struct Api {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// The trace context requests carry when no traced span is current (the
+    /// reporter's task, which must not hold the attempt's span open).
+    parent: BTreeMap<String, String>,
 }
 
 impl Api {
@@ -53,6 +56,7 @@ impl Api {
             }
         };
         Ok(Api {
+            parent: BTreeMap::new(),
             base: base.trim_end_matches('/').to_owned(),
             token,
             http,
@@ -79,22 +83,28 @@ impl Api {
 
     pub async fn report(&self, event: &Event) -> Result<(), Error> {
         let resp = self
-            .http
-            .post(format!("{}/v1/agent/events", self.base))
-            .bearer_auth(&self.token)
+            .traced(
+                self.http
+                    .post(format!("{}/v1/agent/events", self.base))
+                    .bearer_auth(&self.token),
+            )
             .json(&json!({ "event": event }))
             .send()
             .await;
         Self::check(resp).await.map(drop)
     }
 
-    /// The job's spec, handed out only while this attempt is live.
-    pub async fn spec(&self) -> Result<respawn_core::spec::JobSpec, Error> {
+    /// The job's spec, handed out only while this attempt is live, and the
+    /// `traceparent` of the trace the job was submitted in (when traces are on).
+    pub async fn spec(&self) -> Result<(respawn_core::spec::JobSpec, Option<String>), Error> {
         #[derive(Deserialize)]
         struct Answer {
             spec: respawn_core::spec::JobSpec,
+            #[serde(default)]
+            trace: Option<String>,
         }
-        Ok(self.get::<Answer>("spec").await?.spec)
+        let a = self.get::<Answer>("spec").await?;
+        Ok((a.spec, a.trace))
     }
 
     /// The job's secret values, handed out only while this attempt is live.
@@ -121,9 +131,11 @@ impl Api {
     /// `GET /v1/agent/<what>` with this attempt's credential.
     async fn get<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T, Error> {
         let resp = self
-            .http
-            .get(format!("{}/v1/agent/{what}", self.base))
-            .bearer_auth(&self.token)
+            .traced(
+                self.http
+                    .get(format!("{}/v1/agent/{what}", self.base))
+                    .bearer_auth(&self.token),
+            )
             .send()
             .await;
         Self::check(resp)
@@ -131,6 +143,21 @@ impl Api {
             .json()
             .await
             .map_err(|e| Error::Retry(format!("unreadable answer to {what}: {e}")))
+    }
+}
+
+impl Api {
+    /// `req` with the current span's trace context (else the one this `Api`
+    /// was given), so that the broker's span of it is the attempt's child.
+    fn traced(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let mut carried = BTreeMap::new();
+        respawn_telemetry::inject(&tracing::Span::current(), &mut carried);
+        if carried.is_empty() {
+            carried = self.parent.clone();
+        }
+        carried
+            .into_iter()
+            .fold(req, |req, (k, v)| req.header(k, v))
     }
 }
 
@@ -170,6 +197,10 @@ impl Reporter {
     pub fn spawn(api: Api, job: JobId, attempt: u32) -> Reporter {
         let (tx, rx) = mpsc::unbounded_channel();
         let heartbeat_queued = Arc::new(AtomicBool::new(false));
+        // Its reports are the attempt's, in the attempt's trace; the task holds
+        // the context, not the span, which closes when the attempt's work does.
+        let mut api = api;
+        respawn_telemetry::inject(&tracing::Span::current(), &mut api.parent);
         tokio::spawn(deliver(
             api,
             rx,

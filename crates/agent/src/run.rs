@@ -12,7 +12,7 @@ use respawn_core::lifecycle::Event;
 use respawn_core::spec::JobSpec;
 use respawn_core::time::{Clock, SystemClock, Timestamp};
 use respawn_core::{checkpoint, layout};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::Args;
 use crate::report::{self, Api, Reporter};
@@ -153,6 +153,35 @@ pub async fn attempt(
         what: "the broker's API",
         message: e.to_string(),
     })?;
+    // The spec first: it names the job's trace, which every span of this attempt
+    // continues.
+    let spec = patiently(|| api.spec()).await;
+    let span = tracing::info_span!(
+        "attempt",
+        job_id = %task.job,
+        attempt = task.attempt,
+        rank = args.rank,
+        vm = %args.vm,
+    );
+    if let Ok((_, Some(trace))) = &spec {
+        let carried = [(respawn_telemetry::TRACEPARENT.to_owned(), trace.clone())].into();
+        respawn_telemetry::adopt(&span, &carried);
+    }
+    let ended = run_attempt(args, task, bucket, api, spec.map(|(s, _)| s))
+        .instrument(span)
+        .await;
+    // The broker may end this VM as soon as the last report lands.
+    respawn_telemetry::flush();
+    ended
+}
+
+async fn run_attempt(
+    args: &Args,
+    task: &Task,
+    bucket: Arc<dyn ObjectStore>,
+    api: Api,
+    spec: Result<respawn_core::spec::JobSpec, report::Error>,
+) -> Result<Ended, Error> {
     let (job, attempt) = (task.job.clone(), task.attempt);
     // The sandbox's masks are looked up while the attempt is prepared.
     let sandboxed = !respawn_adapters::local::sandbox::Sandbox::from_arg(&args.sandbox).is_none();
@@ -164,7 +193,7 @@ pub async fn attempt(
 
     let stdout = LogShipper::new(bucket.clone(), &job, attempt, rank, layout::Stream::Stdout);
     let stderr = LogShipper::new(bucket.clone(), &job, attempt, rank, layout::Stream::Stderr);
-    let ready = match prepare(args, task, bucket.as_ref(), &api).await {
+    let ready = match prepare(args, task, bucket.as_ref(), &api, spec).await {
         Ok(r) => r,
         Err(why) => {
             // Not the workload's doing: the attempt is lost, with the reason, and
@@ -218,15 +247,23 @@ pub async fn attempt(
         fail_attempt(&reporter, &stderr, &dirs, &why, 126).await;
         return Ok(Ended::quietly(reporter));
     }
-    let mut workload =
-        match Workload::spawn(&spec, &secrets, args, task, &dirs, masks(masked).await) {
-            Ok(w) => w,
-            Err(e) => {
-                let why = format!("cannot start the workload: {e}");
-                fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
-                return Ok(Ended::quietly(reporter));
-            }
-        };
+    // The workload's life, from its start to its exit; it gets this span's
+    // context as TRACEPARENT.
+    let run_span = tracing::info_span!(
+        "run",
+        pid = tracing::field::Empty,
+        exit_code = tracing::field::Empty
+    );
+    let masked = masks(masked).await;
+    let spawned = run_span.in_scope(|| Workload::spawn(&spec, &secrets, args, task, &dirs, masked));
+    let mut workload = match spawned {
+        Ok(w) => w,
+        Err(e) => {
+            let why = format!("cannot start the workload: {e}");
+            fail_attempt(&reporter, &stderr, &dirs, &why, 127).await;
+            return Ok(Ended::quietly(reporter));
+        }
+    };
     drop(secrets);
     if leads {
         reporter.send(Event::WorkloadStarted {
@@ -249,7 +286,12 @@ pub async fn attempt(
         restored,
         keep,
     );
-    let (code, mut notice) = supervise(args, &api, &reporter, &mut workload, &mut ckpts).await;
+    run_span.record("pid", workload.pid());
+    let (code, mut notice) = supervise(args, &api, &reporter, &mut workload, &mut ckpts)
+        .instrument(run_span.clone())
+        .await;
+    run_span.record("exit_code", code);
+    drop(run_span);
     if notice.is_none() && code != 0 && args.nodes() > 1 && (leads || code < 128) {
         // A peer's notice may have stopped this node's workload (frameworks stop
         // every rank together, or fail when a peer goes) before the broker's word of
@@ -365,13 +407,13 @@ async fn prepare(
     task: &Task,
     bucket: &dyn ObjectStore,
     api: &Api,
+    spec: Result<respawn_core::spec::JobSpec, report::Error>,
 ) -> Result<Ready, String> {
-    let spec = patiently(|| api.spec())
-        .await
-        .map_err(|e| format!("cannot read the job spec: {e}"))?;
+    let spec = spec.map_err(|e| format!("cannot read the job spec: {e}"))?;
     let dirs = WorkloadDirs::create(&args.vm_dir)
         .map_err(|e| format!("cannot create the work folder: {e}"))?;
     let restored = checkpoint::restore_newest(bucket, &task.job, &dirs.checkpoints)
+        .instrument(tracing::info_span!("restore", otel.kind = "client"))
         .await
         .map_err(|e| format!("cannot restore the newest checkpoint: {e}"))?
         .map(|m| m.seq);

@@ -10,6 +10,7 @@ use respawn_core::{JobId, checkpoint};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// Bytes past which a chunk is shipped without waiting for the timer.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -150,7 +151,10 @@ impl CheckpointShipper {
             return Ok(Vec::new());
         };
         let dir = self.dir.join(seq.to_string());
-        checkpoint::upload(self.bucket.as_ref(), &self.job, self.attempt, seq, &dir).await?;
+        let span = tracing::info_span!("checkpoint upload", otel.kind = "client", seq);
+        checkpoint::upload(self.bucket.as_ref(), &self.job, self.attempt, seq, &dir)
+            .instrument(span)
+            .await?;
         self.last = Some(seq);
         tracing::info!(job_id = %self.job, attempt = self.attempt, seq, "checkpoint committed");
         checkpoint::prune(self.bucket.as_ref(), &self.job, self.keep).await?;

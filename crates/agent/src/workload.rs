@@ -171,6 +171,10 @@ fn contract_env(
     {
         env.push(("RESPAWN_ARRAY_INDEX".into(), index.clone()));
     }
+    // The workload's own spans, if it makes any, continue the attempt's trace.
+    if let Some(parent) = respawn_telemetry::traceparent() {
+        env.push(("TRACEPARENT".into(), parent));
+    }
     env
 }
 

@@ -34,6 +34,10 @@ struct Cli {
     /// `table` for people, `json` for scripts.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Output,
+    /// The log's format on stderr: `human`, or `json` lines with `trace_id` and
+    /// `span_id` (traces are exported as OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set).
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: respawn_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -197,13 +201,20 @@ enum TokenAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let telemetry = match cli.command {
         Command::Validate { files, print } => return validate::run(&files, print),
         Command::Schema { write } => return schema(write),
         // The demo logs to a file in its data folder, once it has one.
-        Command::Demo { .. } => {}
-        _ => init_logs(),
-    }
+        Command::Demo { .. } => respawn_telemetry::Telemetry::default(),
+        _ => respawn_telemetry::init("respawn", cli.log_format),
+    };
+    let code = run(cli);
+    // The spans of the last moments, before the process ends.
+    telemetry.shutdown();
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -265,16 +276,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RESPAWN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }
 
 async fn up_command(a: UpArgs, data: PathBuf) -> Result<ExitCode, String> {

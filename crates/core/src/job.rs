@@ -302,6 +302,10 @@ pub struct JobRecord {
     /// Where a queue submitter asked for status events (AMQP `reply_to`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyTo>,
+    /// The W3C `traceparent` of the span the job was submitted in, when traces
+    /// are on: every attempt's agent continues that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// A queue reply address: the submitter's queue and its correlation id.
@@ -367,6 +371,7 @@ impl JobRecord {
             outbox: Vec::new(),
             notifications: Vec::new(),
             reply_to: None,
+            trace: None,
         }
     }
 

@@ -112,7 +112,7 @@ impl Broker {
     ) -> Result<Broker, String> {
         let queues = QueueNames::with_prefix("");
         let seal = attempt_key.derive("respawn queue seal");
-        let ports = Ports {
+        let ports = crate::traced::traced(Ports {
             ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
             queue: Arc::new(SealedQueue::new(queue, &seal, sealed(&queues))),
             compute,
@@ -121,7 +121,7 @@ impl Broker {
             clock: Arc::new(SystemClock),
             timeouts: cloud_timeouts(),
             queues,
-        };
+        });
         let (rules, templates, hooks) = load_config(config)?;
         Ok(Broker {
             ports,
@@ -165,11 +165,11 @@ impl Broker {
     pub fn invocation(&self, inner: Arc<dyn Queue>, queue: &str) -> (Ports, Arc<Invocation>) {
         let invocation = Arc::new(Invocation::new(inner, queue));
         let ports = Ports {
-            queue: Arc::new(SealedQueue::new(
+            queue: Arc::new(crate::traced::TracedQueue(Arc::new(SealedQueue::new(
                 invocation.clone(),
                 &self.seal,
                 sealed(&self.ports.queues),
-            )),
+            )))),
             ..self.ports.clone()
         };
         (ports, invocation)

@@ -10,6 +10,7 @@
 //! - [`notify`]: state changes POSTed to the jobs' `notify` URLs, signed, retried,
 //!   through the [`egress`] policy (public addresses only, no redirects, redacted);
 //! - [`replies`]: answers to queue submitters;
+//! - [`traced`]: trace context through the queue and the ledger;
 //! - [`metrics`]: what the broker counts, from every change to a job, for
 //!   `GET /metrics` and `respawn status`.
 //!
@@ -31,3 +32,4 @@ pub mod loops;
 pub mod metrics;
 pub mod notify;
 pub mod replies;
+pub mod traced;

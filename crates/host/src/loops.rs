@@ -9,7 +9,7 @@ use respawn_core::messages::Message;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::{Delivery, Receive};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
@@ -50,12 +50,28 @@ pub async fn process_by_job(ports: &Ports, deliveries: Vec<Delivery>) {
 }
 
 async fn process_one(ports: &Ports, d: Delivery) {
-    let disposition = handle_delivery(ports, &d).await;
-    if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {
-        // The lease ended or the store hiccupped: the message comes back and
-        // its handler, being idempotent, does nothing new.
-        warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle message");
+    // A child of the span that sent the message: the trace crosses the queue.
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("{} process", d.queue),
+        otel.kind = "consumer",
+        messaging.system = ports.queue.system(),
+        messaging.destination.name = %d.queue,
+        messaging.operation.type = "process",
+        messaging.message.id = %d.id,
+        messaging.message.delivery_count = d.deliveries,
+    );
+    respawn_telemetry::adopt(&span, &d.attributes);
+    async {
+        let disposition = handle_delivery(ports, &d).await;
+        if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {
+            // The lease ended or the store hiccupped: the message comes back and
+            // its handler, being idempotent, does nothing new.
+            warn!(queue = %d.queue, message_id = %d.id, error = %e, "cannot settle message");
+        }
     }
+    .instrument(span)
+    .await;
 }
 
 /// Handles what is on the events queue now.

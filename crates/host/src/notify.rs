@@ -14,7 +14,7 @@ use respawn_core::ports::queue::{Delivery, Receive};
 use respawn_core::webhook::standard::{self, Secret};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::egress;
 use crate::replies::Replies;
@@ -57,8 +57,9 @@ impl Notifier {
         let mut posts = tokio::task::JoinSet::new();
         for d in got {
             if let Some((d, n)) = self.take(ports, d).await {
+                let span = span_of(&d, &n);
                 let (ports, this) = (ports.clone(), self.clone());
-                posts.spawn(async move { this.post(&ports, &d, &n).await });
+                posts.spawn(async move { this.post(&ports, &d, &n).await }.instrument(span));
             }
         }
         while posts.join_next().await.is_some() {}
@@ -95,6 +96,18 @@ impl Notifier {
             deliver(ports, &self.http, &self.secret, d, n).await;
         }
     }
+}
+
+/// A notification's POST: a child of the state change that sent it.
+fn span_of(d: &Delivery, n: &Notification) -> tracing::Span {
+    let span = tracing::info_span!(
+        "notify",
+        otel.kind = "client",
+        job_id = %n.job,
+        state = %n.state.as_str(),
+    );
+    respawn_telemetry::adopt(&span, &d.attributes);
+    span
 }
 
 /// Consumes the notify queue until `stop`.
@@ -136,8 +149,9 @@ pub async fn run(
                 return;
             };
             let (ports, notifier) = (ports.clone(), notifier.clone());
+            let span = span_of(&d, &n);
             tokio::spawn(async move {
-                notifier.post(&ports, &d, &n).await;
+                notifier.post(&ports, &d, &n).instrument(span).await;
                 drop(permit);
             });
         }

@@ -94,6 +94,14 @@ pub(super) fn properties(
             AMQPValue::LongString(LongString::from(reason.as_bytes())),
         );
     }
+    for name in TRACE_CONTEXT {
+        if let Some(v) = attributes.get(name) {
+            headers.insert(
+                name.into(),
+                AMQPValue::LongString(LongString::from(v.as_bytes())),
+            );
+        }
+    }
     let mut props = BasicProperties::default()
         .with_message_id(short(id)?)
         .with_priority(priority.min(9))
@@ -148,8 +156,18 @@ fn attributes(props: &BasicProperties) -> BTreeMap<String, String> {
             out.insert(name.to_owned(), v.to_owned());
         }
     }
+    let headers = props.headers().as_ref();
+    for name in TRACE_CONTEXT {
+        if let Some(v) = headers.and_then(|h| h.inner().get(name)).and_then(text) {
+            out.insert(name.to_owned(), v);
+        }
+    }
     out
 }
+
+/// The W3C trace context, as headers of those names (the AMQP binding of W3C
+/// Trace Context): what a message's consumer continues.
+const TRACE_CONTEXT: [&str; 2] = ["traceparent", "tracestate"];
 
 fn count(v: &AMQPValue) -> Option<u32> {
     let n: i128 = match v {

@@ -252,6 +252,10 @@ impl AmqpQueue {
 
 #[async_trait]
 impl Queue for AmqpQueue {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     async fn declare(&self, queue: &str) -> Result<(), Error> {
         message::queue_name(queue)?;
         let session = self.inner.link.session().await?;

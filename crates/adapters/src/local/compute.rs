@@ -72,7 +72,7 @@ pub struct LocalComputeConfig {
 
 /// Variables of the broker's environment an agent gets; nothing else (tokens, queue
 /// URLs with passwords, webhook secrets) reaches it or its workload.
-const AGENT_ENV: [&str; 12] = [
+const AGENT_ENV: [&str; 22] = [
     "PATH",
     "HOME",
     "USER",
@@ -80,6 +80,17 @@ const AGENT_ENV: [&str; 12] = [
     "LC_ALL",
     "TZ",
     "RESPAWN_LOG",
+    "RESPAWN_LOG_FORMAT",
+    // Where the agent's spans go (its workload gets none of these).
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_SDK_DISABLED",
+    "OTEL_BSP_SCHEDULE_DELAY",
     "XDG_RUNTIME_DIR",
     "DOCKER_HOST",
     "DOCKER_CONFIG",

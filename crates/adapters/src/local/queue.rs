@@ -156,6 +156,10 @@ fn take(
 
 #[async_trait]
 impl Queue for LocalQueue {
+    fn system(&self) -> &'static str {
+        "respawn_local"
+    }
+
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         if queue.is_empty() {
             return Err(Error::Invalid("queue name is empty".into()));

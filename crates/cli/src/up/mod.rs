@@ -226,6 +226,7 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
         timeouts: local_timeouts(config.heartbeat_secs),
         queues,
     };
+    let ports = respawn_host::traced::traced(ports);
     let rules = load_rules(config.triggers.as_deref());
     make_rule_folders(&config.data.join("bucket"), &rules);
     let hooks = match &config.hooks {

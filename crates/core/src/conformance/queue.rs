@@ -275,9 +275,12 @@ async fn receive_waits_for_a_message(q: &dyn Queue) {
 
 async fn attributes_travel_with_messages(q: &dyn Queue) {
     let name = unique_queue("conf-attrs");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let out = Outgoing::new("job")
         .attribute("reply_to", "replies-1")
-        .attribute("correlation_id", "c-42");
+        .attribute("correlation_id", "c-42")
+        .attribute("traceparent", traceparent)
+        .attribute("tracestate", "rojo=00f067aa0ba902b7");
     q.send(&name, out).await.expect("send");
     let got = recv(q, &name, lease(30_000)).await;
     assert_eq!(
@@ -288,6 +291,16 @@ async fn attributes_travel_with_messages(q: &dyn Queue) {
         got[0].attributes.get("correlation_id").map(String::as_str),
         Some("c-42")
     );
+    for (k, v) in [
+        ("traceparent", traceparent),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+    ] {
+        assert_eq!(
+            got[0].attributes.get(k).map(String::as_str),
+            Some(v),
+            "the W3C trace context travels with the message"
+        );
+    }
     q.retry_later(&got[0], Duration::ZERO).await.expect("retry");
     let again = recv(q, &name, lease(30_000)).await;
     assert_eq!(

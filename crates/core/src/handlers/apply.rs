@@ -21,6 +21,11 @@ const FLUSH_ROUNDS: usize = 8;
 
 /// Applies `event` (which happened at `at`) to job `id`, stores the result, and
 /// carries out the commands it decided. Delivering the same event again is harmless.
+#[tracing::instrument(
+    name = "job event",
+    skip_all,
+    fields(otel.name = event.kind(), job_id = %id, attempt = ?event.attempt())
+)]
 pub async fn job_event(
     ports: &Ports,
     id: &JobId,
@@ -220,6 +225,7 @@ fn placement(rec: &JobRecord, now: Timestamp) -> Placement {
     p
 }
 
+#[tracing::instrument(name = "allocate", skip_all, fields(job_id = %rec.id, attempt))]
 async fn allocate(ports: &Ports, rec: &JobRecord, attempt: u32) -> Result<Option<Event>, Error> {
     let req = AllocateRequest {
         key: AllocationKey {

@@ -35,6 +35,7 @@ pub struct Submitted {
 
 /// Creates the job (unless its idempotency key already made one) and puts attempt 1
 /// on the dispatch queue. Safe to call again with the same submission.
+#[tracing::instrument(name = "submit", skip_all, fields(project = %sub.project, job = %sub.spec.name))]
 pub async fn submit(ports: &Ports, sub: Submission) -> Result<Submitted, Error> {
     // Whatever the way in (API, trigger, hook, queue), a job touches only its
     // project's part of the bucket; with its id known, it may name its own outputs.

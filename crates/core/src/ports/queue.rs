@@ -166,4 +166,9 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn declare(&self, _queue: &str) -> Result<(), Error> {
         Ok(())
     }
+
+    /// The messaging system, as OpenTelemetry's `messaging.system` names it.
+    fn system(&self) -> &'static str {
+        "respawn"
+    }
 }

@@ -187,7 +187,8 @@ async fn live_record(
 /// copy of it staged anywhere.
 pub async fn spec(State(stack): State<Api>, Agent(me): Agent) -> Result<Response, ApiError> {
     let rec = live_record(&stack, &me, "spec").await?;
-    Ok(axum::Json(json!({ "spec": rec.spec })).into_response())
+    // The job's trace, which the attempt's spans continue.
+    Ok(axum::Json(json!({ "spec": rec.spec, "trace": rec.trace })).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use respawn_core::ports::tokens::Scope;
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::{Api, ApiError, Caller};
 use crate::metrics::{Metrics, Preemption};
@@ -82,17 +83,39 @@ pub async fn status(State(api): State<Api>, caller: Caller) -> Result<Response, 
 
 /// Times every request to a route, by its pattern (never the path itself: ids
 /// would make the label set unbounded).
+/// Each in a span of its own, the child of the caller's (`traceparent`: an
+/// agent's attempt, or a client's own trace).
 pub async fn track(State(api): State<Api>, req: Request, next: Next) -> Response {
-    let Some(m) = api.metrics.clone() else {
-        return next.run(req).await;
-    };
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let carried: std::collections::BTreeMap<String, String> = [
+        respawn_telemetry::TRACEPARENT,
+        respawn_telemetry::TRACESTATE,
+    ]
+    .into_iter()
+    .filter_map(|h| {
+        let v = req.headers().get(h)?.to_str().ok()?;
+        Some((h.to_owned(), v.to_owned()))
+    })
+    .collect();
+    respawn_telemetry::adopt(&span, &carried);
     let began = Instant::now();
-    let resp = next.run(req).await;
-    m.request(&method, &route, resp.status().as_u16(), began.elapsed());
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
+    if let Some(m) = &api.metrics {
+        m.request(&method, &route, status, began.elapsed());
+    }
     resp
 }

@@ -1,0 +1,93 @@
+//! Trace context through the ports, so that a submission and every attempt after
+//! it form one trace: each message sent carries the sending span's W3C
+//! `traceparent` / `tracestate` as attributes (AMQP headers, SQS message
+//! attributes, the Storage Queue envelope, the local queue's columns: every queue
+//! adapter carries attributes), and each job records the trace it was submitted
+//! in, which its agents continue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use respawn_core::job::{JobId, JobRecord};
+use respawn_core::ports::ledger::{self, Ledger, ListQuery, Page};
+use respawn_core::ports::queue::{self, Delivery, Outgoing, Queue, Receive};
+
+/// The queue, each message sent stamped with the current span's context.
+#[derive(Debug)]
+pub struct TracedQueue(pub Arc<dyn Queue>);
+
+#[async_trait]
+impl Queue for TracedQueue {
+    async fn send(&self, queue: &str, mut msg: Outgoing) -> Result<String, queue::Error> {
+        if !msg.attributes.contains_key(respawn_telemetry::TRACEPARENT) {
+            respawn_telemetry::inject(&tracing::Span::current(), &mut msg.attributes);
+        }
+        self.0.send(queue, msg).await
+    }
+
+    async fn receive(&self, queue: &str, opts: Receive) -> Result<Vec<Delivery>, queue::Error> {
+        self.0.receive(queue, opts).await
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), queue::Error> {
+        self.0.ack(delivery).await
+    }
+
+    async fn retry_later(&self, delivery: &Delivery, delay: Duration) -> Result<(), queue::Error> {
+        self.0.retry_later(delivery, delay).await
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), queue::Error> {
+        self.0.dead_letter(delivery, reason).await
+    }
+
+    async fn declare(&self, queue: &str) -> Result<(), queue::Error> {
+        self.0.declare(queue).await
+    }
+
+    fn system(&self) -> &'static str {
+        self.0.system()
+    }
+}
+
+/// The ledger, each new job stamped with the trace it is submitted in.
+#[derive(Debug)]
+pub struct TracedLedger(pub Arc<dyn Ledger>);
+
+#[async_trait]
+impl Ledger for TracedLedger {
+    async fn create(&self, mut record: JobRecord) -> Result<JobRecord, ledger::Error> {
+        if record.trace.is_none() {
+            record.trace = respawn_telemetry::traceparent();
+        }
+        self.0.create(record).await
+    }
+
+    async fn get(&self, id: &JobId) -> Result<JobRecord, ledger::Error> {
+        self.0.get(id).await
+    }
+
+    async fn update(&self, record: JobRecord) -> Result<JobRecord, ledger::Error> {
+        self.0.update(record).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page, ledger::Error> {
+        self.0.list(query).await
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<JobId>, ledger::Error> {
+        self.0.find_by_idempotency_key(project, key).await
+    }
+}
+
+/// `ports` with trace context through its queue and ledger.
+pub fn traced(mut ports: respawn_core::ports::Ports) -> respawn_core::ports::Ports {
+    ports.queue = Arc::new(TracedQueue(ports.queue));
+    ports.ledger = Arc::new(TracedLedger(ports.ledger));
+    ports
+}

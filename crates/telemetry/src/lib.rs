@@ -1,0 +1,280 @@
+//! Logs and traces for every host of respawn (`respawn up`, each cloud function,
+//! the agent): one [`init`].
+//!
+//! - **Logs** go to stderr, human by default or JSON ([`LogFormat::Json`]: one
+//!   object per line with `trace_id` and `span_id` when the event is in a traced
+//!   span), filtered by `RESPAWN_LOG` (`info` by default).
+//! - **Traces** are exported as OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, over HTTP/protobuf unless
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` says otherwise, with the standard `OTEL_*`
+//!   variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SDK_DISABLED`, …) honoured by the SDK.
+//! - **Context** travels as W3C `traceparent` / `tracestate`: [`inject`] writes the
+//!   current span's into a message's attributes or a request's headers, [`adopt`]
+//!   makes a span the child of what a message or request carried.
+
+use std::collections::BTreeMap;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// The W3C trace context headers, as message attributes and HTTP headers.
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, its fields after the message.
+    #[default]
+    Human,
+    /// One JSON object per line, with `trace_id` and `span_id`.
+    Json,
+}
+
+/// What [`init`] set up; flush it before a short-lived process (a Lambda
+/// invocation) answers, shut it down before the process ends.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether traces are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Sends the spans ended so far.
+    pub fn flush(&self) {
+        if let Some(p) = &self.provider
+            && let Err(e) = p.force_flush()
+        {
+            eprintln!("respawn: cannot flush traces: {e}");
+        }
+    }
+
+    pub fn shutdown(&self) {
+        if let Some(p) = &self.provider {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+fn exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "http/protobuf".into());
+    match protocol.as_str() {
+        "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| e.to_string()),
+        #[cfg(feature = "grpc")]
+        "grpc" => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| e.to_string()),
+        other => Err(format!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL {other:?}: this build exports http/protobuf{}",
+            if cfg!(feature = "grpc") {
+                " and grpc"
+            } else {
+                " (grpc: the grpc feature)"
+            }
+        )),
+    }
+}
+
+/// Sets up logs and traces for `service` (the default `service.name`); call once,
+/// first thing. Problems with the exporter are reported and leave traces off:
+/// a broker runs without its traces rather than not at all.
+pub fn init(service: &str, format: LogFormat) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_env("RESPAWN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut provider = None;
+    let mut problem = None;
+    if otlp_configured() {
+        match exporter() {
+            Ok(exporter) => {
+                let resource = opentelemetry_sdk::Resource::builder()
+                    .with_service_name(
+                        std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned()),
+                    )
+                    .with_attribute(opentelemetry::KeyValue::new(
+                        "service.version",
+                        env!("CARGO_PKG_VERSION"),
+                    ))
+                    .build();
+                provider = Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource)
+                        .build(),
+                );
+            }
+            Err(e) => problem = Some(e),
+        }
+    } else if format == LogFormat::Json {
+        // No export, but JSON lines carry trace and span ids: spans get them
+        // from a provider that sends nowhere.
+        provider = Some(SdkTracerProvider::builder().build());
+    }
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("respawn"))
+            .with_tracked_inactivity(false)
+    });
+    let fmt = match format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .event_format(json::WithTraceIds(
+                tracing_subscriber::fmt::format()
+                    .json()
+                    .with_current_span(true),
+            ))
+            .boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(fmt)
+        .try_init();
+    if let Some(p) = problem {
+        tracing::warn!(error = %p, "traces are not exported");
+    }
+    let exporting = otlp_configured() && provider.is_some();
+    let provider = provider.filter(|_| exporting);
+    if let Some(p) = &provider {
+        let _ = EXPORTING.set(p.clone());
+    }
+    Telemetry { provider }
+}
+
+/// The provider [`init`] exports through, for [`flush`].
+static EXPORTING: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+
+/// Sends the spans ended so far, now: before a moment after which the process
+/// may be killed (an agent whose attempt is over, a function about to answer).
+pub fn flush() {
+    if let Some(p) = EXPORTING.get()
+        && let Err(e) = p.force_flush()
+    {
+        tracing::debug!(error = %e, "cannot flush traces");
+    }
+}
+
+struct Attributes<'a>(&'a mut BTreeMap<String, String>);
+
+impl Injector for Attributes<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct Read<'a>(&'a BTreeMap<String, String>);
+
+impl Extractor for Read<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// Writes `span`'s trace context (`traceparent`, `tracestate`) into `into`;
+/// nothing when it is not traced.
+pub fn inject(span: &tracing::Span, into: &mut BTreeMap<String, String>) {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut Attributes(into))
+    });
+}
+
+/// The current span's `traceparent`, if it is traced.
+pub fn traceparent() -> Option<String> {
+    let mut m = BTreeMap::new();
+    inject(&tracing::Span::current(), &mut m);
+    m.remove(TRACEPARENT)
+}
+
+/// Makes `span` the child of the context `from` carries (`traceparent`,
+/// `tracestate`); nothing when it carries none.
+pub fn adopt(span: &tracing::Span, from: &BTreeMap<String, String>) {
+    if !from.contains_key(TRACEPARENT) {
+        return;
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Read(from)));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The trace id of `span`, hex, if it is traced.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+mod json {
+    use std::fmt;
+
+    use opentelemetry::trace::TraceContextExt;
+    use tracing::{Event, Subscriber};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::fmt::FmtContext;
+    use tracing_subscriber::fmt::format::{Format, FormatEvent, FormatFields, Json, Writer};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// tracing-subscriber's JSON lines, with the OpenTelemetry `trace_id` and
+    /// `span_id` of the event's span added.
+    pub struct WithTraceIds(pub Format<Json>);
+
+    impl<S, N> FormatEvent<S, N> for WithTraceIds
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> fmt::Result {
+            let mut line = String::new();
+            self.0.format_event(ctx, Writer::new(&mut line), event)?;
+            let cx = tracing::Span::current().context();
+            let sc = cx.span().span_context().clone();
+            let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(&line) else {
+                return writer.write_str(&line);
+            };
+            if sc.is_valid() {
+                object.insert("trace_id".into(), sc.trace_id().to_string().into());
+                object.insert("span_id".into(), sc.span_id().to_string().into());
+            }
+            writeln!(writer, "{}", serde_json::Value::Object(object))
+        }
+    }
+}

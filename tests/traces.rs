@@ -1,0 +1,252 @@
+//! One trace per job, across every hop: `respawn up` on RabbitMQ exports OTLP
+//! to a receiver that decodes with the official OpenTelemetry protobuf
+//! definitions (tests/support/otlp-receiver.py, PyPI `opentelemetry-proto`), a job
+//! is preempted once and notifies a webhook, and its spans — the API request,
+//! submit, both attempts' dispatch and allocation, the agents' attempt, restore,
+//! run and checkpoint uploads, their reports, the notification — are one trace
+//! whose parents are all in it, across the queue hops.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use respawn_e2e::*;
+use serde_json::Value;
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Receiver {
+    child: Child,
+    file: std::path::PathBuf,
+    url: String,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn receiver(dir: &std::path::Path) -> Receiver {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let install = Command::new(root.join("scripts/obs-install"))
+        .status()
+        .unwrap();
+    assert!(install.success(), "scripts/obs-install failed");
+    let port = free_port();
+    let file = dir.join("spans.jsonl");
+    let child = Command::new(root.join(".venv-obs/bin/python"))
+        .arg(root.join("tests/support/otlp-receiver.py"))
+        .arg(port.to_string())
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the OTLP receiver did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Receiver {
+        child,
+        file,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+fn spans(r: &Receiver) -> Vec<Value> {
+    std::fs::read_to_string(&r.file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A webhook receiver that accepts everything.
+async fn hook() -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|| async { axum::http::StatusCode::NO_CONTENT }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_job_is_one_trace_across_rabbitmq_and_its_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let otlp = receiver(dir.path());
+    let hook = hook().await;
+    let prefix = format!(
+        "e2e-trace-{:x}.",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let up = Up::start_with_env(
+        &data,
+        &[
+            "--queue",
+            URL,
+            "--queue-prefix",
+            &prefix,
+            "--allow-private-notify",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    )
+    .await;
+    let job = up
+        .submit(&format!(
+            r#"name: traced
+notify: ["{hook}"]
+command:
+  - sh
+  - -c
+  - |
+    test -n "$TRACEPARENT" || exit 9
+    dir="$RESPAWN_CHECKPOINT_DIR"
+    i=$(ls "$dir" 2>/dev/null | sort -n | tail -1)
+    i=${{i:-0}}
+    while [ "$i" -lt 6 ]; do
+      sleep 1
+      i=$((i + 1))
+      if [ $((i % 2)) -eq 0 ]; then
+        mkdir -p "$dir/$i" && echo "$i" >"$dir/$i/step" && touch "$dir/$i/.complete"
+      fi
+    done
+"#
+        ))
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    up.wait_job(&id, Duration::from_secs(60), "a checkpoint", |j| {
+        j["state"] == "running" && j["checkpoint"].as_u64().is_some()
+    })
+    .await;
+    assert!(up.preempt(&id, Duration::from_secs(2)).await);
+    let done = up
+        .wait_job(&id, Duration::from_secs(120), "success", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 2, "{done:#}");
+    let trace = done["trace"]
+        .as_str()
+        .expect("the job records its trace")
+        .to_owned();
+    let trace_id = trace.split('-').nth(1).unwrap().to_owned();
+
+    // Spans arrive in batches; the agents flush theirs as they exit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = |all: &[Value]| {
+        let ours: Vec<&Value> = all
+            .iter()
+            .filter(|s| s["trace_id"] == trace_id.as_str())
+            .collect();
+        let count = |name: &str, service: &str| {
+            ours.iter()
+                .filter(|s| s["name"] == name && s["service"] == service)
+                .count()
+        };
+        count("attempt", "respawn-agent") >= 2
+            && count("notify", "respawn") >= 1
+            && count("run", "respawn-agent") >= 2
+    };
+    let mut all = spans(&otlp);
+    while !wanted(&all) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        all = spans(&otlp);
+    }
+    let ours: Vec<&Value> = all
+        .iter()
+        .filter(|s| s["trace_id"] == trace_id.as_str())
+        .collect();
+    let names: BTreeSet<(String, String)> = ours
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap_or("?").to_owned(),
+                s["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let everything: BTreeSet<(String, String)> = all
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap_or("?").to_owned(),
+                s["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let describe = || {
+        format!(
+            "in the trace: {names:#?}\nin any trace: {everything:#?}\nlog:\n{}",
+            up.log_text()
+        )
+    };
+    let count = |name: &str, service: &str| {
+        ours.iter()
+            .filter(|s| s["name"] == name && s["service"] == service)
+            .count()
+    };
+    // The submission: the API request and the submit handler.
+    assert_eq!(count("POST /v1/jobs", "respawn"), 1, "{}", describe());
+    assert_eq!(count("submit", "respawn"), 1, "{}", describe());
+    // Both attempts: dispatched through RabbitMQ, allocated, run by an agent.
+    assert!(count("dispatch", "respawn") >= 2, "{}", describe());
+    assert!(count("allocate", "respawn") >= 2, "{}", describe());
+    for name in ["attempt", "restore", "run"] {
+        assert_eq!(count(name, "respawn-agent"), 2, "{name}: {}", describe());
+    }
+    assert!(
+        count("checkpoint upload", "respawn-agent") >= 2,
+        "{}",
+        describe()
+    );
+    // The agents' reports, received by the API and applied from the events queue.
+    for event in [
+        "workload_started",
+        "preemption_notice",
+        "checkpoint_committed",
+        "workload_exited",
+    ] {
+        assert!(count(event, "respawn") >= 1, "{event}: {}", describe());
+    }
+    assert!(count("notify", "respawn") >= 1, "{}", describe());
+    let consumers = ours.iter().filter(|s| s["kind"] == 5).count();
+    assert!(
+        consumers >= 4,
+        "queue hops as consumer spans: {}",
+        describe()
+    );
+
+    // Every span but the root has its parent in the trace: no hop broke it.
+    let ids: BTreeMap<&str, &Value> = ours
+        .iter()
+        .map(|s| (s["span_id"].as_str().unwrap(), *s))
+        .collect();
+    let roots: Vec<&&Value> = ours.iter().filter(|s| s["parent_span_id"] == "").collect();
+    assert_eq!(roots.len(), 1, "one root: {roots:#?}");
+    assert_eq!(roots[0]["name"], "POST /v1/jobs");
+    for s in &ours {
+        let parent = s["parent_span_id"].as_str().unwrap();
+        assert!(
+            parent.is_empty() || ids.contains_key(parent),
+            "{} ({}) has a parent outside the trace",
+            s["name"],
+            s["service"]
+        );
+    }
+    // The agents' attempts hang off the job's trace; a consumer span's parent is
+    // the span that sent its message (a producer on the other side of a queue).
+    let attempt = ours.iter().find(|s| s["name"] == "attempt").unwrap();
+    assert_eq!(attempt["parent_span_id"], trace.split('-').nth(2).unwrap());
+}
