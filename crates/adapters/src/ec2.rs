@@ -507,9 +507,7 @@ impl Ec2Compute {
         if let Some(vpc) = &self.cfg.vpc_id {
             params.push(("VpcId".to_owned(), vpc.clone()));
         }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::bands::now_ms() / 1000;
         let tags = [
             (TAG_STACK, self.cfg.stack.clone()),
             (TAG_JOB, key.job.to_string()),
@@ -600,9 +598,7 @@ impl Ec2Compute {
     /// EC2 refuses (`DependencyViolation`) while a terminated node's network
     /// interface is still there; the next pass tries again. Returns how many went.
     pub async fn sweep_groups(&self) -> Result<usize, Error> {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::bands::now_ms() / 1000;
         let mut gone = 0;
         let groups = self
             .groups(&[("tag-key", TAG_CREATED.to_owned())])

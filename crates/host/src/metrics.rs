@@ -316,23 +316,19 @@ impl Metrics {
 
     /// What changed from `before` (`None`: a new job) to `after`.
     pub fn observe(&self, before: Option<&JobRecord>, after: &JobRecord) {
-        match before {
-            None => {
-                self.submitted
-                    .get_or_create(&ProjectLabels {
-                        project: after.project.clone(),
-                    })
-                    .inc();
-                self.count(after, 1);
-                return;
-            }
-            Some(b) if b.state != after.state => {
-                self.count(b, -1);
-                self.count(after, 1);
-            }
-            Some(_) => {}
+        let Some(before) = before else {
+            self.submitted
+                .get_or_create(&ProjectLabels {
+                    project: after.project.clone(),
+                })
+                .inc();
+            self.count(after, 1);
+            return;
+        };
+        if before.state != after.state {
+            self.count(before, -1);
+            self.count(after, 1);
         }
-        let before = before.unwrap_or(after);
         if before.state == JobState::Allocating
             && after.state == JobState::Starting
             && let Some(a) = after.current()

@@ -37,28 +37,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// What [`init`] set up; flush it before a short-lived process (a Lambda
-/// invocation) answers, shut it down before the process ends.
+/// What [`init`] set up: shut it down before the process ends ([`flush`] sends
+/// what is done so far).
 #[derive(Debug, Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
 impl Telemetry {
-    /// Whether traces are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
-    /// Sends the spans ended so far.
-    pub fn flush(&self) {
-        if let Some(p) = &self.provider
-            && let Err(e) = p.force_flush()
-        {
-            eprintln!("respawn: cannot flush traces: {e}");
-        }
-    }
-
     pub fn shutdown(&self) {
         if let Some(p) = &self.provider {
             let _ = p.shutdown();
@@ -105,7 +91,8 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
     let filter = EnvFilter::try_from_env("RESPAWN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let mut provider = None;
     let mut problem = None;
-    if otlp_configured() {
+    let export = otlp_configured();
+    if export {
         match exporter() {
             Ok(exporter) => {
                 let resource = opentelemetry_sdk::Resource::builder()
@@ -159,8 +146,8 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
     if let Some(p) = problem {
         tracing::warn!(error = %p, "traces are not exported");
     }
-    let exporting = otlp_configured() && provider.is_some();
-    let provider = provider.filter(|_| exporting);
+    // The JSON logs' provider sends nowhere: nothing to flush or shut down.
+    let provider = provider.filter(|_| export);
     if let Some(p) = &provider {
         let _ = EXPORTING.set(p.clone());
     }
@@ -229,13 +216,6 @@ pub fn adopt(span: &tracing::Span, from: &BTreeMap<String, String>) {
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
     }
-}
-
-/// The trace id of `span`, hex, if it is traced.
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
 mod json {
