@@ -425,6 +425,54 @@ async fn one_bad_record_fails_alone_and_the_rest_of_its_batch_is_done() {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
 }
 
+/// Lambda freezes a function the moment it answers, so its spans must be sent
+/// before: with the exporter's own schedule 10 minutes away, they are in the
+/// receiver when the answer arrives. The consumer span continues the trace the
+/// message carried (`traceparent`, an SQS message attribute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_sends_its_spans_before_it_answers_in_the_trace_its_message_carried() {
+    let stack = Stack::new("fntrace");
+    let dir = tempfile::tempdir().unwrap();
+    let otlp = respawn_e2e::otlp::Receiver::start(dir.path());
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("00-{trace}-{parent}-01");
+    let queue = format!("{}-submit-no", stack.name);
+    stack.send(&queue, &[(SPEC, &[("traceparent", &traceparent)])]);
+    let mut env = lambda::env(&stack.aws.endpoint, &stack.name, stack.config.path());
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.url.clone()));
+    env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "600000".into()));
+    let submit = Function::start("submit", &env).await;
+    let (url, arn) = lambda::queue(&stack.sqs, &queue).await.unwrap();
+    let got = stack
+        .sqs
+        .receive_message()
+        .queue_url(&url)
+        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+        .message_attribute_names("All")
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap();
+    let record = lambda::record(&got.messages()[0], &arn);
+    let answer = submit.invoke(json!({ "Records": [record] })).await.unwrap();
+    assert_eq!(answer, json!({ "batchItemFailures": [] }));
+    let spans = otlp.spans();
+    let consumer = spans
+        .iter()
+        .find(|s| s["name"] == format!("{queue} process").as_str())
+        .unwrap_or_else(|| panic!("no consumer span in {spans:#?}"));
+    assert_eq!(consumer["service"], "respawn-submit");
+    assert_eq!(consumer["trace_id"], trace);
+    assert_eq!(consumer["parent_span_id"], parent);
+    assert_eq!(consumer["attributes"]["messaging.system"], "aws_sqs");
+    let submitted = spans
+        .iter()
+        .find(|s| s["name"] == "submit")
+        .unwrap_or_else(|| panic!("no submit span in {spans:#?}"));
+    assert_eq!(submitted["trace_id"], trace);
+    assert_eq!(stack.jobs().await.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_to_the_bucket_makes_a_job_by_the_trigger_rule() {
     let stack = Stack::new("fnupload");

@@ -8,60 +8,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use respawn_e2e::otlp;
 use respawn_e2e::*;
 use serde_json::Value;
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-struct Receiver {
-    child: Child,
-    file: std::path::PathBuf,
-    url: String,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn receiver(dir: &std::path::Path) -> Receiver {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let install = Command::new(root.join("scripts/obs-install"))
-        .status()
-        .unwrap();
-    assert!(install.success(), "scripts/obs-install failed");
-    let port = free_port();
-    let file = dir.join("spans.jsonl");
-    let child = Command::new(root.join(".venv-obs/bin/python"))
-        .arg(root.join("tests/support/otlp-receiver.py"))
-        .arg(port.to_string())
-        .arg(&file)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the OTLP receiver did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Receiver {
-        child,
-        file,
-        url: format!("http://127.0.0.1:{port}"),
-    }
-}
-
-fn spans(r: &Receiver) -> Vec<Value> {
-    std::fs::read_to_string(&r.file)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// A webhook receiver that accepts everything.
 async fn hook() -> String {
@@ -79,7 +32,7 @@ async fn hook() -> String {
 async fn a_preempted_job_is_one_trace_across_rabbitmq_and_its_agents() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let otlp = receiver(dir.path());
+    let otlp = otlp::Receiver::start(dir.path());
     let hook = hook().await;
     let prefix = format!(
         "e2e-trace-{:x}.",
@@ -159,10 +112,10 @@ command:
             && count("notify", "respawn") >= 1
             && count("run", "respawn-agent") >= 2
     };
-    let mut all = spans(&otlp);
+    let mut all = otlp.spans();
     while !wanted(&all) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        all = spans(&otlp);
+        all = otlp.spans();
     }
     let ours: Vec<&Value> = all
         .iter()

@@ -11,6 +11,7 @@ pub mod azure;
 pub mod functions_host;
 #[cfg(feature = "aws")]
 pub mod lambda;
+pub mod otlp;
 #[cfg(feature = "aws")]
 pub mod vm;
 

@@ -36,7 +36,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use hmac::Mac;
-use respawn_core::ports::queue::{Delivery, Error, Outgoing, Queue, Receive, dead_letter_queue};
+use respawn_core::ports::queue::{
+    Delivery, Depth, Error, Outgoing, Queue, Receive, dead_letter_queue,
+};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -249,6 +251,19 @@ struct Got {
     text: String,
 }
 
+/// Messages as Peek Messages lists them: only when each was put matters here.
+#[derive(Debug, Deserialize)]
+struct Peeked {
+    #[serde(rename = "QueueMessage", default)]
+    messages: Vec<PeekedMessage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PeekedMessage {
+    #[serde(rename = "InsertionTime")]
+    inserted: String,
+}
+
 /// Whether Azure said the pop receipt is no longer current: the message was handed
 /// out again (`PopReceiptMismatch`) or is gone (`MessageNotFound`).
 fn lease_lost((status, text): &(u16, String)) -> bool {
@@ -458,6 +473,61 @@ impl StorageQueue {
         let json = serde_json::to_vec(&env).map_err(|e| Error::Invalid(e.to_string()))?;
         let text = base64::engine::general_purpose::STANDARD.encode(json);
         self.put(&name, &text, delay).await
+    }
+
+    /// One band's approximate count (`x-ms-approximate-messages-count`, leased
+    /// and delayed messages included) and when its first visible message was
+    /// put; nothing for a queue that does not exist.
+    async fn band_depth(&self, name: &str) -> Result<(u64, Option<std::time::SystemTime>), Error> {
+        let meta = match self
+            .call(
+                reqwest_aws::Method::GET,
+                &format!("/{name}"),
+                &[("comp", "metadata".to_owned())],
+                None,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err((404, _)) => return Ok((0, None)),
+            Err(e) => return Err(Self::failed(&format!("count {name}"), e)),
+        };
+        let count = meta
+            .headers()
+            .get("x-ms-approximate-messages-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if count == 0 {
+            return Ok((0, None));
+        }
+        let query = [
+            ("peekonly", "true".to_owned()),
+            ("numofmessages", "1".to_owned()),
+        ];
+        let peeked = match self
+            .call(
+                reqwest_aws::Method::GET,
+                &format!("/{name}/messages"),
+                &query,
+                None,
+            )
+            .await
+        {
+            Ok(r) => r
+                .text()
+                .await
+                .map_err(|e| unavailable(format!("peek at {name}: {e}")))?,
+            Err((404, _)) => return Ok((0, None)),
+            Err(e) => return Err(Self::failed(&format!("peek at {name}"), e)),
+        };
+        let peeked: Peeked = quick_xml::de::from_str(&peeked)
+            .map_err(|e| unavailable(format!("peek at {name}: unreadable answer: {e}")))?;
+        let first = peeked
+            .messages
+            .first()
+            .and_then(|m| httpdate::parse_http_date(&m.inserted).ok());
+        Ok((count, first))
     }
 
     async fn delete(&self, name: &str, r: &Receipt) -> Result<(), Error> {
@@ -874,6 +944,25 @@ impl Queue for StorageQueue {
     async fn ack(&self, d: &Delivery) -> Result<(), Error> {
         let (r, name) = self.leased(d)?;
         self.delete(&name, &r).await
+    }
+
+    /// Azure's approximate counts of every band; the age of the oldest message
+    /// that is visible now (Peek Messages sees no leased or delayed one).
+    async fn depth(&self, queue: &str) -> Result<Option<Depth>, Error> {
+        let mut messages = 0;
+        let mut first: Option<std::time::SystemTime> = None;
+        for band in Band::ALL {
+            let (n, at) = self.band_depth(&self.physical(queue, band)?).await?;
+            messages += n;
+            first = match (first, at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(Some(Depth {
+            messages,
+            oldest: first.map(|t| t.elapsed().unwrap_or_default()),
+        }))
     }
 
     async fn retry_later(&self, d: &Delivery, delay: Duration) -> Result<(), Error> {

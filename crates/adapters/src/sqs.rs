@@ -35,7 +35,7 @@ use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, Queu
 use base64::Engine;
 use bytes::Bytes;
 use respawn_core::ports::queue::{
-    DEFAULT_MAX_DELIVERIES, Delivery, Error, Outgoing, Queue, Receive, dead_letter_queue,
+    DEFAULT_MAX_DELIVERIES, Delivery, Depth, Error, Outgoing, Queue, Receive, dead_letter_queue,
 };
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -543,6 +543,40 @@ fn sqs_char(c: char) -> bool {
 impl Queue for SqsQueue {
     fn system(&self) -> &'static str {
         "aws_sqs"
+    }
+
+    /// SQS's approximate counts of every band: visible, in flight and delayed.
+    /// The age of the oldest is CloudWatch's (`ApproximateAgeOfOldestMessage`),
+    /// not the queue's to say.
+    async fn depth(&self, queue: &str) -> Result<Option<Depth>, Error> {
+        let counts = [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+        ];
+        let mut messages = 0;
+        for band in Band::ALL {
+            let url = self.url(queue, band).await?;
+            let got = self
+                .client
+                .get_queue_attributes()
+                .queue_url(&url)
+                .set_attribute_names(Some(counts.to_vec()))
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            let attrs = got.attributes();
+            for c in &counts {
+                messages += attrs
+                    .and_then(|a| a.get(c))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(Some(Depth {
+            messages,
+            oldest: None,
+        }))
     }
 
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {

@@ -165,7 +165,7 @@ impl World {
                 let disposition = handlers::handle_delivery(&self.ports, &d[0]).await;
                 assert_eq!(disposition, Disposition::Ack, "{ev:?}");
                 handlers::settle(q, &d[0], &disposition).await.unwrap();
-                assert_eq!(q.depth(INBOX), 0);
+                assert_eq!(q.count(INBOX), 0);
             }
         }
     }
@@ -182,7 +182,7 @@ impl World {
         };
         // Only what is queued now: handling may queue more (an allocation that
         // failed queues the next attempt), and with no VMs that would never end.
-        for _ in 0..q.depth(&dispatch) {
+        for _ in 0..q.count(&dispatch) {
             let Some(first) = q.receive(&dispatch, crash).await.unwrap().pop() else {
                 break; // the rest is delayed (a retry's backoff)
             };
@@ -225,9 +225,9 @@ impl World {
         Outcome {
             records,
             live_vms,
-            dispatch_messages: self.queue.depth(dispatch),
-            dead_letters: self.queue.depth(&dead_letter_queue(dispatch))
-                + self.queue.depth(&dead_letter_queue(INBOX)),
+            dispatch_messages: self.queue.count(dispatch),
+            dead_letters: self.queue.count(&dead_letter_queue(dispatch))
+                + self.queue.count(&dead_letter_queue(INBOX)),
         }
     }
 }

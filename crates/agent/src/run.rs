@@ -171,7 +171,7 @@ pub async fn attempt(
         .instrument(span)
         .await;
     // The broker may end this VM as soon as the last report lands.
-    respawn_telemetry::flush();
+    respawn_telemetry::flushed().await;
     ended
 }
 

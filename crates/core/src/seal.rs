@@ -192,4 +192,12 @@ impl Queue for SealedQueue {
     async fn declare(&self, queue: &str) -> Result<(), Error> {
         self.inner.declare(queue).await
     }
+
+    async fn depth(&self, queue: &str) -> Result<Option<crate::ports::queue::Depth>, Error> {
+        self.inner.depth(queue).await
+    }
+
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
 }

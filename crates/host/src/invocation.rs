@@ -82,6 +82,14 @@ impl Queue for Invocation {
     async fn declare(&self, queue: &str) -> Result<(), queue::Error> {
         self.inner.declare(queue).await
     }
+
+    async fn depth(&self, queue: &str) -> Result<Option<queue::Depth>, queue::Error> {
+        self.inner.depth(queue).await
+    }
+
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
 }
 
 /// What became of one message a host handles itself (not through a handler that

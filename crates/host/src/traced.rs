@@ -46,6 +46,10 @@ impl Queue for TracedQueue {
         self.0.declare(queue).await
     }
 
+    async fn depth(&self, queue: &str) -> Result<Option<queue::Depth>, queue::Error> {
+        self.0.depth(queue).await
+    }
+
     fn system(&self) -> &'static str {
         self.0.system()
     }
@@ -90,4 +94,21 @@ pub fn traced(mut ports: respawn_core::ports::Ports) -> respawn_core::ports::Por
     ports.queue = Arc::new(TracedQueue(ports.queue));
     ports.ledger = Arc::new(TracedLedger(ports.ledger));
     ports
+}
+
+/// `answer`, once the spans of its invocation are sent: a function's
+/// process may be frozen (Lambda) or ended (a scale-in) the moment an invocation
+/// returns, and a frozen exporter sends nothing until the next one, or never.
+pub async fn answered<T>(answer: impl Future<Output = T>) -> T {
+    let out = answer.await;
+    respawn_telemetry::flushed().await;
+    out
+}
+
+/// `router`, each of whose requests is [`answered`]: for functions that are
+/// HTTP servers (Lambda's API, the Azure custom handler).
+pub fn answering(router: axum::Router) -> axum::Router {
+    router.layer(axum::middleware::from_fn(
+        |req: axum::extract::Request, next: axum::middleware::Next| answered(next.run(req)),
+    ))
 }

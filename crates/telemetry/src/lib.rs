@@ -167,6 +167,14 @@ pub fn flush() {
     }
 }
 
+/// [`flush`], off the async workers: the export blocks its caller until it is
+/// sent or times out.
+pub async fn flushed() {
+    if EXPORTING.get().is_some() {
+        let _ = tokio::task::spawn_blocking(flush).await;
+    }
+}
+
 struct Attributes<'a>(&'a mut BTreeMap<String, String>);
 
 impl Injector for Attributes<'_> {

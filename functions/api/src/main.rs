@@ -9,5 +9,8 @@ use respawn_host::lambda;
 async fn main() -> Result<(), lambda_http::Error> {
     let cloud = lambda::start().await?;
     cloud.broker.first_admin().await?;
-    lambda_http::run(api::app(cloud.broker.api())).await
+    lambda_http::run(respawn_host::traced::answering(api::app(
+        cloud.broker.api(),
+    )))
+    .await
 }

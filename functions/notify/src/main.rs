@@ -21,7 +21,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         Box::pin(async move {
             let deadline = e.context.deadline;
             Ok::<_, lambda_runtime::Error>(
-                functions::notify(cloud, &notifier, e.payload, deadline).await,
+                respawn_host::traced::answered(functions::notify(
+                    cloud, &notifier, e.payload, deadline,
+                ))
+                .await,
             )
         })
     }))

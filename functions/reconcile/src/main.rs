@@ -9,7 +9,7 @@ use respawn_host::lambda::{self, functions};
 async fn main() -> Result<(), lambda_runtime::Error> {
     let cloud = lambda::start().await?;
     lambda_runtime::run(service_fn(|e: LambdaEvent<serde_json::Value>| {
-        functions::reconcile(cloud, e.payload)
+        respawn_host::traced::answered(functions::reconcile(cloud, e.payload))
     }))
     .await
 }

@@ -136,6 +136,35 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// How many of `queue`'s messages are ready, as the broker counts them (not
+    /// those delivered and unacknowledged, nor those in a delay queue); 0 for a
+    /// queue that does not exist.
+    pub(super) async fn ready(&self, queue: &str) -> Result<u32, Error> {
+        let session = self.link.session().await?;
+        // A channel of its own: a passive declaration of a queue that does not
+        // exist closes its channel.
+        let channel = session.conn.create_channel().await.map_err(unavailable)?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let got = channel
+            .queue_declare(message::short(queue)?, options, FieldTable::default())
+            .await;
+        match got {
+            Ok(q) => {
+                let _ = channel.close(200, "respawn: counted".into()).await;
+                Ok(q.message_count())
+            }
+            Err(e) => match e.kind() {
+                lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => Ok(0),
+                _ => Err(unavailable(e)),
+            },
+        }
+    }
+}
+
 pub(super) fn declare_error(queue: &str, e: lapin::Error) -> Error {
     match e.kind() {
         // PRECONDITION_FAILED: the queue exists with other arguments.

@@ -60,7 +60,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lapin::options::QueueDeleteOptions;
 use respawn_core::ports::queue::{
-    DEFAULT_MAX_DELIVERIES, Delivery, Error, Outgoing, Queue, Receive,
+    DEFAULT_MAX_DELIVERIES, Delivery, Depth, Error, Outgoing, Queue, Receive,
 };
 use tokio::time::Instant;
 
@@ -260,6 +260,17 @@ impl Queue for AmqpQueue {
         message::queue_name(queue)?;
         let session = self.inner.link.session().await?;
         self.inner.ensure_queue(&session, queue).await
+    }
+
+    /// Ready messages only: what this adapter's consumers hold unacknowledged
+    /// and what waits in a delay queue are not in RabbitMQ's count, and
+    /// RabbitMQ does not say how old a message is.
+    async fn depth(&self, queue: &str) -> Result<Option<Depth>, Error> {
+        message::queue_name(queue)?;
+        Ok(Some(Depth {
+            messages: u64::from(self.inner.ready(queue).await?),
+            oldest: None,
+        }))
     }
 
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {

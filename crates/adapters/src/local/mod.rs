@@ -140,6 +140,14 @@ fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     if !has_attrs {
         conn.execute_batch("ALTER TABLE messages ADD COLUMN attrs TEXT")?;
     }
+    // When a message was sent, for the age of a queue's oldest (NULL in rows
+    // sent before it was kept: their visible_at stands in).
+    let has_sent_at: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'sent_at'")?
+        .exists([])?;
+    if !has_sent_at {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN sent_at INTEGER")?;
+    }
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use respawn_core::ports::queue::{Delivery, Error, Outgoing, Queue, Receive, dead_letter_queue};
+use respawn_core::ports::queue::{
+    Delivery, Depth, Error, Outgoing, Queue, Receive, dead_letter_queue,
+};
 use rusqlite::{Connection, params};
 use tokio::sync::Notify;
 
@@ -160,20 +162,41 @@ impl Queue for LocalQueue {
         "respawn_local"
     }
 
+    async fn depth(&self, queue: &str) -> Result<Option<Depth>, Error> {
+        let queue = queue.to_owned();
+        let (messages, oldest): (i64, Option<i64>) = self
+            .store
+            .readers
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT COUNT(*), MIN(COALESCE(sent_at, visible_at)) FROM messages WHERE queue = ?1",
+                )?
+                .query_row([queue], |r| Ok((r.get(0)?, r.get(1)?)))
+            })
+            .await
+            .map_err(Error::unavailable)?;
+        let now = now_ms();
+        Ok(Some(Depth {
+            messages: messages.max(0) as u64,
+            oldest: oldest.map(|t| Duration::from_millis(now.saturating_sub(t).max(0) as u64)),
+        }))
+    }
+
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         if queue.is_empty() {
             return Err(Error::Invalid("queue name is empty".into()));
         }
         let queue = queue.to_owned();
-        let visible = now_ms() + msg.delay.as_millis() as i64;
+        let now = now_ms();
+        let visible = now + msg.delay.as_millis() as i64;
         let attrs = (!msg.attributes.is_empty())
             .then(|| serde_json::to_string(&msg.attributes).unwrap_or_default());
         let id = self
             .write(move |c| {
                 c.prepare_cached(
-                    "INSERT INTO messages (queue, priority, visible_at, deliveries, body, attrs) VALUES (?1, ?2, ?3, 0, ?4, ?5)",
+                    "INSERT INTO messages (queue, priority, visible_at, deliveries, body, attrs, sent_at) VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
                 )
-                .and_then(|mut s| s.execute(params![queue, msg.priority, visible, &msg.body[..], attrs]))
+                .and_then(|mut s| s.execute(params![queue, msg.priority, visible, &msg.body[..], attrs, now]))
                 .map_err(Error::unavailable)?;
                 Ok(c.last_insert_rowid())
             })

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use respawn_core::ports::queue::{
-    DEFAULT_MAX_DELIVERIES, Delivery, Error, Outgoing, Queue, Receive, dead_letter_queue,
+    DEFAULT_MAX_DELIVERIES, Delivery, Depth, Error, Outgoing, Queue, Receive, dead_letter_queue,
 };
 use tokio::sync::Notify;
 
@@ -28,6 +28,8 @@ struct Msg {
     body: Bytes,
     priority: u8,
     visible_at: u64,
+    /// When it was sent (ms).
+    sent_at: u64,
     deliveries: u32,
     /// The delivery count at the time of the current lease, if leased.
     lease: Option<u32>,
@@ -52,7 +54,7 @@ impl MemoryQueue {
     }
 
     /// Messages in a queue, leased or not.
-    pub fn depth(&self, queue: &str) -> usize {
+    pub fn count(&self, queue: &str) -> usize {
         self.lock().get(queue).map_or(0, Vec::len)
     }
 
@@ -140,11 +142,13 @@ impl MemoryQueue {
 impl Queue for MemoryQueue {
     async fn send(&self, queue: &str, msg: Outgoing) -> Result<String, Error> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let now = now_ms();
         self.lock().entry(queue.to_owned()).or_default().push(Msg {
             seq,
             body: msg.body,
             priority: msg.priority,
-            visible_at: now_ms() + msg.delay.as_millis() as u64,
+            visible_at: now + msg.delay.as_millis() as u64,
+            sent_at: now,
             deliveries: 0,
             lease: None,
             reason: None,
@@ -184,6 +188,20 @@ impl Queue for MemoryQueue {
         })?;
         self.arrived.notify_waiters();
         Ok(())
+    }
+
+    async fn depth(&self, queue: &str) -> Result<Option<Depth>, Error> {
+        let all = self.lock();
+        let msgs = all.get(queue).map_or(&[][..], Vec::as_slice);
+        let now = now_ms();
+        Ok(Some(Depth {
+            messages: msgs.len() as u64,
+            oldest: msgs
+                .iter()
+                .map(|m| m.sent_at)
+                .min()
+                .map(|t| Duration::from_millis(now.saturating_sub(t))),
+        }))
     }
 
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), Error> {

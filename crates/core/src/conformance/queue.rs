@@ -25,6 +25,7 @@ pub async fn run_with(q: &dyn Queue, max_deliveries: u32, tick: Duration) {
     dead_letter_after_max_deliveries(q, max_deliveries).await;
     receive_waits_for_a_message(q).await;
     attributes_travel_with_messages(q).await;
+    depth_counts_what_waits(q).await;
 }
 
 fn lease(ms: u64) -> Receive {
@@ -312,4 +313,46 @@ async fn attributes_travel_with_messages(q: &dyn Queue) {
         "attributes survive a retry"
     );
     q.ack(&again[0]).await.expect("ack");
+}
+
+async fn depth_counts_what_waits(q: &dyn Queue) {
+    let name = unique_queue("conf-depth");
+    q.declare(&name).await.expect("declare");
+    let Some(empty) = q.depth(&name).await.expect("depth") else {
+        // This system cannot say; it must not pretend for one queue either.
+        assert!(q.depth(&name).await.expect("depth").is_none());
+        return;
+    };
+    assert_eq!(empty.messages, 0, "a new queue holds nothing: {empty:?}");
+    for p in [0, 5, 9] {
+        q.send(&name, Outgoing::new("waiting").priority(p))
+            .await
+            .expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let waiting = q.depth(&name).await.expect("depth").expect("depth");
+    assert_eq!(waiting.messages, 3, "every priority counts: {waiting:?}");
+    if let Some(age) = waiting.oldest {
+        assert!(
+            age >= Duration::from_secs(1) && age < Duration::from_secs(120),
+            "the oldest has waited since it was sent: {waiting:?}"
+        );
+    }
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.extend(recv(q, &name, lease(30_000)).await);
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 3);
+    for d in &got {
+        q.ack(d).await.expect("ack");
+    }
+    let settled = q.depth(&name).await.expect("depth").expect("depth");
+    assert_eq!(
+        settled.messages, 0,
+        "acked messages wait no more: {settled:?}"
+    );
+    assert_eq!(settled.oldest, None, "nothing waits, so nothing is oldest");
 }

@@ -22,6 +22,10 @@
 //!   reason.
 //! - [`Queue::declare`] makes a queue exist before anything is sent or received
 //!   (adapters whose queues always exist keep the default, which does nothing).
+//! - [`Queue::depth`] says how many messages wait in a queue (visible, leased or
+//!   delayed: not yet settled) and, where the system can tell, how long the oldest
+//!   has waited; `None` where it cannot say. An estimate on systems that only
+//!   estimate (SQS, Azure Storage Queues).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +35,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::Retryable;
+
+/// What waits in a queue ([`Queue::depth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth {
+    /// Messages not yet settled.
+    pub messages: u64,
+    /// How long the oldest of them has been in the queue, where the system says.
+    pub oldest: Option<Duration>,
+}
 
 /// The dead-letter queue of `queue`.
 pub fn dead_letter_queue(queue: &str) -> String {
@@ -165,6 +178,11 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// queues that do not exist yet, the first receive would come too late.
     async fn declare(&self, _queue: &str) -> Result<(), Error> {
         Ok(())
+    }
+
+    /// What waits in `queue` now; `None` when this system cannot say.
+    async fn depth(&self, _queue: &str) -> Result<Option<Depth>, Error> {
+        Ok(None)
     }
 
     /// The messaging system, as OpenTelemetry's `messaging.system` names it.

@@ -73,10 +73,12 @@ pub fn router(cloud: &'static AzCloud) -> Result<Router, String> {
     let hook = Router::new()
         .route("/eventgrid", any(webhook))
         .with_state(h.clone());
-    Ok(Router::new()
-        .route("/{function}", post(invoke))
-        .with_state(h)
-        .nest("/api", hook.merge(api)))
+    Ok(crate::traced::answering(
+        Router::new()
+            .route("/{function}", post(invoke))
+            .with_state(h)
+            .nest("/api", hook.merge(api)),
+    ))
 }
 
 /// What the Functions host wants back.

@@ -253,17 +253,14 @@ impl AzCloud {
     }
 }
 
-/// Logs as the Functions host collects them (stderr, JSON; `RUST_LOG` filters,
-/// `info` by default), then the ports from the environment.
+/// Logs as the Functions host collects them (stderr, JSON lines with trace and
+/// span ids; `RESPAWN_LOG` filters, `info` by default) and traces over OTLP when
+/// `OTEL_*` says where, then the ports from the environment.
 pub async fn start() -> Result<&'static AzCloud, String> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(false)
-        .with_writer(std::io::stderr)
-        .init();
+    let service = std::env::var("WEBSITE_SITE_NAME").unwrap_or_else(|_| "respawn".into());
+    // Never shut down: each invocation flushes its spans before it answers
+    // (`traced::answering`).
+    respawn_telemetry::init(&service, respawn_telemetry::LogFormat::Json);
     let cloud = AzCloud::from_env().await?;
     if let Err(e) = cloud.broker.first_admin().await {
         warn!(error = %e, "cannot mint the first admin token; the next start tries again");

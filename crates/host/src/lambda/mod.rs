@@ -229,17 +229,14 @@ impl Cloud {
     }
 }
 
-/// Logs for CloudWatch (JSON, one line per event; `RUST_LOG` filters, `info` by
-/// default), then the ports from the environment: what every function does first.
+/// Logs for CloudWatch (JSON lines with trace and span ids; `RESPAWN_LOG`
+/// filters, `info` by default) and traces over OTLP when `OTEL_*` says where,
+/// then the ports from the environment: what every function does first.
 pub async fn start() -> Result<&'static Cloud, lambda_runtime::Error> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(false)
-        .without_time() // CloudWatch stamps each line
-        .init();
+    let service = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "respawn".into());
+    // Never shut down: the process ends when Lambda retires it, and each
+    // invocation flushes its spans before it answers (`traced::answered`).
+    respawn_telemetry::init(&service, respawn_telemetry::LogFormat::Json);
     let cloud = Cloud::from_env().await?;
     // Built once per process, used by every invocation until the process ends.
     Ok(Box::leak(Box::new(cloud)))
@@ -257,7 +254,7 @@ where
         // Boxed: the handlers' futures are deep, too deep to be laid out inline
         // in the runtime's.
         let answer = Box::pin(handle(cloud, e.payload, deadline));
-        async move { Ok::<_, lambda_runtime::Error>(answer.await) }
+        async move { Ok::<_, lambda_runtime::Error>(crate::traced::answered(answer).await) }
     }))
     .await
 }
