@@ -1,10 +1,14 @@
 //! API submissions/s and latency: 32 keep-alive clients submitting jobs to a real
 //! `respawn up` (durable: every 201 means the job and its dispatch are fsync'd).
 //!
-//! `cargo build --release && cargo bench -p respawn-e2e --bench api`
+//! `cargo build --release && cargo bench -p respawn-e2e --bench api [-- --traces
+//! export] [--seconds N]`
 //!
 //! The stack runs with no VM slots, so the jobs wait in the dispatch queue and the
-//! machine's 2 cores serve only the API, the ledger and the queue.
+//! machine's 2 cores serve only the API, the ledger and the queue. With `--traces
+//! export`, the broker exports its spans as OTLP/HTTP to an endpoint in this
+//! process that takes them and counts the bytes (the tracing overhead's cost, on
+//! the same 2 cores).
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -13,7 +17,6 @@ use respawn_e2e::Up;
 
 const CLIENTS: usize = 32;
 const WARMUP: Duration = Duration::from_secs(2);
-const RUN: Duration = Duration::from_secs(15);
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -22,8 +25,30 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let run = Duration::from_secs(flag("--seconds").map_or(15, |s| s.parse().unwrap()));
+    let export = match flag("--traces").as_deref() {
+        None | Some("off") => false,
+        Some("export") => true,
+        Some(other) => panic!("--traces {other}: off or export"),
+    };
+    let sink = if export {
+        Some(respawn_e2e::otlp::Sink::start().await)
+    } else {
+        None
+    };
+    let env: Vec<(&str, &str)> = match &sink {
+        Some(s) => vec![("OTEL_EXPORTER_OTLP_ENDPOINT", s.url.as_str())],
+        None => Vec::new(),
+    };
     let dir = tempfile::tempdir().unwrap();
-    let up = Up::start(&dir.path().join("data"), &["--slots", "0"]).await;
+    let up = Up::start_with_env(&dir.path().join("data"), &["--slots", "0"], &env).await;
     let (base, token) = (up.base.clone(), up.token());
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -36,7 +61,7 @@ async fn main() {
             let mut i = 0u64;
             loop {
                 let t = Instant::now();
-                if t.duration_since(started) > WARMUP + RUN {
+                if t.duration_since(started) > WARMUP + run {
                     return lat;
                 }
                 let spec = format!(
@@ -64,16 +89,26 @@ async fn main() {
         all.extend(t.await.unwrap());
     }
     all.sort_unstable();
-    let rate = all.len() as f64 / RUN.as_secs_f64();
+    let rate = all.len() as f64 / run.as_secs_f64();
     println!(
         "clients: {CLIENTS}, measured: {} s after {} s warm-up",
-        RUN.as_secs(),
+        run.as_secs(),
         WARMUP.as_secs()
     );
-    println!("| submissions/s | p50 | p99 | max |");
-    println!("|---:|---:|---:|---:|");
+    // Give the exporter its last batch before counting what it sent.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let traces = match &sink {
+        Some(s) => {
+            let (requests, kib) = s.received();
+            assert!(requests > 0, "traces were to be exported, and none came");
+            format!("exported ({requests} requests, {kib} KiB)")
+        }
+        None => "off".to_owned(),
+    };
+    println!("| traces | submissions/s | p50 | p99 | max |");
+    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| {rate:.0} | {:.1} ms | {:.1} ms | {:.1} ms |",
+        "| {traces} | {rate:.0} | {:.1} ms | {:.1} ms | {:.1} ms |",
         pct(&all, 0.5),
         pct(&all, 0.99),
         pct(&all, 1.0)

@@ -2,8 +2,12 @@
 //! loop and the durable local ledger and queue of `respawn up` (SQLite, fsync'd),
 //! with a compute provider whose VMs start the moment they are asked for.
 //!
-//! - `overhead [SECONDS]`: jobs submitted at a fixed 1,000 per second (default for
-//!   60 s); latency from the start of each submission to its VM's allocation.
+//! - `overhead [SECONDS] [--traces off|export]`: jobs submitted at a fixed 1,000
+//!   per second (default for 60 s); latency from the start of each submission to
+//!   its VM's allocation. With `--traces`, the stack runs as `respawn up` runs it
+//!   (logs and spans set up, its queue and ledger traced), in a child process;
+//!   `export` sends its spans as OTLP/HTTP to an endpoint in this process that
+//!   takes them and counts the bytes.
 //! - `scale N`: N jobs queued behind 1,000 running; the process's RSS and the
 //!   latency of one lifecycle event (a heartbeat of a running job).
 //!
@@ -161,10 +165,40 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-async fn overhead(secs: u64) {
+/// Runs [`overhead`] in a child process (a process's logs and spans are set up
+/// once), with spans exported to a sink here when `export`.
+async fn overhead_traced(secs: u64, export: bool) {
+    let sink = if export {
+        Some(respawn_e2e::otlp::Sink::start().await)
+    } else {
+        None
+    };
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["overhead", &secs.to_string()])
+        .env("RESPAWN_BENCH_TRACED", "1")
+        .env("RESPAWN_LOG", "info")
+        .stderr(std::process::Stdio::null());
+    if let Some(s) = &sink {
+        child.env("OTEL_EXPORTER_OTLP_ENDPOINT", &s.url);
+    }
+    let status = child.status().await.unwrap();
+    assert!(status.success(), "the traced run failed");
+    if let Some(s) = &sink {
+        let (requests, kib) = s.received();
+        assert!(requests > 0, "traces were to be exported, and none came");
+        println!("spans exported: {requests} requests, {kib} KiB");
+    }
+}
+
+async fn overhead(secs: u64, traced: bool) {
     let dir = tempfile::tempdir().unwrap();
     let compute = InstantCompute::new(usize::MAX);
-    let ports = ports(dir.path(), compute.clone());
+    let mut ports = ports(dir.path(), compute.clone());
+    let telemetry = traced.then(|| {
+        ports = respawn_host::traced::traced(ports.clone());
+        respawn_telemetry::init("respawn", respawn_telemetry::LogFormat::Human)
+    });
     let _loop = dispatch(ports.clone(), compute.clone());
     let submitted: Arc<Mutex<HashMap<JobId, Instant>>> = Arc::default();
     // 10 submissions every 10 ms, each on its own task: a fixed offered load that
@@ -199,6 +233,9 @@ async fn overhead(secs: u64) {
         .map(|(id, t)| allocated[id].duration_since(*t).as_secs_f64() * 1000.0)
         .collect();
     lat.sort_by(f64::total_cmp);
+    if let Some(t) = &telemetry {
+        t.shutdown();
+    }
     println!(
         "| 1,000 jobs/s for {secs} s | {total} | {:.2} ms | {:.2} ms | {:.2} ms |",
         pct(&lat, 0.5),
@@ -264,7 +301,21 @@ async fn main() {
         .collect();
     let n = |i: usize, default: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     match args.first().map(String::as_str) {
-        Some("overhead") => overhead(n(1, 60)).await,
+        Some("overhead") => {
+            let traces = args
+                .iter()
+                .position(|a| a == "--traces")
+                .and_then(|i| args.get(i + 1));
+            match traces.map(String::as_str) {
+                _ if std::env::var_os("RESPAWN_BENCH_TRACED").is_some() => {
+                    overhead(n(1, 60), true).await
+                }
+                None => overhead(n(1, 60), false).await,
+                Some("off") => overhead_traced(n(1, 60), false).await,
+                Some("export") => overhead_traced(n(1, 60), true).await,
+                Some(other) => panic!("--traces {other}: off or export"),
+            }
+        }
         Some("scale") => scale(n(1, 1000) as usize).await,
         _ => panic!("usage: dispatch overhead [SECONDS] | scale QUEUED"),
     }

@@ -190,6 +190,43 @@ command:
         1.0
     );
     assert_eq!(value(&samples, "respawn_dispatch_seconds_count", &[]), 2.0);
+    // Each committed checkpoint's size and upload time, as its agent measured.
+    let committed = value(&samples, "respawn_checkpoints_total", &[]);
+    assert!(
+        committed >= 2.0,
+        "one checkpoint or more per attempt: {committed}"
+    );
+    assert_eq!(
+        value(&samples, "respawn_checkpoint_size_bytes_count", &[]),
+        committed
+    );
+    let bytes = value(&samples, "respawn_checkpoint_size_bytes_sum", &[]);
+    // Each checkpoint is one file `step` holding its number and a newline.
+    assert!(
+        bytes >= 2.0 * committed && bytes <= 3.0 * committed,
+        "{bytes} bytes in {committed} checkpoints"
+    );
+    assert_eq!(
+        value(&samples, "respawn_checkpoint_upload_seconds_count", &[]),
+        committed
+    );
+    // Nothing waits now: the broker's queues are empty, and say so.
+    assert_eq!(
+        value(
+            &samples,
+            "respawn_queue_depth",
+            &[("queue", "respawn.dispatch")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "respawn_queue_oldest_age_seconds",
+            &[("queue", "respawn.dispatch")]
+        ),
+        0.0
+    );
     let spot = value(
         &samples,
         "respawn_gpu_time_seconds_total",
@@ -243,4 +280,53 @@ command:
         screen.contains("PREEMPTED JOB") && screen.contains(&id),
         "{screen}"
     );
+}
+
+/// Jobs that cannot get a VM wait in the dispatch queue: /metrics and
+/// `respawn status` say how many and for how long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depth_and_the_oldest_message_age_show_what_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(&dir.path().join("data"), &["--slots", "0"]).await;
+    for i in 0..3 {
+        up.submit(&format!("name: waits-{i}\ncommand: [\"true\"]\n"))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", up.base))
+        .bearer_auth(up.token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = parse(&text);
+    let dispatch = [("queue", "respawn.dispatch")];
+    assert_eq!(
+        value(&samples, "respawn_queue_depth", &dispatch),
+        3.0,
+        "{text}"
+    );
+    let age = value(&samples, "respawn_queue_oldest_age_seconds", &dispatch);
+    assert!((1.4..60.0).contains(&age), "oldest waited {age} s");
+    assert_eq!(
+        value(
+            &samples,
+            "respawn_queue_depth",
+            &[("queue", "respawn.dispatch.dead")]
+        ),
+        0.0
+    );
+    let out = Command::new(binary("respawn"))
+        .args(["--endpoint", &up.base, "--token", &up.token(), "status"])
+        .output()
+        .unwrap();
+    let screen = String::from_utf8(out.stdout).unwrap();
+    let line = screen
+        .lines()
+        .find(|l| l.starts_with("queues"))
+        .unwrap_or_else(|| panic!("{screen}"));
+    assert!(line.contains("respawn.dispatch 3, oldest "), "{screen}");
 }

@@ -95,6 +95,18 @@ command:
         .expect("the job records its trace")
         .to_owned();
     let trace_id = trace.split('-').nth(1).unwrap().to_owned();
+    // `respawn show` names the trace, as a tracing UI searches for it.
+    let shown = std::process::Command::new(binary("respawn"))
+        .args(["--endpoint", &up.base, "--token", &up.token(), "show", &id])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(shown.stdout).unwrap();
+    assert!(
+        shown
+            .lines()
+            .any(|l| l == format!("trace       {trace_id}")),
+        "{shown}"
+    );
 
     // Spans arrive in batches; the agents flush theirs as they exit.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -202,4 +214,45 @@ command:
     // the span that sent its message (a producer on the other side of a queue).
     let attempt = ours.iter().find(|s| s["name"] == "attempt").unwrap();
     assert_eq!(attempt["parent_span_id"], trace.split('-').nth(2).unwrap());
+}
+
+/// `--log-format json`: every line of the broker's log is one JSON object, and
+/// the lines about a job carry the trace id it was submitted in and a span id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_trace_and_span_ids_on_every_line_about_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(&dir.path().join("data"), &["--log-format", "json"]).await;
+    let job = up.submit("name: logged\ncommand: [\"true\"]\n").await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = up
+        .wait_job(&id, Duration::from_secs(60), "success", |j| {
+            j["state"] == "succeeded"
+        })
+        .await;
+    let trace = done["trace"]
+        .as_str()
+        .expect("a trace, though none is exported");
+    let trace_id = trace.split('-').nth(1).unwrap();
+    let log = up.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let about: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["job_id"] == id.as_str())
+        .collect();
+    assert!(!about.is_empty(), "no line names the job:\n{log}");
+    let hex = |v: &Value, n: usize| {
+        v.as_str()
+            .is_some_and(|s| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    for l in &about {
+        assert!(hex(&l["trace_id"], 32) && hex(&l["span_id"], 16), "{l}");
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+    }
+    assert!(
+        about.iter().any(|l| l["trace_id"] == trace_id),
+        "no line about the job is in its trace {trace_id}:\n{log}"
+    );
 }

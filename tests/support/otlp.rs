@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// One receiver process; killed when dropped.
+#[derive(Debug)]
 pub struct Receiver {
     child: Child,
     file: std::path::PathBuf,
@@ -59,5 +60,55 @@ impl Receiver {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+}
+
+/// An OTLP/HTTP endpoint that takes every export and keeps only how many
+/// requests and bytes came: for benchmarks, where decoding would cost more than
+/// the exporter being measured.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    /// For `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub url: String,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sink {
+    /// Serves on a free loopback port, on the current runtime.
+    pub async fn start() -> Sink {
+        use std::sync::atomic::Ordering;
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (r, b) = (requests.clone(), bytes.clone());
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                r.fetch_add(1, Ordering::Relaxed);
+                b.fetch_add(body.len() as u64, Ordering::Relaxed);
+                // An empty ExportTraceServiceResponse: all accepted.
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Sink {
+            url,
+            requests,
+            bytes,
+        }
+    }
+
+    /// `requests, KiB` received so far.
+    pub fn received(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed) / 1024,
+        )
     }
 }

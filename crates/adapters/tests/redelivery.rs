@@ -288,7 +288,11 @@ fn next_event(rng: &mut StdRng, r: &JobRecord, now: &mut Timestamp) -> Event {
     }
 
     let seq = r.checkpoint.map_or(1, |c| c + rng.random_range(0..=2));
-    let checkpoint = Event::CheckpointCommitted { attempt, seq };
+    let checkpoint = Event::CheckpointCommitted {
+        attempt,
+        seq,
+        upload: None,
+    };
     let heartbeat = Event::Heartbeat { attempt };
     // The provider's deadline is normally ahead; an agent that saw the notice late
     // (it was restarting, or polls slowly) reports one that has already passed.

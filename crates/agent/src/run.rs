@@ -495,11 +495,12 @@ async fn fail_attempt(
 
 async fn ship_checkpoints(reporter: &Reporter, ckpts: &mut CheckpointShipper) {
     match ckpts.ship_new().await {
-        Ok(seqs) => {
-            for seq in seqs {
+        Ok(shipped) => {
+            for (seq, upload) in shipped {
                 reporter.send(Event::CheckpointCommitted {
                     attempt: reporter.attempt,
                     seq,
+                    upload: Some(upload),
                 });
             }
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use respawn_core::job::CheckpointUpload;
 use respawn_core::layout::{self, Stream};
 use respawn_core::{JobId, checkpoint};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -144,20 +145,32 @@ impl CheckpointShipper {
             .max()
     }
 
-    /// Ships the newest new checkpoint, if any; returns what was committed. Older
-    /// unshipped ones are skipped: only the newest matters for resuming.
-    pub async fn ship_new(&mut self) -> Result<Vec<u64>, checkpoint::Error> {
+    /// Ships the newest new checkpoint, if any; returns what was committed, with
+    /// its size and upload time. Older unshipped ones are skipped: only the
+    /// newest matters for resuming.
+    pub async fn ship_new(&mut self) -> Result<Vec<(u64, CheckpointUpload)>, checkpoint::Error> {
         let Some(seq) = self.newest_complete() else {
             return Ok(Vec::new());
         };
         let dir = self.dir.join(seq.to_string());
-        let span = tracing::info_span!("checkpoint upload", otel.kind = "client", seq);
-        checkpoint::upload(self.bucket.as_ref(), &self.job, self.attempt, seq, &dir)
-            .instrument(span)
+        let span = tracing::info_span!(
+            "checkpoint upload",
+            otel.kind = "client",
+            seq,
+            bytes = tracing::field::Empty
+        );
+        let began = std::time::Instant::now();
+        let manifest = checkpoint::upload(self.bucket.as_ref(), &self.job, self.attempt, seq, &dir)
+            .instrument(span.clone())
             .await?;
+        let upload = CheckpointUpload {
+            bytes: manifest.files.iter().map(|f| f.size).sum(),
+            millis: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        span.record("bytes", upload.bytes);
         self.last = Some(seq);
-        tracing::info!(job_id = %self.job, attempt = self.attempt, seq, "checkpoint committed");
+        tracing::info!(job_id = %self.job, attempt = self.attempt, seq, bytes = upload.bytes, millis = upload.millis, "checkpoint committed");
         checkpoint::prune(self.bucket.as_ref(), &self.job, self.keep).await?;
-        Ok(vec![seq])
+        Ok(vec![(seq, upload)])
     }
 }

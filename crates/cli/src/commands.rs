@@ -296,6 +296,11 @@ pub async fn show(client: &Client, id: &str, out: Output) -> Result<ExitCode, St
         "checkpoint  {}",
         job.checkpoint.map_or("none".into(), |c| c.to_string())
     );
+    // The trace id alone (the traceparent's second field): what a tracing UI
+    // searches by.
+    if let Some(trace) = job.trace.as_deref().and_then(|t| t.split('-').nth(1)) {
+        println!("trace       {trace}");
+    }
     println!();
     println!(
         "{:>7}  {:<36}  {:<24}  {:>8}  {:>10}  {:>9}  {:>9}  OUTCOME",
@@ -465,6 +470,29 @@ pub async fn status(client: &Client, out: Output) -> Result<ExitCode, String> {
     );
     println!("jobs        {}", counts(&s["jobs"]));
     println!("vms         {}", counts(&s["vms"]));
+    let queues = s["queues"].as_array().cloned().unwrap_or_default();
+    let waiting: Vec<String> = queues
+        .iter()
+        .filter(|q| q["messages"].as_u64().unwrap_or(0) > 0)
+        .map(|q| {
+            let age = q["oldest_s"]
+                .as_f64()
+                .map_or(String::new(), |a| format!(", oldest {a:.0}s"));
+            format!(
+                "{} {}{age}",
+                q["name"].as_str().unwrap_or("?"),
+                q["messages"]
+            )
+        })
+        .collect();
+    println!(
+        "queues      {}",
+        if waiting.is_empty() {
+            format!("{} queues, nothing waiting", queues.len())
+        } else {
+            waiting.join("; ")
+        }
+    );
     println!(
         "gpu hours   spot {:.2}, on demand {:.2}; saving ${:.2} (RESPAWN_PRICES)",
         s["gpu_hours_spot"].as_f64().unwrap_or(0.0),

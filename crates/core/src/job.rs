@@ -179,6 +179,16 @@ impl AttemptOutcome {
     }
 }
 
+/// How one checkpoint's upload went, as its agent measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointUpload {
+    /// The checkpoint's files, in bytes (the manifest's sizes).
+    pub bytes: u64,
+    /// From the first file's upload to its manifest written, in milliseconds.
+    pub millis: u64,
+}
+
 /// One try at running the job, on one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Attempt {
@@ -208,6 +218,9 @@ pub struct Attempt {
     /// When `last_checkpoint` was committed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpointed_at: Option<Timestamp>,
+    /// How `last_checkpoint`'s upload went, as the agent measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_upload: Option<CheckpointUpload>,
     /// Whether the attempt's VM is spot (or low-priority) capacity.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spot: bool,

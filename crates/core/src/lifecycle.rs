@@ -18,7 +18,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::job::{Attempt, AttemptOutcome, JobRecord, JobState};
+use crate::job::{Attempt, AttemptOutcome, CheckpointUpload, JobRecord, JobState};
 use crate::time::Timestamp;
 
 /// Something that happened to a job.
@@ -79,6 +79,9 @@ pub enum Event {
     CheckpointCommitted {
         attempt: u32,
         seq: u64,
+        /// Its size and upload time, for the broker's metrics.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload: Option<CheckpointUpload>,
     },
     /// The provider will reclaim the VM at `deadline`.
     PreemptionNotice {
@@ -316,7 +319,7 @@ fn step(r: &mut JobRecord, event: &Event, at: Timestamp, t: &Timeouts, cmds: &mu
                 }
             }
         }
-        Event::CheckpointCommitted { seq, .. } => on_checkpoint(r, *seq, at),
+        Event::CheckpointCommitted { seq, upload, .. } => on_checkpoint(r, *seq, *upload, at),
         Event::PreemptionNotice { deadline, .. } => {
             if matches!(
                 r.state,
@@ -374,6 +377,7 @@ fn on_dispatch(r: &mut JobRecord, at: Timestamp, cmds: &mut Vec<Command>) {
         preempt_deadline: None,
         noticed_at: None,
         checkpointed_at: None,
+        checkpoint_upload: None,
         spot: false,
         ready_nodes: Vec::new(),
         outcome: None,
@@ -408,7 +412,7 @@ fn wait_for_capacity(r: &mut JobRecord, at: Timestamp, t: &Timeouts, cmds: &mut 
     });
 }
 
-fn on_checkpoint(r: &mut JobRecord, seq: u64, at: Timestamp) {
+fn on_checkpoint(r: &mut JobRecord, seq: u64, upload: Option<CheckpointUpload>, at: Timestamp) {
     if !r.state.has_live_attempt() {
         return;
     }
@@ -422,6 +426,7 @@ fn on_checkpoint(r: &mut JobRecord, seq: u64, at: Timestamp) {
     {
         a.last_checkpoint = Some(seq);
         a.checkpointed_at = Some(at);
+        a.checkpoint_upload = upload;
     }
 }
 

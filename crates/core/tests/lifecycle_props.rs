@@ -274,7 +274,11 @@ fn resolve(step: &Step, r: &JobRecord, at: Timestamp) -> Event {
             attempt,
             rank: *rank,
         },
-        Template::Checkpoint { seq } => Event::CheckpointCommitted { attempt, seq: *seq },
+        Template::Checkpoint { seq } => Event::CheckpointCommitted {
+            attempt,
+            seq: *seq,
+            upload: None,
+        },
         Template::PreemptionNotice { deadline_in_ms } => Event::PreemptionNotice {
             attempt,
             deadline: Timestamp(at.0.saturating_add_signed(*deadline_in_ms)),
@@ -737,7 +741,11 @@ fn happy_path_succeeds() {
     let mut s = Script::new("");
     s.start_attempt();
     s.on(Event::Heartbeat { attempt: 1 });
-    s.on(Event::CheckpointCommitted { attempt: 1, seq: 1 });
+    s.on(Event::CheckpointCommitted {
+        attempt: 1,
+        seq: 1,
+        upload: None,
+    });
     assert_eq!(s.exit(0), vec![Command::Release { attempt: 1 }]);
     assert_eq!(s.r.state, JobState::Succeeded);
     assert_eq!(s.r.attempts.len(), 1);
@@ -759,7 +767,11 @@ fn preemptions_do_not_spend_the_failure_budget() {
     for seq in 1..=3 {
         s.start_attempt();
         let attempt = s.r.attempt;
-        s.on(Event::CheckpointCommitted { attempt, seq });
+        s.on(Event::CheckpointCommitted {
+            attempt,
+            seq,
+            upload: None,
+        });
         let cmds = s.preempt();
         // Retried at once (infrastructure backoff is zero), resuming from `seq`.
         assert_eq!(
@@ -867,7 +879,11 @@ fn a_preemption_records_the_work_it_lost_and_the_time_to_resume() {
     let mut s = Script::new("");
     s.start_attempt(); // started at +30 s
     s.on(Event::Heartbeat { attempt: 1 });
-    s.on(Event::CheckpointCommitted { attempt: 1, seq: 7 }); // +50 s
+    s.on(Event::CheckpointCommitted {
+        attempt: 1,
+        seq: 7,
+        upload: None,
+    }); // +50 s
     s.on(Event::Heartbeat { attempt: 1 });
     s.preempt(); // noticed at +70 s, ended at +80 s
     let first = s.r.attempts[0].clone();
@@ -894,7 +910,11 @@ fn a_preemption_records_the_work_it_lost_and_the_time_to_resume() {
 fn events_of_an_older_attempt_are_ignored() {
     let mut s = Script::new("");
     s.start_attempt();
-    s.on(Event::CheckpointCommitted { attempt: 1, seq: 4 });
+    s.on(Event::CheckpointCommitted {
+        attempt: 1,
+        seq: 4,
+        upload: None,
+    });
     s.preempt();
     s.start_attempt();
     assert_eq!(s.r.attempt, 2);
@@ -910,7 +930,11 @@ fn events_of_an_older_attempt_are_ignored() {
             spot: true,
         },
         Event::Heartbeat { attempt: 1 },
-        Event::CheckpointCommitted { attempt: 1, seq: 9 },
+        Event::CheckpointCommitted {
+            attempt: 1,
+            seq: 9,
+            upload: None,
+        },
         Event::PreemptionNotice {
             attempt: 1,
             deadline: s.at,

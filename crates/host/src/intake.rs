@@ -14,7 +14,7 @@ use respawn_core::ports::queue::{Delivery, Receive};
 use respawn_core::ports::{Ports, Retryable};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::replies::Replies;
 
@@ -67,7 +67,8 @@ pub async fn handle_all(
     let mut all = tokio::task::JoinSet::new();
     for d in got {
         let (ports, templates, replies) = (ports.clone(), templates.clone(), replies.clone());
-        all.spawn(async move { handle(&ports, &templates, &replies, &d).await });
+        let span = crate::traced::consuming(ports.queue.system(), &d);
+        all.spawn(async move { handle(&ports, &templates, &replies, &d).await }.instrument(span));
     }
     while all.join_next().await.is_some() {}
 }

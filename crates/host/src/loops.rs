@@ -50,18 +50,7 @@ pub async fn process_by_job(ports: &Ports, deliveries: Vec<Delivery>) {
 }
 
 async fn process_one(ports: &Ports, d: Delivery) {
-    // A child of the span that sent the message: the trace crosses the queue.
-    let span = tracing::info_span!(
-        "process",
-        otel.name = %format!("{} process", d.queue),
-        otel.kind = "consumer",
-        messaging.system = ports.queue.system(),
-        messaging.destination.name = %d.queue,
-        messaging.operation.type = "process",
-        messaging.message.id = %d.id,
-        messaging.message.delivery_count = d.deliveries,
-    );
-    respawn_telemetry::adopt(&span, &d.attributes);
+    let span = crate::traced::consuming(ports.queue.system(), &d);
     async {
         let disposition = handle_delivery(ports, &d).await;
         if let Err(e) = settle(ports.queue.as_ref(), &d, &disposition).await {

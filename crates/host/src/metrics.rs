@@ -2,7 +2,8 @@
 //! project, attempts by outcome, preemptions and the work they lost, the time from
 //! submission to running and from a notice to the replacement running, dispatch
 //! latency, VM time on spot and on demand with the saving estimated from configured
-//! prices, and API latency by route and status.
+//! prices, checkpoint sizes and upload times, what waits in each of the broker's
+//! queues and for how long, and API latency by route and status.
 //!
 //! Nothing here is told what happened: [`MeteredLedger`] sits in front of the
 //! ledger and compares each job's version with the one it replaces, so every
@@ -23,6 +24,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use respawn_core::job::{AttemptOutcome, JobId, JobRecord, JobState};
 use respawn_core::ports::ledger::{Error, Ledger, ListQuery, MAX_PAGE, Page};
+use respawn_core::ports::queue::Depth;
 use serde::Serialize;
 
 /// On-demand and spot prices of one GPU-hour (or VM-hour, for `cpu`), by GPU
@@ -86,6 +88,11 @@ struct ProjectLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     method: String,
     route: String,
@@ -117,6 +124,10 @@ pub struct Metrics {
     notices: Family<ProviderLabels, Counter>,
     preemptions: Family<ProviderLabels, Counter>,
     checkpoints: Counter,
+    checkpoint_bytes: Histogram,
+    checkpoint_upload: Histogram,
+    queue_depth: Family<QueueLabels, Gauge>,
+    queue_oldest: Family<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     work_lost: Histogram,
     submit_to_running: Histogram,
     dispatch: Histogram,
@@ -146,6 +157,11 @@ fn seconds_buckets() -> impl Iterator<Item = f64> {
         86400.0,
     ]
     .into_iter()
+}
+
+/// Bytes, from a kibibyte to a tebibyte by fours.
+fn size_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(1024.0, 4.0, 16)
 }
 
 fn request_buckets() -> impl Iterator<Item = f64> {
@@ -197,6 +213,34 @@ impl Metrics {
         );
         let checkpoints = Counter::default();
         registry.register("checkpoints", "Checkpoints committed", checkpoints.clone());
+        let checkpoint_bytes = Histogram::new(size_buckets());
+        registry.register_with_unit(
+            "checkpoint_size",
+            "Size of each committed checkpoint, as its agent uploaded it",
+            Unit::Bytes,
+            checkpoint_bytes.clone(),
+        );
+        let checkpoint_upload = Histogram::new(seconds_buckets());
+        registry.register_with_unit(
+            "checkpoint_upload",
+            "Upload time of each committed checkpoint, from its first file to its manifest",
+            Unit::Seconds,
+            checkpoint_upload.clone(),
+        );
+        let queue_depth = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Messages waiting in each of the broker's queues and their dead-letter queues, when scraped (RabbitMQ: ready ones; SQS and Azure: approximate)",
+            queue_depth.clone(),
+        );
+        let queue_oldest =
+            Family::<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "queue_oldest_age",
+            "How long the oldest message in each queue has waited, when scraped, where the queue says (0: none waits)",
+            Unit::Seconds,
+            queue_oldest.clone(),
+        );
         let work_lost = Histogram::new(seconds_buckets());
         registry.register_with_unit(
             "work_lost",
@@ -258,6 +302,10 @@ impl Metrics {
             notices,
             preemptions,
             checkpoints,
+            checkpoint_bytes,
+            checkpoint_upload,
+            queue_depth,
+            queue_oldest,
             work_lost,
             submit_to_running,
             dispatch,
@@ -358,6 +406,11 @@ impl Metrics {
             }
             if a.last_checkpoint != was.and_then(|w| w.last_checkpoint) {
                 self.checkpoints.inc();
+                if let Some(u) = a.checkpoint_upload {
+                    self.checkpoint_bytes.observe(u.bytes as f64);
+                    self.checkpoint_upload
+                        .observe(Duration::from_millis(u.millis).as_secs_f64());
+                }
             }
             if let Some(outcome) = &a.outcome
                 && was.is_none_or(|w| w.outcome.is_none())
@@ -430,6 +483,35 @@ impl Metrics {
         {
             self.saving
                 .inc_by((on_demand - spot).max(0.0) * seconds / 3600.0);
+        }
+    }
+
+    /// What waits in the queue named `name` now, as its queue says (`None`
+    /// where it cannot: the series is left out).
+    pub fn queue(&self, name: &str, depth: Option<Depth>) {
+        let labels = QueueLabels {
+            queue: name.to_owned(),
+        };
+        let Some(d) = depth else {
+            self.queue_depth.remove(&labels);
+            self.queue_oldest.remove(&labels);
+            return;
+        };
+        self.queue_depth
+            .get_or_create(&labels)
+            .set(i64::try_from(d.messages).unwrap_or(i64::MAX));
+        match d.oldest {
+            Some(age) => {
+                self.queue_oldest
+                    .get_or_create(&labels)
+                    .set(age.as_secs_f64());
+            }
+            None if d.messages == 0 => {
+                self.queue_oldest.get_or_create(&labels).set(0.0);
+            }
+            None => {
+                self.queue_oldest.remove(&labels);
+            }
         }
     }
 

@@ -89,6 +89,24 @@ impl Ledger for TracedLedger {
     }
 }
 
+/// The span of one message's handling: a consumer span (OpenTelemetry's messaging
+/// conventions), the child of the span that sent the message, so that a trace
+/// crosses the queue. `system` is the queue's `messaging.system`.
+pub fn consuming(system: &'static str, d: &Delivery) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("{} process", d.queue),
+        otel.kind = "consumer",
+        messaging.system = system,
+        messaging.destination.name = %d.queue,
+        messaging.operation.type = "process",
+        messaging.message.id = %d.id,
+        messaging.message.delivery_count = d.deliveries,
+    );
+    respawn_telemetry::adopt(&span, &d.attributes);
+    span
+}
+
 /// `ports` with trace context through its queue and ledger.
 pub fn traced(mut ports: respawn_core::ports::Ports) -> respawn_core::ports::Ports {
     ports.queue = Arc::new(TracedQueue(ports.queue));

@@ -207,11 +207,17 @@ pub fn inject(span: &tracing::Span, into: &mut BTreeMap<String, String>) {
     });
 }
 
-/// The current span's `traceparent`, if it is traced.
-pub fn traceparent() -> Option<String> {
+/// The current span's context (`traceparent`, `tracestate`), to [`adopt`] later
+/// in a task that outlives it; empty when it is not traced.
+pub fn context() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     inject(&tracing::Span::current(), &mut m);
-    m.remove(TRACEPARENT)
+    m
+}
+
+/// The current span's `traceparent`, if it is traced.
+pub fn traceparent() -> Option<String> {
+    context().remove(TRACEPARENT)
 }
 
 /// Makes `span` the child of the context `from` carries (`traceparent`,

@@ -30,7 +30,7 @@ use respawn_core::ports::queue::{Outgoing, Queue};
 use respawn_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::durable;
 use super::sandbox::Sandbox;
@@ -454,17 +454,21 @@ impl LocalCompute {
 
     fn arm_deadline(&self, key: AllocationKey, deadline: Timestamp) {
         let this = self.this.clone();
-        tokio::spawn(async move {
-            let wait = deadline.since(SystemClock.now());
-            tokio::time::sleep(wait).await;
-            if let Some(this) = this.upgrade() {
-                let r = this.lock().get(&key).cloned();
-                if let Some(r) = r.filter(|r| r.state != VmState::Terminated) {
-                    info!(job_id = %key.job, attempt = key.attempt, vm = %r.id, "reclaiming preempted vm");
-                    this.kill_vm(&r);
+        let span = later_span("reclaim", &key);
+        tokio::spawn(
+            async move {
+                let wait = deadline.since(SystemClock.now());
+                tokio::time::sleep(wait).await;
+                if let Some(this) = this.upgrade() {
+                    let r = this.lock().get(&key).cloned();
+                    if let Some(r) = r.filter(|r| r.state != VmState::Terminated) {
+                        info!(job_id = %key.job, attempt = key.attempt, vm = %r.id, "reclaiming preempted vm");
+                        this.kill_vm(&r);
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
     }
 
     /// Kills every node of the VM: agents and workloads.
@@ -498,6 +502,7 @@ impl LocalCompute {
     /// reaped), else polls the pid of an adopted one.
     fn watch(&self, key: AllocationKey, child: Option<tokio::process::Child>, pid: u32) {
         let this = self.this.clone();
+        let carried = respawn_telemetry::context();
         tokio::spawn(async move {
             match child {
                 Some(mut c) => {
@@ -519,7 +524,9 @@ impl LocalCompute {
                 }
             }
             if let Some(this) = this.upgrade() {
-                this.terminated(&key, "agent exited").await;
+                let span = info_span!("vm terminated", job_id = %key.job, attempt = key.attempt);
+                respawn_telemetry::adopt(&span, &carried);
+                this.terminated(&key, "agent exited").instrument(span).await;
             }
         });
     }
@@ -712,6 +719,7 @@ impl LocalCompute {
         pid: u32,
     ) {
         let this = self.this.clone();
+        let carried = respawn_telemetry::context();
         tokio::spawn(async move {
             let clean = match child {
                 Some(mut c) => c.wait().await.is_ok_and(|s| s.success()),
@@ -742,9 +750,14 @@ impl LocalCompute {
             if clean {
                 return;
             }
-            warn!(job_id = %key.job, attempt = key.attempt, vm = %r.id, rank, "a node of the gang is gone; ending the whole gang");
-            this.kill_vm(&r);
+            let span = info_span!("vm terminated", job_id = %key.job, attempt = key.attempt);
+            respawn_telemetry::adopt(&span, &carried);
+            span.in_scope(|| {
+                warn!(job_id = %key.job, attempt = key.attempt, vm = %r.id, rank, "a node of the gang is gone; ending the whole gang");
+                this.kill_vm(&r);
+            });
             this.terminated(&key, &format!("node {rank} of {} lost", r.nodes.len() + 1))
+                .instrument(span)
                 .await;
         });
     }
@@ -961,6 +974,14 @@ impl Compute for LocalCompute {
             .filter(|r| !r.nodes.is_empty())
             .map(|r| vec!["127.0.0.1".to_owned(); r.nodes.len() + 1]))
     }
+}
+
+/// A span for work done later on `key`'s VM (its reclaim at a notice's deadline),
+/// in the trace of what asked for it: the allocation, or the preemption request.
+fn later_span(name: &'static str, key: &AllocationKey) -> tracing::Span {
+    let span = info_span!("vm", otel.name = name, job_id = %key.job, attempt = key.attempt);
+    respawn_telemetry::adopt(&span, &respawn_telemetry::context());
+    span
 }
 
 /// Preempts a random running VM every so often: exponentially distributed gaps

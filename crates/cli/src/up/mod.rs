@@ -196,7 +196,8 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
             sandbox: sandbox.clone(),
             pools: config.pools.clone(),
         },
-        queue.clone(),
+        // What it reports continues the trace of the attempt it reports on.
+        Arc::new(respawn_host::traced::TracedQueue(queue.clone())),
     )
     .await
     .map_err(|e| setup("cannot open the local compute provider", &e))?;

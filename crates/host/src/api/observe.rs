@@ -8,6 +8,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use respawn_core::ports::queue::dead_letter_queue;
 use respawn_core::ports::tokens::Scope;
 use serde::Serialize;
 use tracing::Instrument;
@@ -31,8 +32,47 @@ fn operator<'a>(api: &'a Api, caller: &Caller) -> Result<&'a Metrics, ApiError> 
     })
 }
 
+/// One queue as `respawn status` shows it.
+#[derive(Debug, Serialize)]
+pub struct QueueStatus {
+    pub name: String,
+    /// Messages waiting (RabbitMQ: ready ones; SQS and Azure: approximate).
+    pub messages: u64,
+    /// How long the oldest has waited, where the queue says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_s: Option<f64>,
+}
+
+/// What waits in each of the broker's queues and their dead-letter queues, now;
+/// the metrics' queue gauges set to it. Queues that cannot say are left out.
+async fn sample_queues(api: &Api, m: &Metrics) -> Vec<QueueStatus> {
+    let q = &api.ports.queues;
+    let names: Vec<String> = [&q.submit, &q.dispatch, &q.events, &q.notify]
+        .into_iter()
+        .flat_map(|n| [n.clone(), dead_letter_queue(n)])
+        .collect();
+    let depths = futures::future::join_all(names.iter().map(|n| api.ports.queue.depth(n))).await;
+    let mut out = Vec::new();
+    for (name, depth) in names.into_iter().zip(depths) {
+        let depth = depth.unwrap_or_else(|e| {
+            tracing::warn!(queue = %name, error = %e, "cannot tell what waits in a queue");
+            None
+        });
+        m.queue(&name, depth);
+        if let Some(d) = depth {
+            out.push(QueueStatus {
+                name,
+                messages: d.messages,
+                oldest_s: d.oldest.map(|a| a.as_secs_f64()),
+            });
+        }
+    }
+    out
+}
+
 pub async fn metrics(State(api): State<Api>, caller: Caller) -> Result<Response, ApiError> {
     let m = operator(&api, &caller)?;
+    sample_queues(&api, m).await;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -48,6 +88,8 @@ pub async fn metrics(State(api): State<Api>, caller: Caller) -> Result<Response,
 pub struct Status {
     pub version: &'static str,
     pub uptime_s: u64,
+    /// The broker's queues and their dead-letter queues.
+    pub queues: Vec<QueueStatus>,
     /// Jobs by state, every project.
     pub jobs: BTreeMap<String, i64>,
     /// VMs by state.
@@ -71,6 +113,7 @@ pub async fn status(State(api): State<Api>, caller: Caller) -> Result<Response, 
     Ok(axum::Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: m.uptime().as_secs(),
+        queues: sample_queues(&api, m).await,
         jobs: m.jobs_by_state(),
         vms,
         preemptions: m.recent_preemptions(),

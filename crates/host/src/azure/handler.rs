@@ -34,7 +34,7 @@ use respawn_core::ports::queue::Receive;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::{AzCloud, UPLOADS, host_value, meta_str};
 use crate::invocation::{Outcome, outcome, settle};
@@ -243,7 +243,10 @@ async fn queued(h: &Handler, queue: &str, band: &str, inv: Invocation) -> Respon
         "notify" => h.notifier.handle(&ports, opened).await,
         _ => {
             for d in opened {
-                settle(&ports, &d, uploaded(cloud, &ports, &d.body).await).await;
+                let span = crate::traced::consuming(ports.queue.system(), &d);
+                async { settle(&ports, &d, uploaded(cloud, &ports, &d.body).await).await }
+                    .instrument(span)
+                    .await;
             }
         }
     }

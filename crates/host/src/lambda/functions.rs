@@ -10,7 +10,7 @@ use respawn_core::lifecycle::Event;
 use respawn_core::ports::Ports;
 use respawn_core::ports::queue::Delivery;
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::Cloud;
 use crate::invocation::{Outcome, outcome, settle};
@@ -155,7 +155,10 @@ pub async fn on_upload(cloud: &Cloud, event: SqsEvent, deadline_ms: u64) -> SqsB
     cloud
         .batch(UPLOADS, event, deadline_ms, |ports, got| async move {
             for d in got {
-                settle(&ports, &d, upload(cloud, &ports, &d).await).await;
+                let span = crate::traced::consuming(ports.queue.system(), &d);
+                async { settle(&ports, &d, upload(cloud, &ports, &d).await).await }
+                    .instrument(span)
+                    .await;
             }
         })
         .await
