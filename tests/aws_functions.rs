@@ -425,8 +425,8 @@ async fn one_bad_record_fails_alone_and_the_rest_of_its_batch_is_done() {
     assert_eq!(jobs.len(), 1, "{jobs:?}");
 }
 
-/// Lambda freezes a function the moment it answers, so its spans must be sent
-/// before: with the exporter's own schedule 10 minutes away, they are in the
+/// Lambda freezes a function the moment it answers, so its spans and metrics
+/// must be sent before: with the exporter's own schedule 10 minutes away, they are in the
 /// receiver when the answer arrives. The consumer span continues the trace the
 /// message carried (`traceparent`, an SQS message attribute).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,6 +472,15 @@ async fn a_function_sends_its_spans_before_it_answers_in_the_trace_its_message_c
         .unwrap_or_else(|| panic!("no submit span in {spans:#?}"));
     assert_eq!(submitted["trace_id"], trace);
     assert_eq!(stack.jobs().await.len(), 1);
+    // Its metrics went out with its spans: what this instance counted.
+    let counted = otlp
+        .latest(
+            "respawn-submit",
+            "respawn.jobs.submitted",
+            &[("project", "default")],
+        )
+        .unwrap_or_else(|| panic!("no metrics: {:#?}", otlp.points()));
+    assert_eq!(counted["value"], 1, "{counted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,7 @@ async fn a_preempted_job_is_one_trace_across_rabbitmq_and_its_agents() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
         ],
     )
     .await;
@@ -214,6 +215,64 @@ command:
     // the span that sent its message (a producer on the other side of a queue).
     let attempt = ours.iter().find(|s| s["name"] == "attempt").unwrap();
     assert_eq!(attempt["parent_span_id"], trace.split('-').nth(2).unwrap());
+
+    // The same counts go out as OTLP metrics, cumulative: the newest point of
+    // each series holds the job's whole story.
+    let dispatch = format!("{prefix}dispatch");
+    let want = |name: &str, attrs: &[(&str, &str)], at_least: f64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = otlp.latest("respawn", name, attrs);
+            let v = got.as_ref().and_then(|p| {
+                p["value"]
+                    .as_f64()
+                    .or_else(|| p["value"].as_str()?.parse().ok())
+                    .or_else(|| p["count"].as_str()?.parse().ok())
+                    .or_else(|| p["count"].as_f64())
+            });
+            if v.is_some_and(|v| v >= at_least) {
+                return v.unwrap_or_default();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} {attrs:?} ≥ {at_least}: {got:?}\n{:#?}",
+                otlp.points()
+                    .iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect::<BTreeSet<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(
+        want("respawn.attempts", &[("outcome", "preempted")], 1.0),
+        1.0
+    );
+    assert_eq!(
+        want("respawn.attempts", &[("outcome", "succeeded")], 1.0),
+        1.0
+    );
+    assert_eq!(
+        want("respawn.preemptions", &[("provider", "local")], 1.0),
+        1.0
+    );
+    assert!(want("respawn.checkpoint.size", &[], 2.0) >= 2.0);
+    assert_eq!(want("respawn.work_lost", &[], 1.0), 1.0);
+    want(
+        "http.server.request.duration",
+        &[
+            ("http.route", "/v1/jobs"),
+            ("http.request.method", "POST"),
+            ("http.response.status_code", "201"),
+        ],
+        1.0,
+    );
+    // Sampled as often as reconcile runs: it exists, whatever its value now.
+    want(
+        "respawn.queue.depth",
+        &[("messaging.destination.name", &dispatch)],
+        0.0,
+    );
 }
 
 /// `--log-format json`: every line of the broker's log is one JSON object, and

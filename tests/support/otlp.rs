@@ -12,6 +12,7 @@ use serde_json::Value;
 pub struct Receiver {
     child: Child,
     file: std::path::PathBuf,
+    metrics: std::path::PathBuf,
     /// Its OTLP/HTTP endpoint, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub url: String,
 }
@@ -34,10 +35,12 @@ impl Receiver {
         assert!(install.success(), "scripts/obs-install failed");
         let port = crate::free_port();
         let file = dir.join("spans.jsonl");
+        let metrics = dir.join("metrics.jsonl");
         let child = Command::new(root.join(".venv-obs/bin/python"))
             .arg(root.join("tests/support/otlp-receiver.py"))
             .arg(port.to_string())
             .arg(&file)
+            .arg(&metrics)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -48,8 +51,38 @@ impl Receiver {
         Receiver {
             child,
             file,
+            metrics,
             url: format!("http://127.0.0.1:{port}"),
         }
+    }
+
+    /// Every metric data point received so far, oldest first: `service`,
+    /// `instance`, `name`, `unit`, `type`, `attributes`, and `value` (sums and
+    /// gauges) or `count` and `sum` (histograms).
+    pub fn points(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.metrics)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The newest data point of metric `name` whose attributes include
+    /// `attrs`, from service `service`.
+    pub fn latest(&self, service: &str, name: &str, attrs: &[(&str, &str)]) -> Option<Value> {
+        self.points().into_iter().rev().find(|p| {
+            p["service"] == service
+                && p["name"] == name
+                // Attribute values as text: OTLP's JSON mapping writes 64-bit
+                // integers as strings.
+                && attrs.iter().all(|(k, v)| {
+                    let a = &p["attributes"][k];
+                    match a.as_str() {
+                        Some(s) => s == *v,
+                        None => a.to_string().as_str() == *v,
+                    }
+                })
+        })
     }
 
     /// Every span received so far: `service`, `name`, `kind`, `trace_id`,

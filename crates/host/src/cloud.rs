@@ -22,6 +22,7 @@ use tracing::warn;
 
 use crate::api::{Api, ListedVms};
 use crate::invocation::Invocation;
+use crate::metrics::{MeteredLedger, Metrics, Prices};
 
 /// An environment variable that must be set and not empty.
 pub fn var(name: &str) -> Result<String, String> {
@@ -83,6 +84,8 @@ pub struct Broker {
     pub hooks: Arc<Vec<Hook>>,
     /// The state store (records, tokens, secrets, the first admin token).
     pub state: Blobs,
+    /// What this instance counts, exported over OTLP.
+    pub metrics: Arc<Metrics>,
     seal: Vec<u8>,
 }
 
@@ -100,9 +103,10 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     /// Records, tokens and secrets in `state`; the jobs' files in `blobs`; the
-    /// broker's queues on `queue`, sealed; VMs from `compute`; the rules,
-    /// templates and hooks in `config`.
+    /// broker's queues on `queue`, sealed; VMs from `compute` (of `provider`,
+    /// as the metrics name it); the rules, templates and hooks in `config`.
     pub fn new(
+        provider: &str,
         attempt_key: AttemptKey,
         state: Blobs,
         blobs: Blobs,
@@ -112,8 +116,12 @@ impl Broker {
     ) -> Result<Broker, String> {
         let queues = QueueNames::with_prefix("");
         let seal = attempt_key.derive("respawn queue seal");
+        let metrics = Arc::new(Metrics::new(provider, Prices::from_env()?).exported_only());
         let ports = crate::traced::traced(Ports {
-            ledger: Arc::new(ObjectStoreLedger::new(state.clone())),
+            ledger: Arc::new(MeteredLedger::new(
+                Arc::new(ObjectStoreLedger::new(state.clone())),
+                metrics.clone(),
+            )),
             queue: Arc::new(SealedQueue::new(queue, &seal, sealed(&queues))),
             compute,
             secrets: Arc::new(ObjectStoreSecrets::new(state.clone())),
@@ -132,6 +140,7 @@ impl Broker {
             templates: Arc::new(templates),
             hooks: Arc::new(hooks),
             state,
+            metrics,
             seal,
         })
     }
@@ -147,7 +156,7 @@ impl Broker {
             operator: Arc::new(ListedVms(self.ports.compute.clone())),
             // Workloads run on VMs of their own, never beside the broker.
             others_refused: None,
-            metrics: None,
+            metrics: Some(self.metrics.clone()),
         }
     }
 

@@ -100,6 +100,20 @@ pub async fn events(ports: Ports, stop: watch::Receiver<bool>) {
     }
 }
 
+/// What waits in the broker's queues, sampled into `metrics` as often as the
+/// reconcile pass runs: for the OTLP export, which no scrape drives.
+pub async fn sample_queues(
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ports: Ports,
+    stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    while !*stop.borrow() {
+        tick.tick().await;
+        metrics.sample_queues(&ports).await;
+    }
+}
+
 pub async fn reconcile(ports: Ports, stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     tick.tick().await;

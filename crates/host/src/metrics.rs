@@ -5,17 +5,27 @@
 //! prices, checkpoint sizes and upload times, what waits in each of the broker's
 //! queues and for how long, and API latency by route and status.
 //!
+//! Each is also an OpenTelemetry instrument of the global meter provider, which
+//! `respawn_telemetry::init` points at the OTLP endpoint when `OTEL_*` names one
+//! (and which does nothing otherwise): the functions' metrics go out that way,
+//! each instance sending what it counted. The OTLP names follow OpenTelemetry's
+//! conventions (`respawn.attempts`, `http.server.request.duration`, …).
+//!
 //! Nothing here is told what happened: [`MeteredLedger`] sits in front of the
 //! ledger and compares each job's version with the one it replaces, so every
 //! handler that writes a job is counted, whichever host runs it. Labels are bounded
 //! (states, outcomes, projects, routes; never job ids).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{
+    Counter as OtelCounter, Gauge as OtelGauge, Histogram as OtelHistogram, UpDownCounter,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,14 +33,25 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use respawn_core::job::{AttemptOutcome, JobId, JobRecord, JobState};
+use respawn_core::ports::Ports;
 use respawn_core::ports::ledger::{Error, Ledger, ListQuery, MAX_PAGE, Page};
-use respawn_core::ports::queue::Depth;
+use respawn_core::ports::queue::{Depth, dead_letter_queue};
 use serde::Serialize;
 
 /// On-demand and spot prices of one GPU-hour (or VM-hour, for `cpu`), by GPU
 /// model: what the saving is estimated from.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Prices(pub BTreeMap<String, (f64, f64)>);
+
+impl Prices {
+    /// `RESPAWN_PRICES`, or none when it is not set.
+    pub fn from_env() -> Result<Prices, String> {
+        match std::env::var("RESPAWN_PRICES") {
+            Ok(p) => p.parse().map_err(|e| format!("RESPAWN_PRICES: {e}")),
+            Err(_) => Ok(Prices::default()),
+        }
+    }
+}
 
 impl std::str::FromStr for Prices {
     type Err = String;
@@ -99,6 +120,17 @@ struct RequestLabels {
     status: u16,
 }
 
+/// One queue as `respawn status` shows it.
+#[derive(Debug, Serialize)]
+pub struct QueueStatus {
+    pub name: String,
+    /// Messages waiting (RabbitMQ: ready ones; SQS and Azure: approximate).
+    pub messages: u64,
+    /// How long the oldest has waited, where the queue says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_s: Option<f64>,
+}
+
 /// A preemption, as `respawn status` lists the last ones.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Preemption {
@@ -135,6 +167,10 @@ pub struct Metrics {
     vm_seconds: Family<MarketLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     saving: Counter<f64, std::sync::atomic::AtomicU64>,
     requests: Family<RequestLabels, Histogram>,
+    otel: Otel,
+    /// Whether this host serves `/metrics` (one process that counts everything)
+    /// or only exports (a function instance counts what it handled).
+    served: bool,
     recent: Mutex<Vec<Preemption>>,
     /// GPU seconds on spot and on demand, for `respawn status`.
     spent: Mutex<(f64, f64)>,
@@ -182,6 +218,116 @@ fn outcome_name(o: &AttemptOutcome) -> &'static str {
         AttemptOutcome::GangIncomplete { .. } => "gang_incomplete",
         AttemptOutcome::Stopped { .. } => "stopped",
     }
+}
+
+/// The same measurements as OpenTelemetry instruments, for OTLP.
+struct Otel {
+    jobs: UpDownCounter<i64>,
+    submitted: OtelCounter<u64>,
+    attempts: OtelCounter<u64>,
+    notices: OtelCounter<u64>,
+    preemptions: OtelCounter<u64>,
+    checkpoints: OtelCounter<u64>,
+    checkpoint_size: OtelHistogram<u64>,
+    checkpoint_upload: OtelHistogram<f64>,
+    work_lost: OtelHistogram<f64>,
+    submit_to_running: OtelHistogram<f64>,
+    dispatch: OtelHistogram<f64>,
+    notice_to_running: OtelHistogram<f64>,
+    gpu_time: OtelCounter<f64>,
+    saving: OtelCounter<f64>,
+    requests: OtelHistogram<f64>,
+    queue_depth: OtelGauge<u64>,
+    queue_oldest: OtelGauge<f64>,
+}
+
+impl Otel {
+    fn new() -> Otel {
+        let m = opentelemetry::global::meter("respawn");
+        let seconds = |name: &'static str, what: &'static str| {
+            m.f64_histogram(name)
+                .with_description(what)
+                .with_unit("s")
+                .with_boundaries(seconds_buckets().collect())
+                .build()
+        };
+        let count = |name: &'static str, what: &'static str| {
+            m.u64_counter(name).with_description(what).build()
+        };
+        Otel {
+            jobs: m
+                .i64_up_down_counter("respawn.jobs")
+                .with_description("Jobs by state and project")
+                .build(),
+            submitted: count("respawn.jobs.submitted", "Jobs submitted, by project"),
+            attempts: count("respawn.attempts", "Attempts ended, by outcome"),
+            notices: count(
+                "respawn.preemption.notices",
+                "Preemption notices, by provider",
+            ),
+            preemptions: count(
+                "respawn.preemptions",
+                "Attempts ended by a preemption, by provider",
+            ),
+            checkpoints: count("respawn.checkpoints", "Checkpoints committed"),
+            checkpoint_size: m
+                .u64_histogram("respawn.checkpoint.size")
+                .with_description("Size of each committed checkpoint")
+                .with_unit("By")
+                .with_boundaries(size_buckets().collect())
+                .build(),
+            checkpoint_upload: seconds(
+                "respawn.checkpoint.upload.duration",
+                "Upload time of each committed checkpoint",
+            ),
+            work_lost: seconds(
+                "respawn.work_lost",
+                "Per attempt ended by a preemption or loss: how long its workload ran past its last committed checkpoint",
+            ),
+            submit_to_running: seconds(
+                "respawn.submit_to_running",
+                "From a job's submission to its first workload running",
+            ),
+            dispatch: seconds(
+                "respawn.dispatch.duration",
+                "From an attempt's dispatch to its VM allocated",
+            ),
+            notice_to_running: seconds(
+                "respawn.notice_to_replacement_running",
+                "From a preemption notice to the next attempt's workload running",
+            ),
+            gpu_time: m
+                .f64_counter("respawn.gpu_time")
+                .with_description("GPU time of ended attempts, by market")
+                .with_unit("s")
+                .build(),
+            saving: m
+                .f64_counter("respawn.spot_saving")
+                .with_description("Estimated saving of spot over on-demand prices")
+                .with_unit("{USD}")
+                .build(),
+            requests: m
+                .f64_histogram("http.server.request.duration")
+                .with_description("API requests by method, route and status")
+                .with_unit("s")
+                .with_boundaries(request_buckets().collect())
+                .build(),
+            queue_depth: m
+                .u64_gauge("respawn.queue.depth")
+                .with_description("Messages waiting in each of the broker's queues")
+                .with_unit("{message}")
+                .build(),
+            queue_oldest: m
+                .f64_gauge("respawn.queue.oldest_age")
+                .with_description("How long the oldest message in each queue has waited")
+                .with_unit("s")
+                .build(),
+        }
+    }
+}
+
+fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
+    KeyValue::new(key, value)
 }
 
 impl Metrics {
@@ -313,10 +459,24 @@ impl Metrics {
             vm_seconds,
             saving,
             requests,
+            otel: Otel::new(),
+            served: true,
             recent: Mutex::new(Vec::new()),
             spent: Mutex::new((0.0, 0.0)),
             by_state: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// These metrics, for a host of many instances (the functions): exported
+    /// over OTLP, never served, since one instance counts only what it handled.
+    pub fn exported_only(mut self) -> Metrics {
+        self.served = false;
+        self
+    }
+
+    /// Whether `/metrics` and `/v1/status` may show these.
+    pub fn served(&self) -> bool {
+        self.served
     }
 
     /// Counts the jobs `ledger` holds now, by state and project: the gauge the
@@ -346,6 +506,17 @@ impl Metrics {
                 project: job.project.clone(),
             })
             .inc_by(by);
+        // Only a host that counted every job first has totals to move; a
+        // function instance's moves alone would add up to nothing meaningful.
+        if self.served {
+            self.otel.jobs.add(
+                by,
+                &[
+                    kv("state", job.state.as_str()),
+                    kv("project", job.project.clone()),
+                ],
+            );
+        }
         *self
             .by_state
             .lock()
@@ -370,6 +541,9 @@ impl Metrics {
                     project: after.project.clone(),
                 })
                 .inc();
+            self.otel
+                .submitted
+                .add(1, &[kv("project", after.project.clone())]);
             self.count(after, 1);
             return;
         };
@@ -381,8 +555,9 @@ impl Metrics {
             && after.state == JobState::Starting
             && let Some(a) = after.current()
         {
-            self.dispatch
-                .observe(after.state_since.since(a.dispatched_at).as_secs_f64());
+            let took = after.state_since.since(a.dispatched_at).as_secs_f64();
+            self.dispatch.observe(took);
+            self.otel.dispatch.record(took, &[]);
         }
         for a in &after.attempts {
             let was = before.attempts.iter().find(|b| b.number == a.number);
@@ -394,22 +569,28 @@ impl Metrics {
                     .iter()
                     .any(|b| b.number < a.number && b.started_at.is_some());
                 if first {
-                    self.submit_to_running
-                        .observe(at.since(after.created_at).as_secs_f64());
+                    let took = at.since(after.created_at).as_secs_f64();
+                    self.submit_to_running.observe(took);
+                    self.otel.submit_to_running.record(took, &[]);
                 }
                 if let Some(d) = after.notice_to_resume(a.number.saturating_sub(1)) {
                     self.notice_to_running.observe(d.as_secs_f64());
+                    self.otel.notice_to_running.record(d.as_secs_f64(), &[]);
                 }
             }
             if a.noticed_at.is_some() && was.is_none_or(|w| w.noticed_at.is_none()) {
                 self.notices.get_or_create(&self.provider_labels()).inc();
+                self.otel.notices.add(1, &self.provider_kv());
             }
             if a.last_checkpoint != was.and_then(|w| w.last_checkpoint) {
                 self.checkpoints.inc();
+                self.otel.checkpoints.add(1, &[]);
                 if let Some(u) = a.checkpoint_upload {
+                    let took = Duration::from_millis(u.millis).as_secs_f64();
                     self.checkpoint_bytes.observe(u.bytes as f64);
-                    self.checkpoint_upload
-                        .observe(Duration::from_millis(u.millis).as_secs_f64());
+                    self.checkpoint_upload.observe(took);
+                    self.otel.checkpoint_size.record(u.bytes, &[]);
+                    self.otel.checkpoint_upload.record(took, &[]);
                 }
             }
             if let Some(outcome) = &a.outcome
@@ -426,20 +607,29 @@ impl Metrics {
         }
     }
 
+    fn provider_kv(&self) -> [KeyValue; 1] {
+        [kv("provider", self.provider.clone())]
+    }
+
     fn ended(&self, job: &JobRecord, a: &respawn_core::job::Attempt, outcome: &AttemptOutcome) {
         self.attempts
             .get_or_create(&OutcomeLabels {
                 outcome: outcome_name(outcome).to_owned(),
             })
             .inc();
+        self.otel
+            .attempts
+            .add(1, &[kv("outcome", outcome_name(outcome))]);
         let lost = a.work_lost();
         if let Some(lost) = lost {
             self.work_lost.observe(lost.as_secs_f64());
+            self.otel.work_lost.record(lost.as_secs_f64(), &[]);
         }
         if *outcome == AttemptOutcome::Preempted {
             self.preemptions
                 .get_or_create(&self.provider_labels())
                 .inc();
+            self.otel.preemptions.add(1, &self.provider_kv());
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             recent.push(Preemption {
                 job: job.id.clone(),
@@ -478,12 +668,43 @@ impl Metrics {
                 gpu: model.clone(),
             })
             .inc_by(seconds);
+        self.otel
+            .gpu_time
+            .add(seconds, &[kv("market", market), kv("gpu", model.clone())]);
         if a.spot
             && let Some((spot, on_demand)) = self.prices.0.get(&model)
         {
-            self.saving
-                .inc_by((on_demand - spot).max(0.0) * seconds / 3600.0);
+            let saved = (on_demand - spot).max(0.0) * seconds / 3600.0;
+            self.saving.inc_by(saved);
+            self.otel.saving.add(saved, &[]);
         }
+    }
+
+    /// What waits in each of the broker's queues and their dead-letter queues, now;
+    /// the queue gauges set to it. Queues that cannot say are left out.
+    pub async fn sample_queues(&self, ports: &Ports) -> Vec<QueueStatus> {
+        let q = &ports.queues;
+        let names: Vec<String> = [&q.submit, &q.dispatch, &q.events, &q.notify]
+            .into_iter()
+            .flat_map(|n| [n.clone(), dead_letter_queue(n)])
+            .collect();
+        let depths = futures::future::join_all(names.iter().map(|n| ports.queue.depth(n))).await;
+        let mut out = Vec::new();
+        for (name, depth) in names.into_iter().zip(depths) {
+            let depth = depth.unwrap_or_else(|e| {
+                tracing::warn!(queue = %name, error = %e, "cannot tell what waits in a queue");
+                None
+            });
+            self.queue(&name, depth);
+            if let Some(d) = depth {
+                out.push(QueueStatus {
+                    name,
+                    messages: d.messages,
+                    oldest_s: d.oldest.map(|a| a.as_secs_f64()),
+                });
+            }
+        }
+        out
     }
 
     /// What waits in the queue named `name` now, as its queue says (`None`
@@ -497,17 +718,20 @@ impl Metrics {
             self.queue_oldest.remove(&labels);
             return;
         };
+        let attrs = [kv("messaging.destination.name", name.to_owned())];
         self.queue_depth
             .get_or_create(&labels)
             .set(i64::try_from(d.messages).unwrap_or(i64::MAX));
-        match d.oldest {
+        self.otel.queue_depth.record(d.messages, &attrs);
+        let oldest = match d.oldest {
+            Some(age) => Some(age.as_secs_f64()),
+            None if d.messages == 0 => Some(0.0),
+            None => None,
+        };
+        match oldest {
             Some(age) => {
-                self.queue_oldest
-                    .get_or_create(&labels)
-                    .set(age.as_secs_f64());
-            }
-            None if d.messages == 0 => {
-                self.queue_oldest.get_or_create(&labels).set(0.0);
+                self.queue_oldest.get_or_create(&labels).set(age);
+                self.otel.queue_oldest.record(age, &attrs);
             }
             None => {
                 self.queue_oldest.remove(&labels);
@@ -524,6 +748,14 @@ impl Metrics {
                 status,
             })
             .observe(took.as_secs_f64());
+        self.otel.requests.record(
+            took.as_secs_f64(),
+            &[
+                kv("http.request.method", method.to_owned()),
+                kv("http.route", route.to_owned()),
+                kv("http.response.status_code", i64::from(status)),
+            ],
+        );
     }
 
     /// The Prometheus text exposition of everything counted.
@@ -556,15 +788,63 @@ impl Metrics {
 }
 
 /// The ledger, every change to a job observed by [`Metrics`] once it is stored.
-#[derive(Debug)]
 pub struct MeteredLedger {
     inner: Arc<dyn Ledger>,
     metrics: Arc<Metrics>,
+    /// The last version of each live job this ledger handed out or stored: an
+    /// update is compared with the version it replaces, which is nearly always
+    /// the one just read, without reading it again.
+    seen: Mutex<HashMap<JobId, JobRecord>>,
 }
+
+impl fmt::Debug for MeteredLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeteredLedger")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Jobs [`MeteredLedger`] remembers at most; past it, it forgets them all (and
+/// reads the earlier version for the next updates).
+const SEEN: usize = 4096;
 
 impl MeteredLedger {
     pub fn new(inner: Arc<dyn Ledger>, metrics: Arc<Metrics>) -> MeteredLedger {
-        MeteredLedger { inner, metrics }
+        MeteredLedger {
+            inner,
+            metrics,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn remember(&self, r: &JobRecord) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if r.state.is_terminal() {
+            seen.remove(&r.id);
+            return;
+        }
+        if seen.len() >= SEEN && !seen.contains_key(&r.id) {
+            seen.clear();
+        }
+        seen.insert(r.id.clone(), r.clone());
+    }
+
+    /// The version `record` was made from: an update succeeds only over it.
+    async fn replaced(&self, record: &JobRecord) -> Option<JobRecord> {
+        let known = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&record.id)
+            .filter(|b| b.version == record.version)
+            .cloned();
+        match known {
+            Some(b) => Some(b),
+            // A read now sees it too, or a later version, in which case the
+            // update fails and nothing is observed.
+            None => self.inner.get(&record.id).await.ok(),
+        }
     }
 }
 
@@ -573,20 +853,21 @@ impl Ledger for MeteredLedger {
     async fn create(&self, record: JobRecord) -> Result<JobRecord, Error> {
         let made = self.inner.create(record).await?;
         self.metrics.observe(None, &made);
+        self.remember(&made);
         Ok(made)
     }
 
     async fn get(&self, id: &JobId) -> Result<JobRecord, Error> {
-        self.inner.get(id).await
+        let r = self.inner.get(id).await?;
+        self.remember(&r);
+        Ok(r)
     }
 
     async fn update(&self, record: JobRecord) -> Result<JobRecord, Error> {
-        // The version this one replaces: an update succeeds only over the
-        // version it was made from, which a read before it sees (a later one
-        // would make the update fail, and nothing is observed).
-        let before = self.inner.get(&record.id).await.ok();
+        let before = self.replaced(&record).await;
         let stored = self.inner.update(record).await?;
         self.metrics.observe(before.as_ref(), &stored);
+        self.remember(&stored);
         Ok(stored)
     }
 

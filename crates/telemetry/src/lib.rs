@@ -9,6 +9,9 @@
 //!   `OTEL_EXPORTER_OTLP_PROTOCOL` says otherwise, with the standard `OTEL_*`
 //!   variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 //!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SDK_DISABLED`, …) honoured by the SDK.
+//! - **Metrics** go out as OTLP too, every `OTEL_METRIC_EXPORT_INTERVAL` (60 s by
+//!   default), through the global meter provider, unless `OTEL_METRICS_EXPORTER`
+//!   is `none`; the instruments are the host's (`respawn_host::metrics`).
 //! - **Context** travels as W3C `traceparent` / `tracestate`: [`inject`] writes the
 //!   current span's into a message's attributes or a request's headers, [`adopt`]
 //!   makes a span the child of what a message or request carried.
@@ -17,6 +20,7 @@ use std::collections::BTreeMap;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -42,6 +46,7 @@ pub enum LogFormat {
 #[derive(Debug, Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -49,20 +54,58 @@ impl Telemetry {
         if let Some(p) = &self.provider {
             let _ = p.shutdown();
         }
+        if let Some(m) = &self.meters {
+            let _ = m.shutdown();
+        }
     }
 }
 
-fn otlp_configured() -> bool {
-    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+/// Whether `signal` (`TRACES`, `METRICS`) is to be exported over OTLP.
+fn otlp_configured(signal: &str) -> bool {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let exporter = var(&format!("OTEL_{signal}_EXPORTER"));
+    !disabled
+        && exporter.is_none_or(|e| e != "none")
+        && (var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+            || var(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")).is_some())
+}
+
+/// The OTLP protocol for `signal`, as the standard variables say.
+fn protocol(signal: &str) -> String {
+    std::env::var(format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|_| "http/protobuf".into())
+}
+
+fn unknown_protocol(other: &str) -> String {
+    format!(
+        "OTEL_EXPORTER_OTLP_PROTOCOL {other:?}: this build exports http/protobuf{}",
+        if cfg!(feature = "grpc") {
+            " and grpc"
+        } else {
+            " (grpc: the grpc feature)"
+        }
+    )
+}
+
+fn metric_exporter() -> Result<opentelemetry_otlp::MetricExporter, String> {
+    match protocol("METRICS").as_str() {
+        "http/protobuf" => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| e.to_string()),
+        #[cfg(feature = "grpc")]
+        "grpc" => opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| e.to_string()),
+        other => Err(unknown_protocol(other)),
+    }
 }
 
 fn exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "http/protobuf".into());
-    match protocol.as_str() {
+    match protocol("TRACES").as_str() {
         "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
@@ -72,15 +115,16 @@ fn exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
             .with_tonic()
             .build()
             .map_err(|e| e.to_string()),
-        other => Err(format!(
-            "OTEL_EXPORTER_OTLP_PROTOCOL {other:?}: this build exports http/protobuf{}",
-            if cfg!(feature = "grpc") {
-                " and grpc"
-            } else {
-                " (grpc: the grpc feature)"
-            }
-        )),
+        other => Err(unknown_protocol(other)),
     }
+}
+
+/// This process, unique enough: its start time and pid.
+fn instance_id() -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{started:x}-{}", std::process::id())
 }
 
 /// Sets up logs and traces for `service` (the default `service.name`); call once,
@@ -90,28 +134,34 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_env("RESPAWN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let mut provider = None;
-    let mut problem = None;
-    let export = otlp_configured();
+    let mut problems = Vec::new();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(
+            std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned()),
+        )
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        // Many processes of one service (function instances, agents) each send
+        // their own cumulative counts: this tells them apart.
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            instance_id(),
+        ))
+        .build();
+    let export = otlp_configured("TRACES");
     if export {
         match exporter() {
             Ok(exporter) => {
-                let resource = opentelemetry_sdk::Resource::builder()
-                    .with_service_name(
-                        std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned()),
-                    )
-                    .with_attribute(opentelemetry::KeyValue::new(
-                        "service.version",
-                        env!("CARGO_PKG_VERSION"),
-                    ))
-                    .build();
                 provider = Some(
                     SdkTracerProvider::builder()
                         .with_batch_exporter(exporter)
-                        .with_resource(resource)
+                        .with_resource(resource.clone())
                         .build(),
                 );
             }
-            Err(e) => problem = Some(e),
+            Err(e) => problems.push(format!("traces are not exported: {e}")),
         }
     } else if format == LogFormat::Json {
         // No export, but JSON lines carry trace and span ids: spans get them
@@ -143,34 +193,56 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
         .with(otel)
         .with(fmt)
         .try_init();
-    if let Some(p) = problem {
-        tracing::warn!(error = %p, "traces are not exported");
+    let mut meters = None;
+    if otlp_configured("METRICS") {
+        match metric_exporter() {
+            Ok(exporter) => {
+                let m = SdkMeterProvider::builder()
+                    .with_periodic_exporter(exporter)
+                    .with_resource(resource)
+                    .build();
+                opentelemetry::global::set_meter_provider(m.clone());
+                let _ = METERS.set(m.clone());
+                meters = Some(m);
+            }
+            Err(e) => problems.push(format!("metrics are not exported: {e}")),
+        }
+    }
+    for p in problems {
+        tracing::warn!("{p}");
     }
     // The JSON logs' provider sends nowhere: nothing to flush or shut down.
     let provider = provider.filter(|_| export);
     if let Some(p) = &provider {
         let _ = EXPORTING.set(p.clone());
     }
-    Telemetry { provider }
+    Telemetry { provider, meters }
 }
 
-/// The provider [`init`] exports through, for [`flush`].
+/// The providers [`init`] exports through, for [`flush`].
 static EXPORTING: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+static METERS: std::sync::OnceLock<SdkMeterProvider> = std::sync::OnceLock::new();
 
-/// Sends the spans ended so far, now: before a moment after which the process
-/// may be killed (an agent whose attempt is over, a function about to answer).
+/// Sends the spans ended and the metrics counted so far, now: before a moment
+/// after which the process may be killed (an agent whose attempt is over, a
+/// function about to answer).
 pub fn flush() {
     if let Some(p) = EXPORTING.get()
         && let Err(e) = p.force_flush()
     {
         tracing::debug!(error = %e, "cannot flush traces");
     }
+    if let Some(m) = METERS.get()
+        && let Err(e) = m.force_flush()
+    {
+        tracing::debug!(error = %e, "cannot flush metrics");
+    }
 }
 
 /// [`flush`], off the async workers: the export blocks its caller until it is
 /// sent or times out.
 pub async fn flushed() {
-    if EXPORTING.get().is_some() {
+    if EXPORTING.get().is_some() || METERS.get().is_some() {
         let _ = tokio::task::spawn_blocking(flush).await;
     }
 }

@@ -202,12 +202,7 @@ pub async fn open(mut config: UpConfig) -> Result<Stack, Error> {
     .await
     .map_err(|e| setup("cannot open the local compute provider", &e))?;
     info!(gpus = ?gpus, cpu_slots = config.cpu_slots, pools = ?config.pools.iter().map(ToString::to_string).collect::<Vec<_>>(), "local compute ready");
-    let prices = match std::env::var("RESPAWN_PRICES") {
-        Ok(p) => p
-            .parse()
-            .map_err(|e| Error::Setup(format!("RESPAWN_PRICES: {e}")))?,
-        Err(_) => respawn_host::metrics::Prices::default(),
-    };
+    let prices = respawn_host::metrics::Prices::from_env().map_err(Error::Setup)?;
     let metrics = Arc::new(respawn_host::metrics::Metrics::new("local", prices));
     let ledger: Arc<dyn respawn_core::ports::Ledger> = Arc::new(store.ledger());
     metrics
@@ -383,6 +378,11 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
     let mut tasks = vec![
         tokio::spawn(loops::events(stack.ports.clone(), stop_rx.clone())),
         tokio::spawn(loops::reconcile(stack.ports.clone(), stop_rx.clone())),
+        tokio::spawn(loops::sample_queues(
+            stack.metrics.clone(),
+            stack.ports.clone(),
+            stop_rx.clone(),
+        )),
         tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
     ];
     let (notify_secret, _) = keys::notify_secret(&stack.config.data)

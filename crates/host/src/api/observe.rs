@@ -8,13 +8,12 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use respawn_core::ports::queue::dead_letter_queue;
 use respawn_core::ports::tokens::Scope;
 use serde::Serialize;
 use tracing::Instrument;
 
 use super::{Api, ApiError, Caller};
-use crate::metrics::{Metrics, Preemption};
+use crate::metrics::{Metrics, Preemption, QueueStatus};
 
 fn operator<'a>(api: &'a Api, caller: &Caller) -> Result<&'a Metrics, ApiError> {
     caller.require(Scope::Admin)?;
@@ -24,55 +23,17 @@ fn operator<'a>(api: &'a Api, caller: &Caller) -> Result<&'a Metrics, ApiError> 
             respawn_core::project::DEFAULT
         )));
     }
-    api.metrics.as_deref().ok_or_else(|| {
+    api.metrics.as_deref().filter(|m| m.served()).ok_or_else(|| {
         ApiError::NotSupported(
-            "this host keeps no metrics of its own (respawn up does; the functions' are not built yet)"
+            "this host's metrics go out over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT), each function instance sending what it counted; respawn up serves them here"
                 .into(),
         )
     })
 }
 
-/// One queue as `respawn status` shows it.
-#[derive(Debug, Serialize)]
-pub struct QueueStatus {
-    pub name: String,
-    /// Messages waiting (RabbitMQ: ready ones; SQS and Azure: approximate).
-    pub messages: u64,
-    /// How long the oldest has waited, where the queue says.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub oldest_s: Option<f64>,
-}
-
-/// What waits in each of the broker's queues and their dead-letter queues, now;
-/// the metrics' queue gauges set to it. Queues that cannot say are left out.
-async fn sample_queues(api: &Api, m: &Metrics) -> Vec<QueueStatus> {
-    let q = &api.ports.queues;
-    let names: Vec<String> = [&q.submit, &q.dispatch, &q.events, &q.notify]
-        .into_iter()
-        .flat_map(|n| [n.clone(), dead_letter_queue(n)])
-        .collect();
-    let depths = futures::future::join_all(names.iter().map(|n| api.ports.queue.depth(n))).await;
-    let mut out = Vec::new();
-    for (name, depth) in names.into_iter().zip(depths) {
-        let depth = depth.unwrap_or_else(|e| {
-            tracing::warn!(queue = %name, error = %e, "cannot tell what waits in a queue");
-            None
-        });
-        m.queue(&name, depth);
-        if let Some(d) = depth {
-            out.push(QueueStatus {
-                name,
-                messages: d.messages,
-                oldest_s: d.oldest.map(|a| a.as_secs_f64()),
-            });
-        }
-    }
-    out
-}
-
 pub async fn metrics(State(api): State<Api>, caller: Caller) -> Result<Response, ApiError> {
     let m = operator(&api, &caller)?;
-    sample_queues(&api, m).await;
+    m.sample_queues(&api.ports).await;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -113,7 +74,7 @@ pub async fn status(State(api): State<Api>, caller: Caller) -> Result<Response, 
     Ok(axum::Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         uptime_s: m.uptime().as_secs(),
-        queues: sample_queues(&api, m).await,
+        queues: m.sample_queues(&api.ports).await,
         jobs: m.jobs_by_state(),
         vms,
         preemptions: m.recent_preemptions(),

@@ -230,6 +230,7 @@ impl AzCloud {
             state.clone(),
         )?);
         let broker = Broker::new(
+            "azure",
             attempt_key,
             state,
             blobs,

@@ -126,6 +126,7 @@ impl Cloud {
             .with_pools(state.clone())?,
         );
         let broker = Broker::new(
+            "ec2",
             attempt_key,
             state,
             blobs,
