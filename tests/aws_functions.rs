@@ -463,6 +463,10 @@ async fn a_function_sends_its_spans_before_it_answers_in_the_trace_its_message_c
         .find(|s| s["name"] == "submit process")
         .unwrap_or_else(|| panic!("no consumer span in {spans:#?}"));
     assert_eq!(consumer["service"], "respawn-submit");
+    // Where it ran, in OpenTelemetry's terms.
+    assert_eq!(consumer["resource"]["cloud.provider"], "aws");
+    assert_eq!(consumer["resource"]["cloud.platform"], "aws_lambda");
+    assert_eq!(consumer["resource"]["faas.name"], "respawn-submit");
     assert_eq!(consumer["trace_id"], trace);
     assert_eq!(consumer["parent_span_id"], parent);
     assert_eq!(consumer["attributes"]["messaging.system"], "aws_sqs");

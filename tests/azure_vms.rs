@@ -72,6 +72,7 @@ fn config(arm: &Arm) -> ArmConfig {
             attempt_key: AttemptKey::from_bytes(&[7; 32]).unwrap(),
             heartbeat_secs: 30,
             grace_secs: 25,
+            otlp: None,
         },
         follow: Duration::from_secs(5),
         pools: Vec::new(),

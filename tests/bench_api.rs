@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use respawn_e2e::Up;
+use respawn_e2e::{Up, cpu_time};
 
 const CLIENTS: usize = 32;
 const WARMUP: Duration = Duration::from_secs(2);
@@ -51,6 +51,14 @@ async fn main() {
     let up = Up::start_with_env(&dir.path().join("data"), &["--slots", "0"], &env).await;
     let (base, token) = (up.base.clone(), up.token());
     let started = Instant::now();
+    // The broker's CPU time over the measured seconds, read as they begin and end.
+    let broker = up.pid().as_raw();
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep(WARMUP).await;
+        let from = cpu_time(broker);
+        tokio::time::sleep(run).await;
+        cpu_time(broker) - from
+    });
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
         let (base, token) = (base.clone(), token.clone());
@@ -88,6 +96,7 @@ async fn main() {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
+    let cpu = cpu.await.unwrap();
     all.sort_unstable();
     let rate = all.len() as f64 / run.as_secs_f64();
     println!(
@@ -105,12 +114,13 @@ async fn main() {
         }
         None => "off".to_owned(),
     };
-    println!("| traces | submissions/s | p50 | p99 | max |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| traces | submissions/s | p50 | p99 | max | broker CPU per 1,000 |");
+    println!("|---|---:|---:|---:|---:|---:|");
     println!(
-        "| {traces} | {rate:.0} | {:.1} ms | {:.1} ms | {:.1} ms |",
+        "| {traces} | {rate:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms |",
         pct(&all, 0.5),
         pct(&all, 0.99),
-        pct(&all, 1.0)
+        pct(&all, 1.0),
+        cpu.as_secs_f64() * 1000.0 / (all.len() as f64 / 1000.0)
     );
 }

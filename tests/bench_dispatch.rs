@@ -206,6 +206,7 @@ async fn overhead(secs: u64, traced: bool) {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let total = secs as usize * 1000;
+    let cpu_from = respawn_e2e::cpu_time(std::process::id() as i32);
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total / 10 {
         tick.tick().await;
@@ -226,6 +227,7 @@ async fn overhead(secs: u64, traced: bool) {
         assert!(Instant::now() < deadline, "not all allocated");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let cpu = respawn_e2e::cpu_time(std::process::id() as i32) - cpu_from;
     let submitted = submitted.lock().unwrap();
     let allocated = compute.allocated.lock().unwrap();
     let mut lat: Vec<f64> = submitted
@@ -236,8 +238,17 @@ async fn overhead(secs: u64, traced: bool) {
     if let Some(t) = &telemetry {
         t.shutdown();
     }
+    // The process's CPU per 1,000 jobs, load generator included, with traces.
+    let cpu = if traced {
+        format!(
+            " {:.0} ms |",
+            cpu.as_secs_f64() * 1000.0 / (total as f64 / 1000.0)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "| 1,000 jobs/s for {secs} s | {total} | {:.2} ms | {:.2} ms | {:.2} ms |",
+        "| 1,000 jobs/s for {secs} s | {total} | {:.2} ms | {:.2} ms | {:.2} ms |{cpu}",
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         pct(&lat, 1.0)

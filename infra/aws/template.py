@@ -519,6 +519,21 @@ def template():
                 "Default": "",
                 "Description": "Warm pools of agent instances, ';'-separated, e.g. cpu:max=4,idle=10m;a10g:gpus=1,max=8 (empty: a fresh instance per attempt)",
             },
+            "OtlpEndpoint": {
+                "Type": "String",
+                "Default": "",
+                "Description": "OTLP/HTTP endpoint of a collector for the functions' traces and metrics (OTEL_EXPORTER_OTLP_ENDPOINT; empty: none exported)",
+            },
+            "AgentOtlpEndpoint": {
+                "Type": "String",
+                "Default": "",
+                "Description": "OTLP/HTTP endpoint the agents on the instances export their spans to, reachable from SubnetId (empty: none exported)",
+            },
+            "Prices": {
+                "Type": "String",
+                "Default": "",
+                "Description": "Spot and on-demand prices for the saving metric, model=SPOT/ON_DEMAND dollars an hour, comma-separated (e.g. a10g=0.45/1.21,cpu=0.03/0.09)",
+            },
             "Concurrency": {
                 "Type": "Number",
                 "Default": 10,
@@ -564,6 +579,9 @@ def template():
                         "RESPAWN_EC2_LAUNCH_TEMPLATE": ref("AgentLaunchTemplate"),
                         "RESPAWN_EC2_PLACEMENT_GROUP": ref("AgentPlacementGroup"),
                         "RESPAWN_EC2_POOLS": ref("Pools"),
+                        "RESPAWN_PRICES": ref("Prices"),
+                        "RESPAWN_AGENT_OTLP_ENDPOINT": ref("AgentOtlpEndpoint"),
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": ref("OtlpEndpoint"),
                     }
                 },
             }

@@ -424,6 +424,9 @@ def function_app(resources, broker_roles):
         "RESPAWN_AZURE_VM_SIZES": ex(P("vmSizes")),
         "RESPAWN_AZURE_MAX_PRICE": ex(P("maxPrice")),
         "RESPAWN_AZURE_POOLS": ex(P("pools")),
+        "RESPAWN_PRICES": ex(P("prices")),
+        "RESPAWN_AGENT_OTLP_ENDPOINT": ex(P("agentOtlpEndpoint")),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": ex(P("otlpEndpoint")),
         # azure_identity picks the user-assigned identity by it.
         "AZURE_CLIENT_ID": ex(client_id),
     }
@@ -472,6 +475,9 @@ def parameters():
         "vmSizes": p("string", "", "GPU VM sizes as model:gpus=size,... (empty: respawn's built-in table)"),
         "maxPrice": p("string", "-1", "Spot max price in USD an hour (-1: up to the pay-as-you-go price, evicted for capacity only)"),
         "pools": p("string", "", "Warm pools, ';'-separated (e.g. cpu:max=4,idle=10m;t4:gpus=1,gpu=t4,max=8); empty: every VM is single-use"),
+        "otlpEndpoint": p("string", "", "OTLP/HTTP endpoint of a collector for the function app's traces and metrics (OTEL_EXPORTER_OTLP_ENDPOINT; empty: none exported)"),
+        "agentOtlpEndpoint": p("string", "", "OTLP/HTTP endpoint the agents on the VMs export their spans to, reachable from the agents' subnet (empty: none exported)"),
+        "prices": p("string", "", "Spot and on-demand prices for the saving metric, model=SPOT/ON_DEMAND dollars an hour, comma-separated (e.g. t4=0.16/0.53,cpu=0.02/0.1)"),
         "eventDeliverySchema": p("string", "EventGridSchema", "The schema of the BlobCreated events on the uploads queue", allowedValues=["EventGridSchema", "CloudEventSchemaV1_0"]),
         "storageSku": p("string", "Standard_ZRS", "Replication of the storage account", allowedValues=["Standard_LRS", "Standard_ZRS", "Standard_GRS", "Standard_GZRS", "Standard_RAGRS", "Standard_RAGZRS"]),
         "infrastructureEncryption": p("bool", False, "Encrypt the storage account twice (fixed at creation)"),

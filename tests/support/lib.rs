@@ -24,6 +24,23 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
+/// CPU time (user + system) process `pid` has used so far, from
+/// `/proc/<pid>/stat`: for benchmarks whose throughput a shared machine blurs.
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, which may hold spaces, in parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime, fields 14 and 15 of the whole line, in clock ticks.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
 /// A workspace binary, built next to the test binary's folder.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

@@ -1,12 +1,17 @@
-"""An OTLP/HTTP receiver for the tests, decoding with the official OpenTelemetry
+"""An OTLP receiver for the tests, decoding with the official OpenTelemetry
 protobuf definitions (PyPI opentelemetry-proto), not respawn's own types.
-Serves POST /v1/traces and /v1/metrics (application/x-protobuf) on
-127.0.0.1:PORT. Appends every span it receives to FILE, one JSON object per line:
-{service, name, kind, trace_id, span_id, parent_span_id, attributes, links};
-and every metric data point to METRICS, one per line: {service, instance, name,
-unit, type (sum, gauge, histogram), attributes, value | count and sum, time}.
 
-usage: python otlp-receiver.py PORT FILE [METRICS]
+Over HTTP (the default) it serves POST /v1/traces and /v1/metrics
+(application/x-protobuf) on 127.0.0.1:PORT; with --grpc, the OTLP gRPC services
+(TraceService/Export, MetricsService/Export) instead, on the same port.
+
+It appends every span it receives to FILE, one JSON object per line:
+{service, resource, name, kind, trace_id, span_id, parent_span_id, attributes,
+links}; and every metric data point to METRICS, one per line: {service,
+instance, name, unit, type (sum, gauge, histogram), attributes, value | count and
+sum, time}.
+
+usage: python otlp-receiver.py PORT FILE [METRICS] [--grpc]
 """
 import json
 import sys
@@ -22,8 +27,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-PORT, OUT = int(sys.argv[1]), sys.argv[2]
-METRICS = sys.argv[3] if len(sys.argv) > 3 else OUT + ".metrics"
+GRPC = "--grpc" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--grpc"]
+PORT, OUT = int(ARGS[0]), ARGS[1]
+METRICS = ARGS[2] if len(ARGS) > 2 else OUT + ".metrics"
 
 
 def value(v):
@@ -31,10 +38,58 @@ def value(v):
     return next(iter(d.values()), None)
 
 
+def write_spans(req):
+    with open(OUT, "a") as out:
+        for rs in req.resource_spans:
+            attrs = {a.key: value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    out.write(json.dumps({
+                        "service": attrs.get("service.name"),
+                        "resource": attrs,
+                        "name": s.name,
+                        "kind": s.kind,
+                        "trace_id": s.trace_id.hex(),
+                        "span_id": s.span_id.hex(),
+                        "parent_span_id": s.parent_span_id.hex(),
+                        "attributes": {a.key: value(a.value) for a in s.attributes},
+                        "links": [{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex()} for l in s.links],
+                    }) + "\n")
+
+
+def write_metrics(req):
+    with open(METRICS, "a") as out:
+        for rm in req.resource_metrics:
+            res = {a.key: value(a.value) for a in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    for p in getattr(m, kind).data_points:
+                        point = {
+                            "service": res.get("service.name"),
+                            "instance": res.get("service.instance.id"),
+                            "name": m.name,
+                            "unit": m.unit,
+                            "type": kind,
+                            "attributes": {a.key: value(a.value) for a in p.attributes},
+                            "time": p.time_unix_nano,
+                        }
+                        if kind == "histogram":
+                            point["count"] = p.count
+                            point["sum"] = p.sum
+                        else:
+                            point["value"] = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
+                        out.write(json.dumps(point) + "\n")
+
+
 class Receiver(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
-        if self.path not in ("/v1/traces", "/v1/metrics"):
+        kinds = {
+            "/v1/traces": (ExportTraceServiceRequest, write_spans, ExportTraceServiceResponse),
+            "/v1/metrics": (ExportMetricsServiceRequest, write_metrics, ExportMetricsServiceResponse),
+        }
+        if self.path not in kinds:
             self.send_response(404)
             self.end_headers()
             return
@@ -42,59 +97,11 @@ class Receiver(BaseHTTPRequestHandler):
             self.send_response(415)
             self.end_headers()
             return
-        if self.path == "/v1/metrics":
-            self.metrics(body)
-            return
-        req = ExportTraceServiceRequest()
+        request, write, response = kinds[self.path]
+        req = request()
         req.ParseFromString(body)
-        with open(OUT, "a") as out:
-            for rs in req.resource_spans:
-                attrs = {a.key: value(a.value) for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    for s in ss.spans:
-                        out.write(json.dumps({
-                            "service": attrs.get("service.name"),
-                            "name": s.name,
-                            "kind": s.kind,
-                            "trace_id": s.trace_id.hex(),
-                            "span_id": s.span_id.hex(),
-                            "parent_span_id": s.parent_span_id.hex(),
-                            "attributes": {a.key: value(a.value) for a in s.attributes},
-                            "links": [{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex()} for l in s.links],
-                        }) + "\n")
-        reply = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def metrics(self, body):
-        req = ExportMetricsServiceRequest()
-        req.ParseFromString(body)
-        with open(METRICS, "a") as out:
-            for rm in req.resource_metrics:
-                res = {a.key: value(a.value) for a in rm.resource.attributes}
-                for sm in rm.scope_metrics:
-                    for m in sm.metrics:
-                        kind = m.WhichOneof("data")
-                        for p in getattr(m, kind).data_points:
-                            point = {
-                                "service": res.get("service.name"),
-                                "instance": res.get("service.instance.id"),
-                                "name": m.name,
-                                "unit": m.unit,
-                                "type": kind,
-                                "attributes": {a.key: value(a.value) for a in p.attributes},
-                                "time": p.time_unix_nano,
-                            }
-                            if kind == "histogram":
-                                point["count"] = p.count
-                                point["sum"] = p.sum
-                            else:
-                                point["value"] = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
-                            out.write(json.dumps(point) + "\n")
-        reply = ExportMetricsServiceResponse().SerializeToString()
+        write(req)
+        reply = response().SerializeToString()
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.send_header("content-length", str(len(reply)))
@@ -105,4 +112,32 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
-ThreadingHTTPServer(("127.0.0.1", PORT), Receiver).serve_forever()
+def serve_grpc():
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            write_spans(request)
+            return ExportTraceServiceResponse()
+
+    class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(self, request, context):
+            write_metrics(request)
+            return ExportMetricsServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)
+    server.add_insecure_port(f"127.0.0.1:{PORT}")
+    server.start()
+    server.wait_for_termination()
+
+
+if GRPC:
+    serve_grpc()
+else:
+    ThreadingHTTPServer(("127.0.0.1", PORT), Receiver).serve_forever()

@@ -85,8 +85,9 @@ impl Receiver {
         })
     }
 
-    /// Every span received so far: `service`, `name`, `kind`, `trace_id`,
-    /// `span_id`, `parent_span_id`, `attributes`, `links`.
+    /// Every span received so far: `service`, `resource` (its attributes),
+    /// `name`, `kind`, `trace_id`, `span_id`, `parent_span_id`, `attributes`,
+    /// `links`.
     pub fn spans(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.file)
             .unwrap_or_default()

@@ -1817,6 +1817,7 @@ const AZURE: Cloud<'static> = Cloud {
     vm_id: r#"vm=$(curl -sf --retry 5 -H 'Metadata: true' "$imds/metadata/instance/compute/name?api-version=2021-02-01&format=text")"#,
     notice: r#"--scheduled-events "$imds/metadata/scheduledevents?api-version=2020-07-01""#,
     root_only: &["169.254.169.254", "168.63.129.16"],
+    resource: "cloud.provider=azure,cloud.platform=azure_vm",
 };
 
 /// The script cloud-init runs at first boot ([`boot_script`]) for `key`'s

@@ -98,6 +98,10 @@ pub struct AgentBoot {
     pub heartbeat_secs: u64,
     /// SIGTERM → SIGKILL for the workload; under EC2's two-minute notice.
     pub grace_secs: u64,
+    /// Where the agents send their spans (`OTEL_EXPORTER_OTLP_ENDPOINT` on the
+    /// VM; `RESPAWN_AGENT_OTLP_ENDPOINT` of the functions): a collector the
+    /// VMs reach. No headers: the user data is no place for an API key.
+    pub otlp: Option<String>,
 }
 
 /// GPU instance types by GPU model and count per instance.
@@ -197,6 +201,8 @@ pub(crate) struct Cloud<'a> {
     pub notice: &'a str,
     /// Addresses only root may reach (the metadata service, the host agent's).
     pub root_only: &'a [&'a str],
+    /// OpenTelemetry's `cloud.*` resource attributes of the agents' spans.
+    pub resource: &'a str,
 }
 
 /// The script a cloud VM runs at first boot (as root): finds its VM name or id
@@ -238,7 +244,7 @@ dir="$root/$vm"
 # The workload reaches its work folder below; nothing else here is its own.
 install -d -m 0711 "$dir"
 (umask 077; printf '%s' {credentials} > "$dir/credentials")
-# shellcheck disable=SC2086
+{otlp}# shellcheck disable=SC2086
 respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" {role} {notice} --heartbeat-secs {heartbeat} --grace-secs {grace} --sandbox bwrap --workload-uid {uid} ${{RESPAWN_AGENT_ARGS:-}} || true
 "#,
         vm_id = cloud.vm_id,
@@ -248,6 +254,17 @@ respawn-agent --bucket {bucket} --vm-dir "$dir" --vm "$vm" {role} {notice} --hea
         bucket = shell_quote(&agent.bucket),
         heartbeat = agent.heartbeat_secs,
         grace = agent.grace_secs,
+        otlp = agent
+            .otlp
+            .as_deref()
+            .map(|e| {
+                format!(
+                    "export OTEL_EXPORTER_OTLP_ENDPOINT={}\nexport OTEL_RESOURCE_ATTRIBUTES=\"{},host.id=$vm\"\n",
+                    shell_quote(e),
+                    cloud.resource
+                )
+            })
+            .unwrap_or_default(),
     )
 }
 

@@ -860,6 +860,7 @@ const EC2: Cloud<'static> = Cloud {
 vm=$(curl -sf --retry 5 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/instance-id")"#,
     notice: r#"--imds "$imds""#,
     root_only: &["169.254.169.254"],
+    resource: "cloud.provider=aws,cloud.platform=aws_ec2",
 };
 
 /// The script EC2 runs at first boot ([`boot_script`]); the instance shuts down,

@@ -83,6 +83,7 @@ fn ec2_config(
                 attempt_key: AttemptKey::from_bytes(&[9; 32]).unwrap(),
                 heartbeat_secs: 30,
                 grace_secs: 100,
+                otlp: None,
             },
             pools,
             placement_group: Some(format!("{stack}-gangs")),

@@ -163,7 +163,7 @@ fn main() -> ExitCode {
         Ok("json") => respawn_telemetry::LogFormat::Json,
         _ => respawn_telemetry::LogFormat::Human,
     };
-    let telemetry = respawn_telemetry::init("respawn-agent", format);
+    let telemetry = respawn_telemetry::init_traces("respawn-agent", format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -119,6 +119,41 @@ fn exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
     }
 }
 
+/// The cloud and FaaS resource attributes (OpenTelemetry's semantic conventions)
+/// of a function host, from what its platform sets in its environment; none
+/// elsewhere (an agent on a cloud VM gets its own from its boot script, in
+/// `OTEL_RESOURCE_ATTRIBUTES`).
+fn platform() -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut out = Vec::new();
+    if let Some(name) = var("AWS_LAMBDA_FUNCTION_NAME") {
+        out.push(KeyValue::new("cloud.provider", "aws"));
+        out.push(KeyValue::new("cloud.platform", "aws_lambda"));
+        out.push(KeyValue::new("faas.name", name));
+        if let Some(region) = var("AWS_REGION") {
+            out.push(KeyValue::new("cloud.region", region));
+        }
+        if let Some(version) = var("AWS_LAMBDA_FUNCTION_VERSION") {
+            out.push(KeyValue::new("faas.version", version));
+        }
+        if let Some(stream) = var("AWS_LAMBDA_LOG_STREAM_NAME") {
+            out.push(KeyValue::new("faas.instance", stream));
+        }
+    } else if let Some(site) = var("FUNCTIONS_CUSTOMHANDLER_PORT").and(var("WEBSITE_SITE_NAME")) {
+        out.push(KeyValue::new("cloud.provider", "azure"));
+        out.push(KeyValue::new("cloud.platform", "azure_functions"));
+        out.push(KeyValue::new("faas.name", site));
+        if let Some(region) = var("REGION_NAME") {
+            out.push(KeyValue::new("cloud.region", region));
+        }
+        if let Some(instance) = var("WEBSITE_INSTANCE_ID") {
+            out.push(KeyValue::new("faas.instance", instance));
+        }
+    }
+    out
+}
+
 /// This process, unique enough: its start time and pid.
 fn instance_id() -> String {
     let started = std::time::SystemTime::now()
@@ -127,10 +162,20 @@ fn instance_id() -> String {
     format!("{started:x}-{}", std::process::id())
 }
 
-/// Sets up logs and traces for `service` (the default `service.name`); call once,
-/// first thing. Problems with the exporter are reported and leave traces off:
-/// a broker runs without its traces rather than not at all.
+/// Sets up logs, traces and metrics for `service` (the default `service.name`);
+/// call once, first thing. Problems with an exporter are reported and leave its
+/// signal off: a broker runs without its traces rather than not at all.
 pub fn init(service: &str, format: LogFormat) -> Telemetry {
+    init_with(service, format, true)
+}
+
+/// [`init`] for a process that counts nothing of its own (the agent): logs and
+/// traces, no metrics export.
+pub fn init_traces(service: &str, format: LogFormat) -> Telemetry {
+    init_with(service, format, false)
+}
+
+fn init_with(service: &str, format: LogFormat, metrics: bool) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_env("RESPAWN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let mut provider = None;
@@ -149,6 +194,7 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
             "service.instance.id",
             instance_id(),
         ))
+        .with_attributes(platform())
         .build();
     let export = otlp_configured("TRACES");
     if export {
@@ -168,10 +214,20 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
         // from a provider that sends nowhere.
         provider = Some(SdkTracerProvider::builder().build());
     }
+    // What a span carries is kept to what a trace is read for: its own fields,
+    // and warnings and errors as its events. Info logs stay in the logs (which
+    // carry the trace id), not in every span; no source locations or threads.
+    // An export weighs 60 % less so (BENCHMARKS.md, "Tracing overhead").
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("respawn"))
             .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_threads(false)
+            .with_context_activation(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.is_span() || *m.level() <= tracing::Level::WARN
+            }))
     });
     let fmt = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
@@ -194,7 +250,7 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
         .with(fmt)
         .try_init();
     let mut meters = None;
-    if otlp_configured("METRICS") {
+    if metrics && otlp_configured("METRICS") {
         match metric_exporter() {
             Ok(exporter) => {
                 let m = SdkMeterProvider::builder()

@@ -177,6 +177,7 @@ fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
         attempt_key: attempt_key.clone(),
         heartbeat_secs: 30,
         grace_secs: 100,
+        otlp: None,
     };
     let script = user_data(&agent, &key, 1);
     assert!(script.starts_with("#!/bin/bash\n"));
@@ -194,6 +195,19 @@ fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
     assert!(
         script.contains("iptables -I OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT")
     );
+    assert!(!script.contains("OTEL_"), "no collector named, no export");
+    // A collector named: the agent's spans go there.
+    let traced = AgentBoot {
+        otlp: Some("http://collector.internal:4318".into()),
+        ..agent
+    };
+    let script = user_data(&traced, &key, 1);
+    let export = "export OTEL_EXPORTER_OTLP_ENDPOINT='http://collector.internal:4318'\n";
+    let at = script.find(export).expect("the endpoint exported");
+    assert!(script.contains(
+        "export OTEL_RESOURCE_ATTRIBUTES=\"cloud.provider=aws,cloud.platform=aws_ec2,host.id=$vm\"\n"
+    ));
+    assert!(at < script.find("respawn-agent --bucket").unwrap());
 }
 
 fn config() -> Ec2Config {
@@ -213,6 +227,7 @@ fn config() -> Ec2Config {
             attempt_key: AttemptKey::from_bytes(&[1; 32]).unwrap(),
             heartbeat_secs: 30,
             grace_secs: 100,
+            otlp: None,
         },
         pools: Vec::new(),
         placement_group: Some("rs-gangs".into()),

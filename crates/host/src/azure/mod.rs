@@ -222,6 +222,9 @@ impl AzCloud {
                     heartbeat_secs: 30,
                     // Under Azure's 30 s eviction notice.
                     grace_secs: 25,
+                    otlp: var("RESPAWN_AGENT_OTLP_ENDPOINT")
+                        .ok()
+                        .filter(|e| !e.trim().is_empty()),
                 },
                 follow: Duration::from_secs(20),
                 pools: pools_from_env("RESPAWN_AZURE_POOLS")?,
