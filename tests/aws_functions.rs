@@ -159,6 +159,23 @@ for r in found["Reservations"]:
             .jobs
     }
 
+    /// The first message on `queue` (an SQS queue's name), as Lambda's event
+    /// source would hand it to a function.
+    async fn record(&self, queue: &str) -> Value {
+        let (url, arn) = lambda::queue(&self.sqs, queue).await.unwrap();
+        let got = self
+            .sqs
+            .receive_message()
+            .queue_url(&url)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .wait_time_seconds(2)
+            .send()
+            .await
+            .unwrap();
+        lambda::record(&got.messages()[0], &arn)
+    }
+
     /// Sends raw bodies (with string attributes) to a queue, as boto3 does.
     fn send(&self, queue: &str, messages: &[(&str, &[(&str, &str)])]) {
         let messages: Vec<Value> = messages
@@ -394,20 +411,7 @@ async fn one_bad_record_fails_alone_and_the_rest_of_its_batch_is_done() {
     let stack = Stack::new("fnbatch");
     stack.send(&format!("{}-submit-no", stack.name), &[(SPEC, &[])]);
     let submit = stack.function("submit").await;
-    let (url, arn) = lambda::queue(&stack.sqs, &format!("{}-submit-no", stack.name))
-        .await
-        .unwrap();
-    let got = stack
-        .sqs
-        .receive_message()
-        .queue_url(&url)
-        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
-        .message_attribute_names("All")
-        .wait_time_seconds(2)
-        .send()
-        .await
-        .unwrap();
-    let good = lambda::record(&got.messages()[0], &arn);
+    let good = stack.record(&format!("{}-submit-no", stack.name)).await;
     // A record from a queue that is not the function's: it cannot be taken, so it
     // is reported, and only it.
     let mut stray = good.clone();
@@ -442,18 +446,7 @@ async fn a_function_sends_its_spans_before_it_answers_in_the_trace_its_message_c
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.url.clone()));
     env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "600000".into()));
     let submit = Function::start("submit", &env).await;
-    let (url, arn) = lambda::queue(&stack.sqs, &queue).await.unwrap();
-    let got = stack
-        .sqs
-        .receive_message()
-        .queue_url(&url)
-        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
-        .message_attribute_names("All")
-        .wait_time_seconds(2)
-        .send()
-        .await
-        .unwrap();
-    let record = lambda::record(&got.messages()[0], &arn);
+    let record = stack.record(&queue).await;
     let answer = submit.invoke(json!({ "Records": [record] })).await.unwrap();
     assert_eq!(answer, json!({ "batchItemFailures": [] }));
     let spans = otlp.spans();

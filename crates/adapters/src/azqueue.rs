@@ -233,7 +233,7 @@ pub struct RawMessage {
 }
 
 /// One message as Get Messages lists it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct Listed {
     #[serde(rename = "QueueMessage", default)]
     messages: Vec<Got>,
@@ -252,7 +252,7 @@ struct Got {
 }
 
 /// Messages as Peek Messages lists them: only when each was put matters here.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct Peeked {
     #[serde(rename = "QueueMessage", default)]
     messages: Vec<PeekedMessage>,
@@ -475,6 +475,36 @@ impl StorageQueue {
         self.put(&name, &text, delay).await
     }
 
+    /// Get Messages (or Peek Messages, as `query` says) on queue `name`, read
+    /// as `T`; none (`T::default()`) from a queue that does not exist. `what`
+    /// names the call in errors.
+    async fn messages<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        name: &str,
+        query: &[(&str, String)],
+        what: &str,
+    ) -> Result<T, Error> {
+        let resp = match self
+            .call(
+                reqwest_aws::Method::GET,
+                &format!("/{name}/messages"),
+                query,
+                None,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err((404, _)) => return Ok(T::default()),
+            Err(e) => return Err(Self::failed(&format!("{what} {name}"), e)),
+        };
+        let xml = resp
+            .text()
+            .await
+            .map_err(|e| unavailable(format!("{what} {name}: {e}")))?;
+        quick_xml::de::from_str(&xml)
+            .map_err(|e| unavailable(format!("{what} {name}: unreadable answer: {e}")))
+    }
+
     /// One band's approximate count (`x-ms-approximate-messages-count`, leased
     /// and delayed messages included) and when its first visible message was
     /// put; nothing for a queue that does not exist.
@@ -505,24 +535,7 @@ impl StorageQueue {
             ("peekonly", "true".to_owned()),
             ("numofmessages", "1".to_owned()),
         ];
-        let peeked = match self
-            .call(
-                reqwest_aws::Method::GET,
-                &format!("/{name}/messages"),
-                &query,
-                None,
-            )
-            .await
-        {
-            Ok(r) => r
-                .text()
-                .await
-                .map_err(|e| unavailable(format!("peek at {name}: {e}")))?,
-            Err((404, _)) => return Ok((0, None)),
-            Err(e) => return Err(Self::failed(&format!("peek at {name}"), e)),
-        };
-        let peeked: Peeked = quick_xml::de::from_str(&peeked)
-            .map_err(|e| unavailable(format!("peek at {name}: unreadable answer: {e}")))?;
+        let peeked: Peeked = self.messages(name, &query, "peek at").await?;
         let first = peeked
             .messages
             .first()
@@ -586,25 +599,7 @@ impl StorageQueue {
             ("numofmessages", max.clamp(1, MAX_BATCH).to_string()),
             ("visibilitytimeout", visibility.to_string()),
         ];
-        let resp = match self
-            .call(
-                reqwest_aws::Method::GET,
-                &format!("/{name}/messages"),
-                &query,
-                None,
-            )
-            .await
-        {
-            Ok(r) => r,
-            Err((404, _)) => return Ok(Vec::new()),
-            Err(e) => return Err(Self::failed(&format!("get from {name}"), e)),
-        };
-        let xml = resp
-            .text()
-            .await
-            .map_err(|e| unavailable(format!("get from {name}: {e}")))?;
-        let listed: Listed = quick_xml::de::from_str(&xml)
-            .map_err(|e| unavailable(format!("get from {name}: unreadable answer: {e}")))?;
+        let listed: Listed = self.messages(&name, &query, "get from").await?;
         let mut out = Vec::new();
         for m in listed.messages {
             let receipt = Receipt {
@@ -761,25 +756,7 @@ impl StorageQueue {
                 seconds(visibility, MAX_VISIBILITY).max(1).to_string(),
             ),
         ];
-        let resp = match self
-            .call(
-                reqwest_aws::Method::GET,
-                &format!("/{physical}/messages"),
-                &query,
-                None,
-            )
-            .await
-        {
-            Ok(r) => r,
-            Err((404, _)) => return Ok(Vec::new()),
-            Err(e) => return Err(Self::failed(&format!("get from {physical}"), e)),
-        };
-        let xml = resp
-            .text()
-            .await
-            .map_err(|e| unavailable(format!("get from {physical}: {e}")))?;
-        let listed: Listed = quick_xml::de::from_str(&xml)
-            .map_err(|e| unavailable(format!("get from {physical}: unreadable answer: {e}")))?;
+        let listed: Listed = self.messages(physical, &query, "get from").await?;
         Ok(listed
             .messages
             .into_iter()
