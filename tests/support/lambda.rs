@@ -369,7 +369,7 @@ pub fn env(endpoint: &str, stack: &str, config: &Path) -> Vec<(String, String)> 
         ("RESPAWN_API_URL", "http://127.0.0.1:9".into()),
         ("RESPAWN_EC2_IMAGE", "ami-12c6146b".into()),
         ("RESPAWN_CONFIG", config.display().to_string()),
-        ("RUST_LOG", "warn".into()),
+        ("RESPAWN_LOG", "warn".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -15,6 +15,7 @@ usage: python otlp-receiver.py PORT FILE [METRICS] [--grpc]
 """
 import json
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from google.protobuf.json_format import MessageToDict
@@ -33,53 +34,66 @@ PORT, OUT = int(ARGS[0]), ARGS[1]
 METRICS = ARGS[2] if len(ARGS) > 2 else OUT + ".metrics"
 
 
+# Exports arrive on several threads at once: each batch is one write, under the
+# lock, so that no line is interleaved with another.
+LOCK = threading.Lock()
+
+
+def append(path, lines):
+    if lines:
+        with LOCK, open(path, "a") as out:
+            out.write("".join(lines))
+
+
 def value(v):
     d = MessageToDict(v)
     return next(iter(d.values()), None)
 
 
 def write_spans(req):
-    with open(OUT, "a") as out:
-        for rs in req.resource_spans:
-            attrs = {a.key: value(a.value) for a in rs.resource.attributes}
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    out.write(json.dumps({
-                        "service": attrs.get("service.name"),
-                        "resource": attrs,
-                        "name": s.name,
-                        "kind": s.kind,
-                        "trace_id": s.trace_id.hex(),
-                        "span_id": s.span_id.hex(),
-                        "parent_span_id": s.parent_span_id.hex(),
-                        "attributes": {a.key: value(a.value) for a in s.attributes},
-                        "links": [{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex()} for l in s.links],
-                    }) + "\n")
+    lines = []
+    for rs in req.resource_spans:
+        attrs = {a.key: value(a.value) for a in rs.resource.attributes}
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                lines.append(json.dumps({
+                    "service": attrs.get("service.name"),
+                    "resource": attrs,
+                    "name": s.name,
+                    "kind": s.kind,
+                    "trace_id": s.trace_id.hex(),
+                    "span_id": s.span_id.hex(),
+                    "parent_span_id": s.parent_span_id.hex(),
+                    "attributes": {a.key: value(a.value) for a in s.attributes},
+                    "links": [{"trace_id": l.trace_id.hex(), "span_id": l.span_id.hex()} for l in s.links],
+                }) + "\n")
+    append(OUT, lines)
 
 
 def write_metrics(req):
-    with open(METRICS, "a") as out:
-        for rm in req.resource_metrics:
-            res = {a.key: value(a.value) for a in rm.resource.attributes}
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    kind = m.WhichOneof("data")
-                    for p in getattr(m, kind).data_points:
-                        point = {
-                            "service": res.get("service.name"),
-                            "instance": res.get("service.instance.id"),
-                            "name": m.name,
-                            "unit": m.unit,
-                            "type": kind,
-                            "attributes": {a.key: value(a.value) for a in p.attributes},
-                            "time": p.time_unix_nano,
-                        }
-                        if kind == "histogram":
-                            point["count"] = p.count
-                            point["sum"] = p.sum
-                        else:
-                            point["value"] = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
-                        out.write(json.dumps(point) + "\n")
+    lines = []
+    for rm in req.resource_metrics:
+        res = {a.key: value(a.value) for a in rm.resource.attributes}
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                for p in getattr(m, kind).data_points:
+                    point = {
+                        "service": res.get("service.name"),
+                        "instance": res.get("service.instance.id"),
+                        "name": m.name,
+                        "unit": m.unit,
+                        "type": kind,
+                        "attributes": {a.key: value(a.value) for a in p.attributes},
+                        "time": p.time_unix_nano,
+                    }
+                    if kind == "histogram":
+                        point["count"] = p.count
+                        point["sum"] = p.sum
+                    else:
+                        point["value"] = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
+                    lines.append(json.dumps(point) + "\n")
+    append(METRICS, lines)
 
 
 class Receiver(BaseHTTPRequestHandler):

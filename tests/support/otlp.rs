@@ -60,11 +60,7 @@ impl Receiver {
     /// `instance`, `name`, `unit`, `type`, `attributes`, and `value` (sums and
     /// gauges) or `count` and `sum` (histograms).
     pub fn points(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.metrics)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        written(&self.metrics)
     }
 
     /// The newest data point of metric `name` whose attributes include
@@ -89,16 +85,22 @@ impl Receiver {
     /// `name`, `kind`, `trace_id`, `span_id`, `parent_span_id`, `attributes`,
     /// `links`.
     pub fn spans(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.file)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        written(&self.file)
     }
 }
 
-/// An OTLP/HTTP endpoint that takes every export and keeps only how many
-/// requests and bytes came: for benchmarks, where decoding would cost more than
+/// The whole lines of `path` (a batch being written may end in half a one).
+fn written(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An OTLP/HTTP endpoint that takes every export (traces and metrics) and keeps
+/// only how many requests and bytes came: for benchmarks, where decoding would cost more than
 /// the exporter being measured.
 #[derive(Debug, Clone)]
 pub struct Sink {
@@ -115,18 +117,18 @@ impl Sink {
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (r, b) = (requests.clone(), bytes.clone());
-        let app = axum::Router::new().route(
-            "/v1/traces",
-            axum::routing::post(move |body: axum::body::Bytes| async move {
-                r.fetch_add(1, Ordering::Relaxed);
-                b.fetch_add(body.len() as u64, Ordering::Relaxed);
-                // An empty ExportTraceServiceResponse: all accepted.
-                (
-                    [("content-type", "application/x-protobuf")],
-                    Vec::<u8>::new(),
-                )
-            }),
-        );
+        let take = axum::routing::post(move |body: axum::body::Bytes| async move {
+            r.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(body.len() as u64, Ordering::Relaxed);
+            // An empty Export…ServiceResponse: all accepted.
+            (
+                [("content-type", "application/x-protobuf")],
+                Vec::<u8>::new(),
+            )
+        });
+        let app = axum::Router::new()
+            .route("/v1/traces", take.clone())
+            .route("/v1/metrics", take);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

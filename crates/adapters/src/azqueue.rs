@@ -938,7 +938,11 @@ impl Queue for StorageQueue {
         }
         Ok(Some(Depth {
             messages,
-            oldest: first.map(|t| t.elapsed().unwrap_or_default()),
+            oldest: if messages == 0 {
+                Some(Duration::ZERO)
+            } else {
+                first.map(|t| t.elapsed().unwrap_or_default())
+            },
         }))
     }
 

@@ -99,9 +99,59 @@ pub struct AgentBoot {
     /// SIGTERM → SIGKILL for the workload; under EC2's two-minute notice.
     pub grace_secs: u64,
     /// Where the agents send their spans (`OTEL_EXPORTER_OTLP_ENDPOINT` on the
-    /// VM; `RESPAWN_AGENT_OTLP_ENDPOINT` of the functions): a collector the
-    /// VMs reach. No headers: the user data is no place for an API key.
+    /// VM; `RESPAWN_AGENT_OTLP_ENDPOINT` of the functions, read by
+    /// [`otlp_endpoint`]): a collector the VMs reach, and only root on them (the
+    /// workload could write into other jobs' traces). No headers: the user data
+    /// is no place for an API key.
     pub otlp: Option<String>,
+}
+
+/// A collector's OTLP/HTTP endpoint for the agents, as
+/// `RESPAWN_AGENT_OTLP_ENDPOINT` gives it: `http(s)://HOST[:PORT][/…]`; `None`
+/// when empty. Its host and port are what the boot script keeps from the
+/// workload.
+pub fn otlp_endpoint(value: &str) -> Result<Option<String>, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    collector(value)
+        .map(|_| Some(value.to_owned()))
+        .ok_or_else(|| {
+            format!("RESPAWN_AGENT_OTLP_ENDPOINT {value:?}: expected http(s)://HOST[:PORT], e.g. http://10.0.0.5:4318")
+        })
+}
+
+/// The host and port of an `http(s)://` URL; `None` for anything else, or a
+/// host that is not a plain name or address.
+fn collector(url: &str) -> Option<(String, u16)> {
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
+        (r, 80)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, 443)
+    } else {
+        return None;
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']')?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    let plain = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+    plain.then(|| (host.to_owned(), port))
 }
 
 /// GPU instance types by GPU model and count per instance.
@@ -230,6 +280,14 @@ pub(crate) fn boot_script(
     for addr in cloud.root_only {
         firewall.push_str(&format!(
             "iptables -I OUTPUT -d {addr} -m owner ! --uid-owner 0 -j REJECT\niptables -I FORWARD -d {addr} -j REJECT\n"
+        ));
+    }
+    // The agents' collector takes what it is sent without a key: the workload
+    // must not write into other jobs' traces.
+    if let Some((host, port)) = agent.otlp.as_deref().and_then(collector) {
+        let host = shell_quote(&host);
+        firewall.push_str(&format!(
+            "iptables -I OUTPUT -d {host} -p tcp --dport {port} -m owner ! --uid-owner 0 -j REJECT\niptables -I FORWARD -d {host} -p tcp --dport {port} -j REJECT\n"
         ));
     }
     format!(

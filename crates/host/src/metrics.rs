@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    Counter as OtelCounter, Gauge as OtelGauge, Histogram as OtelHistogram, UpDownCounter,
+    Counter as OtelCounter, Histogram as OtelHistogram, ObservableGauge, UpDownCounter,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -168,6 +168,7 @@ pub struct Metrics {
     saving: Counter<f64, std::sync::atomic::AtomicU64>,
     requests: Family<RequestLabels, Histogram>,
     otel: Otel,
+    queues: Samples,
     /// Whether this host serves `/metrics` (one process that counts everything)
     /// or only exports (a function instance counts what it handled).
     served: bool,
@@ -237,12 +238,21 @@ struct Otel {
     gpu_time: OtelCounter<f64>,
     saving: OtelCounter<f64>,
     requests: OtelHistogram<f64>,
-    queue_depth: OtelGauge<u64>,
-    queue_oldest: OtelGauge<f64>,
+    /// Kept for their callbacks, which read [`Metrics`]'s latest queue samples:
+    /// a queue that could not be read is left out, not repeated stale.
+    _queue_depth: ObservableGauge<u64>,
+    _queue_oldest: ObservableGauge<f64>,
+}
+
+/// The latest sample of each queue, by name.
+type Samples = Arc<Mutex<BTreeMap<String, Depth>>>;
+
+fn sampled(samples: &Samples) -> BTreeMap<String, Depth> {
+    samples.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 impl Otel {
-    fn new() -> Otel {
+    fn new(samples: &Samples) -> Otel {
         let m = opentelemetry::global::meter("respawn");
         let seconds = |name: &'static str, what: &'static str| {
             m.f64_histogram(name)
@@ -312,16 +322,37 @@ impl Otel {
                 .with_unit("s")
                 .with_boundaries(request_buckets().collect())
                 .build(),
-            queue_depth: m
-                .u64_gauge("respawn.queue.depth")
-                .with_description("Messages waiting in each of the broker's queues")
-                .with_unit("{message}")
-                .build(),
-            queue_oldest: m
-                .f64_gauge("respawn.queue.oldest_age")
-                .with_description("How long the oldest message in each queue has waited")
-                .with_unit("s")
-                .build(),
+            _queue_depth: {
+                let samples = samples.clone();
+                m.u64_observable_gauge("respawn.queue.depth")
+                    .with_description("Messages waiting in each of the broker's queues")
+                    .with_unit("{message}")
+                    .with_callback(move |o| {
+                        for (q, d) in sampled(&samples) {
+                            o.observe(d.messages, &[kv("messaging.destination.name", q)]);
+                        }
+                    })
+                    .build()
+            },
+            _queue_oldest: {
+                let samples = samples.clone();
+                m.f64_observable_gauge("respawn.queue.oldest_age")
+                    .with_description(
+                        "How long the oldest message in each queue has waited, where the queue says",
+                    )
+                    .with_unit("s")
+                    .with_callback(move |o| {
+                        for (q, d) in sampled(&samples) {
+                            if let Some(age) = d.oldest {
+                                o.observe(
+                                    age.as_secs_f64(),
+                                    &[kv("messaging.destination.name", q)],
+                                );
+                            }
+                        }
+                    })
+                    .build()
+            },
         }
     }
 }
@@ -437,6 +468,7 @@ impl Metrics {
             Unit::Seconds,
             requests.clone(),
         );
+        let queues = Samples::default();
         Metrics {
             registry,
             provider: provider.to_owned(),
@@ -459,7 +491,8 @@ impl Metrics {
             vm_seconds,
             saving,
             requests,
-            otel: Otel::new(),
+            otel: Otel::new(&queues),
+            queues,
             served: true,
             recent: Mutex::new(Vec::new()),
             spent: Mutex::new((0.0, 0.0)),
@@ -601,6 +634,22 @@ impl Metrics {
         }
     }
 
+    /// A job's GPU model as a label: one the prices name or a well-known one;
+    /// any other (a job names its own, and a label set must stay bounded) is
+    /// `other`.
+    fn gpu_label(&self, model: Option<&str>) -> String {
+        const KNOWN: [&str; 16] = [
+            "a10", "a100", "a10g", "b200", "h100", "h200", "k80", "l4", "l40s", "m60", "mi300x",
+            "p100", "p4", "t4", "v100", "gpu",
+        ];
+        let model = model.unwrap_or("gpu").to_ascii_lowercase();
+        if KNOWN.contains(&model.as_str()) || self.prices.0.contains_key(&model) {
+            model
+        } else {
+            "other".to_owned()
+        }
+    }
+
     fn provider_labels(&self) -> ProviderLabels {
         ProviderLabels {
             provider: self.provider.clone(),
@@ -645,10 +694,7 @@ impl Metrics {
         };
         let r = &job.spec.resources;
         let (model, units) = if r.gpus > 0 {
-            (
-                r.gpu_type.clone().unwrap_or_else(|| "gpu".into()),
-                f64::from(r.gpus),
-            )
+            (self.gpu_label(r.gpu_type.as_deref()), f64::from(r.gpus))
         } else {
             ("cpu".to_owned(), 1.0)
         };
@@ -708,30 +754,32 @@ impl Metrics {
     }
 
     /// What waits in the queue named `name` now, as its queue says (`None`
-    /// where it cannot: the series is left out).
+    /// where it cannot, or could not be read: its series are left out, never
+    /// kept at an older value); the oldest's age only where the queue says.
     pub fn queue(&self, name: &str, depth: Option<Depth>) {
         let labels = QueueLabels {
             queue: name.to_owned(),
         };
+        {
+            let mut samples = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            match depth {
+                Some(d) => samples.insert(name.to_owned(), d),
+                None => samples.remove(name),
+            };
+        }
         let Some(d) = depth else {
             self.queue_depth.remove(&labels);
             self.queue_oldest.remove(&labels);
             return;
         };
-        let attrs = [kv("messaging.destination.name", name.to_owned())];
         self.queue_depth
             .get_or_create(&labels)
             .set(i64::try_from(d.messages).unwrap_or(i64::MAX));
-        self.otel.queue_depth.record(d.messages, &attrs);
-        let oldest = match d.oldest {
-            Some(age) => Some(age.as_secs_f64()),
-            None if d.messages == 0 => Some(0.0),
-            None => None,
-        };
-        match oldest {
+        match d.oldest {
             Some(age) => {
-                self.queue_oldest.get_or_create(&labels).set(age);
-                self.otel.queue_oldest.record(age, &attrs);
+                self.queue_oldest
+                    .get_or_create(&labels)
+                    .set(age.as_secs_f64());
             }
             None => {
                 self.queue_oldest.remove(&labels);
@@ -831,7 +879,7 @@ impl MeteredLedger {
     }
 
     /// The version `record` was made from: an update succeeds only over it.
-    async fn replaced(&self, record: &JobRecord) -> Option<JobRecord> {
+    async fn replaced(&self, record: &JobRecord) -> Result<JobRecord, Error> {
         let known = self
             .seen
             .lock()
@@ -840,10 +888,10 @@ impl MeteredLedger {
             .filter(|b| b.version == record.version)
             .cloned();
         match known {
-            Some(b) => Some(b),
+            Some(b) => Ok(b),
             // A read now sees it too, or a later version, in which case the
             // update fails and nothing is observed.
-            None => self.inner.get(&record.id).await.ok(),
+            None => self.inner.get(&record.id).await,
         }
     }
 }
@@ -866,7 +914,13 @@ impl Ledger for MeteredLedger {
     async fn update(&self, record: JobRecord) -> Result<JobRecord, Error> {
         let before = self.replaced(&record).await;
         let stored = self.inner.update(record).await?;
-        self.metrics.observe(before.as_ref(), &stored);
+        match before {
+            Ok(before) => self.metrics.observe(Some(&before), &stored),
+            // Not a new job: what changed is unknown, so nothing is counted.
+            Err(e) => {
+                tracing::warn!(job_id = %stored.id, error = %e, "cannot read a job's earlier version; this change is not counted");
+            }
+        }
         self.remember(&stored);
         Ok(stored)
     }
@@ -898,6 +952,90 @@ mod tests {
         for bad in ["a10g=0.45", "a10g=x/1", "=1/2", "a10g=-1/2", "a10g=1/NaN"] {
             let e = bad.parse::<Prices>().unwrap_err();
             assert!(e.contains("model=SPOT/ON_DEMAND"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_jobs_own_gpu_model_is_no_label_of_its_own() {
+        let m = Metrics::new("local", "h9000=1/2".parse().unwrap());
+        assert_eq!(m.gpu_label(Some("A100")), "a100");
+        assert_eq!(m.gpu_label(Some("h9000")), "h9000", "priced, so known");
+        assert_eq!(m.gpu_label(Some("gpu-of-job-01J9")), "other");
+        assert_eq!(m.gpu_label(None), "gpu");
+    }
+
+    /// Two instances over one ledger (function instances): each counts the
+    /// changes it stores, compared with the version it replaced, whether it
+    /// read that version itself or not; a stale copy it kept never counts.
+    #[tokio::test]
+    async fn metered_ledgers_count_each_change_once_whoever_read_it() {
+        use respawn_core::spec::{Format, parse};
+        use respawn_core::time::Timestamp;
+
+        let shared: Arc<dyn Ledger> = Arc::new(respawn_adapters::memory::MemoryLedger::default());
+        let (ma, mb) = (
+            Arc::new(Metrics::new("ec2", Prices::default()).exported_only()),
+            Arc::new(Metrics::new("ec2", Prices::default()).exported_only()),
+        );
+        let a = MeteredLedger::new(shared.clone(), ma.clone());
+        let b = MeteredLedger::new(shared.clone(), mb.clone());
+        let now = Timestamp(1_000);
+        let spec = parse("name: counted\ncommand: [\"true\"]\n", Format::Yaml).unwrap();
+        let made = a
+            .create(JobRecord::new(JobId::generate(now), "default", spec, now))
+            .await
+            .unwrap();
+        // B reads it and moves it on; A still holds the version it made.
+        let mut next = b.get(&made.id).await.unwrap();
+        next.state = JobState::Allocating;
+        b.update(next).await.unwrap();
+        // A's update over its stale copy loses the compare-and-swap: not counted.
+        let mut stale = made.clone();
+        stale.state = JobState::Cancelled;
+        assert!(a.update(stale).await.is_err());
+        // A reads the current version and moves it on: counted once, from
+        // Allocating.
+        let mut current = a.get(&made.id).await.unwrap();
+        current.state = JobState::Cancelled;
+        a.update(current).await.unwrap();
+        let a_counts = ma.jobs_by_state();
+        assert_eq!(a_counts.get("pending"), Some(&1), "{a_counts:?}");
+        assert_eq!(a_counts.get("allocating"), Some(&-1), "{a_counts:?}");
+        assert_eq!(a_counts.get("cancelled"), Some(&1), "{a_counts:?}");
+        let b_counts = mb.jobs_by_state();
+        assert_eq!(b_counts.get("pending"), Some(&-1), "{b_counts:?}");
+        assert_eq!(b_counts.get("allocating"), Some(&1), "{b_counts:?}");
+        // An update whose earlier version cannot be read (and was not seen)
+        // counts nothing: above all, no new submission.
+        let mc = Arc::new(Metrics::new("ec2", Prices::default()).exported_only());
+        let blind = MeteredLedger::new(Arc::new(NoReads(shared.clone())), mc.clone());
+        let mut current = shared.get(&made.id).await.unwrap();
+        current.state = JobState::Pending;
+        blind.update(current).await.unwrap();
+        assert!(mc.jobs_by_state().is_empty(), "{:?}", mc.jobs_by_state());
+        assert!(!mc.render().contains("respawn_jobs_submitted_total{"));
+    }
+
+    /// A ledger whose reads fail.
+    #[derive(Debug)]
+    struct NoReads(Arc<dyn Ledger>);
+
+    #[async_trait]
+    impl Ledger for NoReads {
+        async fn create(&self, r: JobRecord) -> Result<JobRecord, Error> {
+            self.0.create(r).await
+        }
+        async fn get(&self, _: &JobId) -> Result<JobRecord, Error> {
+            Err(Error::Unavailable("reads are down".into()))
+        }
+        async fn update(&self, r: JobRecord) -> Result<JobRecord, Error> {
+            self.0.update(r).await
+        }
+        async fn list(&self, q: &ListQuery) -> Result<Page, Error> {
+            self.0.list(q).await
+        }
+        async fn find_by_idempotency_key(&self, p: &str, k: &str) -> Result<Option<JobId>, Error> {
+            self.0.find_by_idempotency_key(p, k).await
         }
     }
 

@@ -114,17 +114,22 @@ pub fn traced(mut ports: respawn_core::ports::Ports) -> respawn_core::ports::Por
     ports
 }
 
-/// `answer`, once the spans of its invocation are sent: a function's
-/// process may be frozen (Lambda) or ended (a scale-in) the moment an invocation
-/// returns, and a frozen exporter sends nothing until the next one, or never.
+/// How long an invocation's answer waits for its spans and metrics to be sent:
+/// a collector that is down must not hold every invocation up for the
+/// exporter's own timeout (what is not sent by then goes with the next flush).
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `answer`, once the spans and metrics of its invocation are sent: Lambda
+/// freezes a function's process the moment an invocation returns, and a frozen
+/// exporter sends nothing until the next one, or never.
 pub async fn answered<T>(answer: impl Future<Output = T>) -> T {
     let out = answer.await;
-    respawn_telemetry::flushed().await;
+    let _ = tokio::time::timeout(FLUSH_WAIT, respawn_telemetry::flushed()).await;
     out
 }
 
-/// `router`, each of whose requests is [`answered`]: for functions that are
-/// HTTP servers (Lambda's API, the Azure custom handler).
+/// `router`, each of whose requests is [`answered`]: for Lambda's API function,
+/// an HTTP server whose every request is an invocation.
 pub fn answering(router: axum::Router) -> axum::Router {
     router.layer(axum::middleware::from_fn(
         |req: axum::extract::Request, next: axum::middleware::Next| answered(next.run(req)),

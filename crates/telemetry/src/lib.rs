@@ -226,7 +226,12 @@ fn init_with(service: &str, format: LogFormat, metrics: bool) -> Telemetry {
             .with_threads(false)
             .with_context_activation(false)
             .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.is_span() || *m.level() <= tracing::Level::WARN
+                *m.level()
+                    <= if m.is_span() {
+                        tracing::Level::INFO
+                    } else {
+                        tracing::Level::WARN
+                    }
             }))
     });
     let fmt = match format {
@@ -244,10 +249,10 @@ fn init_with(service: &str, format: LogFormat, metrics: bool) -> Telemetry {
             ))
             .boxed(),
     };
+    // RESPAWN_LOG filters the log lines only: a quieter log keeps its traces.
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .try_init();
     let mut meters = None;
     if metrics && otlp_configured("METRICS") {

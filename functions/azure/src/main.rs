@@ -30,7 +30,28 @@ async fn serve() -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped())
         .await
-        .map_err(|e| format!("serving: {e}"))
+        .map_err(|e| format!("serving: {e}"));
+    // What the exporters hold goes out before the process does.
+    respawn_telemetry::flushed().await;
+    served
+}
+
+/// The Functions host stops its custom handler with SIGTERM (a scale-in, a
+/// deployment); Ctrl-C when run by hand.
+async fn stopped() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut t) => {
+                t.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

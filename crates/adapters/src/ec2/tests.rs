@@ -208,6 +208,37 @@ fn user_data_starts_the_agent_with_its_attempts_credential_quoted() {
         "export OTEL_RESOURCE_ATTRIBUTES=\"cloud.provider=aws,cloud.platform=aws_ec2,host.id=$vm\"\n"
     ));
     assert!(at < script.find("respawn-agent --bucket").unwrap());
+    // Only root (the agent) reaches it: the workload could forge other jobs'
+    // spans.
+    assert!(script.contains(
+        "iptables -I OUTPUT -d 'collector.internal' -p tcp --dport 4318 -m owner ! --uid-owner 0 -j REJECT"
+    ));
+    assert!(
+        script
+            .contains("iptables -I FORWARD -d 'collector.internal' -p tcp --dport 4318 -j REJECT")
+    );
+}
+
+#[test]
+fn agents_collector_endpoints_are_checked() {
+    use crate::cloudvm::otlp_endpoint;
+    assert_eq!(otlp_endpoint("  "), Ok(None));
+    assert_eq!(
+        otlp_endpoint("http://10.0.0.5:4318").unwrap().as_deref(),
+        Some("http://10.0.0.5:4318")
+    );
+    assert!(otlp_endpoint("https://otel.example/v1").unwrap().is_some());
+    assert!(otlp_endpoint("http://[fd00::5]:4318").unwrap().is_some());
+    for bad in [
+        "10.0.0.5:4318",
+        "ftp://x",
+        "http://",
+        "http://a b",
+        "http://h:port",
+        "http://$(id)",
+    ] {
+        assert!(otlp_endpoint(bad).is_err(), "{bad}");
+    }
 }
 
 fn config() -> Ec2Config {

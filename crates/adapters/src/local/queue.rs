@@ -178,7 +178,9 @@ impl Queue for LocalQueue {
         let now = now_ms();
         Ok(Some(Depth {
             messages: messages.max(0) as u64,
-            oldest: oldest.map(|t| Duration::from_millis(now.saturating_sub(t).max(0) as u64)),
+            oldest: Some(oldest.map_or(Duration::ZERO, |t| {
+                Duration::from_millis(now.saturating_sub(t).max(0) as u64)
+            })),
         }))
     }
 

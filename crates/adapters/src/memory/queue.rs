@@ -196,11 +196,14 @@ impl Queue for MemoryQueue {
         let now = now_ms();
         Ok(Some(Depth {
             messages: msgs.len() as u64,
-            oldest: msgs
-                .iter()
-                .map(|m| m.sent_at)
-                .min()
-                .map(|t| Duration::from_millis(now.saturating_sub(t))),
+            oldest: Some(
+                msgs.iter()
+                    .map(|m| m.sent_at)
+                    .min()
+                    .map_or(Duration::ZERO, |t| {
+                        Duration::from_millis(now.saturating_sub(t))
+                    }),
+            ),
         }))
     }
 

@@ -22,10 +22,11 @@
 //!   reason.
 //! - [`Queue::declare`] makes a queue exist before anything is sent or received
 //!   (adapters whose queues always exist keep the default, which does nothing).
-//! - [`Queue::depth`] says how many messages wait in a queue (visible, leased or
-//!   delayed: not yet settled) and, where the system can tell, how long the oldest
-//!   has waited; `None` where it cannot say. An estimate on systems that only
-//!   estimate (SQS, Azure Storage Queues).
+//! - [`Queue::depth`] says how many messages wait in a queue: those ready for
+//!   delivery, and the leased and delayed ones too where the system counts them
+//!   (RabbitMQ does not); an estimate on systems that only estimate (SQS, Azure
+//!   Storage Queues). Where the system can tell, also how long the oldest has
+//!   waited (zero when none does). `None` where it cannot say at all.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,9 +40,12 @@ use super::Retryable;
 /// What waits in a queue ([`Queue::depth`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Depth {
-    /// Messages not yet settled.
+    /// Messages waiting: ready, and (where the system counts them) leased or
+    /// delayed.
     pub messages: u64,
-    /// How long the oldest of them has been in the queue, where the system says.
+    /// How long the oldest of them has been in the queue, zero when none is;
+    /// `None` where the system does not say (RabbitMQ, SQS) or cannot see one
+    /// (Azure: all leased or delayed).
     pub oldest: Option<Duration>,
 }
 

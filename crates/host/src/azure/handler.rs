@@ -73,12 +73,13 @@ pub fn router(cloud: &'static AzCloud) -> Result<Router, String> {
     let hook = Router::new()
         .route("/eventgrid", any(webhook))
         .with_state(h.clone());
-    Ok(crate::traced::answering(
-        Router::new()
-            .route("/{function}", post(invoke))
-            .with_state(h)
-            .nest("/api", hook.merge(api)),
-    ))
+    // Not flushed per invocation: the Functions host does not freeze its
+    // custom handler between invocations, so the exporters' own schedule
+    // holds; main flushes them when the host stops the handler.
+    Ok(Router::new()
+        .route("/{function}", post(invoke))
+        .with_state(h)
+        .nest("/api", hook.merge(api)))
 }
 
 /// What the Functions host wants back.

@@ -222,9 +222,9 @@ impl AzCloud {
                     heartbeat_secs: 30,
                     // Under Azure's 30 s eviction notice.
                     grace_secs: 25,
-                    otlp: var("RESPAWN_AGENT_OTLP_ENDPOINT")
-                        .ok()
-                        .filter(|e| !e.trim().is_empty()),
+                    otlp: respawn_adapters::cloudvm::otlp_endpoint(
+                        &var("RESPAWN_AGENT_OTLP_ENDPOINT").unwrap_or_default(),
+                    )?,
                 },
                 follow: Duration::from_secs(20),
                 pools: pools_from_env("RESPAWN_AZURE_POOLS")?,
@@ -262,8 +262,8 @@ impl AzCloud {
 /// `OTEL_*` says where, then the ports from the environment.
 pub async fn start() -> Result<&'static AzCloud, String> {
     let service = std::env::var("WEBSITE_SITE_NAME").unwrap_or_else(|_| "respawn".into());
-    // Never shut down: each invocation flushes its spans before it answers
-    // (`traced::answering`).
+    // Sent on the exporters' schedule, and flushed when the Functions host
+    // stops the handler (functions/azure).
     respawn_telemetry::init(&service, respawn_telemetry::LogFormat::Json);
     let cloud = AzCloud::from_env().await?;
     if let Err(e) = cloud.broker.first_admin().await {

@@ -118,9 +118,9 @@ impl Cloud {
                         attempt_key: attempt_key.clone(),
                         heartbeat_secs: 30,
                         grace_secs: 100,
-                        otlp: var("RESPAWN_AGENT_OTLP_ENDPOINT")
-                            .ok()
-                            .filter(|e| !e.trim().is_empty()),
+                        otlp: respawn_adapters::cloudvm::otlp_endpoint(
+                            &var("RESPAWN_AGENT_OTLP_ENDPOINT").unwrap_or_default(),
+                        )?,
                     },
                     pools: pools_from_env("RESPAWN_EC2_POOLS")?,
                     placement_group: var("RESPAWN_EC2_PLACEMENT_GROUP").ok(),
