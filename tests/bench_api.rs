@@ -2,7 +2,7 @@
 //! `respawn up` (durable: every 201 means the job and its dispatch are fsync'd).
 //!
 //! `cargo build --release && cargo bench -p respawn-e2e --bench api [-- --traces
-//! export] [--seconds N]`
+//! export|sampled] [--seconds N]`
 //!
 //! The stack runs with no VM slots, so the jobs wait in the dispatch queue and the
 //! machine's 2 cores serve only the API, the ledger and the queue. With `--traces
@@ -33,20 +33,27 @@ async fn main() {
             .cloned()
     };
     let run = Duration::from_secs(flag("--seconds").map_or(15, |s| s.parse().unwrap()));
-    let export = match flag("--traces").as_deref() {
-        None | Some("off") => false,
-        Some("export") => true,
-        Some(other) => panic!("--traces {other}: off or export"),
+    // `sampled`: exported, one trace in ten kept (OpenTelemetry's standard
+    // sampler settings, which respawn leaves to the SDK).
+    let (export, sampled) = match flag("--traces").as_deref() {
+        None | Some("off") => (false, false),
+        Some("export") => (true, false),
+        Some("sampled") => (true, true),
+        Some(other) => panic!("--traces {other}: off, export or sampled"),
     };
     let sink = if export {
         Some(respawn_e2e::otlp::Sink::start().await)
     } else {
         None
     };
-    let env: Vec<(&str, &str)> = match &sink {
+    let mut env: Vec<(&str, &str)> = match &sink {
         Some(s) => vec![("OTEL_EXPORTER_OTLP_ENDPOINT", s.url.as_str())],
         None => Vec::new(),
     };
+    if sampled {
+        env.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"));
+        env.push(("OTEL_TRACES_SAMPLER_ARG", "0.1"));
+    }
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start_with_env(&dir.path().join("data"), &["--slots", "0"], &env).await;
     let (base, token) = (up.base.clone(), up.token());
@@ -110,7 +117,8 @@ async fn main() {
         Some(s) => {
             let (requests, kib) = s.received();
             assert!(requests > 0, "traces were to be exported, and none came");
-            format!("exported ({requests} requests, {kib} KiB)")
+            let how = if sampled { "sampled 1/10" } else { "exported" };
+            format!("{how} ({requests} requests, {kib} KiB)")
         }
         None => "off".to_owned(),
     };
