@@ -2,7 +2,7 @@
 //! `respawn up` (durable: every 201 means the job and its dispatch are fsync'd).
 //!
 //! `cargo build --release && cargo bench -p respawn-e2e --bench api [-- --traces
-//! export|sampled] [--seconds N]`
+//! export|sampled] [--metrics off] [--seconds N]`
 //!
 //! The stack runs with no VM slots, so the jobs wait in the dispatch queue and the
 //! machine's 2 cores serve only the API, the ledger and the queue. With `--traces
@@ -53,6 +53,10 @@ async fn main() {
     if sampled {
         env.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"));
         env.push(("OTEL_TRACES_SAMPLER_ARG", "0.1"));
+    }
+    // `--metrics off`: traces alone, to tell their cost from the metrics'.
+    if flag("--metrics").as_deref() == Some("off") {
+        env.push(("OTEL_METRICS_EXPORTER", "none"));
     }
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start_with_env(&dir.path().join("data"), &["--slots", "0"], &env).await;
