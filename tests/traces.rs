@@ -16,6 +16,31 @@ use serde_json::Value;
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The spans of trace `trace_id`.
+fn in_trace<'a>(all: &'a [Value], trace_id: &str) -> Vec<&'a Value> {
+    all.iter().filter(|s| s["trace_id"] == trace_id).collect()
+}
+
+/// How many of `spans` are `name` from `service`.
+fn count(spans: &[&Value], name: &str, service: &str) -> usize {
+    spans
+        .iter()
+        .filter(|s| s["name"] == name && s["service"] == service)
+        .count()
+}
+
+/// `(service, name)` of each span, for a failure's message.
+fn named<'a>(spans: impl Iterator<Item = &'a Value>) -> BTreeSet<(String, String)> {
+    spans
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap_or("?").to_owned(),
+                s["name"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// A webhook receiver that accepts everything.
 async fn hook() -> String {
     let app = axum::Router::new().route(
@@ -112,57 +137,26 @@ command:
     // Spans arrive in batches; the agents flush theirs as they exit.
     let deadline = Instant::now() + Duration::from_secs(30);
     let wanted = |all: &[Value]| {
-        let ours: Vec<&Value> = all
-            .iter()
-            .filter(|s| s["trace_id"] == trace_id.as_str())
-            .collect();
-        let count = |name: &str, service: &str| {
-            ours.iter()
-                .filter(|s| s["name"] == name && s["service"] == service)
-                .count()
-        };
-        count("attempt", "respawn-agent") >= 2
-            && count("notify", "respawn") >= 1
-            && count("run", "respawn-agent") >= 2
+        let ours = in_trace(all, &trace_id);
+        count(&ours, "attempt", "respawn-agent") >= 2
+            && count(&ours, "notify", "respawn") >= 1
+            && count(&ours, "run", "respawn-agent") >= 2
     };
     let mut all = otlp.spans();
     while !wanted(&all) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
         all = otlp.spans();
     }
-    let ours: Vec<&Value> = all
-        .iter()
-        .filter(|s| s["trace_id"] == trace_id.as_str())
-        .collect();
-    let names: BTreeSet<(String, String)> = ours
-        .iter()
-        .map(|s| {
-            (
-                s["service"].as_str().unwrap_or("?").to_owned(),
-                s["name"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let everything: BTreeSet<(String, String)> = all
-        .iter()
-        .map(|s| {
-            (
-                s["service"].as_str().unwrap_or("?").to_owned(),
-                s["name"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let ours = in_trace(&all, &trace_id);
+    let names = named(ours.iter().copied());
+    let everything = named(all.iter());
     let describe = || {
         format!(
             "in the trace: {names:#?}\nin any trace: {everything:#?}\nlog:\n{}",
             up.log_text()
         )
     };
-    let count = |name: &str, service: &str| {
-        ours.iter()
-            .filter(|s| s["name"] == name && s["service"] == service)
-            .count()
-    };
+    let count = |name: &str, service: &str| count(&ours, name, service);
     // The submission: the API request and the submit handler.
     assert_eq!(count("POST /v1/jobs", "respawn"), 1, "{}", describe());
     assert_eq!(count("submit", "respawn"), 1, "{}", describe());

@@ -101,7 +101,8 @@ pub async fn events(ports: Ports, stop: watch::Receiver<bool>) {
 }
 
 /// What waits in the broker's queues, sampled into `metrics` as often as the
-/// reconcile pass runs: for the OTLP export, which no scrape drives.
+/// reconcile pass runs: for the OTLP export, which no scrape drives (run it
+/// only when metrics are exported).
 pub async fn sample_queues(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     ports: Ports,

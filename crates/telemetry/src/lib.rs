@@ -1,5 +1,5 @@
-//! Logs and traces for every host of respawn (`respawn up`, each cloud function,
-//! the agent): one [`init`].
+//! Logs, traces and metrics for every host of respawn (`respawn up`, each cloud
+//! function, the agent): one [`init`].
 //!
 //! - **Logs** go to stderr, human by default or JSON ([`LogFormat::Json`]: one
 //!   object per line with `trace_id` and `span_id` when the event is in a traced
@@ -44,20 +44,23 @@ pub enum LogFormat {
 /// What [`init`] set up: shut it down before the process ends ([`flush`] sends
 /// what is done so far).
 #[derive(Debug, Default)]
-pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
-    meters: Option<SdkMeterProvider>,
-}
+pub struct Telemetry(());
 
 impl Telemetry {
     pub fn shutdown(&self) {
-        if let Some(p) = &self.provider {
+        if let Some(p) = EXPORTING.get() {
             let _ = p.shutdown();
         }
-        if let Some(m) = &self.meters {
+        if let Some(m) = METERS.get() {
             let _ = m.shutdown();
         }
     }
+}
+
+/// Whether this process exports metrics: what samples only an export reads
+/// (a queue's depth, between scrapes) are taken for.
+pub fn metrics_exported() -> bool {
+    METERS.get().is_some()
 }
 
 /// Whether `signal` (`TRACES`, `METRICS`) is to be exported over OTLP.
@@ -254,7 +257,6 @@ fn init_with(service: &str, format: LogFormat, metrics: bool) -> Telemetry {
         .with(otel)
         .with(fmt.with_filter(filter))
         .try_init();
-    let mut meters = None;
     if metrics && otlp_configured("METRICS") {
         match metric_exporter() {
             Ok(exporter) => {
@@ -263,8 +265,7 @@ fn init_with(service: &str, format: LogFormat, metrics: bool) -> Telemetry {
                     .with_resource(resource)
                     .build();
                 opentelemetry::global::set_meter_provider(m.clone());
-                let _ = METERS.set(m.clone());
-                meters = Some(m);
+                let _ = METERS.set(m);
             }
             Err(e) => problems.push(format!("metrics are not exported: {e}")),
         }
@@ -273,11 +274,10 @@ fn init_with(service: &str, format: LogFormat, metrics: bool) -> Telemetry {
         tracing::warn!("{p}");
     }
     // The JSON logs' provider sends nowhere: nothing to flush or shut down.
-    let provider = provider.filter(|_| export);
-    if let Some(p) = &provider {
-        let _ = EXPORTING.set(p.clone());
+    if let Some(p) = provider.filter(|_| export) {
+        let _ = EXPORTING.set(p);
     }
-    Telemetry { provider, meters }
+    Telemetry(())
 }
 
 /// The providers [`init`] exports through, for [`flush`].

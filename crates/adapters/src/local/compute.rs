@@ -454,7 +454,7 @@ impl LocalCompute {
 
     fn arm_deadline(&self, key: AllocationKey, deadline: Timestamp) {
         let this = self.this.clone();
-        let span = later_span("reclaim", &key);
+        let span = vm_span("reclaim", &key, &respawn_telemetry::context());
         tokio::spawn(
             async move {
                 let wait = deadline.since(SystemClock.now());
@@ -524,8 +524,7 @@ impl LocalCompute {
                 }
             }
             if let Some(this) = this.upgrade() {
-                let span = info_span!("vm terminated", job_id = %key.job, attempt = key.attempt);
-                respawn_telemetry::adopt(&span, &carried);
+                let span = vm_span("vm terminated", &key, &carried);
                 this.terminated(&key, "agent exited").instrument(span).await;
             }
         });
@@ -750,8 +749,7 @@ impl LocalCompute {
             if clean {
                 return;
             }
-            let span = info_span!("vm terminated", job_id = %key.job, attempt = key.attempt);
-            respawn_telemetry::adopt(&span, &carried);
+            let span = vm_span("vm terminated", &key, &carried);
             span.in_scope(|| {
                 warn!(job_id = %key.job, attempt = key.attempt, vm = %r.id, rank, "a node of the gang is gone; ending the whole gang");
                 this.kill_vm(&r);
@@ -976,11 +974,16 @@ impl Compute for LocalCompute {
     }
 }
 
-/// A span for work done later on `key`'s VM (its reclaim at a notice's deadline),
-/// in the trace of what asked for it: the allocation, or the preemption request.
-fn later_span(name: &'static str, key: &AllocationKey) -> tracing::Span {
+/// A span for work done later on `key`'s VM (its end, its reclaim at a notice's
+/// deadline), in the trace `carried` (the current context when that work was
+/// set up: the allocation, or the preemption request).
+fn vm_span(
+    name: &'static str,
+    key: &AllocationKey,
+    carried: &BTreeMap<String, String>,
+) -> tracing::Span {
     let span = info_span!("vm", otel.name = name, job_id = %key.job, attempt = key.attempt);
-    respawn_telemetry::adopt(&span, &respawn_telemetry::context());
+    respawn_telemetry::adopt(&span, carried);
     span
 }
 

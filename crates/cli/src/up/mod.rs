@@ -378,13 +378,16 @@ pub async fn run(stack: Stack, mut shutdown: watch::Receiver<bool>) -> Result<()
     let mut tasks = vec![
         tokio::spawn(loops::events(stack.ports.clone(), stop_rx.clone())),
         tokio::spawn(loops::reconcile(stack.ports.clone(), stop_rx.clone())),
-        tokio::spawn(loops::sample_queues(
+        tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
+    ];
+    // A scrape reads the queues itself; only an export needs them read between.
+    if respawn_telemetry::metrics_exported() {
+        tasks.push(tokio::spawn(loops::sample_queues(
             stack.metrics.clone(),
             stack.ports.clone(),
             stop_rx.clone(),
-        )),
-        tokio::spawn(bucket::watch(stack.clone(), stop_rx.clone())),
-    ];
+        )));
+    }
     let (notify_secret, _) = keys::notify_secret(&stack.config.data)
         .map_err(|e| Error::Setup(format!("cannot read or create the notify secret: {e}")))?;
     tasks.push(tokio::spawn(notify::run(

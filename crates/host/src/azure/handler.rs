@@ -144,11 +144,13 @@ async fn invoke(
 
 async fn reconcile(cloud: &AzCloud) -> Response {
     let report = handlers::reconcile(&cloud.broker.ports).await;
-    cloud
-        .broker
-        .metrics
-        .sample_queues(&cloud.broker.ports)
-        .await;
+    if respawn_telemetry::metrics_exported() {
+        cloud
+            .broker
+            .metrics
+            .sample_queues(&cloud.broker.ports)
+            .await;
+    }
     // The pools are tended whatever became of the jobs' pass.
     if let Err(e) = cloud.arm.sweep_groups().await {
         warn!(error = %e, "cannot sweep the released gangs' proximity placement groups; the next tick tries again");

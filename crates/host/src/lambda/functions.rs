@@ -191,11 +191,13 @@ async fn upload(cloud: &Cloud, ports: &Ports, d: &Delivery) -> Outcome {
 /// schedule.
 pub async fn reconcile(cloud: &Cloud, _event: Value) -> Result<Value, Error> {
     let report = handlers::reconcile(&cloud.broker.ports).await;
-    cloud
-        .broker
-        .metrics
-        .sample_queues(&cloud.broker.ports)
-        .await;
+    if respawn_telemetry::metrics_exported() {
+        cloud
+            .broker
+            .metrics
+            .sample_queues(&cloud.broker.ports)
+            .await;
+    }
     // The pools are tended, and the security groups of gangs that are over
     // swept, whatever became of the jobs' pass.
     let swept = cloud.ec2.sweep_groups().await;
