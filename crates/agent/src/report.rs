@@ -150,8 +150,7 @@ impl Api {
     /// `req` with the current span's trace context (else the one this `Api`
     /// was given), so that the broker's span of it is the attempt's child.
     fn traced(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        let mut carried = BTreeMap::new();
-        respawn_telemetry::inject(&tracing::Span::current(), &mut carried);
+        let mut carried = respawn_telemetry::context();
         if carried.is_empty() {
             carried = self.parent.clone();
         }
@@ -200,7 +199,7 @@ impl Reporter {
         // Its reports are the attempt's, in the attempt's trace; the task holds
         // the context, not the span, which closes when the attempt's work does.
         let mut api = api;
-        respawn_telemetry::inject(&tracing::Span::current(), &mut api.parent);
+        api.parent = respawn_telemetry::context();
         tokio::spawn(deliver(
             api,
             rx,
